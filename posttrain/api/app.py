@@ -1,0 +1,69 @@
+"""Building the FastAPI application: routes, error bodies, tenancy, and (optionally) the scheduler.
+
+The API process never trains. When a scheduler is handed in, it runs beside the API in
+background threads and every job trains in a child process of its own.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Protocol
+
+from fastapi import FastAPI, Request
+
+from posttrain import __version__
+from posttrain.api.problems import install_problem_handlers, problem
+from posttrain.api.routes import datasets, health, post_training
+from posttrain.services.container import Services, build_services
+from posttrain.settings import Settings
+
+
+class Background(Protocol):
+    """Anything started and stopped with the app (the scheduler)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None,
+               background: Background | None = None) -> FastAPI:
+    settings = settings or (services.settings if services else Settings())
+    services = services or build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if background is not None:
+            background.start()
+        try:
+            yield
+        finally:
+            if background is not None:
+                background.stop()
+            services.close()
+
+    app = FastAPI(
+        title="posttrain",
+        version=__version__,
+        description="Fine-tuning server behind the Llama Stack Post-Training API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.jobs = services.jobs
+    app.state.datasets = services.datasets
+    app.state.store_ready = services.ready
+
+    install_problem_handlers(app)
+
+    @app.middleware("http")
+    async def tenancy_and_limits(request: Request, call_next):  # noqa: ANN001, ANN202
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return problem(413, f"the request body is larger than {settings.max_body_bytes} bytes", instance=request.url.path)
+        request.state.tenant = "default"
+        return await call_next(request)
+
+    app.include_router(post_training.router)
+    app.include_router(datasets.router)
+    app.include_router(health.router)
+    return app

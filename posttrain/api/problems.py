@@ -1,0 +1,81 @@
+"""Every error leaves as an RFC 7807 body: ``{"status", "title", "detail", "instance"?}``.
+
+One handler per kind of failure: our ``ServiceError`` tree (MRO lookup covers subclasses),
+request validation (400 naming the field, instead of FastAPI's 422 list), Starlette's own HTTP
+errors (unknown route, wrong method), and anything unexpected (500, no internals leaked).
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from posttrain.errors import RateLimited, ServiceError
+
+log = logging.getLogger("posttrain.api")
+
+
+def problem(status: int, detail: str, *, title: str | None = None, instance: str | None = None,
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, object] = {
+        "status": status,
+        "title": title or HTTPStatus(status).phrase,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _location(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # Discriminated unions add the tag as a path element (e.g. source.rows.rows); keep it readable.
+    return ".".join(parts) or "body"
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    messages = []
+    for error in exc.errors()[:5]:
+        where = _location(tuple(error.get("loc", ())))
+        if error.get("type") == "missing":
+            messages.append(f"{where}: field required")
+        elif error.get("type") == "extra_forbidden":
+            messages.append(f"{where}: unexpected field")
+        elif error.get("type") == "json_invalid":
+            messages.append(f"body: not valid JSON ({error.get('msg')})")
+        else:
+            messages.append(f"{where}: {error.get('msg')}")
+    more = len(exc.errors()) - 5
+    if more > 0:
+        messages.append(f"and {more} more error(s)")
+    return "; ".join(messages) or "the request was invalid"
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        if exc.status_code >= 500:
+            log.error("service error: %s", exc.detail, extra={"action": "service_error"})
+        return problem(exc.status_code, exc.detail, title=exc.title, instance=request.url.path, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem(400, describe_validation_error(exc), instance=request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no such endpoint: {request.method} {request.url.path}"
+        return problem(exc.status_code, detail, instance=request.url.path, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, extra={"action": "unhandled_error"})
+        return problem(500, "An unexpected error occurred; the server log has the details.", instance=request.url.path)

@@ -1,0 +1,84 @@
+"""The Post-Training API: submit, list, status, artifacts, cancel.
+
+Path generations: clients 0.2.x call ``/v1/post-training/…``; 0.3 to 0.5 call
+``/v1alpha/post-training/job/…?job_uuid=``; 0.6 calls ``/v1alpha/post-training/jobs/{job_uuid}/…``.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from posttrain.api.deps import JobServiceDep, TenantDep
+from posttrain.api.schemas import (
+    CancelTrainingJobRequest,
+    ListPostTrainingJobsResponse,
+    PostTrainingJob,
+    PostTrainingJobArtifactsResponse,
+    PostTrainingJobStatusResponse,
+    PreferenceOptimizeRequest,
+    SupervisedFineTuneRequest,
+)
+
+router = APIRouter(tags=["PostTraining"])
+JobUUIDQuery = Query(description="The UUID of the job.")
+
+
+def supervised_fine_tune(body: SupervisedFineTuneRequest, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJob:
+    """Run supervised fine-tuning (LoRA, or a full fine-tune without algorithm_config)."""
+    job = jobs.submit_sft(tenant=tenant, request=body.model_dump(mode="json", exclude_unset=True))
+    return PostTrainingJob(job_uuid=job.job_uuid)
+
+
+def preference_optimize(body: PreferenceOptimizeRequest, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJob:
+    """Run preference optimization (DPO)."""
+    job = jobs.submit_dpo(tenant=tenant, request=body.model_dump(mode="json", exclude_unset=True))
+    return PostTrainingJob(job_uuid=job.job_uuid)
+
+
+def list_jobs(jobs: JobServiceDep, tenant: TenantDep) -> ListPostTrainingJobsResponse:
+    """Get all training jobs."""
+    return ListPostTrainingJobsResponse.from_uuids(jobs.list(tenant=tenant))
+
+
+def job_status(jobs: JobServiceDep, tenant: TenantDep, job_uuid: str = JobUUIDQuery) -> PostTrainingJobStatusResponse:
+    """Get the status of a training job."""
+    return PostTrainingJobStatusResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid))
+
+
+def job_artifacts(jobs: JobServiceDep, tenant: TenantDep, job_uuid: str = JobUUIDQuery) -> PostTrainingJobArtifactsResponse:
+    """Get the artifacts (checkpoints) of a training job."""
+    return PostTrainingJobArtifactsResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid))
+
+
+def cancel_job(body: CancelTrainingJobRequest, jobs: JobServiceDep, tenant: TenantDep) -> None:
+    """Cancel a training job: a scheduled one at once, a running one within seconds."""
+    jobs.cancel(tenant=tenant, job_uuid=body.job_uuid)
+
+
+def job_status_by_path(job_uuid: str, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJobStatusResponse:
+    """Get the status of a training job (0.6 client path form)."""
+    return PostTrainingJobStatusResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid))
+
+
+def job_artifacts_by_path(job_uuid: str, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJobArtifactsResponse:
+    """Get the artifacts of a training job (0.6 client path form)."""
+    return PostTrainingJobArtifactsResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid))
+
+
+def cancel_job_by_path(job_uuid: str, jobs: JobServiceDep, tenant: TenantDep) -> None:
+    """Cancel a training job (0.6 client path form)."""
+    jobs.cancel(tenant=tenant, job_uuid=job_uuid)
+
+
+for prefix in ("/v1", "/v1alpha"):
+    base = f"{prefix}/post-training"
+    router.add_api_route(f"{base}/supervised-fine-tune", supervised_fine_tune, methods=["POST"])
+    router.add_api_route(f"{base}/preference-optimize", preference_optimize, methods=["POST"])
+    router.add_api_route(f"{base}/jobs", list_jobs, methods=["GET"])
+    router.add_api_route(f"{base}/job/status", job_status, methods=["GET"])
+    router.add_api_route(f"{base}/job/artifacts", job_artifacts, methods=["GET"])
+    router.add_api_route(f"{base}/job/cancel", cancel_job, methods=["POST"])
+
+router.add_api_route("/v1alpha/post-training/jobs/{job_uuid}/status", job_status_by_path, methods=["GET"])
+router.add_api_route("/v1alpha/post-training/jobs/{job_uuid}/artifacts", job_artifacts_by_path, methods=["GET"])
+router.add_api_route("/v1alpha/post-training/jobs/{job_uuid}/cancel", cancel_job_by_path, methods=["POST"])

@@ -1,0 +1,252 @@
+"""Request and response bodies, exactly as the Llama Stack v1 spec shapes them.
+
+Requests are strict (no type coercion) and closed (``extra="forbid"``) wherever the spec says
+``additionalProperties: false``. Responses leave out optional fields that have no value rather
+than send ``null``, since the spec types them as strings or objects, not nullable.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from posttrain.domain.datasets import Dataset
+from posttrain.domain.jobs import Checkpoint, Job
+
+JSONObject = dict[str, Any]
+Purpose = Literal["post-training/messages", "eval/question-answer", "eval/messages-answer"]
+
+
+class SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_optionals(self, handler):  # noqa: ANN001, ANN202
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+class RowsDataSource(SpecModel):
+    type: Literal["rows"] = "rows"
+    rows: list[JSONObject]
+
+
+class URIDataSource(SpecModel):
+    type: Literal["uri"] = "uri"
+    uri: str
+
+
+DataSource = Annotated[Union[URIDataSource, RowsDataSource], Field(discriminator="type")]
+
+
+class RegisterDatasetRequest(SpecModel):
+    purpose: Purpose
+    source: DataSource
+    metadata: JSONObject | None = None
+    dataset_id: str | None = None
+
+
+class AppendRowsRequest(SpecModel):
+    rows: list[JSONObject]
+
+
+class CancelTrainingJobRequest(SpecModel):
+    job_uuid: str
+
+
+class DataConfig(SpecModel):
+    dataset_id: str
+    batch_size: int
+    shuffle: bool
+    data_format: Literal["instruct", "dialog"]
+    validation_dataset_id: str | None = None
+    packed: bool = False
+    train_on_input: bool = False
+
+
+class OptimizerConfig(SpecModel):
+    optimizer_type: Literal["adam", "adamw", "sgd"]
+    lr: float
+    weight_decay: float
+    num_warmup_steps: int
+
+
+class EfficiencyConfig(SpecModel):
+    enable_activation_checkpointing: bool = False
+    enable_activation_offloading: bool = False
+    memory_efficient_fsdp_wrap: bool = False
+    fsdp_cpu_offload: bool = False
+
+
+class TrainingConfig(SpecModel):
+    n_epochs: int
+    max_steps_per_epoch: int
+    gradient_accumulation_steps: int
+    max_validation_steps: int = 1
+    data_config: DataConfig | None = None
+    optimizer_config: OptimizerConfig | None = None
+    efficiency_config: EfficiencyConfig | None = None
+    dtype: str = "bf16"
+
+
+class LoraFinetuningConfig(SpecModel):
+    type: Literal["LoRA"] = "LoRA"
+    lora_attn_modules: list[str]
+    apply_lora_to_mlp: bool
+    apply_lora_to_output: bool
+    rank: int
+    alpha: int
+    use_dora: bool = False
+    quantize_base: bool = False
+
+
+class QATFinetuningConfig(SpecModel):
+    type: Literal["QAT"] = "QAT"
+    quantizer_name: str
+    group_size: int
+
+
+AlgorithmConfig = Annotated[Union[LoraFinetuningConfig, QATFinetuningConfig], Field(discriminator="type")]
+
+
+class SupervisedFineTuneRequest(SpecModel):
+    job_uuid: str
+    training_config: TrainingConfig
+    hyperparam_search_config: JSONObject
+    logger_config: JSONObject
+    model: str | None = None
+    checkpoint_dir: str | None = None
+    algorithm_config: AlgorithmConfig | None = None
+
+
+class DPOAlignmentConfig(SpecModel):
+    beta: float
+    loss_type: Literal["sigmoid", "hinge", "ipo", "kto_pair"] = "sigmoid"
+
+
+class PreferenceOptimizeRequest(SpecModel):
+    job_uuid: str
+    finetuned_model: str
+    algorithm_config: DPOAlignmentConfig
+    training_config: TrainingConfig
+    hyperparam_search_config: JSONObject
+    logger_config: JSONObject
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+class PostTrainingJob(SpecModel):
+    job_uuid: str
+
+
+class ListPostTrainingJobsResponse(SpecModel):
+    data: list[PostTrainingJob]
+
+    @classmethod
+    def from_uuids(cls, uuids: list[str]) -> ListPostTrainingJobsResponse:
+        return cls(data=[PostTrainingJob(job_uuid=u) for u in uuids])
+
+
+class PostTrainingMetric(SpecModel):
+    epoch: int
+    train_loss: float
+    validation_loss: float
+    perplexity: float
+
+
+class CheckpointPublic(SpecModel):
+    identifier: str
+    created_at: datetime
+    epoch: int
+    post_training_job_id: str
+    path: str
+    training_metrics: PostTrainingMetric | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint) -> CheckpointPublic:
+        metrics = None
+        if ckpt.metrics is not None:
+            m = ckpt.metrics
+            metrics = PostTrainingMetric(
+                epoch=m.epoch, train_loss=m.train_loss, validation_loss=m.validation_loss, perplexity=m.perplexity
+            )
+        return cls(
+            identifier=ckpt.identifier,
+            created_at=ckpt.created_at,
+            epoch=ckpt.epoch,
+            post_training_job_id=ckpt.job_uuid,
+            path=ckpt.path,
+            training_metrics=metrics,
+        )
+
+
+class PostTrainingJobStatusResponse(SpecModel):
+    job_uuid: str
+    status: Literal["completed", "in_progress", "failed", "scheduled", "cancelled"]
+    scheduled_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    resources_allocated: JSONObject | None = None
+    checkpoints: list[CheckpointPublic]
+
+    @classmethod
+    def from_job(cls, job: Job) -> PostTrainingJobStatusResponse:
+        return cls(
+            job_uuid=job.job_uuid,
+            status=job.status.value,
+            scheduled_at=job.scheduled_at,
+            started_at=job.started_at,
+            completed_at=job.completed_at,
+            resources_allocated=job.resources or None,
+            checkpoints=[CheckpointPublic.from_checkpoint(c) for c in job.checkpoints],
+        )
+
+
+class PostTrainingJobArtifactsResponse(SpecModel):
+    job_uuid: str
+    checkpoints: list[CheckpointPublic]
+
+    @classmethod
+    def from_job(cls, job: Job) -> PostTrainingJobArtifactsResponse:
+        return cls(job_uuid=job.job_uuid, checkpoints=[CheckpointPublic.from_checkpoint(c) for c in job.checkpoints])
+
+
+class DatasetPublic(SpecModel):
+    identifier: str
+    provider_resource_id: str
+    provider_id: str
+    type: Literal["dataset"] = "dataset"
+    purpose: Purpose
+    source: DataSource
+    metadata: JSONObject
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset) -> DatasetPublic:
+        return cls.model_validate(
+            {
+                "identifier": dataset.identifier,
+                "provider_resource_id": dataset.identifier,
+                "provider_id": "posttrain",
+                "type": "dataset",
+                "purpose": dataset.purpose,
+                "source": dataset.source,
+                "metadata": dataset.metadata,
+            },
+            strict=False,
+        )
+
+
+class ListDatasetsResponse(SpecModel):
+    data: list[DatasetPublic]
+
+
+class PaginatedResponse(SpecModel):
+    data: list[JSONObject]
+    has_more: bool
+    url: str | None = None

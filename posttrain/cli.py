@@ -1,0 +1,130 @@
+"""The ``posttrain`` command: the composition root that builds settings, services, the scheduler
+and the app, and starts them. Nothing imports this module."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from posttrain.settings import Settings
+
+app = typer.Typer(help="posttrain: fine-tune language models behind the Llama Stack Post-Training API.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Model folders.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _scheduler(settings: Settings):  # noqa: ANN202
+    from posttrain.store.engine import make_engine, migrate
+    from posttrain.store.jobs import JobStore
+    from posttrain.worker.scheduler import Scheduler, launch_config_from
+
+    engine = make_engine(settings.resolved_database_url)
+    migrate(engine)
+    return Scheduler(store=JobStore(engine), slots=settings.worker_slots, poll_seconds=settings.poll_seconds,
+                     config=launch_config_from(settings))
+
+
+def _prepare_demo(settings: Settings, services) -> None:  # noqa: ANN001
+    """Build the tiny demo model and register the demo dataset, unless they already exist."""
+    from posttrain.demo import DEMO_DATASET_ID, DEMO_MODEL_NAME, colour_rows
+
+    model_dir = settings.resolved_home / "models" / DEMO_MODEL_NAME
+    if not (model_dir / "config.json").is_file():
+        from posttrain.trainer.tiny_model import create_tiny_model
+
+        console.print(f"building the demo model in {model_dir} …")
+        create_tiny_model(model_dir)
+    if services.datasets.store.get(tenant="default", identifier=DEMO_DATASET_ID) is None:
+        services.datasets.register(tenant="default", purpose="post-training/messages",
+                                   source={"type": "rows", "rows": colour_rows()}, metadata={"description": "demo"},
+                                   dataset_id=DEMO_DATASET_ID)
+    console.print(f"[bold]demo model:[/bold] {model_dir}\n[bold]demo dataset:[/bold] {DEMO_DATASET_ID}")
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8321).")] = None,
+    worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Run the scheduler in this process.")] = True,
+    demo: Annotated[bool, typer.Option(help="Build the tiny demo model and register the demo dataset first.")] = False,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+) -> None:
+    """Run the API server (and, by default, a local worker) on the data folder."""
+    import uvicorn
+
+    from posttrain.api.app import create_app
+    from posttrain.services.container import build_services
+
+    _logging(log_level)
+    settings = Settings()
+    services = build_services(settings)
+    if demo:
+        _prepare_demo(settings, services)
+    background = _scheduler(settings) if worker and settings.run_worker and settings.worker_slots > 0 else None
+    application = create_app(settings, services=services, background=background)
+    console.print(f"posttrain serving on http://{host or settings.host}:{port or settings.port} "
+                  f"(data folder {settings.resolved_home})")
+    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level=log_level.lower())
+
+
+@app.command()
+def worker(log_level: Annotated[str, typer.Option(help="Logging level.")] = "info") -> None:
+    """Run a standalone worker (scheduler + trainers) against the configured store."""
+    _logging(log_level)
+    settings = Settings()
+    settings.ensure_dirs()
+    scheduler = _scheduler(settings)
+
+    def _stop(_signum, _frame) -> None:  # noqa: ANN001
+        scheduler.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    console.print(f"posttrain worker {scheduler.owner} with {settings.worker_slots} slot(s)")
+    scheduler.run_forever()
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the store's schema."""
+    from posttrain.store.engine import make_engine
+    from posttrain.store.engine import migrate as run_migrations
+
+    settings = Settings()
+    settings.ensure_dirs()
+    run_migrations(make_engine(settings.resolved_database_url))
+    console.print("store is at the newest schema")
+
+
+@models_app.command("create-tiny")
+def create_tiny(path: Annotated[Path, typer.Argument(help="Folder to write the model and tokenizer to.")]) -> None:
+    """Write a tiny random-init Llama model with a trained tokenizer (for demos and tests; no hub needed)."""
+    from posttrain.trainer.tiny_model import create_tiny_model
+
+    create_tiny_model(path)
+    console.print(f"tiny model written to {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - print the cause chain in one line, exit non-zero
+        chain, current = [], exc
+        while current is not None:
+            chain.append(f"{type(current).__name__}: {current}")
+            current = current.__cause__ or current.__context__
+        console.print("[red]error:[/red] " + " <- ".join(chain))
+        sys.exit(1)

@@ -1,0 +1,105 @@
+"""The job state machine, declared once as data.
+
+The statuses are exactly the five the Llama Stack spec lets a client parse. Why a job is where
+it is (worker lost, cancelled by the user, bad row) is kept beside the status as a reason code,
+never as an extra status.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class JobStatus(str, enum.Enum):
+    SCHEDULED = "scheduled"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobKind(str, enum.Enum):
+    SFT = "sft"
+    DPO = "dpo"
+
+
+TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+#: Every allowed move. IN_PROGRESS -> SCHEDULED is the requeue of a job whose worker was lost.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.SCHEDULED: frozenset({JobStatus.IN_PROGRESS, JobStatus.CANCELLED}),
+    JobStatus.IN_PROGRESS: frozenset(
+        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.SCHEDULED}
+    ),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+def sources_of(target: JobStatus) -> frozenset[JobStatus]:
+    """The statuses a job may be in for a move to ``target`` to be legal."""
+    return frozenset(src for src, targets in TRANSITIONS.items() if target in targets)
+
+
+@dataclass(frozen=True)
+class TrainingMetrics:
+    epoch: int
+    train_loss: float
+    validation_loss: float
+    perplexity: float
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    identifier: str
+    job_uuid: str
+    epoch: int
+    step: int
+    path: str
+    created_at: datetime
+    metrics: TrainingMetrics | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A training job. ``request`` is the body as the client sent it; ``plan`` is what the
+    service resolved from it at submit time (model folder, the job's own copy of its rows,
+    output folder, training config with defaults filled) and is all a launcher needs."""
+
+    job_uuid: str
+    kind: JobKind
+    tenant: str
+    status: JobStatus
+    request: dict[str, Any]
+    plan: dict[str, Any]
+    scheduled_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    attempt: int = 0
+    max_attempts: int = 1
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    cancel_requested: bool = False
+    error_code: str | None = None
+    error_message: str | None = None
+    resources: dict[str, Any] = field(default_factory=dict)
+    checkpoints: tuple[Checkpoint, ...] = ()
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's append-only log: a state change, a metric, a checkpoint, a log line."""
+
+    seq: int
+    job_uuid: str
+    created_at: datetime
+    type: str
+    data: dict[str, Any]

@@ -1,0 +1,108 @@
+"""One exception root for everything a service can refuse.
+
+Each subclass carries the HTTP status it maps to and a default message (its docstring), so the
+API edge translates any ``ServiceError`` into an RFC 7807 body with one handler and no
+business rule ever raises an ``HTTPException``. Nothing here imports FastAPI.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """The request could not be served."""
+
+    status_code: int = 500
+    title: str = "Internal Server Error"
+
+    def __init__(self, detail: str | None = None) -> None:
+        self.detail = detail or (self.__doc__ or self.title).strip()
+        super().__init__(self.detail)
+
+
+class InvalidRequest(ServiceError):
+    """The request was invalid or malformed."""
+
+    status_code = 400
+    title = "Bad Request"
+
+
+class RecipeInvalid(InvalidRequest):
+    """The training configuration cannot be run as given."""
+
+
+class DatasetSourceInvalid(InvalidRequest):
+    """The dataset source could not be read."""
+
+
+class PathOutsideRoots(InvalidRequest):
+    """The path is outside the folders this server is configured to use."""
+
+
+class Unauthorized(ServiceError):
+    """A valid API key is required."""
+
+    status_code = 401
+    title = "Unauthorized"
+
+
+class Forbidden(ServiceError):
+    """This key may not do that."""
+
+    status_code = 403
+    title = "Forbidden"
+
+
+class NotFound(ServiceError):
+    """No such resource."""
+
+    status_code = 404
+    title = "Not Found"
+
+
+class JobNotFound(NotFound):
+    """No training job with this job_uuid."""
+
+
+class DatasetNotFound(NotFound):
+    """No dataset with this id."""
+
+
+class Conflict(ServiceError):
+    """The request conflicts with the current state."""
+
+    status_code = 409
+    title = "Conflict"
+
+
+class DuplicateJob(Conflict):
+    """A job with this job_uuid already exists."""
+
+
+class DuplicateDataset(Conflict):
+    """A dataset with this id already exists."""
+
+
+class InvalidTransition(Conflict):
+    """The job is not in a state that allows this."""
+
+
+class PayloadTooLarge(ServiceError):
+    """The request body is too large."""
+
+    status_code = 413
+    title = "Payload Too Large"
+
+
+class RateLimited(ServiceError):
+    """Too many requests; try again later."""
+
+    status_code = 429
+    title = "Too Many Requests"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class StoreError(ServiceError):
+    """The job store failed."""

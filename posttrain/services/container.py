@@ -1,0 +1,51 @@
+"""Wiring the services to one store: what the API (and the CLI) need, built in one place."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from posttrain.services.datasets import DatasetService
+from posttrain.services.jobs import JobService
+from posttrain.settings import Settings
+from posttrain.store.datasets import DatasetStore
+from posttrain.store.engine import at_head, make_engine, migrate
+from posttrain.store.jobs import JobStore
+
+log = logging.getLogger("posttrain.services")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    jobs: JobService
+    datasets: DatasetService
+
+    def ready(self) -> bool:
+        """The store is reachable and its schema is at the newest revision."""
+        try:
+            return at_head(self.engine)
+        except Exception:  # noqa: BLE001 - readiness reports, it does not raise
+            log.warning("store not ready", exc_info=True, extra={"action": "store_not_ready"})
+            return False
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def build_services(settings: Settings) -> Services:
+    """Create the data folders, migrate the store to head, and build the services on it."""
+    settings.ensure_dirs()
+    engine = make_engine(settings.resolved_database_url)
+    migrate(engine)
+    job_store = JobStore(engine)
+    dataset_store = DatasetStore(engine, settings.datasets_dir)
+    return Services(
+        settings=settings,
+        engine=engine,
+        jobs=JobService(store=job_store, datasets=dataset_store, settings=settings),
+        datasets=DatasetService(store=dataset_store, settings=settings),
+    )

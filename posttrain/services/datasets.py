@@ -1,0 +1,81 @@
+"""Registering, reading and removing datasets (the Datasets and DatasetIO APIs)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from posttrain.domain.datasets import Dataset
+from posttrain.errors import DatasetNotFound, DatasetSourceInvalid, DuplicateDataset, InvalidRequest
+from posttrain.services.dataset_sources import load_uri_rows, validate_rows
+from posttrain.settings import Settings
+from posttrain.store.datasets import DatasetStore
+
+
+class DatasetService:
+    def __init__(self, *, store: DatasetStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+
+    def register(
+        self,
+        *,
+        tenant: str,
+        purpose: str,
+        source: dict[str, Any],
+        metadata: dict[str, Any] | None,
+        dataset_id: str | None,
+    ) -> Dataset:
+        identifier = dataset_id if dataset_id is not None else f"dataset-{uuid.uuid4()}"
+        if not identifier or len(identifier) > 255 or any(ord(c) < 32 for c in identifier):
+            raise InvalidRequest("dataset_id: must be 1 to 255 printable characters")
+        if self.store.get(tenant=tenant, identifier=identifier) is not None:
+            raise DuplicateDataset(f"a dataset with id '{identifier}' already exists")
+        if source["type"] == "rows":
+            rows = validate_rows(source["rows"], max_rows=self.settings.max_dataset_rows)
+        else:
+            rows = load_uri_rows(
+                source["uri"],
+                file_roots=self.settings.allowed_file_roots,
+                hf_cache=self.settings.hf_cache,
+                max_rows=self.settings.max_dataset_rows,
+            )
+        return self.store.create(
+            tenant=tenant, identifier=identifier, purpose=purpose, source=source, metadata=metadata or {}, rows=rows
+        )
+
+    def get(self, *, tenant: str, dataset_id: str) -> Dataset:
+        found = self.store.get(tenant=tenant, identifier=dataset_id)
+        if found is None:
+            raise DatasetNotFound(f"no dataset with id '{dataset_id}'")
+        return found
+
+    def list(self, *, tenant: str) -> list[Dataset]:
+        return self.store.list(tenant=tenant)
+
+    def unregister(self, *, tenant: str, dataset_id: str) -> None:
+        if not self.store.delete(tenant=tenant, identifier=dataset_id):
+            raise DatasetNotFound(f"no dataset with id '{dataset_id}'")
+
+    def iterrows(
+        self, *, tenant: str, dataset_id: str, start_index: int | None, limit: int | None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """A page of rows and whether more follow. ``limit`` None or -1 means all the rest."""
+        dataset = self.get(tenant=tenant, dataset_id=dataset_id)
+        start = start_index or 0
+        if start < 0:
+            raise InvalidRequest(f"start_index: must be 0 or more, got {start}")
+        if limit is not None and limit < -1:
+            raise InvalidRequest(f"limit: must be -1 (all) or 0 or more, got {limit}")
+        count = None if limit in (None, -1) else limit
+        rows = list(self.store.iter_rows(dataset, start=start, limit=count))
+        has_more = start + len(rows) < dataset.row_count
+        return rows, has_more
+
+    def append_rows(self, *, tenant: str, dataset_id: str, rows: Any) -> None:
+        dataset = self.get(tenant=tenant, dataset_id=dataset_id)
+        limit = self.settings.max_dataset_rows
+        checked = validate_rows(rows, max_rows=None)
+        if limit is not None and dataset.row_count + len(checked) > limit:
+            raise DatasetSourceInvalid(f"rows: the dataset would hold more than {limit} rows, the most this server keeps")
+        self.store.append(tenant=tenant, identifier=dataset_id, rows=checked)

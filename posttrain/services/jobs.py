@@ -1,0 +1,142 @@
+"""Submitting, reading and cancelling training jobs.
+
+Submitting resolves everything a trainer will need (model folder, the job's own copy of its
+rows, its output folder) and refuses the request if any of it is wrong, so a job that is
+accepted can run; a refused request leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from posttrain.domain.jobs import Job, JobKind, JobStatus
+from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound
+from posttrain.services import recipes
+from posttrain.services.models import resolve_model
+from posttrain.services.paths import resolve_inside
+from posttrain.settings import Settings
+from posttrain.store.datasets import DatasetStore
+from posttrain.store.jobs import JobStore
+
+
+def job_folder(jobs_dir: Path, job_uuid: str) -> Path:
+    """A job's own folder; named by a digest because job_uuid is client text."""
+    return jobs_dir / hashlib.sha256(job_uuid.encode()).hexdigest()[:32]
+
+
+class JobService:
+    def __init__(self, *, store: JobStore, datasets: DatasetStore, settings: Settings) -> None:
+        self.store = store
+        self.datasets = datasets
+        self.settings = settings
+
+    # -- submit --------------------------------------------------------------------------------
+
+    def submit_sft(self, *, tenant: str, request: dict[str, Any]) -> Job:
+        recipes.check_common(request)
+        training = recipes.check_training_config(request["training_config"])
+        algorithm = recipes.check_lora(request.get("algorithm_config"))
+        return self._submit(tenant=tenant, kind=JobKind.SFT, request=request, training=training, algorithm=algorithm,
+                            model_field="model", model_name=request.get("model"))
+
+    def submit_dpo(self, *, tenant: str, request: dict[str, Any]) -> Job:
+        recipes.check_common(request)
+        raise InvalidRequest(
+            "preference optimization (DPO) is not available on this server yet; supervised fine-tuning is"
+        )
+
+    def _submit(
+        self,
+        *,
+        tenant: str,
+        kind: JobKind,
+        request: dict[str, Any],
+        training: dict[str, Any],
+        algorithm: dict[str, Any] | None,
+        model_field: str,
+        model_name: str | None,
+    ) -> Job:
+        job_uuid = request["job_uuid"]
+        if self.store.get(job_uuid=job_uuid) is not None:
+            raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists")
+        model = resolve_model(
+            model_name,
+            model_roots=self.settings.allowed_model_roots,
+            hf_cache=self.settings.hf_cache,
+            trust_remote_code=self.settings.trust_remote_code,
+            field=model_field,
+        )
+        data = training["data_config"]
+        train = self._dataset(tenant, data["dataset_id"], "training_config.data_config.dataset_id")
+        validation = None
+        if data.get("validation_dataset_id"):
+            validation = self._dataset(tenant, data["validation_dataset_id"], "training_config.data_config.validation_dataset_id")
+        folder = job_folder(self.settings.jobs_dir, job_uuid)
+        if request.get("checkpoint_dir"):
+            output_dir = resolve_inside(request["checkpoint_dir"], roots=self.settings.allowed_file_roots, field="checkpoint_dir")
+            output_dir = output_dir / folder.name
+        else:
+            output_dir = folder / "checkpoints"
+        # The job keeps its own copy of its rows: later appends or an unregister do not change a
+        # submitted job, and a resumed job sees exactly the rows its first attempt saw.
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            train_rows = folder / "train.jsonl"
+            shutil.copyfile(train, train_rows)
+            validation_rows = None
+            if validation is not None:
+                validation_rows = folder / "validation.jsonl"
+                shutil.copyfile(validation, validation_rows)
+            plan = {
+                "method": kind.value,
+                "model": str(model),
+                "output_dir": str(output_dir),
+                "train_rows_path": str(train_rows),
+                "validation_rows_path": str(validation_rows) if validation_rows else None,
+                "training_config": training,
+                "algorithm_config": algorithm,
+                "seed": 42,
+            }
+            return self.store.create(
+                job_uuid=job_uuid, tenant=tenant, kind=kind, request=request, plan=plan, max_attempts=self.settings.max_attempts
+            )
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def _dataset(self, tenant: str, dataset_id: str, field: str) -> Path:
+        dataset = self.datasets.get(tenant=tenant, identifier=dataset_id)
+        if dataset is None:
+            raise InvalidRequest(f"{field}: no dataset with id '{dataset_id}'; register it first")
+        if dataset.row_count == 0:
+            raise InvalidRequest(f"{field}: dataset '{dataset_id}' has no rows")
+        return Path(dataset.rows_path)
+
+    # -- read and cancel -----------------------------------------------------------------------
+
+    def get(self, *, tenant: str, job_uuid: str) -> Job:
+        job = self.store.get(job_uuid=job_uuid, tenant=tenant)
+        if job is None:
+            raise JobNotFound(f"no training job with job_uuid '{job_uuid}'")
+        return job
+
+    def list(self, *, tenant: str) -> list[str]:
+        return self.store.list_uuids(tenant=tenant)
+
+    def cancel(self, *, tenant: str, job_uuid: str) -> Job:
+        job = self.get(tenant=tenant, job_uuid=job_uuid)
+        if job.status == JobStatus.CANCELLED:
+            return job
+        if job.is_terminal or not self.store.cancel(job_uuid=job_uuid):
+            current = self.get(tenant=tenant, job_uuid=job_uuid)
+            if current.status == JobStatus.CANCELLED:
+                return current
+            raise InvalidTransition(f"job '{job_uuid}' is {current.status.value} and can no longer be cancelled")
+        return self.get(tenant=tenant, job_uuid=job_uuid)
+
+    def events(self, *, tenant: str, job_uuid: str, after: int, limit: int):  # noqa: ANN201
+        self.get(tenant=tenant, job_uuid=job_uuid)
+        return self.store.events(job_uuid=job_uuid, after=after, limit=limit)

@@ -1,0 +1,101 @@
+"""Turning a submitted training request into a runnable plan, refusing at submit time whatever
+this server would otherwise accept and ignore, or fail on minutes into training.
+
+Requests arrive here already shaped by the API schemas (types, enums, required keys); the rules
+below are the ones a schema cannot say.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.errors import RecipeInvalid
+
+#: Llama Stack's attention module names -> the Hugging Face Llama-family names.
+LORA_ATTN_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj", "o_proj": "o_proj"}
+
+DEFAULT_OPTIMIZER = {"optimizer_type": "adamw", "lr": 1e-4, "weight_decay": 0.0, "num_warmup_steps": 0}
+SUPPORTED_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _positive(value: Any, field: str, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise RecipeInvalid(f"{field}: must be {'zero or more' if allow_zero else 'at least 1'}, got {value}")
+
+
+def _no_unsupported_options(name: str, config: dict[str, Any] | None) -> None:
+    """hyperparam_search_config and logger_config: refuse any non-empty value rather than ignore it."""
+    if config:
+        keys = ", ".join(sorted(config))
+        raise RecipeInvalid(f"{name}: not supported by this server yet (got keys: {keys}); send {{}}")
+
+
+def check_training_config(training: dict[str, Any]) -> dict[str, Any]:
+    """Validate the TrainingConfig and return it with this server's defaults filled in."""
+    _positive(training.get("n_epochs"), "training_config.n_epochs")
+    _positive(training.get("max_steps_per_epoch"), "training_config.max_steps_per_epoch")
+    _positive(training.get("gradient_accumulation_steps"), "training_config.gradient_accumulation_steps")
+    _positive(training.get("max_validation_steps"), "training_config.max_validation_steps")
+    data = training.get("data_config")
+    if not data:
+        raise RecipeInvalid("training_config.data_config: required by this server, it names the dataset to train on")
+    _positive(data.get("batch_size"), "training_config.data_config.batch_size")
+    if data.get("packed"):
+        raise RecipeInvalid("training_config.data_config.packed: packing is not supported by this server yet; set it to false")
+    dtype = training.get("dtype") or "bf16"
+    if dtype not in SUPPORTED_DTYPES:
+        raise RecipeInvalid(f"training_config.dtype: '{dtype}' is not one of {', '.join(SUPPORTED_DTYPES)}")
+    efficiency = training.get("efficiency_config") or {}
+    for flag in ("enable_activation_offloading", "memory_efficient_fsdp_wrap", "fsdp_cpu_offload"):
+        if efficiency.get(flag):
+            raise RecipeInvalid(f"training_config.efficiency_config.{flag}: not supported by this server (one device per job)")
+    optimizer = {**DEFAULT_OPTIMIZER, **(training.get("optimizer_config") or {})}
+    if not optimizer["lr"] > 0:
+        raise RecipeInvalid(f"training_config.optimizer_config.lr: must be greater than 0, got {optimizer['lr']}")
+    _positive(optimizer["weight_decay"], "training_config.optimizer_config.weight_decay", allow_zero=True)
+    _positive(optimizer["num_warmup_steps"], "training_config.optimizer_config.num_warmup_steps", allow_zero=True)
+    return {
+        "n_epochs": training["n_epochs"],
+        "max_steps_per_epoch": training.get("max_steps_per_epoch", 1),
+        "gradient_accumulation_steps": training.get("gradient_accumulation_steps", 1),
+        "max_validation_steps": training.get("max_validation_steps", 1),
+        "data_config": {"packed": False, "train_on_input": False, **data},
+        "optimizer_config": optimizer,
+        "efficiency_config": {"enable_activation_checkpointing": False, **efficiency},
+        "dtype": dtype,
+    }
+
+
+def check_lora(algorithm: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validate an SFT algorithm_config. None means a full fine-tune."""
+    if algorithm is None:
+        return None
+    if algorithm.get("type") == "QAT":
+        raise RecipeInvalid(
+            "algorithm_config: QAT (quantization-aware training) is not supported by this server yet; "
+            "use LoRA or omit algorithm_config for a full fine-tune"
+        )
+    unknown = [m for m in algorithm.get("lora_attn_modules", []) if m not in LORA_ATTN_MODULES]
+    if unknown:
+        raise RecipeInvalid(
+            f"algorithm_config.lora_attn_modules: unknown module(s) {unknown}; expected some of q_proj, k_proj, v_proj, output_proj"
+        )
+    if not (algorithm.get("lora_attn_modules") or algorithm.get("apply_lora_to_mlp") or algorithm.get("apply_lora_to_output")):
+        raise RecipeInvalid(
+            "algorithm_config: LoRA needs at least one target: list lora_attn_modules or set apply_lora_to_mlp/apply_lora_to_output"
+        )
+    _positive(algorithm.get("rank"), "algorithm_config.rank")
+    _positive(algorithm.get("alpha"), "algorithm_config.alpha")
+    if algorithm.get("quantize_base"):
+        raise RecipeInvalid("algorithm_config.quantize_base: 4-bit base models need a CUDA device, which this server does not have")
+    return {"use_dora": False, "quantize_base": False, **algorithm}
+
+
+def check_common(request: dict[str, Any]) -> None:
+    job_uuid = request.get("job_uuid", "")
+    if not job_uuid or len(job_uuid) > 255 or any(ord(c) < 32 for c in job_uuid):
+        raise RecipeInvalid("job_uuid: must be 1 to 255 printable characters")
+    _no_unsupported_options("hyperparam_search_config", request.get("hyperparam_search_config"))
+    _no_unsupported_options("logger_config", request.get("logger_config"))

@@ -1,0 +1,95 @@
+"""Server configuration: the only module that reads environment variables.
+
+Every setting has a default that gives the embedded single-machine setup (SQLite in the data
+folder, a local worker with one slot, 127.0.0.1:8321) and an environment variable
+``POSTTRAIN_<NAME>`` that overrides it. The README's configuration table is written from this
+class; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path(os.path.expanduser("~/.posttrain"))
+
+
+def _default_hf_cache() -> Path:
+    hub = os.environ.get("HF_HUB_CACHE")
+    if hub:
+        return Path(hub)
+    hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+    return Path(hf_home) / "hub"
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Paths are resolved against ``home`` when relative."""
+
+    model_config = SettingsConfigDict(env_prefix="POSTTRAIN_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="Data folder: database, datasets, job folders.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the store; default is a SQLite file in the data folder. "
+        "Use postgresql+psycopg://… to share one store between several servers and workers.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the API binds to.")
+    port: int = Field(default=8321, description="Port the API listens on (the Llama Stack default).")
+    worker_slots: int = Field(default=1, ge=0, description="Jobs this machine trains at once; 0 runs the API only.")
+    run_worker: bool = Field(default=True, description="Run the scheduler inside `posttrain serve`.")
+    lease_seconds: float = Field(default=30.0, gt=0, description="A running job whose lease is older than this is requeued.")
+    heartbeat_seconds: float = Field(default=5.0, gt=0, description="How often a launcher renews its job's lease.")
+    poll_seconds: float = Field(default=0.5, gt=0, description="How often the scheduler looks for work.")
+    cancel_grace_seconds: float = Field(default=10.0, ge=0, description="Time a cancelled trainer gets to stop before it is killed.")
+    max_attempts: int = Field(default=3, ge=1, description="Tries a job gets before a lost worker fails it for good.")
+    trainer_threads: int | None = Field(default=None, ge=1, description="CPU threads per trainer; default: all cores.")
+    trainer_nice: int = Field(default=10, ge=0, le=19, description="Niceness of trainer processes so the API stays responsive.")
+    device: str = Field(default="auto", description="auto | cpu | cuda")
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a request's model path may point into (default: <home>/models and the Hugging Face hub cache).",
+    )
+    file_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a dataset URI or checkpoint_dir may point into (default: <home>/files).",
+    )
+    hf_cache: Path = Field(default_factory=_default_hf_cache, description="Hugging Face hub cache searched for model ids.")
+    trust_remote_code: bool = Field(default=False, description="Allow models that ship their own code.")
+    max_dataset_rows: int | None = Field(default=1_000_000, description="Most rows one dataset may hold.")
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, description="Largest request body accepted (413 past it).")
+
+    @cached_property
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_home / 'posttrain.db'}"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.resolved_home / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.resolved_home / "jobs"
+
+    @property
+    def allowed_model_roots(self) -> list[Path]:
+        roots = self.model_roots or [self.resolved_home / "models", self.hf_cache]
+        return [Path(r).expanduser().resolve() for r in roots]
+
+    @property
+    def allowed_file_roots(self) -> list[Path]:
+        roots = self.file_roots or [self.resolved_home / "files"]
+        return [Path(r).expanduser().resolve() for r in roots]
+
+    def ensure_dirs(self) -> None:
+        for path in (self.resolved_home, self.datasets_dir, self.jobs_dir, self.resolved_home / "models", self.resolved_home / "files"):
+            path.mkdir(parents=True, exist_ok=True)

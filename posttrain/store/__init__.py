@@ -1,0 +1,1 @@
+"""The only package that touches the database (SQLAlchemy 2 Core; SQLite or PostgreSQL)."""

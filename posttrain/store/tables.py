@@ -1,0 +1,96 @@
+"""Table definitions. The Alembic revisions under ``migrations/versions`` create exactly these;
+``tests/integration/test_migrations.py`` checks that the two never drift apart."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: SQLite only auto-increments INTEGER PRIMARY KEY columns.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_uuid", String(255), primary_key=True),
+    Column("tenant", String(128), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("request", JSON, nullable=False),
+    Column("plan", JSON, nullable=False),
+    Column("scheduled_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False, default=1),
+    Column("lease_owner", String(255)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("error_code", String(64)),
+    Column("error_message", Text),
+    Column("resources", JSON, nullable=False, default=dict),
+    Index("ix_jobs_status_scheduled_at", "status", "scheduled_at"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("job_uuid", String(255), ForeignKey("jobs.job_uuid", ondelete="CASCADE"), nullable=False, index=True),
+    Column("identifier", String(512), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("train_loss", Float),
+    Column("validation_loss", Float),
+    Column("perplexity", Float),
+    UniqueConstraint("job_uuid", "identifier", name="uq_checkpoints_job_uuid_identifier"),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("seq", AutoId, primary_key=True, autoincrement=True),
+    Column("job_uuid", String(255), ForeignKey("jobs.job_uuid", ondelete="CASCADE"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("data", JSON, nullable=False),
+    Index("ix_job_events_job_uuid_seq", "job_uuid", "seq"),
+)
+
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("tenant", String(128), primary_key=True),
+    Column("identifier", String(255), primary_key=True),
+    Column("purpose", String(64), nullable=False),
+    Column("source", JSON, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("row_count", Integer, nullable=False, default=0),
+    Column("rows_path", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,258 @@
+"""Running one claimed job: spawn the trainer process, hold the job's lease, record its reports.
+
+The trainer speaks JSON lines on stdout (docs/trainer-protocol.md). This launcher owns the lease:
+it renews it while the trainer lives, and every write it makes is guarded by (owner, attempt),
+so once the job has moved on (cancelled, requeued after a lost lease) nothing it says counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from posttrain.domain.jobs import Job, JobStatus
+from posttrain.store.jobs import JobStore
+
+log = logging.getLogger("posttrain.worker")
+
+#: How often buffered per-step metrics are written to the store.
+METRIC_FLUSH_SECONDS = 0.5
+
+
+@dataclass
+class LaunchConfig:
+    lease_seconds: float
+    heartbeat_seconds: float
+    cancel_grace_seconds: float
+    device: str = "auto"
+    threads: int | None = None
+    nice: int = 10
+    trust_remote_code: bool = False
+    python: str = sys.executable
+
+
+@dataclass
+class _Outcome:
+    terminal: dict[str, Any] | None = None
+    stop_reason: str | None = None  # why we asked the trainer to stop: "lease_lost" | "shutdown"
+    stderr_tail: list[str] = field(default_factory=list)
+
+
+def _memory_total_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class Launcher:
+    """One job, one trainer process, one thread of control (``run``) plus a stdout reader."""
+
+    def __init__(self, *, job: Job, owner: str, store: JobStore, config: LaunchConfig) -> None:
+        self.job = job
+        self.owner = owner
+        self.store = store
+        self.config = config
+        self.attempt = job.attempt
+        self._shutdown = threading.Event()
+        self._outcome = _Outcome()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """The worker is stopping: stop the trainer and give the job back to the queue."""
+        self._shutdown.set()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # noqa: BLE001 - a launcher failure must not kill the scheduler
+            log.exception("launcher failed for %s", self.job.job_uuid, extra={"action": "launcher_failed"})
+            self._kill()
+            self.store.release(job_uuid=self.job.job_uuid, owner=self.owner, attempt=self.attempt,
+                               reason=f"launcher error: {exc}")
+
+    # -- the work -------------------------------------------------------------------------------
+
+    def _spec(self) -> Path:
+        plan = self.job.plan
+        folder = Path(plan["train_rows_path"]).parent
+        spec = {
+            "job_uuid": self.job.job_uuid,
+            "method": plan["method"],
+            "model": plan["model"],
+            "output_dir": plan["output_dir"],
+            "train_rows_path": plan["train_rows_path"],
+            "validation_rows_path": plan["validation_rows_path"],
+            "training_config": plan["training_config"],
+            "algorithm_config": plan["algorithm_config"],
+            "device": self.config.device,
+            "threads": self.config.threads,
+            "seed": plan.get("seed", 42),
+            "trust_remote_code": self.config.trust_remote_code,
+        }
+        path = folder / f"spec-attempt-{self.attempt}.json"
+        path.write_text(json.dumps(spec, indent=2))
+        return path
+
+    def _run(self) -> None:
+        spec = self._spec()
+        folder = spec.parent
+        stderr_path = folder / f"trainer-attempt-{self.attempt}.log"
+        command = [self.config.python, "-m", "posttrain.trainer", str(spec)]
+        nice = shutil.which("nice")
+        if self.config.nice and nice:
+            # Lower the trainer's priority so the API stays responsive on a busy CPU.
+            command = [nice, "-n", str(self.config.nice), *command]
+        with open(stderr_path, "ab") as stderr:
+            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+            )
+        log.info("trainer started for %s (pid %s)", self.job.job_uuid, self._process.pid,
+                 extra={"action": "trainer_started", "job_id": self.job.job_uuid})
+        reader = threading.Thread(target=self._read, args=(self._process.stdout,), daemon=True,
+                                  name=f"trainer-reader-{self.job.job_uuid[:8]}")
+        reader.start()
+        self._supervise()
+        reader.join(timeout=10)
+        self._finish(stderr_path)
+
+    def _supervise(self) -> None:
+        """Renew the lease until the trainer exits; stop it when the job moved on or we shut down."""
+        assert self._process is not None
+        interval = min(self.config.heartbeat_seconds, 1.0)
+        last_renewal = 0.0
+        stop_sent_at: float | None = None
+        while self._process.poll() is None:
+            now = time.monotonic()
+            if stop_sent_at is None:
+                if self._shutdown.is_set():
+                    self._outcome.stop_reason = "shutdown"
+                elif now - last_renewal >= interval:
+                    still_ours = self.store.renew_lease(job_uuid=self.job.job_uuid, owner=self.owner,
+                                                        attempt=self.attempt, lease_seconds=self.config.lease_seconds)
+                    last_renewal = now
+                    if not still_ours:
+                        self._outcome.stop_reason = "lease_lost"
+                if self._outcome.stop_reason:
+                    self._terminate()
+                    stop_sent_at = now
+            elif now - stop_sent_at > self.config.cancel_grace_seconds:
+                log.warning("trainer for %s ignored SIGTERM; killing it", self.job.job_uuid,
+                            extra={"action": "trainer_killed", "job_id": self.job.job_uuid})
+                self._kill()
+            try:
+                self._process.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _terminate(self) -> None:
+        if self._process and self._process.poll() is None:
+            try:
+                os.killpg(self._process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _kill(self) -> None:
+        if self._process and self._process.poll() is None:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._process.wait()
+
+    # -- reports --------------------------------------------------------------------------------
+
+    def _read(self, stream: IO[bytes]) -> None:
+        buffered: list[tuple[str, dict[str, Any]]] = []
+        last_flush = time.monotonic()
+        for raw in stream:
+            try:
+                event = json.loads(raw)
+                kind = event.pop("event")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                buffered.append(("log", {"level": "warning", "message": raw.decode("utf-8", "replace").rstrip()}))
+                continue
+            if kind == "metric":
+                buffered.append(("metric", {**event, "attempt": self.attempt}))
+            else:
+                self._flush(buffered)
+                buffered = []
+                self._handle(kind, event)
+            if time.monotonic() - last_flush > METRIC_FLUSH_SECONDS:
+                self._flush(buffered)
+                buffered = []
+                last_flush = time.monotonic()
+        self._flush(buffered)
+
+    def _flush(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        if events:
+            self.store.append_events(job_uuid=self.job.job_uuid, events=events)
+
+    def _handle(self, kind: str, event: dict[str, Any]) -> None:
+        job_uuid = self.job.job_uuid
+        if kind == "started":
+            resources = {
+                **event.get("resources", {}),
+                "worker": self.owner,
+                "attempt": self.attempt,
+                "pid": self._process.pid if self._process else None,
+                "memory_total_bytes": _memory_total_bytes(),
+            }
+            self.store.set_resources(job_uuid=job_uuid, owner=self.owner, attempt=self.attempt, resources=resources)
+            self.store.append_event(job_uuid=job_uuid, type="started", data={**event, "resources": resources})
+        elif kind == "checkpoint":
+            self.store.record_checkpoint(
+                job_uuid=job_uuid, owner=self.owner, attempt=self.attempt,
+                identifier=event["identifier"], epoch=int(event["epoch"]), step=int(event.get("step", 0)),
+                path=event["path"], train_loss=event.get("train_loss"),
+                validation_loss=event.get("validation_loss"), perplexity=event.get("perplexity"),
+            )
+        elif kind in ("completed", "cancelled", "failed"):
+            self._outcome.terminal = {"event": kind, **event}
+        else:
+            self.store.append_event(job_uuid=job_uuid, type=kind, data=event)
+
+    def _finish(self, stderr_path: Path) -> None:
+        """Write the job's end, unless it has already moved on without us."""
+        job_uuid, outcome = self.job.job_uuid, self._outcome
+        code = self._process.returncode if self._process else None
+        terminal = outcome.terminal or {}
+        common = dict(job_uuid=job_uuid, owner=self.owner, attempt=self.attempt)
+        if outcome.stop_reason == "lease_lost":
+            log.info("job %s moved on; trainer stopped", job_uuid, extra={"action": "trainer_stopped", "job_id": job_uuid})
+        elif outcome.stop_reason == "shutdown":
+            self.store.release(**common, reason="worker shut down", count_attempt=False)
+        elif terminal.get("event") == "completed":
+            self.store.finish(**common, status=JobStatus.COMPLETED)
+        elif terminal.get("event") == "failed":
+            self.store.finish(**common, status=JobStatus.FAILED, error_code=terminal.get("code", "error"),
+                              error_message=terminal.get("message", "training failed"))
+        else:
+            tail = _tail(stderr_path)
+            self.store.release(**common, reason=f"trainer exited with code {code} before finishing" + (f": {tail}" if tail else ""))
+        log.info("job %s trainer exited with %s", job_uuid, code, extra={"action": "trainer_exited", "job_id": job_uuid})
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])[-500:]

@@ -1,0 +1,104 @@
+"""The scheduler: reaps lost jobs, claims scheduled ones up to the free slots, launches each.
+
+It runs in a background thread of ``posttrain serve`` (the embedded default) or alone in
+``posttrain worker``; several schedulers may share one PostgreSQL store, since claiming is atomic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+
+from posttrain.store.jobs import JobStore
+from posttrain.worker.launcher import LaunchConfig, Launcher
+
+log = logging.getLogger("posttrain.worker")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Scheduler:
+    def __init__(self, *, store: JobStore, slots: int, poll_seconds: float, config: LaunchConfig,
+                 owner: str | None = None) -> None:
+        self.store = store
+        self.slots = slots
+        self.poll_seconds = poll_seconds
+        self.config = config
+        self.owner = owner or worker_id()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._active: dict[str, tuple[Launcher, threading.Thread]] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="posttrain-scheduler", daemon=True)
+        self._thread.start()
+        log.info("scheduler %s started with %d slot(s)", self.owner, self.slots, extra={"action": "scheduler_started"})
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming, stop running trainers and hand their jobs back to the queue."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=timeout)
+        with self._lock:
+            active = list(self._active.values())
+        for launcher, _ in active:
+            launcher.request_shutdown()
+        for _, thread in active:
+            thread.join(timeout=timeout)
+        log.info("scheduler %s stopped", self.owner, extra={"action": "scheduler_stopped"})
+
+    def run_forever(self) -> None:
+        """For ``posttrain worker``: the loop in the calling thread, until ``stop``."""
+        self._loop()
+
+    @property
+    def running(self) -> list[str]:
+        with self._lock:
+            return list(self._active)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - a store hiccup must not end the loop
+                log.exception("scheduler tick failed", extra={"action": "scheduler_tick_failed"})
+            self._stop.wait(self.poll_seconds)
+
+    def tick(self) -> None:
+        for job_uuid, status in self.store.requeue_expired():
+            log.warning("job %s lost its worker; now %s", job_uuid, status.value,
+                        extra={"action": "job_requeued", "job_id": job_uuid})
+        with self._lock:
+            for job_uuid in [j for j, (_, t) in self._active.items() if not t.is_alive()]:
+                del self._active[job_uuid]
+            free = self.slots - len(self._active)
+        while free > 0 and not self._stop.is_set():
+            job = self.store.claim_next(owner=self.owner, lease_seconds=self.config.lease_seconds)
+            if job is None:
+                return
+            launcher = Launcher(job=job, owner=self.owner, store=self.store, config=self.config)
+            thread = threading.Thread(target=launcher.run, name=f"launcher-{job.job_uuid[:8]}", daemon=True)
+            with self._lock:
+                self._active[job.job_uuid] = (launcher, thread)
+            thread.start()
+            log.info("claimed job %s (attempt %d)", job.job_uuid, job.attempt,
+                     extra={"action": "job_claimed", "job_id": job.job_uuid})
+            free -= 1
+
+
+def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.settings.Settings
+    return LaunchConfig(
+        lease_seconds=settings.lease_seconds,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        cancel_grace_seconds=settings.cancel_grace_seconds,
+        device=settings.device,
+        threads=settings.trainer_threads,
+        nice=settings.trainer_nice,
+        trust_remote_code=settings.trust_remote_code,
+    )

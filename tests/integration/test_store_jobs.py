@@ -1,0 +1,128 @@
+"""The job store on a real database (SQLite, and PostgreSQL when configured): the state machine
+is guarded in SQL, claims are exclusive, and a launcher that lost its lease changes nothing."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+
+from posttrain.domain.jobs import JobKind, JobStatus
+from posttrain.errors import DuplicateJob
+from posttrain.store.engine import make_engine, migrate
+from posttrain.store.jobs import JobStore, utcnow
+
+
+@pytest.fixture
+def store(database_url):
+    engine = make_engine(database_url)
+    migrate(engine)
+    yield JobStore(engine)
+    engine.dispose()
+
+
+def _submit(store: JobStore, job_uuid: str, *, max_attempts: int = 2):
+    return store.create(job_uuid=job_uuid, tenant="t", kind=JobKind.SFT, request={"job_uuid": job_uuid},
+                        plan={"method": "sft"}, max_attempts=max_attempts)
+
+
+def test_created_job_is_scheduled_and_duplicates_conflict(store):
+    job = _submit(store, "a")
+    assert job.status is JobStatus.SCHEDULED and job.scheduled_at is not None and job.started_at is None
+    with pytest.raises(DuplicateJob):
+        _submit(store, "a")
+    assert store.list_uuids(tenant="t") == ["a"]
+
+
+def test_claim_takes_oldest_and_sets_lease(store):
+    _submit(store, "first")
+    _submit(store, "second")
+    claimed = store.claim_next(owner="w1", lease_seconds=30)
+    assert claimed.job_uuid == "first"
+    assert claimed.status is JobStatus.IN_PROGRESS and claimed.attempt == 1 and claimed.lease_owner == "w1"
+    assert claimed.started_at is not None
+    assert store.claim_next(owner="w2", lease_seconds=30).job_uuid == "second"
+    assert store.claim_next(owner="w3", lease_seconds=30) is None
+
+
+def test_concurrent_claims_never_share_a_job(store):
+    for i in range(20):
+        _submit(store, f"job-{i:02d}")
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(owner: str) -> None:
+        while (job := store.claim_next(owner=owner, lease_seconds=30)) is not None:
+            with lock:
+                claimed.append(job.job_uuid)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == [f"job-{i:02d}" for i in range(20)]
+
+
+def test_cancel_scheduled_is_final(store):
+    _submit(store, "c")
+    assert store.cancel(job_uuid="c") is True
+    job = store.get(job_uuid="c")
+    assert job.status is JobStatus.CANCELLED and job.completed_at is not None
+    assert store.claim_next(owner="w", lease_seconds=30) is None
+    assert store.cancel(job_uuid="c") is False
+
+
+def test_late_reports_from_a_lost_launcher_change_nothing(store):
+    _submit(store, "j")
+    job = store.claim_next(owner="w1", lease_seconds=30)
+    assert store.cancel(job_uuid="j")
+    # The launcher still thinks it runs the job: every guarded write is refused.
+    assert not store.renew_lease(job_uuid="j", owner="w1", attempt=job.attempt, lease_seconds=30)
+    assert not store.finish(job_uuid="j", owner="w1", attempt=job.attempt, status=JobStatus.COMPLETED)
+    assert store.get(job_uuid="j").status is JobStatus.CANCELLED
+
+
+def test_expired_lease_requeues_then_fails_when_attempts_run_out(store):
+    _submit(store, "r", max_attempts=2)
+    first = store.claim_next(owner="w1", lease_seconds=30)
+    later = utcnow() + timedelta(seconds=60)
+    assert store.requeue_expired(now=later) == [("r", JobStatus.SCHEDULED)]
+    # The lost launcher cannot finish the job it no longer holds.
+    assert not store.finish(job_uuid="r", owner="w1", attempt=first.attempt, status=JobStatus.COMPLETED)
+    second = store.claim_next(owner="w2", lease_seconds=30)
+    assert second.attempt == 2 and second.lease_owner == "w2"
+    assert store.requeue_expired(now=later + timedelta(seconds=120)) == [("r", JobStatus.FAILED)]
+    failed = store.get(job_uuid="r")
+    assert failed.status is JobStatus.FAILED and failed.error_code == "worker_lost" and "no attempts left" in failed.error_message
+
+
+def test_release_on_shutdown_does_not_charge_an_attempt(store):
+    _submit(store, "s", max_attempts=1)
+    job = store.claim_next(owner="w1", lease_seconds=30)
+    assert store.release(job_uuid="s", owner="w1", attempt=job.attempt, reason="worker shut down", count_attempt=False) is JobStatus.SCHEDULED
+    again = store.claim_next(owner="w2", lease_seconds=30)
+    assert again.attempt == 1
+    assert store.release(job_uuid="s", owner="w2", attempt=1, reason="trainer died") is JobStatus.FAILED
+
+
+def test_checkpoints_are_recorded_once_and_only_by_the_lease_holder(store):
+    _submit(store, "k")
+    job = store.claim_next(owner="w1", lease_seconds=30)
+    common = dict(job_uuid="k", identifier="k-epoch-1", epoch=1, step=4, path="/x",
+                  train_loss=1.5, validation_loss=1.2, perplexity=3.32)
+    assert not store.record_checkpoint(owner="intruder", attempt=job.attempt, **common)
+    assert store.record_checkpoint(owner="w1", attempt=job.attempt, **common)
+    assert store.record_checkpoint(owner="w1", attempt=job.attempt, **common)
+    (ckpt,) = store.get(job_uuid="k").checkpoints
+    assert ckpt.step == 4 and ckpt.metrics.validation_loss == 1.2
+    assert store.finish(job_uuid="k", owner="w1", attempt=job.attempt, status=JobStatus.COMPLETED)
+    types = [e.type for e in store.events(job_uuid="k")]
+    assert types == ["state", "state", "checkpoint", "state"]
+
+
+def test_tenant_scoping(store):
+    store.create(job_uuid="mine", tenant="a", kind=JobKind.SFT, request={}, plan={}, max_attempts=1)
+    assert store.get(job_uuid="mine", tenant="b") is None
+    assert store.list_uuids(tenant="b") == []
