@@ -1,0 +1,86 @@
+"""Entry point: ``python -m posttrain.trainer SPEC.json`` (see docs/trainer-protocol.md).
+
+stdout belongs to the protocol alone: we keep a private handle on the real stdout and point both
+``sys.stdout`` and file descriptor 1 at stderr before importing any library, so stray prints, C
+extensions and progress bars cannot corrupt the launcher's JSON-lines stream. Every exit path
+emits exactly one terminal event: completed, cancelled or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+
+def _take_stdout():
+    """Return a private text stream on the real stdout; route everything else to stderr."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    return protocol
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow it too
+
+
+def _run(spec: dict, *, reporter, stop) -> str:
+    method = spec.get("method")
+    if method == "sft":
+        from posttrain.trainer.sft import run_sft
+
+        return run_sft(spec=spec, reporter=reporter, stop=stop)
+    if method == "dpo":
+        from posttrain.trainer.dpo import run_dpo  # written alongside; absent until then
+
+        return run_dpo(spec=spec, reporter=reporter, stop=stop)
+    raise ValueError(f"method must be 'sft' or 'dpo', not {method!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from posttrain.trainer.reporting import Reporter, StopFlag
+
+    argv = sys.argv[1:] if argv is None else argv
+    reporter = Reporter(_take_stdout())
+    stop = StopFlag()
+    stop.install()
+    if len(argv) != 1:
+        reporter.emit("failed", code="usage", message="usage: python -m posttrain.trainer SPEC.json")
+        return 1
+    try:
+        with open(argv[0], encoding="utf-8") as handle:
+            spec = json.load(handle)
+        _quiet_libraries()
+        outcome = _run(spec, reporter=reporter, stop=stop)
+    except Exception as exc:  # every failure becomes one protocol event
+        traceback.print_exc(file=sys.stderr)
+        reporter.emit("failed", code=_failure_code(exc), message=str(exc) or type(exc).__name__)
+        return 1
+    if outcome == "cancelled":
+        reporter.emit("cancelled")
+    else:
+        reporter.emit("completed")
+    return 0
+
+
+def _failure_code(exc: Exception) -> str:
+    from posttrain.trainer.formats import RowFormatError
+
+    if isinstance(exc, RowFormatError):
+        return "bad_row"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "out_of_memory"
+    if type(exc).__name__ == "TrainerConfigError":
+        return "invalid_config"
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "posttrain.trainer.dpo":
+        return "unsupported_method"
+    return "error"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Loading the model for training: device, dtype, LoRA targets, optimizer and schedule.
+
+Kept apart from the SFT loop so another method's trainer (DPO) can build its model the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+# Llama Stack names LoRA targets after torchtune's modules; map them to the Hugging Face names,
+# trying each alias until one exists in the model.
+ATTENTION_ALIASES = {
+    "q_proj": ("q_proj", "query", "wq"),
+    "k_proj": ("k_proj", "key", "wk"),
+    "v_proj": ("v_proj", "value", "wv"),
+    "output_proj": ("o_proj", "out_proj", "dense", "wo"),
+}
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+class TrainerConfigError(ValueError):
+    """The training or algorithm config cannot be applied to this model."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where and how we compute: ``dtype`` is what we actually use, ``requested`` what was asked."""
+
+    device: str
+    dtype: str  # "fp32" | "bf16" | "fp16"
+    requested: str
+
+    @property
+    def autocast(self) -> bool:
+        return self.device == "cuda" and self.dtype != "fp32"
+
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+
+def resolve_precision(*, device: str, requested_dtype: str | None) -> Precision:
+    """CPU always computes in fp32 (bf16/fp16 matmuls there are slow or unsupported)."""
+    import torch
+
+    requested = (requested_dtype or "bf16").lower()
+    if requested not in {"bf16", "fp16", "fp32"}:
+        raise TrainerConfigError(f"training_config.dtype must be bf16, fp16 or fp32, not {requested_dtype!r}")
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainerConfigError("device 'cuda' was asked for but no CUDA device is available")
+    if device == "cpu":
+        return Precision(device="cpu", dtype="fp32", requested=requested)
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        return Precision(device=device, dtype="fp16", requested=requested)
+    return Precision(device=device, dtype=requested, requested=requested)
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    count = int(threads or os.cpu_count() or 1)
+    torch.set_num_threads(count)
+    return count
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def load_model(*, path: str, precision: Precision, lora: bool, trust_remote_code: bool):
+    """Full fine-tunes keep fp32 master weights (autocast does the rest); LoRA bases load in the
+    compute dtype, since they are frozen and only the adapters need fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = precision.torch_dtype() if lora else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(precision.device)
+
+
+def load_tokenizer(*, path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
+    return tokenizer
+
+
+def lora_target_modules(model, algorithm_config: dict[str, Any]) -> list[str]:
+    """Hugging Face module names for the Llama Stack LoRA options, checked against the model."""
+    import torch
+
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear)}
+    targets = []
+    for name in algorithm_config.get("lora_attn_modules") or []:
+        aliases = ATTENTION_ALIASES.get(name, (name,))
+        found = next((alias for alias in aliases if alias in linear_names), None)
+        if found is None:
+            raise TrainerConfigError(
+                f"lora_attn_modules: {name!r} matches no linear layer of this model (tried {', '.join(aliases)})"
+            )
+        targets.append(found)
+    if algorithm_config.get("apply_lora_to_mlp"):
+        mlp = [name for name in MLP_MODULES if name in linear_names]
+        if not mlp:
+            raise TrainerConfigError(f"apply_lora_to_mlp: the model has none of {', '.join(MLP_MODULES)}")
+        targets += mlp
+    if algorithm_config.get("apply_lora_to_output"):
+        targets.append("lm_head")
+    if not targets:
+        raise TrainerConfigError("the LoRA config selects no modules; set lora_attn_modules or apply_lora_to_mlp")
+    return list(dict.fromkeys(targets))
+
+
+def apply_lora(model, algorithm_config: dict[str, Any]):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=int(algorithm_config.get("rank") or 8),
+        lora_alpha=int(algorithm_config.get("alpha") or 16),
+        target_modules=lora_target_modules(model, algorithm_config),
+        use_dora=bool(algorithm_config.get("use_dora")),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def build_optimizer(model, optimizer_config: dict[str, Any]):
+    import torch
+
+    kind = (optimizer_config.get("optimizer_type") or "adamw").lower()
+    lr = float(optimizer_config.get("lr") or 2e-5)
+    weight_decay = float(optimizer_config.get("weight_decay") or 0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise TrainerConfigError(f"optimizer_config.optimizer_type must be adam, adamw or sgd, not {kind!r}")
+
+
+def build_scheduler(optimizer, *, warmup_steps: int, total_steps: int):
+    """Linear warmup, then linear decay to zero over the planned steps."""
+    from transformers import get_scheduler
+
+    return get_scheduler("linear", optimizer, num_warmup_steps=max(0, warmup_steps),
+                         num_training_steps=max(total_steps, 1))
+
+
+def replan_scheduler(optimizer, scheduler) -> None:
+    """After loading a saved schedule, set the learning rates from *this* run's plan.
+
+    The saved optimizer carries the rate of the old plan (zero at the end of a finished run), and
+    a resumed job may plan more epochs; without this, the first resumed step would use it.
+    """
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates

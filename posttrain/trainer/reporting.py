@@ -1,0 +1,86 @@
+"""The trainer's two channels to its launcher: protocol events out, stop requests in.
+
+Events are JSON lines on the real stdout, one per line and flushed at once, because the launcher
+parses stdout line by line and library chatter must never reach it. Stop requests come as SIGTERM
+or as stdin closing (the launcher died); both only set a flag, which the training loop polls at
+safe points, so a checkpoint is never half-written by a signal handler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import stat
+import sys
+import threading
+from typing import Any, TextIO
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf are not JSON: send them as null rather than break the launcher's parser."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+class Reporter:
+    """Writes protocol events (``{"event": name, ...}``) as JSON lines to one stream."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = json.dumps(_jsonable({"event": event, **fields}), allow_nan=False)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+    def log(self, message: str, *, level: str = "info") -> None:
+        self.emit("log", level=level, message=message)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT or by stdin reaching EOF; polled by the training loop."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: str | None = None
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def install(self) -> None:
+        """Install the signal handlers and, when stdin is a pipe, the stdin watcher thread.
+
+        Only a pipe (or socket) is watched: a launcher holds the other end, so EOF means it died.
+        A terminal or /dev/null (someone running the trainer by hand) is not a launcher.
+        """
+        signal.signal(signal.SIGTERM, lambda *_: self.set("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda *_: self.set("SIGINT"))
+        try:
+            mode = os.fstat(sys.stdin.fileno()).st_mode
+        except (OSError, ValueError, AttributeError):
+            return
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            threading.Thread(target=self._watch_stdin, name="stdin-watch", daemon=True).start()
+
+    def _watch_stdin(self) -> None:
+        fd = sys.stdin.fileno()
+        try:
+            while os.read(fd, 65536):
+                pass
+        except OSError:
+            pass
+        self.set("stdin closed")

@@ -1,0 +1,272 @@
+"""Supervised fine-tuning: our own torch loop, LoRA or full, one checkpoint per epoch.
+
+A plain loop rather than HF Trainer/TRL: we need to report after every optimizer step, stop
+between micro-batches on SIGTERM, and keep length-grouped dynamic padding, without fighting a
+framework's callbacks. The loss is the mean token cross-entropy over the label (answer) tokens of
+a whole optimizer step, so gradient accumulation gives the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.trainer import checkpoints, modeling
+from posttrain.trainer.batching import collate, encode_rows, length_grouped_batches, read_rows
+from posttrain.trainer.formats import IGNORE_INDEX, normalize_sft_row
+from posttrain.trainer.reporting import Reporter, StopFlag
+
+MAX_LENGTH_CAP = 4096  # no max sequence length in the Llama Stack config; keep memory bounded
+MAX_GRAD_NORM = 1.0  # as HF Trainer does by default
+
+
+@dataclass(frozen=True)
+class SFTPlan:
+    """The parts of the Llama Stack ``TrainingConfig`` the loop uses, with spec defaults."""
+
+    n_epochs: int
+    max_steps_per_epoch: int
+    gradient_accumulation_steps: int
+    max_validation_steps: int
+    batch_size: int
+    shuffle: bool
+    data_format: str
+    train_on_input: bool
+    packed: bool
+    warmup_steps: int
+    activation_checkpointing: bool
+
+    @classmethod
+    def from_training_config(cls, config: dict[str, Any]) -> SFTPlan:
+        data = config.get("data_config") or {}
+        optimizer = config.get("optimizer_config") or {}
+        efficiency = config.get("efficiency_config") or {}
+        return cls(
+            n_epochs=int(config.get("n_epochs") or 1),
+            max_steps_per_epoch=int(config.get("max_steps_per_epoch") or 1),
+            gradient_accumulation_steps=max(1, int(config.get("gradient_accumulation_steps") or 1)),
+            max_validation_steps=int(config.get("max_validation_steps") or 1),
+            batch_size=max(1, int(data.get("batch_size") or 1)),
+            shuffle=bool(data.get("shuffle", True)),
+            data_format=str(data.get("data_format") or "instruct"),
+            train_on_input=bool(data.get("train_on_input")),
+            packed=bool(data.get("packed")),
+            warmup_steps=int(optimizer.get("num_warmup_steps") or 0),
+            activation_checkpointing=bool(efficiency.get("enable_activation_checkpointing")),
+        )
+
+
+def _max_length(*, model_path: str, tokenizer, trust_remote_code: bool) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length, MAX_LENGTH_CAP]
+    return min(int(limit) for limit in limits if limit and limit < 10**8)
+
+
+def _loss_sum(model, batch, *, precision: modeling.Precision):
+    import torch
+    import torch.nn.functional as F
+
+    device = precision.device
+    autocast = (torch.autocast(device_type="cuda", dtype=precision.torch_dtype())
+                if precision.autocast else contextlib.nullcontext())
+    with autocast:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+    labels = batch["labels"].to(device)[:, 1:]
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision, stop: StopFlag):
+    """One optimizer step over the micro-batches; None when stopped between micro-batches."""
+    import torch
+
+    model.train()
+    label_tokens = max(1, sum(b["label_tokens"] for b in micro_batches))
+    total = 0.0
+    for index, batch in enumerate(micro_batches):
+        if index and stop.is_set():
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        loss_sum = _loss_sum(model, batch, precision=precision)
+        loss = loss_sum / label_tokens
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += float(loss_sum.detach())
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / label_tokens
+
+
+def _evaluate(model, examples, *, plan: SFTPlan, pad_id: int, seed: int, precision) -> float:
+    """Token-mean loss over a fixed random sample of validation batches (the same every epoch)."""
+    import torch
+
+    model.eval()
+    batches = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size=plan.batch_size,
+                                     shuffle=True, rng=random.Random(f"{seed}:validation"))
+    if plan.max_validation_steps > 0:
+        batches = batches[: plan.max_validation_steps]
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for indices in batches:
+            batch = collate([examples[i] for i in indices], pad_id=pad_id)
+            total += float(_loss_sum(model, batch, precision=precision))
+            tokens += batch["label_tokens"]
+    return total / tokens if tokens else math.nan
+
+
+def _perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
+    """Train as the spec says, reporting events; returns "completed" or "cancelled"."""
+    config = spec["training_config"]
+    plan = SFTPlan.from_training_config(config)
+    # Check every row's layout before the slow imports and model load: a bad row fails in a second.
+    train_rows = read_rows(spec["train_rows_path"])
+    validation_rows = read_rows(spec["validation_rows_path"]) if spec.get("validation_rows_path") else []
+    for rows in (train_rows, validation_rows):
+        for index, row in enumerate(rows):
+            normalize_sft_row(row, data_format=plan.data_format, row_index=index)
+    if not train_rows:
+        raise modeling.TrainerConfigError("the training dataset has no rows")
+
+    import torch
+
+    algorithm = spec.get("algorithm_config")
+    if algorithm is not None and algorithm.get("type", "LoRA") != "LoRA":
+        raise modeling.TrainerConfigError(f"method sft takes a LoRA algorithm_config or null, not {algorithm.get('type')!r}")
+    lora = algorithm is not None
+    trust = bool(spec.get("trust_remote_code"))
+    seed = int(spec.get("seed") or 0)
+    job_uuid = spec["job_uuid"]
+    output_dir = Path(spec["output_dir"]).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    threads = modeling.set_threads(spec.get("threads"))
+    modeling.seed_everything(seed)
+    precision = modeling.resolve_precision(device=spec.get("device") or "auto", requested_dtype=config.get("dtype"))
+
+    tokenizer = modeling.load_tokenizer(path=spec["model"], trust_remote_code=trust)
+    max_length = _max_length(model_path=spec["model"], tokenizer=tokenizer, trust_remote_code=trust)
+    encode = dict(tokenizer=tokenizer, data_format=plan.data_format, train_on_input=plan.train_on_input,
+                  max_length=max_length)
+    train = encode_rows(train_rows, **encode)
+    validation = encode_rows(validation_rows, **encode) or train
+
+    found = checkpoints.find_checkpoints(output_dir=output_dir)
+    resume = found[-1] if found else None
+    if resume and lora != (resume[1] / "adapter_config.json").is_file():
+        raise modeling.TrainerConfigError(f"{resume[1]} is not a {'LoRA' if lora else 'full'} checkpoint; use a new output_dir")
+    if lora and resume:
+        from peft import PeftModel
+
+        base = modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
+        model = PeftModel.from_pretrained(base, resume[1], is_trainable=True)
+    elif lora:
+        base = modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
+        model = modeling.apply_lora(base, algorithm)
+    else:
+        model = modeling.load_model(path=str(resume[1]) if resume else spec["model"], precision=precision,
+                                    lora=False, trust_remote_code=trust)
+    if plan.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+        if lora:
+            model.enable_input_require_grads()
+
+    micro_batches = math.ceil(len(train) / plan.batch_size)
+    steps_per_epoch = max(1, min(plan.max_steps_per_epoch, math.ceil(micro_batches / plan.gradient_accumulation_steps)))
+    total_steps = plan.n_epochs * steps_per_epoch
+    optimizer = modeling.build_optimizer(model, config.get("optimizer_config") or {})
+    scheduler = modeling.build_scheduler(optimizer, warmup_steps=plan.warmup_steps, total_steps=total_steps)
+    scaler = torch.amp.GradScaler("cuda") if precision.autocast and precision.dtype == "fp16" else None
+
+    global_step, start_epoch = 0, 1
+    if resume:
+        state = checkpoints.load_training_state(folder=resume[1])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        modeling.replan_scheduler(optimizer, scheduler)
+        checkpoints.restore_rng_state(state["rng"])
+        global_step, start_epoch = int(state["global_step"]), int(state["epoch"]) + 1
+
+    parameters, trainable = modeling.count_parameters(model)
+    reporter.emit(
+        "started",
+        resources={"device": precision.device, "dtype": precision.dtype, "requested_dtype": precision.requested,
+                   "threads": threads, "parameters": parameters, "trainable_parameters": trainable,
+                   "torch": torch.__version__},
+        total_steps=total_steps,
+        resumed_from=f"{job_uuid}-epoch-{resume[0]}" if resume else None,
+    )
+    if precision.dtype != precision.requested:
+        reporter.log(f"dtype {precision.requested} was requested; computing in {precision.dtype} on {precision.device}",
+                     level="warning")
+    if plan.packed:
+        reporter.log("packed=true is not supported yet; training on unpacked, length-grouped batches", level="warning")
+    if algorithm and algorithm.get("quantize_base"):
+        reporter.log("quantize_base is not supported; the base model is not quantized", level="warning")
+    for epoch, folder in found:
+        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
+
+    lengths = [len(e["input_ids"]) for e in train]
+    for epoch in range(start_epoch, plan.n_epochs + 1):
+        batches = length_grouped_batches(lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
+                                         rng=random.Random(f"{seed}:{epoch}"))
+        accumulate = plan.gradient_accumulation_steps
+        groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)][:steps_per_epoch]
+        losses = []
+        for group in groups:
+            if stop.is_set():
+                return "cancelled"
+            started = time.perf_counter()
+            micro = [collate([train[i] for i in indices], pad_id=tokenizer.pad_token_id) for indices in group]
+            lr = scheduler.get_last_lr()[0]
+            loss = _train_step(model, micro, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               precision=precision, stop=stop)
+            if loss is None:
+                return "cancelled"
+            global_step += 1
+            losses.append(loss)
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            reporter.emit("metric", step=global_step, epoch=epoch, loss=loss, lr=lr,
+                          tokens_per_s=sum(b["real_tokens"] for b in micro) / elapsed, total_steps=total_steps)
+        if stop.is_set():
+            return "cancelled"
+        validation_loss = _evaluate(model, validation, plan=plan, pad_id=tokenizer.pad_token_id, seed=seed,
+                                    precision=precision)
+        metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
+                   "perplexity": _perplexity(validation_loss)}
+        trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": total_steps, "lora": lora,
+                         "metrics": metrics}
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "rng": checkpoints.rng_state(), "epoch": epoch, "global_step": global_step}
+        folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
+                                              training_state=training_state, trainer_state=trainer_state)
+        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state)
+    return "completed"
+
+
+def _emit_checkpoint(reporter: Reporter, *, job_uuid: str, folder: Path, state: dict[str, Any]) -> None:
+    epoch = int(state["epoch"])
+    reporter.emit("checkpoint", identifier=f"{job_uuid}-epoch-{epoch}", epoch=epoch, step=int(state["global_step"]),
+                  path=str(folder.resolve()), **state["metrics"])
