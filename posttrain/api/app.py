@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 
 from posttrain import __version__
 from posttrain.api.problems import install_problem_handlers, problem
-from posttrain.api.routes import datasets, health, post_training
+from posttrain.api.routes import datasets, events, health, post_training
 from posttrain.services.container import Services, build_services
 from posttrain.settings import Settings
 
@@ -65,5 +65,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     app.include_router(post_training.router)
     app.include_router(datasets.router)
+    app.include_router(events.router)
     app.include_router(health.router)
     return app

@@ -250,3 +250,24 @@ class PaginatedResponse(SpecModel):
     data: list[JSONObject]
     has_more: bool
     url: str | None = None
+
+
+# -- our own extensions (not in the Llama Stack spec) -------------------------------------------
+
+
+class JobEventPublic(BaseModel):
+    """One entry of a job's event log: ``state``, ``started``, ``metric``, ``checkpoint`` or ``log``."""
+
+    seq: int
+    type: str
+    created_at: datetime
+    data: JSONObject
+
+
+class JobEventsPublic(BaseModel):
+    """A page of a job's events after a cursor; pass ``next_cursor`` as ``after`` to continue."""
+
+    job_uuid: str
+    status: str
+    data: list[JobEventPublic]
+    next_cursor: int

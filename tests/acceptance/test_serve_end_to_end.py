@@ -6,6 +6,7 @@ the checkpoints it reports are loaded with transformers + peft and generate text
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -77,6 +78,18 @@ def test_lora_job_trains_reports_per_epoch_and_loads(live_server, colours):
     losses = [c["training_metrics"]["validation_loss"] for c in checkpoints]
     assert losses[0] > losses[1] > losses[2] and losses[-1] < losses[0] - 0.5, losses
 
+    # Per-step metrics and state changes, in order, from our events endpoint.
+    events = live_server.get("/v1/post-training/job/events", params={"job_uuid": job_uuid}).json()
+    metrics = [e["data"] for e in events["data"] if e["type"] == "metric"]
+    # 32 rows in batches of 4 make 8 optimizer steps an epoch (max_steps_per_epoch=12 does not bind).
+    assert [m["step"] for m in metrics] == list(range(1, 25))
+    assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 and m["total_steps"] == 24 for m in metrics)
+    states = [e["data"]["status"] for e in events["data"] if e["type"] == "state"]
+    assert states == ["scheduled", "in_progress", "completed"]
+    seqs = [e["seq"] for e in events["data"]]
+    assert seqs == sorted(seqs) and events["next_cursor"] == seqs[-1]
+    assert live_server.get("/v1/post-training/job/events", params={"job_uuid": job_uuid, "after": seqs[-1]}).json()["data"] == []
+
     artifacts = live_server.get("/v1/post-training/job/artifacts", params={"job_uuid": job_uuid})
     validate_response(artifacts, "/v1/post-training/job/artifacts")
     assert artifacts.json()["checkpoints"] == checkpoints
@@ -133,5 +146,29 @@ def test_a_bad_row_fails_the_job_with_a_reason(live_server):
     assert live_server.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
     final = _wait_for(live_server, body["job_uuid"], {"completed", "failed", "cancelled"}, timeout=120)
     assert final["status"] == "failed"
-    # The reason is in the job's event log (our own endpoint comes later); the server stays up.
+    # The reason, naming the row, is in the job's event log; the server stays up.
+    events = live_server.get("/v1/post-training/job/events", params={"job_uuid": body["job_uuid"]}).json()
+    (failure,) = [e["data"] for e in events["data"] if e["type"] == "state" and e["data"]["status"] == "failed"]
+    assert failure["code"] == "bad_row" and "row 8" in failure["message"], failure
     assert live_server.get("/v1/health").json() == {"status": "OK"}
+
+
+def test_event_stream_pushes_events_live_until_the_job_ends(live_server, colours):
+    import httpx
+
+    body = lora_request(str(live_server.tiny_model_path), colours)
+    body["training_config"].update(n_epochs=2, max_steps_per_epoch=3)
+    assert live_server.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+    received: list[tuple[str, dict]] = []
+    with httpx.stream("GET", live_server.base_url + "/v1/post-training/job/events", params={"job_uuid": body["job_uuid"]},
+                      headers={"Accept": "text/event-stream"}, timeout=120) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                received.append((kind, json.loads(line.removeprefix("data: "))))
+    kinds = [k for k, _ in received]
+    assert kinds[-1] == "end" and received[-1][1] == {"status": "completed"}
+    assert kinds.count("metric") == 6 and kinds.count("checkpoint") == 2
