@@ -129,10 +129,19 @@ class DPOAlignmentConfig(SpecModel):
     loss_type: Literal["sigmoid", "hinge", "ipo", "kto_pair"] = "sigmoid"
 
 
+class LegacyDPOAlignmentConfig(SpecModel):
+    """The shape clients 0.2.x send (from an older spec); accepted with the DPO defaults."""
+
+    reward_scale: float
+    reward_clip: float
+    epsilon: float
+    gamma: float
+
+
 class PreferenceOptimizeRequest(SpecModel):
     job_uuid: str
     finetuned_model: str
-    algorithm_config: DPOAlignmentConfig
+    algorithm_config: DPOAlignmentConfig | LegacyDPOAlignmentConfig
     training_config: TrainingConfig
     hyperparam_search_config: JSONObject
     logger_config: JSONObject

@@ -44,9 +44,10 @@ class JobService:
 
     def submit_dpo(self, *, tenant: str, request: dict[str, Any]) -> Job:
         recipes.check_common(request)
-        raise InvalidRequest(
-            "preference optimization (DPO) is not available on this server yet; supervised fine-tuning is"
-        )
+        training = recipes.check_training_config(request["training_config"])
+        algorithm = recipes.check_dpo(request["algorithm_config"])
+        return self._submit(tenant=tenant, kind=JobKind.DPO, request=request, training=training, algorithm=algorithm,
+                            model_field="finetuned_model", model_name=request.get("finetuned_model"))
 
     def _submit(
         self,
@@ -62,12 +63,13 @@ class JobService:
         job_uuid = request["job_uuid"]
         if self.store.get(job_uuid=job_uuid) is not None:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists")
-        model = resolve_model(
+        model, adapter = resolve_model(
             model_name,
             model_roots=self.settings.allowed_model_roots,
             hf_cache=self.settings.hf_cache,
             trust_remote_code=self.settings.trust_remote_code,
             field=model_field,
+            allow_adapter=kind is JobKind.DPO,
         )
         data = training["data_config"]
         train = self._dataset(tenant, data["dataset_id"], "training_config.data_config.dataset_id")
@@ -93,6 +95,7 @@ class JobService:
             plan = {
                 "method": kind.value,
                 "model": str(model),
+                "adapter": str(adapter) if adapter else None,
                 "output_dir": str(output_dir),
                 "train_rows_path": str(train_rows),
                 "validation_rows_path": str(validation_rows) if validation_rows else None,

@@ -26,8 +26,16 @@ def _cached_snapshot(model_id: str, hf_cache: Path) -> Path | None:
 
 
 def resolve_model(
-    name: str | None, *, model_roots: list[Path], hf_cache: Path, trust_remote_code: bool, field: str = "model"
-) -> Path:
+    name: str | None,
+    *,
+    model_roots: list[Path],
+    hf_cache: Path,
+    trust_remote_code: bool,
+    field: str = "model",
+    allow_adapter: bool = False,
+) -> tuple[Path, Path | None]:
+    """The model folder to load, and the LoRA adapter folder to merge into it first (if ``name``
+    is an adapter checkpoint, e.g. a finished SFT job's, and ``allow_adapter``)."""
     if not name:
         raise InvalidRequest(f"{field}: a model is required (a local Hugging Face model folder or a cached model id)")
     if name.startswith(("/", "~", "file://")):
@@ -42,6 +50,15 @@ def resolve_model(
                 "download models; pass the absolute path of a model folder instead"
             )
         folder = snapshot
+    adapter_config = folder / "adapter_config.json"
+    if allow_adapter and adapter_config.is_file() and not (folder / "config.json").is_file():
+        try:
+            base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidRequest(f"{field}: adapter_config.json of '{name}' names no base model: {exc}") from exc
+        base_folder, _ = resolve_model(base, model_roots=model_roots, hf_cache=hf_cache,
+                                       trust_remote_code=trust_remote_code, field=f"{field} (its base model)")
+        return base_folder, folder
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InvalidRequest(f"{field}: '{name}' has no config.json; it is not a Hugging Face model folder")
@@ -54,4 +71,4 @@ def resolve_model(
             f"{field}: '{name}' ships its own model code (auto_map in config.json); this server runs it only when the "
             "operator sets POSTTRAIN_TRUST_REMOTE_CODE=true"
         )
-    return folder
+    return folder, None

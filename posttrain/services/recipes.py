@@ -99,3 +99,26 @@ def check_common(request: dict[str, Any]) -> None:
         raise RecipeInvalid("job_uuid: must be 1 to 255 printable characters")
     _no_unsupported_options("hyperparam_search_config", request.get("hyperparam_search_config"))
     _no_unsupported_options("logger_config", request.get("logger_config"))
+
+
+#: The adapter a DPO job trains. The request has no LoRA options (the spec's DPOAlignmentConfig
+#: holds only beta and loss_type), so DPO always trains this adapter: the reference model is then
+#: the same weights with the adapter switched off, with no second copy in memory.
+DPO_LORA = {"type": "LoRA", "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
+            "apply_lora_to_mlp": False, "apply_lora_to_output": False, "rank": 8, "alpha": 16,
+            "use_dora": False, "quantize_base": False}
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
+
+
+def check_dpo(algorithm: dict[str, Any]) -> dict[str, Any]:
+    """Validate a DPO algorithm_config. Clients 0.2.x send {reward_scale, reward_clip, epsilon,
+    gamma} (an older shape with no DPO meaning); it gets the defaults beta=0.1, loss sigmoid."""
+    if "beta" not in algorithm:
+        return {"beta": 0.1, "loss_type": "sigmoid", "lora": DPO_LORA, "legacy_config": algorithm}
+    beta = algorithm["beta"]
+    if not beta > 0:
+        raise RecipeInvalid(f"algorithm_config.beta: must be greater than 0, got {beta}")
+    loss_type = algorithm.get("loss_type", "sigmoid")
+    if loss_type not in DPO_LOSS_TYPES:
+        raise RecipeInvalid(f"algorithm_config.loss_type: '{loss_type}' is not one of {', '.join(DPO_LOSS_TYPES)}")
+    return {"beta": beta, "loss_type": loss_type, "lora": DPO_LORA}

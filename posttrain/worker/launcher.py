@@ -92,6 +92,7 @@ class Launcher:
             "job_uuid": self.job.job_uuid,
             "method": plan["method"],
             "model": plan["model"],
+            "adapter": plan.get("adapter"),
             "output_dir": plan["output_dir"],
             "train_rows_path": plan["train_rows_path"],
             "validation_rows_path": plan["validation_rows_path"],

@@ -218,3 +218,33 @@ def test_oversized_body_is_413(client, services):
     big = {"purpose": "post-training/messages", "source": {"type": "rows", "rows": [{"text": "x" * 2000}]}}
     assert_problem(client.post("/v1/datasets", json=big), 413)
     assert client.get("/v1/datasets").json() == {"data": []}
+
+
+def dpo_request(model: str, dataset_id: str, **algorithm) -> dict:
+    body = lora_request(model, dataset_id)
+    body.pop("model"), body.pop("algorithm_config")
+    body.pop("checkpoint_dir", None)
+    return {**body, "finetuned_model": model, "algorithm_config": algorithm or {"beta": 0.1, "loss_type": "sigmoid"}}
+
+
+PREFERENCES = [{"prompt": "What colour is the sky?", "chosen": "Blue.", "rejected": "Green."}] * 4
+
+
+def test_preference_optimize_accepts_both_config_generations(client, tiny_model_path):
+    register(client, "prefs", rows=PREFERENCES)
+    for algorithm in ({"beta": 0.2, "loss_type": "ipo"}, {"reward_scale": 1.0, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.99}):
+        response = client.post("/v1/post-training/preference-optimize", json=dpo_request(str(tiny_model_path), "prefs", **algorithm))
+        assert response.status_code == 200, response.text
+        validate_response(response, "/v1/post-training/preference-optimize")
+    assert len(client.get("/v1/post-training/jobs").json()["data"]) == 2
+
+
+def test_preference_optimize_refusals(client, tiny_model_path):
+    register(client, "prefs", rows=PREFERENCES)
+    assert_problem(client.post("/v1/post-training/preference-optimize",
+                               json=dpo_request(str(tiny_model_path), "prefs", beta=0.1, loss_type="nonsense")), 400, "loss_type")
+    assert_problem(client.post("/v1/post-training/preference-optimize",
+                               json=dpo_request(str(tiny_model_path), "prefs", beta=-1.0, loss_type="sigmoid")), 400, "beta")
+    assert_problem(client.post("/v1/post-training/preference-optimize",
+                               json=dpo_request("/nowhere", "prefs")), 400, "finetuned_model")
+    assert client.get("/v1/post-training/jobs").json() == {"data": []}
