@@ -61,6 +61,14 @@ class Settings(BaseSettings):
     )
     hf_cache: Path = Field(default_factory=_default_hf_cache, description="Hugging Face hub cache searched for model ids.")
     trust_remote_code: bool = Field(default=False, description="Allow models that ship their own code.")
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of 'tenant:sha256:<hex>' lines (see `posttrain keys create`); when set, every call needs a key.",
+    )
+    rate_limit_per_minute: int | None = Field(default=None, ge=1, description="Requests a minute per API key (429 past it).")
+    max_queued_jobs_per_tenant: int | None = Field(
+        default=None, ge=1, description="Scheduled + running jobs one tenant may have at once (429 past it)."
+    )
     max_dataset_rows: int | None = Field(default=1_000_000, description="Most rows one dataset may hold.")
     max_body_bytes: int = Field(default=64 * 1024 * 1024, description="Largest request body accepted (413 past it).")
 

@@ -14,8 +14,14 @@ from fastapi import FastAPI, Request
 from posttrain import __version__
 from posttrain.api.problems import install_problem_handlers, problem
 from posttrain.api.routes import datasets, events, health, post_training
+from posttrain.errors import RateLimited, ServiceError, Unauthorized
+from posttrain.services.access import DEFAULT_TENANT
 from posttrain.services.container import Services, build_services
 from posttrain.settings import Settings
+
+
+#: Answered without an API key: liveness for load balancers, and the API's own description.
+OPEN_PATHS = frozenset({"/v1/health", "/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 
 
 class Background(Protocol):
@@ -55,12 +61,26 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     install_problem_handlers(app)
 
+    access = services.access
+
     @app.middleware("http")
     async def tenancy_and_limits(request: Request, call_next):  # noqa: ANN001, ANN202
+        """Body size, API key -> tenant, and the per-key rate limit, before any route runs."""
+        path = request.url.path
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return problem(413, f"the request body is larger than {settings.max_body_bytes} bytes", instance=request.url.path)
-        request.state.tenant = "default"
+            return problem(413, f"the request body is larger than {settings.max_body_bytes} bytes", instance=path)
+        if path in OPEN_PATHS:
+            request.state.tenant = DEFAULT_TENANT
+            return await call_next(request)
+        try:
+            request.state.tenant, identity = access.authenticate(request.headers.get("authorization"))
+            access.check_rate(identity)
+        except ServiceError as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+            if isinstance(exc, Unauthorized):
+                headers = {"WWW-Authenticate": "Bearer"}
+            return problem(exc.status_code, exc.detail, title=exc.title, instance=path, headers=headers)
         return await call_next(request)
 
     app.include_router(post_training.router)

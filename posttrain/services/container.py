@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from posttrain.services.access import AccessControl, parse_key_lines
 from posttrain.services.datasets import DatasetService
 from posttrain.services.jobs import JobService
 from posttrain.settings import Settings
@@ -23,6 +24,7 @@ class Services:
     engine: Engine
     jobs: JobService
     datasets: DatasetService
+    access: AccessControl
 
     def ready(self) -> bool:
         """The store is reachable and its schema is at the newest revision."""
@@ -48,4 +50,12 @@ def build_services(settings: Settings) -> Services:
         engine=engine,
         jobs=JobService(store=job_store, datasets=dataset_store, settings=settings),
         datasets=DatasetService(store=dataset_store, settings=settings),
+        access=build_access(settings),
     )
+
+
+def build_access(settings: Settings) -> AccessControl:
+    keys = parse_key_lines(settings.api_keys_file.read_text()) if settings.api_keys_file else {}
+    if settings.api_keys_file and not keys:
+        raise ValueError(f"{settings.api_keys_file} holds no API keys; add one with `posttrain keys create TENANT`")
+    return AccessControl(keys=keys, requests_per_minute=settings.rate_limit_per_minute)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.domain.jobs import Job, JobKind, JobStatus
-from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound
+from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound, RateLimited
 from posttrain.services import recipes
 from posttrain.services.models import resolve_model
 from posttrain.services.paths import resolve_inside
@@ -63,6 +63,10 @@ class JobService:
         job_uuid = request["job_uuid"]
         if self.store.get(job_uuid=job_uuid) is not None:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists")
+        quota = self.settings.max_queued_jobs_per_tenant
+        if quota is not None and self.store.count_active(tenant=tenant) >= quota:
+            raise RateLimited(f"this tenant already has {quota} scheduled or running job(s), the most allowed; "
+                              "wait for one to finish or cancel one", retry_after=30)
         model, adapter = resolve_model(
             model_name,
             model_roots=self.settings.allowed_model_roots,

@@ -125,6 +125,14 @@ class JobStore:
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
+    def count_active(self, *, tenant: str) -> int:
+        """Scheduled and running jobs of one tenant (for the queued-jobs quota)."""
+        active = [JobStatus.SCHEDULED.value, JobStatus.IN_PROGRESS.value]
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.count()).select_from(jobs).where(jobs.c.tenant == tenant, jobs.c.status.in_(active))
+            ).scalar_one()
+
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
