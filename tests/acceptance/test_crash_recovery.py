@@ -1,0 +1,105 @@
+"""Nothing lost: real processes are killed with SIGKILL in the middle of a job, and the job
+resumes from its newest checkpoint with its epochs and metrics continuing, not restarting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from posttrain.demo import colour_rows
+from tests.conftest import start_server, stop_server
+from tests.integration.test_api import lora_request
+
+pytestmark = pytest.mark.slow
+
+
+def _status(server, job_uuid: str) -> dict:
+    return server.get("/v1/post-training/job/status", params={"job_uuid": job_uuid}).json()
+
+
+def _wait(server, job_uuid: str, predicate, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _status(server, job_uuid)
+        if predicate(status):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; last status {status}")
+
+
+def _submit_long_job(server) -> str:
+    server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": "colours",
+                                      "source": {"type": "rows", "rows": colour_rows(repeat=2)}})
+    body = lora_request(str(server.tiny_model_path), "colours")
+    body["training_config"].update(n_epochs=4, max_steps_per_epoch=4)
+    assert server.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+    return body["job_uuid"]
+
+
+def _events(server, job_uuid: str) -> list[dict]:
+    return server.get("/v1/post-training/job/events", params={"job_uuid": job_uuid}).json()["data"]
+
+
+def _assert_resumed_and_complete(server, job_uuid: str) -> None:
+    final = _wait(server, job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=180)
+    assert final["status"] == "completed", final
+    assert [c["epoch"] for c in final["checkpoints"]] == [1, 2, 3, 4]
+    steps = [c for c in final["checkpoints"]]
+    assert len({c["identifier"] for c in steps}) == 4
+    events = _events(server, job_uuid)
+    started = [e["data"] for e in events if e["type"] == "started"]
+    assert len(started) == 2 and started[0]["resumed_from"] is None
+    assert started[1]["resumed_from"] is not None, "the second attempt must resume from a checkpoint"
+    # Epochs continue: the second attempt trains no epoch that a recorded checkpoint already covers.
+    resumed_epoch = max(e["data"]["epoch"] for e in events if e["type"] == "checkpoint"
+                        and e["seq"] < next(x["seq"] for x in events if x["type"] == "started" and x["data"]["resumed_from"]))
+    second_attempt_epochs = {e["data"]["epoch"] for e in events if e["type"] == "metric" and e["data"]["attempt"] == 2}
+    assert second_attempt_epochs and min(second_attempt_epochs) == resumed_epoch + 1
+
+
+def test_killed_trainer_is_requeued_and_resumes(tmp_path, tiny_model_path):
+    server = start_server(tmp_path, tiny_model_path)
+    try:
+        job_uuid = _submit_long_job(server)
+        running = _wait(server, job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"])
+        os.kill(running["resources_allocated"]["pid"], signal.SIGKILL)
+        _assert_resumed_and_complete(server, job_uuid)
+        states = [e["data"] for e in _events(server, job_uuid) if e["type"] == "state"]
+        assert any(s["status"] == "scheduled" and "exited" in s.get("reason", "") for s in states)
+    finally:
+        stop_server(server)
+
+
+def test_killed_server_restarts_and_the_job_resumes(tmp_path, tiny_model_path):
+    server = start_server(tmp_path, tiny_model_path)
+    job_uuid = _submit_long_job(server)
+    waiting = lora_request(str(tiny_model_path), "colours")
+    assert server.post("/v1/post-training/supervised-fine-tune", json=waiting).status_code == 200
+    running = _wait(server, job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"])
+    trainer_pid = running["resources_allocated"]["pid"]
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    # The orphaned trainer notices its launcher is gone (stdin closed) and stops by itself.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(trainer_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the trainer outlived its launcher")
+
+    restarted = start_server(tmp_path, tiny_model_path)
+    try:
+        listed = {j["job_uuid"] for j in restarted.get("/v1/post-training/jobs").json()["data"]}
+        assert {job_uuid, waiting["job_uuid"]} <= listed
+        assert restarted.get("/v1/datasets/colours").status_code == 200
+        _assert_resumed_and_complete(restarted, job_uuid)
+        # The job that was waiting still runs.
+        assert _wait(restarted, waiting["job_uuid"], lambda s: s["status"] == "completed", timeout=120)
+    finally:
+        stop_server(restarted)
