@@ -29,6 +29,9 @@ def problem(status: int, detail: str, *, title: str | None = None, instance: str
     }
     if instance:
         body["instance"] = instance
+    if 400 <= status < 500 and status not in (408, 429):
+        # The official clients retry 409s (and more) by default; a refusal will not change on retry.
+        headers = {**(headers or {}), "x-should-retry": "false"}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer
 
 from posttrain.domain.datasets import Dataset
 from posttrain.domain.jobs import Checkpoint, Job
@@ -53,6 +53,8 @@ class RegisterDatasetRequest(SpecModel):
 
 class AppendRowsRequest(SpecModel):
     rows: list[JSONObject]
+    #: Clients 0.5 and later repeat the path's dataset_id in the body.
+    dataset_id: str | None = None
 
 
 class CancelTrainingJobRequest(SpecModel):
@@ -84,14 +86,17 @@ class EfficiencyConfig(SpecModel):
 
 
 class TrainingConfig(SpecModel):
+    """Clients 0.5 and later make everything but n_epochs optional and send ``null`` for what the
+    caller left out; ``null`` means the spec's default here."""
+
     n_epochs: int
-    max_steps_per_epoch: int
-    gradient_accumulation_steps: int
-    max_validation_steps: int = 1
+    max_steps_per_epoch: int | None = 1
+    gradient_accumulation_steps: int | None = 1
+    max_validation_steps: int | None = 1
     data_config: DataConfig | None = None
     optimizer_config: OptimizerConfig | None = None
     efficiency_config: EfficiencyConfig | None = None
-    dtype: str = "bf16"
+    dtype: str | None = "bf16"
 
 
 class LoraFinetuningConfig(SpecModel):
@@ -111,7 +116,17 @@ class QATFinetuningConfig(SpecModel):
     group_size: int
 
 
-AlgorithmConfig = Annotated[Union[LoraFinetuningConfig, QATFinetuningConfig], Field(discriminator="type")]
+def _algorithm_type(value: Any) -> str:
+    """Clients 0.5 and later may leave out the ``type`` tag; without one the config is LoRA."""
+    if isinstance(value, dict):
+        return value.get("type") or "LoRA"
+    return getattr(value, "type", "LoRA")
+
+
+AlgorithmConfig = Annotated[
+    Union[Annotated[LoraFinetuningConfig, Tag("LoRA")], Annotated[QATFinetuningConfig, Tag("QAT")]],
+    Discriminator(_algorithm_type),
+]
 
 
 class SupervisedFineTuneRequest(SpecModel):

@@ -58,9 +58,9 @@ def check_training_config(training: dict[str, Any]) -> dict[str, Any]:
     _positive(optimizer["num_warmup_steps"], "training_config.optimizer_config.num_warmup_steps", allow_zero=True)
     return {
         "n_epochs": training["n_epochs"],
-        "max_steps_per_epoch": training.get("max_steps_per_epoch", 1),
-        "gradient_accumulation_steps": training.get("gradient_accumulation_steps", 1),
-        "max_validation_steps": training.get("max_validation_steps", 1),
+        "max_steps_per_epoch": training.get("max_steps_per_epoch") or 1,
+        "gradient_accumulation_steps": training.get("gradient_accumulation_steps") or 1,
+        "max_validation_steps": training.get("max_validation_steps") or 1,
         "data_config": {"packed": False, "train_on_input": False, **data},
         "optimizer_config": optimizer,
         "efficiency_config": {"enable_activation_checkpointing": False, **efficiency},

@@ -248,3 +248,27 @@ def test_preference_optimize_refusals(client, tiny_model_path):
     assert_problem(client.post("/v1/post-training/preference-optimize",
                                json=dpo_request("/nowhere", "prefs")), 400, "finetuned_model")
     assert client.get("/v1/post-training/jobs").json() == {"data": []}
+
+
+def test_shapes_newer_clients_send(client, tiny_model_path):
+    """Clients 0.5/0.6 repeat dataset_id in append-rows, send null for options left out, may omit
+    the LoRA type tag, and can only name the job to cancel in the query string."""
+    register(client)
+    assert client.post("/v1beta/datasetio/append-rows/toy", json={"dataset_id": "toy", "rows": [{"a": "b"}]}).status_code == 200
+    assert_problem(client.post("/v1beta/datasetio/append-rows/toy", json={"dataset_id": "other", "rows": []}), 400, "dataset_id")
+    body = lora_request(str(tiny_model_path), "toy")
+    body["algorithm_config"].pop("type")
+    body["training_config"].update(max_validation_steps=None, dtype=None, efficiency_config=None)
+    body["training_config"].pop("gradient_accumulation_steps")
+    assert client.post("/v1alpha/post-training/supervised-fine-tune", json=body).status_code == 200, body
+    assert client.post("/v1alpha/post-training/job/cancel", params={"job_uuid": body["job_uuid"]}).status_code == 200
+    assert client.get("/v1alpha/post-training/job/status", params={"job_uuid": body["job_uuid"]}).json()["status"] == "cancelled"
+    assert_problem(client.post("/v1alpha/post-training/job/cancel"), 400, "job_uuid")
+
+
+def test_refusals_tell_clients_not_to_retry(client, tiny_model_path):
+    register(client)
+    body = lora_request(str(tiny_model_path), "toy")
+    client.post("/v1/post-training/supervised-fine-tune", json=body)
+    conflict = client.post("/v1/post-training/supervised-fine-tune", json=body)
+    assert conflict.status_code == 409 and conflict.headers["x-should-retry"] == "false"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from posttrain.api.deps import DatasetServiceDep, TenantDep
+from posttrain.errors import InvalidRequest
 from posttrain.api.schemas import (
     AppendRowsRequest,
     DatasetPublic,
@@ -55,6 +56,8 @@ def iterrows(
 
 def append_rows(dataset_id: str, body: AppendRowsRequest, datasets: DatasetServiceDep, tenant: TenantDep) -> None:
     """Append rows to a dataset."""
+    if body.dataset_id is not None and body.dataset_id != dataset_id:
+        raise InvalidRequest(f"dataset_id: the body names '{body.dataset_id}' but the path names '{dataset_id}'")
     datasets.append_rows(tenant=tenant, dataset_id=dataset_id, rows=body.rows)
 
 

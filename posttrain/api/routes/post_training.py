@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from posttrain.api.deps import JobServiceDep, TenantDep
+from posttrain.errors import InvalidRequest
 from posttrain.api.schemas import (
     CancelTrainingJobRequest,
     ListPostTrainingJobsResponse,
@@ -50,9 +51,21 @@ def job_artifacts(jobs: JobServiceDep, tenant: TenantDep, job_uuid: str = JobUUI
     return PostTrainingJobArtifactsResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid))
 
 
-def cancel_job(body: CancelTrainingJobRequest, jobs: JobServiceDep, tenant: TenantDep) -> None:
-    """Cancel a training job: a scheduled one at once, a running one within seconds."""
-    jobs.cancel(tenant=tenant, job_uuid=body.job_uuid)
+def cancel_job(
+    jobs: JobServiceDep,
+    tenant: TenantDep,
+    body: CancelTrainingJobRequest | None = None,
+    job_uuid: str | None = Query(default=None, description="The job to cancel, when the body does not name it."),
+) -> None:
+    """Cancel a training job: a scheduled one at once, a running one within seconds.
+
+    Clients 0.5 and later cannot put job_uuid in the body of this call; they may send it as a
+    query parameter instead, so both are accepted.
+    """
+    target = body.job_uuid if body is not None else job_uuid
+    if not target:
+        raise InvalidRequest("job_uuid: field required (in the JSON body)")
+    jobs.cancel(tenant=tenant, job_uuid=target)
 
 
 def job_status_by_path(job_uuid: str, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJobStatusResponse:
