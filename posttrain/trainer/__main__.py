@@ -43,7 +43,7 @@ def _run(spec: dict, *, reporter, stop) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from posttrain.trainer.reporting import Reporter, StopFlag
+    from posttrain.trainer.reporting import Reporter, StopFlag, StopRequested
 
     argv = sys.argv[1:] if argv is None else argv
     reporter = Reporter(_take_stdout())
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = json.load(handle)
         _quiet_libraries()
         outcome = _run(spec, reporter=reporter, stop=stop)
+    except StopRequested:
+        outcome = "cancelled"
     except Exception as exc:  # every failure becomes one protocol event
         traceback.print_exc(file=sys.stderr)
         reporter.emit("failed", code=_failure_code(exc), message=str(exc) or type(exc).__name__)

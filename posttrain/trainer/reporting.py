@@ -46,14 +46,25 @@ class Reporter:
         self.emit("log", level=level, message=message)
 
 
+class StopRequested(BaseException):
+    """Raised by a stop that arrives before the training loop first polls the flag.
+
+    Loading torch and a model can take many seconds on a busy machine, and nothing polls the flag
+    then; a cancel must not wait for it. A BaseException, like KeyboardInterrupt, so library code
+    that catches Exception cannot swallow it.
+    """
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT or by stdin reaching EOF; polled by the training loop."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._polled = False
         self.reason: str | None = None
 
     def is_set(self) -> bool:
+        self._polled = True
         return self._event.is_set()
 
     def set(self, reason: str) -> None:
@@ -61,14 +72,19 @@ class StopFlag:
             self.reason = reason
             self._event.set()
 
+    def _on_signal(self, reason: str) -> None:
+        self.set(reason)
+        if not self._polled:
+            raise StopRequested(reason)
+
     def install(self) -> None:
         """Install the signal handlers and, when stdin is a pipe, the stdin watcher thread.
 
         Only a pipe (or socket) is watched: a launcher holds the other end, so EOF means it died.
         A terminal or /dev/null (someone running the trainer by hand) is not a launcher.
         """
-        signal.signal(signal.SIGTERM, lambda *_: self.set("SIGTERM"))
-        signal.signal(signal.SIGINT, lambda *_: self.set("SIGINT"))
+        signal.signal(signal.SIGTERM, lambda *_: self._on_signal("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda *_: self._on_signal("SIGINT"))
         try:
             mode = os.fstat(sys.stdin.fileno()).st_mode
         except (OSError, ValueError, AttributeError):
@@ -84,3 +100,5 @@ class StopFlag:
         except OSError:
             pass
         self.set("stdin closed")
+        if not self._polled:
+            os._exit(0)  # the launcher is gone and nothing has been trained yet: nobody to tell
