@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 
 from posttrain import __version__
 from posttrain.api.problems import install_problem_handlers, problem
+from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.api.routes import datasets, events, health, post_training
 from posttrain.errors import RateLimited, ServiceError, Unauthorized
 from posttrain.services.access import DEFAULT_TENANT
@@ -83,8 +84,23 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             return problem(exc.status_code, exc.detail, title=exc.title, instance=path, headers=headers)
         return await call_next(request)
 
-    app.include_router(post_training.router)
-    app.include_router(datasets.router)
-    app.include_router(events.router)
+    for router in (post_training.router, datasets.router, events.router):
+        app.include_router(router, responses=PROBLEM_RESPONSES)
     app.include_router(health.router)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, less its 422 answers: we answer invalid requests with a 400 Problem."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

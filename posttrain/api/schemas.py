@@ -28,6 +28,32 @@ class SpecModel(BaseModel):
         return {k: v for k, v in data.items() if v is not None}
 
 
+class Problem(BaseModel):
+    """Error response (RFC 7807), as the Llama Stack spec's ``Error``."""
+
+    model_config = ConfigDict(extra="forbid", title="Error")
+
+    status: int
+    title: str
+    detail: str
+    instance: str | None = None
+
+
+#: The refusals any operation may answer with; declared so the OpenAPI document tells the truth.
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": description}
+    for code, description in (
+        (400, "The request was invalid or malformed"),
+        (401, "A valid API key is required"),
+        (404, "No such job, dataset or endpoint"),
+        (409, "The request conflicts with the current state"),
+        (413, "The request body is too large"),
+        (429, "Too many requests, or too many queued jobs"),
+        (500, "The server encountered an unexpected error"),
+    )
+}
+
+
 # -- requests -----------------------------------------------------------------------------------
 
 
