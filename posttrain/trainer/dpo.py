@@ -1,0 +1,349 @@
+"""Direct preference optimization: our own torch loop on a LoRA adapter, one checkpoint per epoch.
+
+The same loop shape as SFT (``sft.py``: events, checkpoints, resume, stop), on preference rows.
+DPO always trains a LoRA adapter (``algorithm_config["lora"]``); the reference model is the same
+weights with that adapter switched off (``model.disable_adapter()``, no grad), so there is never a
+second copy of the model in memory. With ``spec["adapter"]`` (an SFT LoRA checkpoint), that adapter
+is merged into the base first: the merged model is both the starting policy and the reference.
+
+Each micro-batch puts its B chosen and B rejected sequences through the model as ONE batch of 2B
+rows, padded to the longest; the summed log-probability of each answer's tokens gives
+
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+
+and the loss types follow TRL's ``DPOTrainer.dpo_loss`` (trl/trainer/dpo_trainer.py, TRL <= 0.12;
+``kto_pair`` is the form TRL had before it was removed in favour of ``KTOTrainer``):
+
+- ``sigmoid`` (DPO, Rafailov et al. 2023): ``-logsigmoid(beta * logits)``
+- ``hinge`` (SLiC, Zhao et al. 2023): ``relu(1 - beta * logits)``
+- ``ipo`` (Azar et al. 2023, eq. 17): ``(logits - 1 / (2 * beta)) ** 2``, on length-averaged
+  log-probs, as TRL computes them for ipo
+- ``kto_pair`` (HALOs report, eq. 7): with ``chosen_KL``/``rejected_KL`` the batch means of the
+  policy/reference log-ratios clamped at 0, ``1 - sigmoid(beta * (chosen_logratios - rejected_KL))``
+  for the chosen half and ``1 - sigmoid(beta * (chosen_KL - rejected_logratios))`` for the rejected
+  half (2B losses).
+
+Rewards are TRL's implicit ones: ``beta * (policy - reference)`` log-probs of each answer. The loss
+of an optimizer step is the mean over its pairs, so gradient accumulation matches one large batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.trainer import checkpoints, modeling
+from posttrain.trainer.batching import length_grouped_batches, read_rows
+from posttrain.trainer.formats import IGNORE_INDEX, normalize_preference_row
+from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
+from posttrain.trainer.reporting import Reporter, StopFlag
+from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, _max_length, _perplexity
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float
+    loss_type: str
+    lora: dict[str, Any]
+
+    @classmethod
+    def from_algorithm_config(cls, algorithm: dict[str, Any] | None) -> DPOConfig:
+        algorithm = algorithm or {}
+        try:
+            beta = float(algorithm.get("beta", 0.1))
+        except (TypeError, ValueError):
+            raise modeling.TrainerConfigError(
+                f"algorithm_config.beta must be a number, not {algorithm.get('beta')!r}") from None
+        if not beta > 0:
+            raise modeling.TrainerConfigError(f"algorithm_config.beta must be greater than 0, not {beta}")
+        loss_type = algorithm.get("loss_type") or "sigmoid"
+        if loss_type not in LOSS_TYPES:
+            raise modeling.TrainerConfigError(f"algorithm_config.loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                                              f"not {loss_type!r}")
+        lora = algorithm.get("lora")
+        if not isinstance(lora, dict) or lora.get("type", "LoRA") != "LoRA":
+            raise modeling.TrainerConfigError("algorithm_config.lora must be a LoRA config: DPO trains a LoRA adapter")
+        return cls(beta=beta, loss_type=loss_type, lora=lora)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, beta: float, loss_type: str):
+    """Per-example losses and the chosen/rejected rewards, as TRL's ``DPOTrainer.dpo_loss``.
+
+    Returns ``(losses, chosen_rewards, rejected_rewards)``; losses has B entries, or 2B for kto_pair.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    chosen_logratios = policy_chosen - reference_chosen
+    rejected_logratios = policy_rejected - reference_rejected
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "kto_pair":
+        chosen_kl = chosen_logratios.mean().clamp(min=0)
+        rejected_kl = rejected_logratios.mean().clamp(min=0)
+        losses = torch.cat((1 - torch.sigmoid(beta * (chosen_logratios - rejected_kl)),
+                            1 - torch.sigmoid(beta * (chosen_kl - rejected_logratios))), 0)
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def _answer_logps(model, batch, *, precision: modeling.Precision, average: bool):
+    """Summed (or, with ``average``, mean) log-prob of each row's label tokens: shape [2B]."""
+    import torch
+    import torch.nn.functional as F
+
+    device = precision.device
+    autocast = (torch.autocast(device_type="cuda", dtype=precision.torch_dtype())
+                if precision.autocast else contextlib.nullcontext())
+    with autocast:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+    labels = batch["labels"].to(device)[:, 1:]
+    token_logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                   reduction="none")
+    summed = token_logps.sum(-1)
+    if not average:
+        return summed
+    return summed / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
+
+
+def _pair_losses(model, batch, *, config: DPOConfig, precision):
+    """Reference log-probs (adapter off, no grad), then the policy's, then TRL's loss."""
+    import torch
+
+    average = config.loss_type == "ipo"
+    pairs = batch["pairs"]
+    with torch.no_grad(), model.disable_adapter():
+        reference = _answer_logps(model, batch, precision=precision, average=average)
+    policy = _answer_logps(model, batch, precision=precision, average=average)
+    return dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=config.beta,
+                    loss_type=config.loss_type)
+
+
+class _Totals:
+    """Pair-weighted sums of the step's loss and rewards."""
+
+    def __init__(self) -> None:
+        self.pairs = 0
+        self.loss = self.chosen = self.rejected = self.correct = 0.0
+
+    def add(self, losses, chosen, rejected) -> None:
+        n = int(chosen.numel())
+        self.pairs += n
+        self.loss += float(losses.detach().mean()) * n
+        self.chosen += float(chosen.sum())
+        self.rejected += float(rejected.sum())
+        self.correct += float((chosen > rejected).float().sum())
+
+    def means(self) -> dict[str, float]:
+        n = max(self.pairs, 1)
+        return {"loss": self.loss / n, "reward_margin": (self.chosen - self.rejected) / n,
+                "reward_accuracy": self.correct / n, "chosen_reward": self.chosen / n,
+                "rejected_reward": self.rejected / n}
+
+
+def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, precision, stop: StopFlag):
+    """One optimizer step; returns the step's mean metrics, or None when stopped between micro-batches."""
+    import torch
+
+    model.train()
+    total_pairs = sum(b["pairs"] for b in micro_batches)
+    totals = _Totals()
+    for index, batch in enumerate(micro_batches):
+        if index and stop.is_set():
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        losses, chosen, rejected = _pair_losses(model, batch, config=config, precision=precision)
+        loss = losses.mean() * (batch["pairs"] / total_pairs)
+        (scaler.scale(loss) if scaler else loss).backward()
+        totals.add(losses, chosen, rejected)
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals.means()
+
+
+def _evaluate(model, examples, *, config, plan: SFTPlan, pad_id: int, seed: int, precision) -> dict[str, float]:
+    """Pair-mean DPO loss and rewards over a fixed random sample of validation batches."""
+    import torch
+
+    model.eval()
+    batches = length_grouped_batches([pair_length(e) for e in examples], batch_size=plan.batch_size,
+                                     shuffle=True, rng=random.Random(f"{seed}:validation"))
+    if plan.max_validation_steps > 0:
+        batches = batches[: plan.max_validation_steps]
+    totals = _Totals()
+    with torch.no_grad():
+        for indices in batches:
+            batch = collate_pairs([examples[i] for i in indices], pad_id=pad_id)
+            totals.add(*_pair_losses(model, batch, config=config, precision=precision))
+    return totals.means() if totals.pairs else {"loss": math.nan}
+
+
+def _load_base(*, spec: dict[str, Any], precision, trust: bool):
+    """The starting policy (and reference): the model, with ``spec["adapter"]`` merged in if set."""
+    if not spec.get("adapter"):
+        return modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
+    from peft import PeftModel
+
+    # Merge in fp32, then drop to the compute dtype the frozen base uses.
+    base = modeling.load_model(path=spec["model"], precision=precision, lora=False, trust_remote_code=trust)
+    merged = PeftModel.from_pretrained(base, spec["adapter"]).merge_and_unload()
+    return merged.to(precision.torch_dtype())
+
+
+def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
+    """Train as the spec says, reporting events; returns "completed" or "cancelled".
+
+    Checkpoints carry ``train_loss``, ``validation_loss`` (the DPO loss) and ``perplexity`` =
+    exp(validation_loss), as the protocol says. For DPO that "perplexity" is exp of the DPO
+    validation loss, not a language-model perplexity: it is kept because the Llama Stack checkpoint
+    metric schema requires the field.
+    """
+    config = spec["training_config"]
+    plan = SFTPlan.from_training_config(config)
+    dpo = DPOConfig.from_algorithm_config(spec.get("algorithm_config"))
+    # Check every row's layout before the slow imports and model load: a bad row fails in a second.
+    train_rows = read_rows(spec["train_rows_path"])
+    validation_rows = read_rows(spec["validation_rows_path"]) if spec.get("validation_rows_path") else []
+    for rows in (train_rows, validation_rows):
+        for index, row in enumerate(rows):
+            normalize_preference_row(row, row_index=index)
+    if not train_rows:
+        raise modeling.TrainerConfigError("the training dataset has no rows")
+
+    import torch
+
+    trust = bool(spec.get("trust_remote_code"))
+    seed = int(spec.get("seed") or 0)
+    job_uuid = spec["job_uuid"]
+    output_dir = Path(spec["output_dir"]).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    threads = modeling.set_threads(spec.get("threads"))
+    modeling.seed_everything(seed)
+    precision = modeling.resolve_precision(device=spec.get("device") or "auto", requested_dtype=config.get("dtype"))
+
+    tokenizer = modeling.load_tokenizer(path=spec["model"], trust_remote_code=trust)
+    max_length = _max_length(model_path=spec["model"], tokenizer=tokenizer, trust_remote_code=trust)
+    train = encode_preference_rows(train_rows, tokenizer=tokenizer, max_length=max_length)
+    validation = encode_preference_rows(validation_rows, tokenizer=tokenizer, max_length=max_length) or train
+
+    found = checkpoints.find_checkpoints(output_dir=output_dir)
+    resume = found[-1] if found else None
+    if resume and (not (resume[1] / "adapter_config.json").is_file()
+                   or checkpoints.read_trainer_state(folder=resume[1]).get("method") != "dpo"):
+        raise modeling.TrainerConfigError(f"{resume[1]} is not a DPO checkpoint; use a new output_dir")
+    base = _load_base(spec=spec, precision=precision, trust=trust)
+    if resume:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, resume[1], is_trainable=True)
+    else:
+        model = modeling.apply_lora(base, dpo.lora)
+    if plan.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+
+    micro_batches = math.ceil(len(train) / plan.batch_size)
+    steps_per_epoch = max(1, min(plan.max_steps_per_epoch, math.ceil(micro_batches / plan.gradient_accumulation_steps)))
+    total_steps = plan.n_epochs * steps_per_epoch
+    optimizer = modeling.build_optimizer(model, config.get("optimizer_config") or {})
+    scheduler = modeling.build_scheduler(optimizer, warmup_steps=plan.warmup_steps, total_steps=total_steps)
+    scaler = torch.amp.GradScaler("cuda") if precision.autocast and precision.dtype == "fp16" else None
+
+    global_step, start_epoch = 0, 1
+    if resume:
+        state = checkpoints.load_training_state(folder=resume[1])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        modeling.replan_scheduler(optimizer, scheduler)
+        checkpoints.restore_rng_state(state["rng"])
+        global_step, start_epoch = int(state["global_step"]), int(state["epoch"]) + 1
+
+    parameters, trainable = modeling.count_parameters(model)
+    reporter.emit(
+        "started",
+        resources={"device": precision.device, "dtype": precision.dtype, "requested_dtype": precision.requested,
+                   "threads": threads, "parameters": parameters, "trainable_parameters": trainable,
+                   "torch": torch.__version__, "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
+                   "merged_adapter": spec.get("adapter")},
+        total_steps=total_steps,
+        resumed_from=f"{job_uuid}-epoch-{resume[0]}" if resume else None,
+    )
+    if precision.dtype != precision.requested:
+        reporter.log(f"dtype {precision.requested} was requested; computing in {precision.dtype} on {precision.device}",
+                     level="warning")
+    if plan.packed:
+        reporter.log("packed=true does not apply to DPO; training on length-grouped preference pairs", level="warning")
+    if dpo.lora.get("quantize_base"):
+        reporter.log("quantize_base is not supported; the base model is not quantized", level="warning")
+    if (spec.get("algorithm_config") or {}).get("legacy_config") is not None:
+        reporter.log(f"the request's DPO options {sorted(spec['algorithm_config']['legacy_config'])} have no DPO "
+                     f"meaning; training with beta={dpo.beta}, loss_type={dpo.loss_type}", level="warning")
+    if spec.get("adapter"):
+        reporter.log(f"merged the adapter {spec['adapter']} into the model; it is the starting policy and the "
+                     "reference, and the checkpoints hold the DPO adapter to apply on top of it")
+    for epoch, folder in found:
+        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
+
+    lengths = [pair_length(e) for e in train]
+    pad_id = tokenizer.pad_token_id
+    for epoch in range(start_epoch, plan.n_epochs + 1):
+        batches = length_grouped_batches(lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
+                                         rng=random.Random(f"{seed}:{epoch}"))
+        accumulate = plan.gradient_accumulation_steps
+        groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)][:steps_per_epoch]
+        losses = []
+        for group in groups:
+            if stop.is_set():
+                return "cancelled"
+            started = time.perf_counter()
+            micro = [collate_pairs([train[i] for i in indices], pad_id=pad_id) for indices in group]
+            lr = scheduler.get_last_lr()[0]
+            step = _train_step(model, micro, config=dpo, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               precision=precision, stop=stop)
+            if step is None:
+                return "cancelled"
+            global_step += 1
+            losses.append(step["loss"])
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            reporter.emit("metric", step=global_step, epoch=epoch, **step, lr=lr,
+                          tokens_per_s=sum(b["real_tokens"] for b in micro) / elapsed, total_steps=total_steps)
+        if stop.is_set():
+            return "cancelled"
+        evaluation = _evaluate(model, validation, config=dpo, plan=plan, pad_id=pad_id, seed=seed,
+                               precision=precision)
+        validation_loss = evaluation["loss"]
+        metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
+                   "perplexity": _perplexity(validation_loss)}
+        trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": total_steps, "lora": True,
+                         "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
+                         "merged_adapter": spec.get("adapter"), "metrics": metrics,
+                         "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}}
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "rng": checkpoints.rng_state(), "epoch": epoch, "global_step": global_step}
+        folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
+                                              training_state=training_state, trainer_state=trainer_state)
+        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state)
+    return "completed"
