@@ -18,6 +18,9 @@ app = typer.Typer(help="posttrain: fine-tune language models behind the Llama St
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Model folders.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+from posttrain.remote import datasets_app, jobs_app  # noqa: E402 - the HTTP-client commands
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
 console = Console(stderr=True)
 
 
