@@ -172,3 +172,23 @@ def test_event_stream_pushes_events_live_until_the_job_ends(live_server, colours
     kinds = [k for k, _ in received]
     assert kinds[-1] == "end" and received[-1][1] == {"status": "completed"}
     assert kinds.count("metric") == 6 and kinds.count("checkpoint") == 2
+
+
+def test_preference_optimization_runs_end_to_end(live_server):
+    from tests.integration.test_api import dpo_request
+
+    rows = [{"prompt": f"What colour is {thing}?", "chosen": answer, "rejected": "I do not know."}
+            for thing, answer in __import__("posttrain.demo", fromlist=["COLOURS"]).COLOURS.items()]
+    dataset_id = f"prefs-{uuid.uuid4().hex[:6]}"
+    assert live_server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": dataset_id,
+                                                  "source": {"type": "rows", "rows": rows}}).status_code == 200
+    body = dpo_request(str(live_server.tiny_model_path), dataset_id, beta=0.5, loss_type="sigmoid")
+    body["training_config"].update(n_epochs=2, max_steps_per_epoch=4)
+    body["training_config"]["data_config"].update(batch_size=2)
+    assert live_server.post("/v1/post-training/preference-optimize", json=body).status_code == 200
+    final = _wait_for(live_server, body["job_uuid"], {"completed", "failed", "cancelled"}, timeout=180)
+    assert final["status"] == "completed", final
+    assert [c["epoch"] for c in final["checkpoints"]] == [1, 2]
+    events = live_server.get("/v1/post-training/job/events", params={"job_uuid": body["job_uuid"]}).json()["data"]
+    margins = [e["data"]["reward_margin"] for e in events if e["type"] == "metric"]
+    assert len(margins) == 8 and margins[-1] > margins[0]
