@@ -12,13 +12,15 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from posttrain.remote import datasets_app, jobs_app
 from posttrain.settings import Settings
 
 app = typer.Typer(help="posttrain: fine-tune language models behind the Llama Stack Post-Training API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Model folders.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (stored hashed in POSTTRAIN_API_KEYS_FILE).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-from posttrain.remote import datasets_app, jobs_app  # noqa: E402 - the HTTP-client commands
+app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 console = Console(stderr=True)
@@ -119,6 +121,28 @@ def create_tiny(path: Annotated[Path, typer.Argument(help="Folder to write the m
 
     create_tiny_model(path)
     console.print(f"tiny model written to {path}")
+
+
+@keys_app.command("create")
+def create_key(
+    tenant: Annotated[str, typer.Argument(help="The tenant the key acts for.")],
+    keys_file: Annotated[Optional[Path], typer.Option(help="Keys file (default: POSTTRAIN_API_KEYS_FILE).")] = None,
+) -> None:
+    """Make a new API key for TENANT: print it once, and store only its digest in the keys file."""
+    from posttrain.services.access import digest, new_key
+
+    target = keys_file or Settings().api_keys_file
+    if target is None:
+        raise typer.BadParameter("set POSTTRAIN_API_KEYS_FILE or pass --keys-file")
+    if not tenant or ":" in tenant or any(c.isspace() for c in tenant):
+        raise typer.BadParameter("a tenant name has no spaces and no ':'")
+    key = new_key()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write(f"{tenant}:{digest(key)}\n")
+    target.chmod(0o600)
+    console.print(f"new key for tenant [bold]{tenant}[/bold] (shown once; restart the server to load it):")
+    print(key)
 
 
 def main() -> None:

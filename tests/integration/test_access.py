@@ -94,3 +94,20 @@ def test_queued_jobs_quota_per_tenant(client, services, tiny_model_path):
     assert_problem(refused, 429, "2 scheduled or running")
     assert "retry-after" in refused.headers
     assert len(client.get("/v1/post-training/jobs").json()["data"]) == 2
+
+
+def test_keys_created_by_the_cli_are_stored_hashed_and_accepted(settings, tmp_path):
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys"
+    made = subprocess.run([sys.executable, "-m", "posttrain", "keys", "create", "carol", "--keys-file", str(keys)],
+                          capture_output=True, text=True, check=True)
+    key = made.stdout.strip()
+    assert key.startswith("pt-") and key not in keys.read_text() and digest(key) in keys.read_text()
+    settings.api_keys_file = keys
+    services = build_services(settings)
+    with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
+        assert client.get("/v1/datasets", headers=as_(key)).status_code == 200
+        assert client.get("/v1/datasets").status_code == 401
+    services.close()
