@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from posttrain import __version__
 from posttrain.api.problems import install_problem_handlers, problem
 from posttrain.api.schemas import PROBLEM_RESPONSES
-from posttrain.api.routes import datasets, events, health, post_training
+from posttrain.api.routes import datasets, events, health, metrics, post_training
 from posttrain.errors import RateLimited, ServiceError, Unauthorized
 from posttrain.services.access import DEFAULT_TENANT
 from posttrain.services.container import Services, build_services
@@ -22,7 +22,7 @@ from posttrain.settings import Settings
 
 
 #: Answered without an API key: liveness for load balancers, and the API's own description.
-OPEN_PATHS = frozenset({"/v1/health", "/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+OPEN_PATHS = frozenset({"/v1/health", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 
 
 class Background(Protocol):
@@ -87,6 +87,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     for router in (post_training.router, datasets.router, events.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    metrics.install_metrics(app, services.jobs)
     app.openapi = lambda: _openapi(app)
     return app
 

@@ -147,3 +147,19 @@ class JobService:
     def events(self, *, tenant: str, job_uuid: str, after: int, limit: int):  # noqa: ANN201
         self.get(tenant=tenant, job_uuid=job_uuid)
         return self.store.events(job_uuid=job_uuid, after=after, limit=limit)
+
+    # -- operations -----------------------------------------------------------------------------
+
+    def operational_snapshot(self) -> dict[str, Any]:
+        """Jobs by status (all tenants) and the latest progress of each running job, for /metrics."""
+        running = []
+        for job in self.store.list(status=JobStatus.IN_PROGRESS):
+            metric = self.store.latest_event(job_uuid=job.job_uuid, type="metric")
+            checkpoint = self.store.latest_event(job_uuid=job.job_uuid, type="checkpoint")
+            running.append({
+                "job_uuid": job.job_uuid,
+                "kind": job.kind.value,
+                "metric": metric.data if metric else {},
+                "checkpoint": checkpoint.data if checkpoint else {},
+            })
+        return {"by_status": self.store.count_by_status(), "running": running}

@@ -125,6 +125,19 @@ class JobStore:
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
+    def latest_event(self, *, job_uuid: str, type: str) -> JobEvent | None:  # noqa: A002
+        query = (
+            select(job_events)
+            .where(job_events.c.job_uuid == job_uuid, job_events.c.type == type)
+            .order_by(job_events.c.seq.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            r = conn.execute(query).mappings().first()
+        if r is None:
+            return None
+        return JobEvent(seq=r["seq"], job_uuid=r["job_uuid"], created_at=_aware(r["created_at"]), type=r["type"], data=r["data"])
+
     def count_active(self, *, tenant: str) -> int:
         """Scheduled and running jobs of one tenant (for the queued-jobs quota)."""
         active = [JobStatus.SCHEDULED.value, JobStatus.IN_PROGRESS.value]

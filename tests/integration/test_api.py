@@ -272,3 +272,12 @@ def test_refusals_tell_clients_not_to_retry(client, tiny_model_path):
     client.post("/v1/post-training/supervised-fine-tune", json=body)
     conflict = client.post("/v1/post-training/supervised-fine-tune", json=body)
     assert conflict.status_code == 409 and conflict.headers["x-should-retry"] == "false"
+
+
+def test_prometheus_metrics(client, tiny_model_path):
+    register(client)
+    client.post("/v1/post-training/supervised-fine-tune", json=lora_request(str(tiny_model_path), "toy"))
+    text = client.get("/metrics").text
+    assert 'posttrain_jobs{status="scheduled"} 1.0' in text
+    assert "posttrain_queue_depth 1.0" in text
+    assert 'posttrain_http_requests_total{method="POST",route="/v1/post-training/supervised-fine-tune",status="200"} 1.0' in text
