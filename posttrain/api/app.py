@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from posttrain import __version__
 from posttrain.api.problems import install_problem_handlers, problem
 from posttrain.api.schemas import PROBLEM_RESPONSES
+from posttrain.dashboard.routes import router as dashboard_router
 from posttrain.api.routes import datasets, events, health, metrics, post_training
 from posttrain.errors import RateLimited, ServiceError, Unauthorized
 from posttrain.services.access import DEFAULT_TENANT
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         app.include_router(router, responses=PROBLEM_RESPONSES)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(dashboard_router)
     metrics.install_metrics(app, services.jobs)
     app.openapi = lambda: _openapi(app)
     return app

@@ -1,0 +1,317 @@
+// posttrain dashboard: refreshes the jobs table, and draws a job's live loss curves, checkpoints and log.
+// No framework and no build step. Every text that comes from the server is set with textContent.
+"use strict";
+
+const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+
+function fmt(x, digits = 4) {
+  return x === null || x === undefined || Number.isNaN(Number(x)) ? "–" : Number(x).toFixed(digits);
+}
+
+function age(iso) {
+  if (!iso) return "–";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return `${Math.round(s)} s ago`;
+  if (s < 3600) return `${Math.round(s / 60)} min ago`;
+  if (s < 86400) return `${Math.round(s / 3600)} h ago`;
+  return `${Math.round(s / 86400)} d ago`;
+}
+
+function localTime(iso) {
+  return iso ? new Date(iso).toLocaleString() : "–";
+}
+
+function showTimes(root) {
+  for (const node of root.querySelectorAll(".age[data-time]")) node.textContent = age(node.dataset.time);
+  for (const node of root.querySelectorAll(".time[data-time]")) {
+    if (node.dataset.time) node.textContent = localTime(node.dataset.time);
+  }
+}
+
+async function getJSON(url) {
+  const response = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+  if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+  return response.json();
+}
+
+// -- the jobs table -----------------------------------------------------------------------------
+
+function jobRow(job) {
+  const row = el("tr", { "data-job-uuid": job.job_uuid });
+  const link = el("a", { href: `/ui/jobs/${encodeURIComponent(job.job_uuid)}` }, job.job_uuid);
+  row.append(el("td"));
+  row.lastChild.append(link);
+
+  const status = el("td");
+  status.append(el("span", { class: `status ${job.status}` }, job.status));
+  if (job.error && job.error.message) status.append(el("div", { class: "error" }, job.error.message));
+  row.append(status);
+
+  const model = job.model || "";
+  row.append(el("td", { title: model }, model.replace(/\/+$/, "").split("/").pop()));
+  row.append(el("td", {}, job.method));
+
+  const progress = el("td");
+  if (job.total_steps) {
+    const bar = el("span", { class: "bar" });
+    const fill = el("span");
+    fill.style.width = `${Math.min(100, (100 * (job.step || 0)) / job.total_steps)}%`;
+    bar.append(fill);
+    progress.append(bar, document.createTextNode(`${job.step || 0} / ${job.total_steps}`));
+  } else {
+    progress.textContent = "–";
+  }
+  row.append(progress);
+  row.append(el("td", {}, fmt(job.loss)));
+  row.append(el("td", { class: "age", "data-time": job.scheduled_at }, age(job.scheduled_at)));
+  return row;
+}
+
+function startJobsPage() {
+  const body = document.querySelector("#jobs tbody");
+  const empty = document.getElementById("no-jobs");
+  const refreshed = document.getElementById("refreshed");
+  showTimes(document);
+  async function refresh() {
+    try {
+      const page = await getJSON("/v1/posttrain/jobs");
+      body.replaceChildren(...page.data.map(jobRow));
+      empty.hidden = page.data.length > 0;
+      refreshed.textContent = `updated ${new Date().toLocaleTimeString()}`;
+    } catch (err) {
+      refreshed.textContent = `refresh failed (${err.message}); retrying`;
+    }
+    setTimeout(refresh, 2000);
+  }
+  refresh();
+}
+
+// -- one job --------------------------------------------------------------------------------------
+
+function niceTicks(lo, hi, count) {
+  const span = hi - lo || 1;
+  const raw = span / count;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw) || raw;
+  const ticks = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(Number(t.toFixed(10)));
+  return ticks;
+}
+
+function drawChart(chart, train, validation, totalSteps) {
+  const W = 760, H = 300, L = 56, R = 16, T = 12, B = 36;
+  const trainPts = [...train.entries()].sort((a, b) => a[0] - b[0]);
+  const valPts = [...validation.values()].filter((v) => v.loss !== null && v.loss !== undefined)
+    .map((v) => [v.step, v.loss]).sort((a, b) => a[0] - b[0]);
+  const all = trainPts.concat(valPts);
+  chart.replaceChildren();
+  if (!all.length) {
+    chart.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "waiting for the first training step…"));
+    chart.append(svg("polyline", { id: "train-curve", class: "train", points: "", "data-points": 0 }));
+    return;
+  }
+  // The x axis follows the steps seen so far (with room to grow), up to the job's total steps.
+  const seen = Math.max(...all.map((p) => p[0]), 1);
+  const xMax = totalSteps ? Math.min(Math.max(totalSteps, seen), Math.max(Math.ceil(seen * 1.15), seen + 5)) : seen;
+  let yLo = Math.min(...all.map((p) => p[1]));
+  let yHi = Math.max(...all.map((p) => p[1]));
+  const pad = (yHi - yLo) * 0.08 || Math.abs(yHi) * 0.1 || 1;
+  yLo = Math.max(0, yLo - pad);
+  yHi += pad;
+  const x = (v) => L + ((W - L - R) * v) / xMax;
+  const y = (v) => T + (H - T - B) * (1 - (v - yLo) / (yHi - yLo));
+
+  for (const t of niceTicks(yLo, yHi, 5)) {
+    chart.append(svg("line", { class: "gridline", x1: L, x2: W - R, y1: y(t), y2: y(t) }));
+    chart.append(svg("text", { x: L - 6, y: y(t) + 4, "text-anchor": "end" }, Number(t.toPrecision(4))));
+  }
+  for (const t of niceTicks(0, xMax, 8).filter((t) => Number.isInteger(t))) {
+    chart.append(svg("line", { class: "axis", x1: x(t), x2: x(t), y1: H - B, y2: H - B + 4 }));
+    chart.append(svg("text", { x: x(t), y: H - B + 16, "text-anchor": "middle" }, t));
+  }
+  chart.append(svg("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }));
+  chart.append(svg("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
+  chart.append(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "step"));
+  chart.append(svg("text", { x: 12, y: (T + H - B) / 2, transform: `rotate(-90 12 ${(T + H - B) / 2})`,
+    "text-anchor": "middle" }, "loss"));
+
+  const line = (pts) => pts.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ");
+  chart.append(svg("polyline", { id: "train-curve", class: "train", points: line(trainPts), "data-points": trainPts.length }));
+  chart.append(svg("polyline", { id: "validation-curve", class: "validation", points: line(valPts),
+    "data-points": valPts.length }));
+  for (const p of valPts) {
+    const dot = svg("circle", { class: "validation", cx: x(p[0]), cy: y(p[1]), r: 3.5 });
+    dot.append(svg("title", {}, `step ${p[0]}: validation loss ${fmt(p[1])}`));
+    chart.append(dot);
+  }
+}
+
+function logLine(event) {
+  const d = event.data || {};
+  const time = new Date(event.created_at).toLocaleTimeString();
+  let text;
+  let level = "";
+  switch (event.type) {
+    case "state":
+      text = `status ${d.status}` + (d.attempt ? ` (attempt ${d.attempt})` : "")
+        + (d.reason ? `: ${d.reason}` : "") + (d.message ? `: ${d.code ? d.code + ": " : ""}${d.message}` : "");
+      if (d.status === "failed") level = "error";
+      break;
+    case "started": {
+      const r = d.resources || {};
+      text = `trainer started on ${r.device || "?"} (${r.dtype || "?"}, ${r.threads || "?"} threads), `
+        + `${d.total_steps} steps` + (d.resumed_from ? `, resumed from ${d.resumed_from}` : "");
+      break;
+    }
+    case "checkpoint":
+      text = `checkpoint epoch ${d.epoch} (step ${d.step}): validation loss ${fmt(d.validation_loss)} -> ${d.path}`;
+      break;
+    case "log":
+      text = `${d.level || "info"}: ${d.message}`;
+      level = d.level || "";
+      break;
+    default:
+      text = `${event.type}: ${JSON.stringify(d)}`;
+  }
+  return el("span", { class: level }, `${time}  ${text}\n`);
+}
+
+function startJobPage() {
+  const root = document.getElementById("job");
+  const jobUuid = root.dataset.jobUuid;
+  const q = encodeURIComponent(jobUuid);
+  const $ = (id) => document.getElementById(id);
+  const chart = $("chart"), statusEl = $("status"), cancel = $("cancel"), log = $("log");
+  const train = new Map(); // step -> loss (a resumed attempt overwrites the steps it repeats)
+  const validation = new Map(); // epoch -> {step, loss}
+  const checkpoints = new Map(); // identifier -> checkpoint event data
+  let cursor = 0, totalSteps = null, status = statusEl.textContent.trim(), latest = null;
+  showTimes(document);
+
+  function setStatus(value) {
+    status = value;
+    statusEl.textContent = value;
+    statusEl.className = `status ${value}`;
+    cancel.disabled = TERMINAL.has(value);
+  }
+
+  function renderCheckpoints() {
+    const rows = [...checkpoints.values()].sort((a, b) => a.epoch - b.epoch || a.step - b.step).map((c) => {
+      const row = el("tr", { "data-identifier": c.identifier });
+      row.append(el("td", {}, c.epoch), el("td", {}, c.step), el("td", {}, fmt(c.train_loss)),
+        el("td", {}, fmt(c.validation_loss)), el("td", {}, fmt(c.perplexity, 3)));
+      const path = el("td");
+      path.append(el("code", { title: c.identifier }, c.path));
+      row.append(path);
+      return row;
+    });
+    document.querySelector("#checkpoints tbody").replaceChildren(...rows);
+    $("no-checkpoints").hidden = rows.length > 0;
+  }
+
+  function apply(events) {
+    const lines = [];
+    for (const e of events) {
+      const d = e.data || {};
+      if (e.type === "metric") {
+        if (typeof d.loss === "number") train.set(d.step, d.loss);
+        if (d.total_steps) totalSteps = d.total_steps;
+        latest = d;
+        continue;
+      }
+      if (e.type === "started" && d.total_steps) totalSteps = d.total_steps;
+      if (e.type === "checkpoint") {
+        checkpoints.set(d.identifier, d);
+        validation.set(d.epoch, { step: d.step, loss: d.validation_loss });
+      }
+      if (e.type === "state") {
+        if (d.status === "in_progress") { $("started-at").textContent = localTime(e.created_at); }
+        if (TERMINAL.has(d.status)) { $("completed-at").textContent = localTime(e.created_at); }
+        if (d.message) { $("error").hidden = false; $("error").textContent = `${d.code || "error"}: ${d.message}`; }
+      }
+      lines.push(logLine(e));
+    }
+    if (lines.length) {
+      const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      log.append(...lines);
+      while (log.childNodes.length > 1000) log.firstChild.remove();
+      if (atBottom) log.scrollTop = log.scrollHeight;
+    }
+  }
+
+  function render() {
+    drawChart(chart, train, validation, totalSteps);
+    const plural = (n) => `${n} point${n === 1 ? "" : "s"}`;
+    $("train-points").textContent = plural(train.size);
+    $("validation-points").textContent = plural([...validation.values()].filter((v) => v.loss != null).length);
+    if (latest) {
+      $("progress").textContent = `step ${latest.step} of ${totalSteps || "?"}, epoch ${latest.epoch}`;
+      $("latest-loss").textContent = fmt(latest.loss);
+    } else if (totalSteps) {
+      $("progress").textContent = `step 0 of ${totalSteps}`;
+    }
+    renderCheckpoints();
+  }
+
+  async function poll() {
+    let delay = 1000;
+    try {
+      const page = await getJSON(`/v1/post-training/job/events?job_uuid=${q}&after=${cursor}&limit=1000`);
+      apply(page.data);
+      cursor = page.next_cursor;
+      setStatus(page.status);
+      if (page.data.length) render();
+      if (page.data.length === 1000) delay = 0;
+      else if (TERMINAL.has(page.status) && !page.data.length) return; // ended and fully read
+    } catch (err) {
+      delay = 3000;
+    }
+    setTimeout(poll, delay);
+  }
+
+  cancel.addEventListener("click", async () => {
+    if (!window.confirm(`Cancel job ${jobUuid}?`)) return;
+    cancel.disabled = true;
+    $("cancel-message").textContent = "cancelling…";
+    try {
+      const response = await fetch("/v1/post-training/job/cancel", {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ job_uuid: jobUuid }),
+      });
+      if (!response.ok) {
+        const problem = await response.json().catch(() => ({}));
+        throw new Error(problem.detail || `${response.status} ${response.statusText}`);
+      }
+      $("cancel-message").textContent = "cancel requested";
+      const now = await getJSON(`/v1/post-training/job/status?job_uuid=${q}`);
+      setStatus(now.status);
+    } catch (err) {
+      $("cancel-message").textContent = `cancel failed: ${err.message}`;
+      cancel.disabled = TERMINAL.has(status);
+    }
+  });
+
+  render();
+  poll();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const page = document.body.dataset.page;
+  if (page === "jobs") startJobsPage();
+  else if (page === "job") startJobPage();
+  else showTimes(document);
+});
