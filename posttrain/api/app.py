@@ -9,21 +9,16 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from posttrain import __version__
-from posttrain.api.problems import install_problem_handlers, problem
+from posttrain.api.gate import Gate
+from posttrain.api.problems import install_problem_handlers
 from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.dashboard.routes import router as dashboard_router
 from posttrain.api.routes import datasets, events, health, metrics, post_training
-from posttrain.errors import RateLimited, ServiceError, Unauthorized
-from posttrain.services.access import DEFAULT_TENANT
 from posttrain.services.container import Services, build_services
 from posttrain.settings import Settings
-
-
-#: Answered without an API key: liveness for load balancers, and the API's own description.
-OPEN_PATHS = frozenset({"/v1/health", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 
 
 class Background(Protocol):
@@ -63,34 +58,14 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     install_problem_handlers(app)
 
-    access = services.access
-
-    @app.middleware("http")
-    async def tenancy_and_limits(request: Request, call_next):  # noqa: ANN001, ANN202
-        """Body size, API key -> tenant, and the per-key rate limit, before any route runs."""
-        path = request.url.path
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return problem(413, f"the request body is larger than {settings.max_body_bytes} bytes", instance=path)
-        if path in OPEN_PATHS:
-            request.state.tenant = DEFAULT_TENANT
-            return await call_next(request)
-        try:
-            request.state.tenant, identity = access.authenticate(request.headers.get("authorization"))
-            access.check_rate(identity)
-        except ServiceError as exc:
-            headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
-            if isinstance(exc, Unauthorized):
-                headers = {"WWW-Authenticate": "Bearer"}
-            return problem(exc.status_code, exc.detail, title=exc.title, instance=path, headers=headers)
-        return await call_next(request)
+    observe = metrics.install_metrics(app, services.jobs)
+    app.add_middleware(Gate, access=services.access, max_body_bytes=settings.max_body_bytes, observe=observe)
 
     for router in (post_training.router, datasets.router, events.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    app.include_router(dashboard_router)
-    metrics.install_metrics(app, services.jobs)
+    app.include_router(dashboard_router, responses=PROBLEM_RESPONSES)
     app.openapi = lambda: _openapi(app)
     return app
 

@@ -124,8 +124,8 @@ class JobService:
 
     # -- read and cancel -----------------------------------------------------------------------
 
-    def get(self, *, tenant: str, job_uuid: str) -> Job:
-        job = self.store.get(job_uuid=job_uuid, tenant=tenant)
+    def get(self, *, tenant: str, job_uuid: str, with_payload: bool = True) -> Job:
+        job = self.store.get(job_uuid=job_uuid, tenant=tenant, with_payload=with_payload)
         if job is None:
             raise JobNotFound(f"no training job with job_uuid '{job_uuid}'")
         return job

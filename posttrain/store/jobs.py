@@ -66,8 +66,8 @@ def _job(row: RowMapping, ckpts: tuple[Checkpoint, ...] = ()) -> Job:
         kind=JobKind(row["kind"]),
         tenant=row["tenant"],
         status=JobStatus(row["status"]),
-        request=row["request"],
-        plan=row["plan"],
+        request=row.get("request", {}),
+        plan=row.get("plan", {}),
         scheduled_at=_aware(row["scheduled_at"]),
         started_at=_aware(row["started_at"]),
         completed_at=_aware(row["completed_at"]),
@@ -91,9 +91,12 @@ class JobStore:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def get(self, *, job_uuid: str, tenant: str | None = None) -> Job | None:
+    def get(self, *, job_uuid: str, tenant: str | None = None, with_payload: bool = True) -> Job | None:
+        """One job with its checkpoints. ``with_payload=False`` leaves the request and plan JSON
+        unread (empty dicts): the status endpoint, polled hard, needs neither."""
+        columns = list(jobs.c) if with_payload else [c for c in jobs.c if c.name not in ("request", "plan")]
         with self.engine.connect() as conn:
-            query = select(jobs).where(jobs.c.job_uuid == job_uuid)
+            query = select(*columns).where(jobs.c.job_uuid == job_uuid)
             if tenant is not None:
                 query = query.where(jobs.c.tenant == tenant)
             row = conn.execute(query).mappings().first()

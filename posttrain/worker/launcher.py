@@ -122,7 +122,10 @@ class Launcher:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                start_new_session=True,
+                # A process group of its own (so a stop reaches its whole tree), but the server's
+                # session: Linux's autogroup scheduling weighs niceness only within a session, and
+                # the trainer's nice 10 must make it yield to the API.
+                process_group=0,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
             )
         log.info("trainer started for %s (pid %s)", self.job.job_uuid, self._process.pid,

@@ -213,11 +213,22 @@ def test_duplicate_job_uuid_conflicts(client, tiny_model_path):
     assert client.get("/v1/post-training/jobs").json() == {"data": [{"job_uuid": body["job_uuid"]}]}
 
 
-def test_oversized_body_is_413(client, services):
-    services.settings.max_body_bytes = 1000
+def test_oversized_body_is_413(settings):
+    from fastapi.testclient import TestClient
+
+    from posttrain.api.app import create_app
+    from posttrain.services.container import build_services
+
+    settings.max_body_bytes = 1000
+    services = build_services(settings)
     big = {"purpose": "post-training/messages", "source": {"type": "rows", "rows": [{"text": "x" * 2000}]}}
-    assert_problem(client.post("/v1/datasets", json=big), 413)
-    assert client.get("/v1/datasets").json() == {"data": []}
+    with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
+        assert_problem(client.post("/v1/datasets", json=big), 413)
+        # A chunked body announces no length; it is cut off as it arrives.
+        chunks = (json.dumps(big)[i:i + 100].encode() for i in range(0, len(json.dumps(big)), 100))
+        assert_problem(client.post("/v1/datasets", content=chunks, headers={"content-type": "application/json"}), 413)
+        assert client.get("/v1/datasets").json() == {"data": []}
+    services.close()
 
 
 def dpo_request(model: str, dataset_id: str, **algorithm) -> dict:

@@ -6,8 +6,6 @@ reports the same, whole picture); request counters and latencies are this proces
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -53,8 +51,8 @@ class _JobCollector:
         yield from (running, tokens, step, write)
 
 
-def install_metrics(app, jobs: JobService) -> None:  # noqa: ANN001 - FastAPI app
-    """Register the collectors and the request-timing middleware on ``app``."""
+def install_metrics(app, jobs: JobService):  # noqa: ANN001, ANN201 - FastAPI app; returns the observer
+    """Register the collectors on ``app``; return the function the gate calls after each request."""
     registry = CollectorRegistry()
     registry.register(_JobCollector(jobs))
     requests = Counter("posttrain_http_requests", "HTTP requests answered.", ["method", "route", "status"],
@@ -63,20 +61,11 @@ def install_metrics(app, jobs: JobService) -> None:  # noqa: ANN001 - FastAPI ap
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
     app.state.metrics_registry = registry
 
-    @app.middleware("http")
-    async def _time_requests(request: Request, call_next):  # noqa: ANN001, ANN202
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = _route_template(request)
-        requests.labels(request.method, route, str(response.status_code)).inc()
-        latency.labels(request.method, route).observe(time.perf_counter() - started)
-        return response
+    def observe(method: str, route: str, status: int, seconds: float) -> None:
+        requests.labels(method, route, str(status)).inc()
+        latency.labels(method, route).observe(seconds)
 
-
-def _route_template(request: Request) -> str:
-    """The matched route's path template (bounded label values), not the raw path."""
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+    return observe
 
 
 @router.get("/metrics", include_in_schema=False)

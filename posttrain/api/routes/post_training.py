@@ -43,12 +43,12 @@ def list_jobs(jobs: JobServiceDep, tenant: TenantDep) -> ListPostTrainingJobsRes
 
 def job_status(jobs: JobServiceDep, tenant: TenantDep, job_uuid: str = JobUUIDQuery) -> PostTrainingJobStatusResponse:
     """Get the status of a training job."""
-    return PostTrainingJobStatusResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid))
+    return PostTrainingJobStatusResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid, with_payload=False))
 
 
 def job_artifacts(jobs: JobServiceDep, tenant: TenantDep, job_uuid: str = JobUUIDQuery) -> PostTrainingJobArtifactsResponse:
     """Get the artifacts (checkpoints) of a training job."""
-    return PostTrainingJobArtifactsResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid))
+    return PostTrainingJobArtifactsResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid, with_payload=False))
 
 
 def cancel_job(
@@ -70,12 +70,12 @@ def cancel_job(
 
 def job_status_by_path(job_uuid: str, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJobStatusResponse:
     """Get the status of a training job (0.6 client path form)."""
-    return PostTrainingJobStatusResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid))
+    return PostTrainingJobStatusResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid, with_payload=False))
 
 
 def job_artifacts_by_path(job_uuid: str, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJobArtifactsResponse:
     """Get the artifacts of a training job (0.6 client path form)."""
-    return PostTrainingJobArtifactsResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid))
+    return PostTrainingJobArtifactsResponse.from_job(jobs.get(tenant=tenant, job_uuid=job_uuid, with_payload=False))
 
 
 def cancel_job_by_path(job_uuid: str, jobs: JobServiceDep, tenant: TenantDep) -> None:
