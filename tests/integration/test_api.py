@@ -292,3 +292,24 @@ def test_prometheus_metrics(client, tiny_model_path):
     assert 'posttrain_jobs{status="scheduled"} 1.0' in text
     assert "posttrain_queue_depth 1.0" in text
     assert 'posttrain_http_requests_total{method="POST",route="/v1/post-training/supervised-fine-tune",status="200"} 1.0' in text
+
+
+def test_model_paths_stay_inside_roots_and_remote_code_is_refused(client, tiny_model_path, tmp_path):
+    import shutil
+
+    register(client)
+    remote = tiny_model_path.parent / f"remote-code-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(tiny_model_path, remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.Model"}}))
+    assert_problem(client.post("/v1/post-training/supervised-fine-tune", json=lora_request(str(remote), "toy")),
+                   400, "POSTTRAIN_TRUST_REMOTE_CODE")
+    # A symlink inside a root that points outside it is followed, and refused.
+    outside = tmp_path / "outside-model"
+    shutil.copytree(tiny_model_path, outside)
+    link = tiny_model_path.parent / f"link-{uuid.uuid4().hex[:6]}"
+    link.symlink_to(outside)
+    assert_problem(client.post("/v1/post-training/supervised-fine-tune", json=lora_request(str(link), "toy")), 400, "outside")
+    assert_problem(client.post("/v1/post-training/supervised-fine-tune",
+                               json=lora_request(str(tiny_model_path / ".." / ".." / "x"), "toy")), 400, "model")
+    assert client.get("/v1/post-training/jobs").json() == {"data": []}
