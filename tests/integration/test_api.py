@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -305,7 +306,9 @@ def test_model_paths_stay_inside_roots_and_remote_code_is_refused(client, tiny_m
     assert_problem(client.post("/v1/post-training/supervised-fine-tune", json=lora_request(str(remote), "toy")),
                    400, "POSTTRAIN_TRUST_REMOTE_CODE")
     # A symlink inside a root that points outside it is followed, and refused.
-    outside = tmp_path / "outside-model"
+    import tempfile
+
+    outside = Path(tempfile.mkdtemp(prefix="posttrain-outside-")) / "model"  # not under the pytest roots
     shutil.copytree(tiny_model_path, outside)
     link = tiny_model_path.parent / f"link-{uuid.uuid4().hex[:6]}"
     link.symlink_to(outside)
