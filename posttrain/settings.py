@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     )
     max_dataset_rows: int | None = Field(default=1_000_000, description="Most rows one dataset may hold.")
     max_body_bytes: int = Field(default=64 * 1024 * 1024, description="Largest request body accepted (413 past it).")
+    allow_http_datasets: bool = Field(
+        default=False, description="Let dataset URIs be http(s):// URLs, fetched once at registration."
+    )
+    http_dataset_allow_private: bool = Field(
+        default=False,
+        description="Let http(s) dataset URLs reach loopback, private, link-local and other non-public addresses.",
+    )
+    http_dataset_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="Largest http(s) dataset fetched.")
+    http_dataset_timeout_seconds: float = Field(default=30.0, gt=0, description="Time limit for fetching one http(s) dataset.")
 
     @cached_property
     def resolved_home(self) -> Path:

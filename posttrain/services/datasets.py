@@ -7,7 +7,7 @@ from typing import Any
 
 from posttrain.domain.datasets import Dataset
 from posttrain.errors import DatasetNotFound, DatasetSourceInvalid, DuplicateDataset, InvalidRequest
-from posttrain.services.dataset_sources import load_uri_rows, validate_rows
+from posttrain.services.dataset_sources import HttpPolicy, load_uri_rows, validate_rows
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 
@@ -39,6 +39,12 @@ class DatasetService:
                 file_roots=self.settings.allowed_file_roots,
                 hf_cache=self.settings.hf_cache,
                 max_rows=self.settings.max_dataset_rows,
+                http=HttpPolicy(
+                    enabled=self.settings.allow_http_datasets,
+                    allow_private=self.settings.http_dataset_allow_private,
+                    max_bytes=self.settings.http_dataset_max_bytes,
+                    timeout_seconds=self.settings.http_dataset_timeout_seconds,
+                ),
             )
         return self.store.create(
             tenant=tenant, identifier=identifier, purpose=purpose, source=source, metadata=metadata or {}, rows=rows
