@@ -3,7 +3,6 @@ and the app, and starts them. Nothing imports this module."""
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -27,7 +26,9 @@ console = Console(stderr=True)
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from posttrain.logs import configure_logging
+
+    configure_logging(level, Settings().log_format)
 
 
 def _scheduler(settings: Settings):  # noqa: ANN202
@@ -81,7 +82,8 @@ def serve(
     application = create_app(settings, services=services, background=background)
     console.print(f"posttrain serving on http://{host or settings.host}:{port or settings.port} "
                   f"(data folder {settings.resolved_home})")
-    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level=log_level.lower())
+    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level=log_level.lower(),
+                log_config=None)
 
 
 @app.command()

@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     max_queued_jobs_per_tenant: int | None = Field(
         default=None, ge=1, description="Scheduled + running jobs one tenant may have at once (429 past it)."
     )
+    log_format: str = Field(default="text", pattern="^(text|json)$", description="text, or json: one object per line.")
     max_dataset_rows: int | None = Field(default=1_000_000, description="Most rows one dataset may hold.")
     max_body_bytes: int = Field(default=64 * 1024 * 1024, description="Largest request body accepted (413 past it).")
     allow_http_datasets: bool = Field(
