@@ -35,11 +35,17 @@ def _scheduler(settings: Settings):  # noqa: ANN202
     from posttrain.store.engine import make_engine, migrate
     from posttrain.store.jobs import JobStore
     from posttrain.worker.scheduler import Scheduler, launch_config_from
+    from posttrain.worker.warm import WarmPool
 
     engine = make_engine(settings.resolved_database_url)
     migrate(engine)
+    config = launch_config_from(settings)
+    warm = None
+    if settings.warm_trainers:
+        warm = WarmPool(size=settings.warm_trainers, python=config.python, nice=config.nice,
+                        log_dir=settings.resolved_home / "logs")
     return Scheduler(store=JobStore(engine), slots=settings.worker_slots, poll_seconds=settings.poll_seconds,
-                     config=launch_config_from(settings))
+                     config=config, warm=warm)
 
 
 def _prepare_demo(settings: Settings, services) -> None:  # noqa: ANN001

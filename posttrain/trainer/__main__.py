@@ -29,6 +29,31 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars follow it too
 
 
+def _wait_warm() -> str | None:
+    """Warm mode: import the training stack now, then wait for one job on stdin.
+
+    The launcher sends one JSON line ``{"spec": path, "stderr": path}``; from then on this process
+    is exactly a trainer started with that spec, its library output going to the job's own log.
+    """
+    _quiet_libraries()
+    import peft  # noqa: F401 - imported for their start-up cost, before the job arrives
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import posttrain.trainer.dpo  # noqa: F401
+    import posttrain.trainer.sft  # noqa: F401
+
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return None
+    job = json.loads(line)
+    log_fd = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)
+    os.dup2(log_fd, 1)  # fd 1 already stood for stderr; the protocol has its own handle
+    os.close(log_fd)
+    return job["spec"]
+
+
 def _run(spec: dict, *, reporter, stop) -> str:
     method = spec.get("method")
     if method == "sft":
@@ -47,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     reporter = Reporter(_take_stdout())
+    if argv == ["--warm"]:
+        job = _wait_warm()
+        if job is None:
+            return 0  # the pool closed our stdin: nothing to do
+        argv = [job]
     stop = StopFlag()
     stop.install()
     if len(argv) != 1:

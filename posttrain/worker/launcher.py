@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import IO, Any
 
 from posttrain.domain.jobs import Job, JobStatus
 from posttrain.store.jobs import JobStore
+from posttrain.worker.warm import spawn_trainer, trainer_command
 
 log = logging.getLogger("posttrain.worker")
 
@@ -58,8 +58,10 @@ def _memory_total_bytes() -> int | None:
 class Launcher:
     """One job, one trainer process, one thread of control (``run``) plus a stdout reader."""
 
-    def __init__(self, *, job: Job, owner: str, store: JobStore, config: LaunchConfig) -> None:
+    def __init__(self, *, job: Job, owner: str, store: JobStore, config: LaunchConfig,
+                 warm: subprocess.Popen[bytes] | None = None) -> None:
         self.job = job
+        self._warm = warm
         self.owner = owner
         self.store = store
         self.config = config
@@ -111,24 +113,17 @@ class Launcher:
         spec = self._spec()
         folder = spec.parent
         stderr_path = folder / f"trainer-attempt-{self.attempt}.log"
-        command = [self.config.python, "-m", "posttrain.trainer", str(spec)]
-        nice = shutil.which("nice")
-        if self.config.nice and nice:
-            # Lower the trainer's priority so the API stays responsive on a busy CPU.
-            command = [nice, "-n", str(self.config.nice), *command]
-        with open(stderr_path, "ab") as stderr:
-            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                # A process group of its own (so a stop reaches its whole tree), but the server's
-                # session: Linux's autogroup scheduling weighs niceness only within a session, and
-                # the trainer's nice 10 must make it yield to the API.
-                process_group=0,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
-            )
-        log.info("trainer started for %s (pid %s)", self.job.job_uuid, self._process.pid,
+        warm = self._warm
+        if warm is not None and warm.poll() is None and warm.stdin is not None:
+            # A warm trainer has the training stack imported; it takes the spec (and where to
+            # write its log) as one line on stdin, then keeps stdin open as its lifeline.
+            self._process = warm
+            warm.stdin.write(json.dumps({"spec": str(spec), "stderr": str(stderr_path)}).encode() + b"\n")
+            warm.stdin.flush()
+        else:
+            self._process = spawn_trainer(trainer_command(self.config.python, self.config.nice, str(spec)), stderr_path)
+        log.info("trainer started for %s (pid %s, %s)", self.job.job_uuid, self._process.pid,
+                 "warm" if self._process is warm else "cold",
                  extra={"action": "trainer_started", "job_id": self.job.job_uuid})
         reader = threading.Thread(target=self._read, args=(self._process.stdout,), daemon=True,
                                   name=f"trainer-reader-{self.job.job_uuid[:8]}")

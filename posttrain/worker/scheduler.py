@@ -14,6 +14,7 @@ import uuid
 
 from posttrain.store.jobs import JobStore
 from posttrain.worker.launcher import LaunchConfig, Launcher
+from posttrain.worker.warm import WarmPool
 
 log = logging.getLogger("posttrain.worker")
 
@@ -24,8 +25,9 @@ def worker_id() -> str:
 
 class Scheduler:
     def __init__(self, *, store: JobStore, slots: int, poll_seconds: float, config: LaunchConfig,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, warm: WarmPool | None = None) -> None:
         self.store = store
+        self.warm = warm
         self.slots = slots
         self.poll_seconds = poll_seconds
         self.config = config
@@ -51,6 +53,8 @@ class Scheduler:
             launcher.request_shutdown()
         for _, thread in active:
             thread.join(timeout=timeout)
+        if self.warm is not None:
+            self.warm.close()
         log.info("scheduler %s stopped", self.owner, extra={"action": "scheduler_stopped"})
 
     def run_forever(self) -> None:
@@ -81,8 +85,9 @@ class Scheduler:
         while free > 0 and not self._stop.is_set():
             job = self.store.claim_next(owner=self.owner, lease_seconds=self.config.lease_seconds)
             if job is None:
-                return
-            launcher = Launcher(job=job, owner=self.owner, store=self.store, config=self.config)
+                break
+            launcher = Launcher(job=job, owner=self.owner, store=self.store, config=self.config,
+                                warm=self.warm.take() if self.warm else None)
             thread = threading.Thread(target=launcher.run, name=f"launcher-{job.job_uuid[:8]}", daemon=True)
             with self._lock:
                 self._active[job.job_uuid] = (launcher, thread)
@@ -90,6 +95,8 @@ class Scheduler:
             log.info("claimed job %s (attempt %d)", job.job_uuid, job.attempt,
                      extra={"action": "job_claimed", "job_id": job.job_uuid})
             free -= 1
+        if self.warm is not None and free > 0 and not self._stop.is_set():
+            self.warm.refill()  # an idle slot keeps a trainer warm for the next job
 
 
 def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.settings.Settings

@@ -61,7 +61,8 @@ def _assert_resumed_and_complete(server, job_uuid: str) -> None:
 
 
 def test_killed_trainer_is_requeued_and_resumes(tmp_path, tiny_model_path):
-    server = start_server(tmp_path, tiny_model_path)
+    # Cold trainers here (the other tests use the default warm pool), so both start paths are run.
+    server = start_server(tmp_path, tiny_model_path, extra_env={"POSTTRAIN_WARM_TRAINERS": "0"})
     try:
         job_uuid = _submit_long_job(server)
         running = _wait(server, job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"])
