@@ -105,6 +105,8 @@ def _failure_code(exc: Exception) -> str:
 
     if isinstance(exc, RowFormatError):
         return "bad_row"
+    if type(exc).__name__ == "CheckpointWriteError":
+        return "disk_full"
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return "out_of_memory"
     if type(exc).__name__ == "TrainerConfigError":

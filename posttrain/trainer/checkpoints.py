@@ -7,6 +7,8 @@ crash or kill mid-write leaves only a ``.tmp`` folder, which is ignored and late
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import random
@@ -61,25 +63,77 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the disk is full, say); the earlier ones are untouched."""
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def write_checkpoint(
     *, output_dir: Path, epoch: int, model, tokenizer, training_state: dict[str, Any], trainer_state: dict[str, Any]
 ) -> Path:
-    """Save model (or peft adapter) + tokenizer + training state, then rename into place."""
+    """Save model (or peft adapter) + tokenizer + training state, then rename into place.
+
+    Every file is fsynced before the rename and the folder after it, so a checkpoint that exists
+    under its final name is complete on disk even after a power loss.
+    """
     import torch
 
     final = checkpoint_dir(output_dir=output_dir, epoch=epoch)
     staging = final.with_name(final.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    torch.save(training_state, staging / TRAINING_STATE)
-    (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(staging, final)
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        buffer = io.BytesIO()  # serialise first: a full disk then fails as an OSError, not inside torch
+        torch.save(training_state, buffer)
+        (staging / TRAINING_STATE).write_bytes(buffer.getvalue())
+        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+        _fsync_tree(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(output_dir)
+    except Exception as exc:
+        full = _out_of_space(exc, output_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            raise CheckpointWriteError(
+                exc.errno, f"no space left on the device while writing checkpoint {final.name} in {output_dir}; "
+                "the earlier checkpoints are kept"
+            ) from exc
+        raise
     return final
+
+
+def _out_of_space(exc: Exception, folder: Path) -> bool:
+    """ENOSPC and friends; or any write error (safetensors and torch raise their own) on a disk
+    with next to nothing left."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1024 * 1024
+    except OSError:
+        return False
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_training_state(*, folder: Path) -> dict[str, Any]:
