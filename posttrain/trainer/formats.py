@@ -181,8 +181,19 @@ def tokenize_sft_row(
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if (is_assistant or train_on_input) else [IGNORE_INDEX] * len(ids)
-    if max_length:
+    if max_length and len(input_ids) > max_length:
+        # Truncation keeps the start; if that leaves no answer token to learn from, the row is
+        # useless (and would make a step with nothing to average): say so instead.
+        if all(label == IGNORE_INDEX for label in labels[:max_length]):
+            raise RowFormatError(
+                f"{len(input_ids)} tokens, and the answer starts after the first {max_length} "
+                "(the most this model takes); shorten the prompt",
+                row_index=row_index,
+            )
         input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if not any(label != IGNORE_INDEX for label in labels):
+        raise RowFormatError("the answer is empty; there is nothing to learn from this row",
+                             row_index=row_index)
     return {"input_ids": input_ids, "labels": labels}
 
 

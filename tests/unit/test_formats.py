@@ -114,9 +114,9 @@ def test_train_on_input_and_truncation(tokenizer):
     full = tokenize_sft_row(row, tokenizer=tokenizer, data_format="instruct", train_on_input=True,
                             max_length=None, row_index=0)
     assert full["labels"] == full["input_ids"]
-    short = tokenize_sft_row(row, tokenizer=tokenizer, data_format="instruct", train_on_input=False,
+    short = tokenize_sft_row(row, tokenizer=tokenizer, data_format="instruct", train_on_input=True,
                              max_length=5, row_index=0)
-    assert short["input_ids"] == full["input_ids"][:5] and len(short["labels"]) == 5
+    assert short["input_ids"] == full["input_ids"][:5] and short["labels"] == full["labels"][:5]
 
 
 def test_plain_fallback_without_chat_template(tokenizer):
@@ -145,3 +145,17 @@ def test_preference_rows():
         normalize_preference_row({"prompt": "Q?", "chosen": "x"}, row_index=4)
     with pytest.raises(RowFormatError, match="row 2: no prompt"):
         normalize_preference_row({"chosen": "x", "rejected": "y"}, row_index=2)
+
+
+def test_a_row_whose_answer_is_cut_away_or_empty_is_refused(tokenizer):
+    long_prompt = {"input_query": "word " * 400, "expected_answer": "short"}
+    with pytest.raises(RowFormatError, match=r"row 3: \d+ tokens.*shorten the prompt"):
+        tokenize_sft_row(long_prompt, tokenizer=tokenizer, data_format="instruct", train_on_input=False,
+                         max_length=64, row_index=3)
+    # With the loss on the input too, the kept start still teaches something.
+    kept = tokenize_sft_row(long_prompt, tokenizer=tokenizer, data_format="instruct", train_on_input=True,
+                            max_length=64, row_index=3)
+    assert len(kept["input_ids"]) == 64
+    with pytest.raises(RowFormatError, match="row 5: the answer is empty"):
+        tokenize_sft_row({"input_query": "q", "expected_answer": ""}, tokenizer=tokenizer, data_format="instruct",
+                         train_on_input=False, max_length=None, row_index=5)
