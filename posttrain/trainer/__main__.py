@@ -35,6 +35,23 @@ def _wait_warm() -> str | None:
     The launcher sends one JSON line ``{"spec": path, "stderr": path}``; from then on this process
     is exactly a trainer started with that spec, its library output going to the job's own log.
     """
+    import threading
+
+    received: dict[str, bytes] = {}
+    arrived = threading.Event()
+
+    def wait_for_line() -> None:
+        # Watch stdin from the start: if the worker dies while we import, leave at once.
+        data = b""
+        while b"\n" not in data:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                os._exit(0)
+            data += chunk
+        received["line"] = data
+        arrived.set()
+
+    threading.Thread(target=wait_for_line, name="warm-stdin", daemon=True).start()
     _quiet_libraries()
     import peft  # noqa: F401 - imported for their start-up cost, before the job arrives
     import torch  # noqa: F401
@@ -43,7 +60,8 @@ def _wait_warm() -> str | None:
     import posttrain.trainer.dpo  # noqa: F401
     import posttrain.trainer.sft  # noqa: F401
 
-    line = sys.stdin.buffer.readline()
+    arrived.wait()
+    line = received["line"]
     if not line.strip():
         return None
     job = json.loads(line)
