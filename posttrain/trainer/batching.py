@@ -82,4 +82,105 @@ def collate(examples: list[dict], *, pad_id: int):
         "labels": labels,
         "real_tokens": int(attention_mask.sum()),
         "label_tokens": label_tokens,
+        "total_tokens": input_ids.numel(),
     }
+
+
+# --- Packing (``data_config.packed``) -------------------------------------------------------------
+#
+# Several tokenized rows share one sequence of up to ``max_length`` tokens. Each row keeps its own
+# positions (0, 1, ...) and attends only to itself: the attention mask is block-diagonal and causal,
+# and the first token of every row is a -100 label, so no row learns to predict the next row's
+# first token. The loss over a packed batch is then exactly the token-weighted loss of its rows.
+
+
+def pack_rows(lengths: list[int], *, max_length: int) -> list[list[int]]:
+    """Group row indices into packs of total length <= ``max_length`` (first-fit decreasing).
+
+    Rows are taken longest first (ties by index) and each goes into the first pack, in creation
+    order, with room left; a segment tree over the packs' free room makes that O(n log n). A row
+    longer than ``max_length`` gets a pack of its own. Deterministic for the same lengths.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = 1
+    while size < max(1, len(lengths)):
+        size *= 2
+    room = [-1] * (2 * size)  # leaves: free room of pack k (-1: not opened yet); inner: max of children
+    packs: list[list[int]] = []
+    for index in order:
+        need = lengths[index]
+        if packs and room[1] >= need:
+            node = 1
+            while node < size:  # leftmost leaf with enough room
+                node = 2 * node if room[2 * node] >= need else 2 * node + 1
+            pack = node - size
+        else:
+            pack, node = len(packs), size + len(packs)
+            packs.append([])
+            room[node] = max_length
+        packs[pack].append(index)
+        room[node] -= need
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
+    return packs
+
+
+def collate_packed(packs: list[list[dict]], *, pad_id: int):
+    """Right-pad a batch of packs (each a list of tokenized rows) to the longest pack.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` (restarting at 0 for every row) and
+    ``segment_ids`` (1, 2, ... per row, 0 for the padding tail), plus token counts like ``collate``.
+    Build the attention mask for a given model with ``packed_attention_mask``.
+    """
+    import torch
+
+    width = max(sum(len(e["input_ids"]) for e in pack) for pack in packs)
+    input_ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(packs), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(packs), width), dtype=torch.long)
+    segment_ids = torch.zeros((len(packs), width), dtype=torch.long)
+    real = 0
+    for row, pack in enumerate(packs):
+        start = 0
+        for segment, example in enumerate(pack, start=1):
+            n = len(example["input_ids"])
+            end = start + n
+            input_ids[row, start:end] = torch.tensor(example["input_ids"], dtype=torch.long)
+            labels[row, start:end] = torch.tensor(example["labels"], dtype=torch.long)
+            labels[row, start] = IGNORE_INDEX  # the row's first token is predicted by nothing of its own
+            position_ids[row, start:end] = torch.arange(n)
+            segment_ids[row, start:end] = segment
+            start = end
+        real += start
+        position_ids[row, start:] = torch.arange(width - start)  # the padding tail: a segment of its own
+    label_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "real_tokens": real,
+        "label_tokens": label_tokens,
+        "total_tokens": input_ids.numel(),
+    }
+
+
+def packed_attention_mask(segment_ids, *, dtype=None):
+    """The 4D ``[batch, 1, seq, seq]`` block-diagonal causal mask for ``segment_ids``.
+
+    Boolean (True = may attend) when ``dtype`` is None or torch.bool, as SDPA takes it; otherwise
+    additive in ``dtype`` (0 or the dtype's minimum), as eager attention adds it to the scores.
+    transformers passes a 4D mask through to the attention function unchanged. Padding positions
+    form a segment of their own, so no query row is fully masked (which would give NaN).
+    """
+    import torch
+
+    width = segment_ids.shape[-1]
+    causal = torch.ones((width, width), dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
+    if dtype is None or dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)

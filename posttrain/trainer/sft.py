@@ -4,6 +4,11 @@ A plain loop rather than HF Trainer/TRL: we need to report after every optimizer
 between micro-batches on SIGTERM, and keep length-grouped dynamic padding, without fighting a
 framework's callbacks. The loss is the mean token cross-entropy over the label (answer) tokens of
 a whole optimizer step, so gradient accumulation gives the same update as one large batch.
+
+With ``data_config.packed`` the rows are packed into sequences of up to the model's max length
+(block-diagonal causal attention, positions restarting per row: see ``batching.collate_packed``),
+which gives the same loss as the rows unpacked. Speed on a CPU comes from spending nothing on
+padding, applying the output head only at label positions, and the fused Adam(W) step.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.trainer import checkpoints, modeling
-from posttrain.trainer.batching import collate, encode_rows, length_grouped_batches, read_rows
+from posttrain.trainer.batching import (
+    collate,
+    collate_packed,
+    encode_rows,
+    length_grouped_batches,
+    pack_rows,
+    packed_attention_mask,
+    read_rows,
+)
 from posttrain.trainer.formats import IGNORE_INDEX, normalize_sft_row
 from posttrain.trainer.reporting import Reporter, StopFlag
 
@@ -69,19 +82,93 @@ def _max_length(*, model_path: str, tokenizer, trust_remote_code: bool) -> int:
     return min(int(limit) for limit in limits if limit and limit < 10**8)
 
 
+#: Model types whose ``ForCausalLM.forward`` computes logits as plain ``lm_head(body(...)[0])``
+#: (no soft-capping or scaling after the head, no auxiliary loss): for these we run the body and
+#: apply the head to the label positions only. Any other model goes through its own forward.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "gemma"})
+
+
+def _plain_head_parts(model):
+    """``(body, lm_head)`` of a causal LM whose logits are ``lm_head(last_hidden_state)``, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if not type(base).__module__.startswith("transformers.models."):  # remote code: trust only its forward
+        return None
+    body, head = getattr(base, "model", None), base.get_output_embeddings()
+    if body is None or head is None:
+        return None
+    return body, head
+
+
+def _model_inputs(model, batch, *, device: str) -> dict:
+    """Forward kwargs: input ids plus, for padded batches, the 2D padding mask; for packed
+    batches, per-row ``position_ids`` and the block-diagonal causal mask in the form the model's
+    attention implementation takes (a 4D bool mask for SDPA, a 4D additive mask for eager; the
+    flash/flex kernels get no mask and find the rows from the restarting ``position_ids``)."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
+    if "segment_ids" not in batch:
+        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
+        return inputs
+    inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    segments = batch["segment_ids"].to(device, non_blocking=True)
+    if implementation == "sdpa":
+        inputs["attention_mask"] = packed_attention_mask(segments)
+    elif implementation == "eager":
+        inputs["attention_mask"] = packed_attention_mask(segments, dtype=model.get_input_embeddings().weight.dtype)
+    return inputs
+
+
 def _loss_sum(model, batch, *, precision: modeling.Precision):
+    """Summed next-token cross-entropy over the label tokens of one (padded or packed) batch.
+
+    For the models in ``PLAIN_HEAD_MODEL_TYPES`` the vocabulary projection runs only at the
+    positions that have a label: the same loss, without [batch, seq, vocab] logits for prompt and
+    padding tokens (most of the positions, and a large share of the compute, with long prompts).
+    """
     import torch
     import torch.nn.functional as F
 
     device = precision.device
     autocast = (torch.autocast(device_type="cuda", dtype=precision.torch_dtype())
                 if precision.autocast else contextlib.nullcontext())
+    inputs = _model_inputs(model, batch, device=device)
+    labels = batch["labels"].to(device, non_blocking=True)[:, 1:]
+    parts = _plain_head_parts(model)
     with autocast:
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits
-    labels = batch["labels"].to(device)[:, 1:]
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+        if parts is not None:
+            body, head = parts
+            hidden = body(**inputs, use_cache=False).last_hidden_state
+            keep = labels != IGNORE_INDEX
+            logits = head(hidden[:, :-1][keep])
+            targets = labels[keep]
+        else:
+            logits = model(**inputs, use_cache=False).logits[:, :-1].flatten(0, 1)
+            targets = labels.flatten()
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _fused(optimizer):
+    """The same Adam/AdamW optimizer with torch's fused kernel, where this torch has one.
+
+    The update is the same; the fused kernel does a parameter's whole step in one pass instead of
+    a dozen tensor ops (on a CPU, measured: 8x less optimizer time for a full fine-tune, 4x for
+    LoRA). Built before the scheduler, so the scheduler drives this one. Anything else, unchanged.
+    """
+    import torch
+
+    if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam) or optimizer.defaults.get("fused"):
+        return optimizer
+    import inspect
+
+    accepted = set(inspect.signature(type(optimizer).__init__).parameters)
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    groups = [{k: v for k, v in group.items() if k not in ("fused", "foreach")} for group in optimizer.param_groups]
+    try:
+        return type(optimizer)(groups, **{**defaults, "fused": True, "foreach": False})
+    except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or dtype
+        return optimizer
 
 
 def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision, stop: StopFlag):
@@ -193,10 +280,13 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         if lora:
             model.enable_input_require_grads()
 
-    micro_batches = math.ceil(len(train) / plan.batch_size)
+    lengths = [len(e["input_ids"]) for e in train]
+    # Packed: rows are packed once (deterministic), and the packs are batched and shuffled like rows.
+    packs = pack_rows(lengths, max_length=max_length) if plan.packed else None
+    micro_batches = math.ceil((len(packs) if packs is not None else len(train)) / plan.batch_size)
     steps_per_epoch = max(1, min(plan.max_steps_per_epoch, math.ceil(micro_batches / plan.gradient_accumulation_steps)))
     total_steps = plan.n_epochs * steps_per_epoch
-    optimizer = modeling.build_optimizer(model, config.get("optimizer_config") or {})
+    optimizer = _fused(modeling.build_optimizer(model, config.get("optimizer_config") or {}))
     scheduler = modeling.build_scheduler(optimizer, warmup_steps=plan.warmup_steps, total_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast and precision.dtype == "fp16" else None
 
@@ -221,16 +311,21 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     if precision.dtype != precision.requested:
         reporter.log(f"dtype {precision.requested} was requested; computing in {precision.dtype} on {precision.device}",
                      level="warning")
-    if plan.packed:
-        reporter.log("packed=true is not supported yet; training on unpacked, length-grouped batches", level="warning")
+    if packs is not None:
+        reporter.log(f"packed=true: {len(train)} rows in {len(packs)} sequences of up to {max_length} tokens")
     if algorithm and algorithm.get("quantize_base"):
         reporter.log("quantize_base is not supported; the base model is not quantized", level="warning")
     for epoch, folder in found:
         _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
 
-    lengths = [len(e["input_ids"]) for e in train]
+    def make_batch(indices: list[int]):
+        if packs is None:
+            return collate([train[i] for i in indices], pad_id=tokenizer.pad_token_id)
+        return collate_packed([[train[i] for i in packs[p]] for p in indices], pad_id=tokenizer.pad_token_id)
+
+    unit_lengths = [sum(lengths[i] for i in pack) for pack in packs] if packs is not None else lengths
     for epoch in range(start_epoch, plan.n_epochs + 1):
-        batches = length_grouped_batches(lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
+        batches = length_grouped_batches(unit_lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
                                          rng=random.Random(f"{seed}:{epoch}"))
         accumulate = plan.gradient_accumulation_steps
         groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)][:steps_per_epoch]
@@ -239,7 +334,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
             if stop.is_set():
                 return "cancelled"
             started = time.perf_counter()
-            micro = [collate([train[i] for i in indices], pad_id=tokenizer.pad_token_id) for indices in group]
+            micro = [make_batch(indices) for indices in group]
             lr = scheduler.get_last_lr()[0]
             loss = _train_step(model, micro, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                precision=precision, stop=stop)
@@ -248,8 +343,11 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
             global_step += 1
             losses.append(loss)
             elapsed = max(time.perf_counter() - started, 1e-9)
-            reporter.emit("metric", step=global_step, epoch=epoch, loss=loss, lr=lr,
-                          tokens_per_s=sum(b["real_tokens"] for b in micro) / elapsed, total_steps=total_steps)
+            real = sum(b["real_tokens"] for b in micro)
+            positions = sum(b["total_tokens"] for b in micro)
+            reporter.emit("metric", step=global_step, epoch=epoch, loss=loss, lr=lr, tokens_per_s=real / elapsed,
+                          total_steps=total_steps, tokens=real, padding_fraction=1 - real / max(positions, 1),
+                          step_seconds=elapsed)
         if stop.is_set():
             return "cancelled"
         validation_loss = _evaluate(model, validation, plan=plan, pad_id=tokenizer.pad_token_id, seed=seed,
@@ -260,13 +358,18 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                          "metrics": metrics}
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "rng": checkpoints.rng_state(), "epoch": epoch, "global_step": global_step}
+        writing = time.perf_counter()
         folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
-                                              training_state=training_state, trainer_state=trainer_state)
-        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state)
+                                              training_state=training_state, trainer_state=trainer_state,
+                                              merge=bool(spec.get("save_merged")) and lora)
+        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
+                         write_seconds=time.perf_counter() - writing)
     return "completed"
 
 
-def _emit_checkpoint(reporter: Reporter, *, job_uuid: str, folder: Path, state: dict[str, Any]) -> None:
+def _emit_checkpoint(reporter: Reporter, *, job_uuid: str, folder: Path, state: dict[str, Any],
+                     write_seconds: float | None = None) -> None:
     epoch = int(state["epoch"])
+    extra = {"write_seconds": write_seconds} if write_seconds is not None else {}
     reporter.emit("checkpoint", identifier=f"{job_uuid}-epoch-{epoch}", epoch=epoch, step=int(state["global_step"]),
-                  path=str(folder.resolve()), **state["metrics"])
+                  path=str(folder.resolve()), **state["metrics"], **extra)
