@@ -42,8 +42,6 @@ def check_training_config(training: dict[str, Any]) -> dict[str, Any]:
     if not data:
         raise RecipeInvalid("training_config.data_config: required by this server, it names the dataset to train on")
     _positive(data.get("batch_size"), "training_config.data_config.batch_size")
-    if data.get("packed"):
-        raise RecipeInvalid("training_config.data_config.packed: packing is not supported by this server yet; set it to false")
     dtype = training.get("dtype") or "bf16"
     if dtype not in SUPPORTED_DTYPES:
         raise RecipeInvalid(f"training_config.dtype: '{dtype}' is not one of {', '.join(SUPPORTED_DTYPES)}")

@@ -187,7 +187,6 @@ def test_unknown_job_is_404_everywhere(client):
         (lambda b: b["training_config"].pop("n_epochs"), 400, ["training_config.n_epochs", "required"]),
         (lambda b: b["training_config"].update(n_epochs="2"), 400, ["training_config.n_epochs"]),
         (lambda b: b["training_config"].update(n_epochs=0), 400, ["n_epochs"]),
-        (lambda b: b["training_config"]["data_config"].update(packed=True), 400, ["packed"]),
         (lambda b: b["training_config"].update(dtype="int3"), 400, ["dtype"]),
         (lambda b: b.update(algorithm_config={"type": "QAT", "quantizer_name": "x", "group_size": 32}), 400, ["QAT"]),
         (lambda b: b["algorithm_config"].update(lora_attn_modules=["wq"]), 400, ["lora_attn_modules"]),
