@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     trainer_threads: int | None = Field(default=None, ge=1, description="CPU threads per trainer; default: all cores.")
     warm_trainers: int = Field(default=1, ge=0, description="Trainer processes kept started, with torch imported, "
                                "while a slot is idle: the next job skips seconds of start-up. 0 turns this off.")
+    save_merged_checkpoints: bool = Field(default=False, description="Also write each LoRA checkpoint merged into its "
+                                          "base (checkpoint/merged/): loads without peft, costs a model's size on disk.")
     trainer_nice: int = Field(default=10, ge=0, le=19, description="Niceness of trainer processes so the API stays responsive.")
     device: str = Field(default="auto", description="auto | cpu | cuda")
     model_roots: list[Path] = Field(

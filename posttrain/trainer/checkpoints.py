@@ -70,10 +70,24 @@ class CheckpointWriteError(OSError):
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+MERGED = "merged"
+
+
 def write_checkpoint(
-    *, output_dir: Path, epoch: int, model, tokenizer, training_state: dict[str, Any], trainer_state: dict[str, Any]
+    *,
+    output_dir: Path,
+    epoch: int,
+    model,
+    tokenizer,
+    training_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    merge: bool = False,
 ) -> Path:
     """Save model (or peft adapter) + tokenizer + training state, then rename into place.
+
+    With ``merge`` (a LoRA model), ``merged/`` also holds the adapter merged into a copy of the
+    base: a plain Hugging Face model folder that loads without peft. The copy costs one more model
+    in memory while it is written.
 
     Every file is fsynced before the rename and the folder after it, so a checkpoint that exists
     under its final name is complete on disk even after a power loss.
@@ -88,6 +102,13 @@ def write_checkpoint(
         staging.mkdir(parents=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if merge and hasattr(model, "merge_and_unload"):
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(staging / MERGED)
+            tokenizer.save_pretrained(staging / MERGED)
+            del merged
         buffer = io.BytesIO()  # serialise first: a full disk then fails as an OSError, not inside torch
         torch.save(training_state, buffer)
         (staging / TRAINING_STATE).write_bytes(buffer.getvalue())

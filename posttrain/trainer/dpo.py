@@ -329,7 +329,8 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
             losses.append(step["loss"])
             elapsed = max(time.perf_counter() - started, 1e-9)
             reporter.emit("metric", step=global_step, epoch=epoch, **step, lr=lr,
-                          tokens_per_s=sum(b["real_tokens"] for b in micro) / elapsed, total_steps=total_steps)
+                          tokens_per_s=sum(b["real_tokens"] for b in micro) / elapsed, total_steps=total_steps,
+                          step_seconds=elapsed)
         if stop.is_set():
             return "cancelled"
         evaluation = _evaluate(model, validation, config=dpo, plan=plan, pad_id=pad_id, seed=seed,
@@ -343,7 +344,12 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                          "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}}
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "rng": checkpoints.rng_state(), "epoch": epoch, "global_step": global_step}
+        writing = time.perf_counter()
+        # A DPO adapter trained on a merged SFT adapter does not load on the plain base alone: such a
+        # checkpoint always carries the merged model too.
         folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
-                                              training_state=training_state, trainer_state=trainer_state)
-        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state)
+                                              training_state=training_state, trainer_state=trainer_state,
+                                              merge=bool(spec.get("save_merged") or spec.get("adapter")))
+        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
+                         write_seconds=time.perf_counter() - writing)
     return "completed"

@@ -38,6 +38,7 @@ class LaunchConfig:
     threads: int | None = None
     nice: int = 10
     trust_remote_code: bool = False
+    save_merged: bool = False
     python: str = sys.executable
 
 
@@ -104,6 +105,7 @@ class Launcher:
             "threads": self.config.threads,
             "seed": plan.get("seed", 42),
             "trust_remote_code": self.config.trust_remote_code,
+            "save_merged": self.config.save_merged,
         }
         path = folder / f"spec-attempt-{self.attempt}.json"
         path.write_text(json.dumps(spec, indent=2))

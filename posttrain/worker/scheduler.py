@@ -108,4 +108,5 @@ def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.se
         threads=settings.trainer_threads,
         nice=settings.trainer_nice,
         trust_remote_code=settings.trust_remote_code,
+        save_merged=settings.save_merged_checkpoints,
     )

@@ -255,7 +255,10 @@ def test_dpo_from_an_sft_adapter_and_resume(tiny_model_path, tmp_path):
     assert resumed[0]["resumed_from"] == "dpo-1-epoch-1" and resumed[0]["total_steps"] == 4
     assert [(m["step"], m["epoch"]) for m in metrics_of(resumed)] == [(3, 2), (4, 2)]
     assert abs(metrics_of(resumed)[0]["reward_margin"]) > 1e-3  # the epoch-1 adapter came back, not a zero one
-    assert [e for e in resumed if e["event"] == "checkpoint"][0] == events[-2]
+    resent = [e for e in resumed if e["event"] == "checkpoint"][0]
+    assert resent == {k: v for k, v in events[-2].items() if k != "write_seconds"}  # no write on a re-send
+    merged = Path(events[-2]["path"]) / "merged"
+    assert (merged / "config.json").is_file(), "DPO from an SFT adapter always writes the merged model"
 
 
 @pytest.mark.slow
