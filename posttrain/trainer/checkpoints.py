@@ -162,3 +162,19 @@ def load_training_state(*, folder: Path) -> dict[str, Any]:
 
     # Our own file (optimizer, scheduler and RNG states hold numpy/python objects).
     return torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
+
+
+def resume_training(*, folder: Path, optimizer, scheduler) -> tuple[int, int]:
+    """Restore optimizer, scheduler and RNG from a checkpoint; return (global step, next epoch).
+
+    The learning rates are then set from *this* run's plan (it may have more epochs than the
+    interrupted one), not from the saved schedule.
+    """
+    from posttrain.trainer.modeling import replan_scheduler
+
+    state = load_training_state(folder=folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    replan_scheduler(optimizer, scheduler)
+    restore_rng_state(state["rng"])
+    return int(state["global_step"]), int(state["epoch"]) + 1

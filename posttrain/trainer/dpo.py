@@ -274,12 +274,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
 
     global_step, start_epoch = 0, 1
     if resume:
-        state = checkpoints.load_training_state(folder=resume[1])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        modeling.replan_scheduler(optimizer, scheduler)
-        checkpoints.restore_rng_state(state["rng"])
-        global_step, start_epoch = int(state["global_step"]), int(state["epoch"]) + 1
+        global_step, start_epoch = checkpoints.resume_training(folder=resume[1], optimizer=optimizer, scheduler=scheduler)
 
     parameters, trainable = modeling.count_parameters(model)
     reporter.emit(
