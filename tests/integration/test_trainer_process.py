@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -227,3 +228,26 @@ def test_bad_row_fails_naming_the_row(tiny_model_path, tmp_path, lines, needle):
     assert needle in events[-1]["message"]
     if "layout" in needle:
         assert "question+answer" in events[-1]["message"]
+
+
+def test_a_checkpoint_cut_off_mid_write_is_never_reported_and_is_replaced(tiny_model_path, tmp_path):
+    """What a kill during a checkpoint write leaves (a ``.tmp`` folder, half written) is ignored:
+    the resumed run starts from the last complete checkpoint and writes that epoch anew."""
+    events, code = run(make_spec(tmp_path, tiny_model_path, lora=False, n_epochs=1, max_steps_per_epoch=2), tmp_path)
+    assert code == 0
+    out = tmp_path / "out"
+    half = out / "epoch_2.tmp"
+    shutil.copytree(out / "epoch_1", half)
+    (half / "trainer_state.json").unlink()  # written last: a cut-off write never has it
+    weights = half / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+
+    events, code = run(make_spec(tmp_path, tiny_model_path, lora=False, n_epochs=2, max_steps_per_epoch=2), tmp_path)
+    assert code == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert events[0]["resumed_from"] == "job-1-epoch-1"
+    assert [e["epoch"] for e in events if e["event"] == "checkpoint"] == [1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["epoch_1", "epoch_2"]
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "epoch_2")
