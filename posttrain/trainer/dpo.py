@@ -304,6 +304,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
 
     lengths = [pair_length(e) for e in train]
     pad_id = tokenizer.pad_token_id
+    stop.arm()
     for epoch in range(start_epoch, plan.n_epochs + 1):
         batches = length_grouped_batches(lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
                                          rng=random.Random(f"{seed}:{epoch}"))

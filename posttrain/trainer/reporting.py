@@ -47,7 +47,7 @@ class Reporter:
 
 
 class StopRequested(BaseException):
-    """Raised by a stop that arrives before the training loop first polls the flag.
+    """Raised by a stop that arrives before the training loop arms the flag.
 
     Loading torch and a model can take many seconds on a busy machine, and nothing polls the flag
     then; a cancel must not wait for it. A BaseException, like KeyboardInterrupt, so library code
@@ -60,12 +60,19 @@ class StopFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self._polled = False
+        self._armed = False
         self.reason: str | None = None
 
     def is_set(self) -> bool:
-        self._polled = True
         return self._event.is_set()
+
+    def arm(self) -> None:
+        """From now on a stop only sets the flag, for the training loop to see at a safe point.
+
+        Until then (reading rows, loading torch and the model, which can take many seconds on a
+        busy machine) a stop ends the process at once: nothing has been trained to lose.
+        """
+        self._armed = True
 
     def set(self, reason: str) -> None:
         if not self._event.is_set():
@@ -74,7 +81,7 @@ class StopFlag:
 
     def _on_signal(self, reason: str) -> None:
         self.set(reason)
-        if not self._polled:
+        if not self._armed:
             raise StopRequested(reason)
 
     def install(self) -> None:
@@ -100,5 +107,5 @@ class StopFlag:
         except OSError:
             pass
         self.set("stdin closed")
-        if not self._polled:
+        if not self._armed:
             os._exit(0)  # the launcher is gone and nothing has been trained yet: nobody to tell

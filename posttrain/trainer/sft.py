@@ -297,6 +297,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         return collate_packed([[train[i] for i in packs[p]] for p in indices], pad_id=tokenizer.pad_token_id)
 
     unit_lengths = [sum(lengths[i] for i in pack) for pack in packs] if packs is not None else lengths
+    stop.arm()
     for epoch in range(start_epoch, plan.n_epochs + 1):
         batches = length_grouped_batches(unit_lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
                                          rng=random.Random(f"{seed}:{epoch}"))
