@@ -7,7 +7,8 @@ from typing import Any
 
 from posttrain.domain.datasets import Dataset
 from posttrain.errors import DatasetNotFound, DatasetSourceInvalid, DuplicateDataset, InvalidRequest
-from posttrain.services.dataset_sources import HttpPolicy, load_uri_rows, validate_rows
+from posttrain.services.dataset_sources import load_uri_rows, validate_rows
+from posttrain.services.http_sources import HttpPolicy
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import DatasetSourceInvalid, InvalidRequest
-from posttrain.services.dataset_sources import HttpPolicy, load_uri_rows
+from posttrain.services.dataset_sources import load_uri_rows
+from posttrain.services.http_sources import HttpPolicy
 
 CHAT = [{"role": "user", "content": "Hello, world!"}, {"role": "assistant", "content": "Hi!"}]
 ROWS = [{"messages": CHAT, "id": 1}, {"messages": CHAT[:1], "id": 2}]
