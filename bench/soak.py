@@ -105,7 +105,7 @@ def invalid_body(job_uuid: str, model: str, rng: random.Random) -> dict:
     body = lora_body(job_uuid, model, steps=1)
     kind = rng.randrange(3)
     if kind == 0:
-        body["training_config"]["data_config"]["packed"] = True
+        body["training_config"]["n_epochs"] = 0
     elif kind == 1:
         body["hyperparam_search_config"] = {"strategy": "grid"}
     else:
