@@ -30,11 +30,16 @@ def _wait(server, job_uuid: str, predicate, timeout: float = 120) -> dict:
     raise AssertionError(f"timed out; last status {status}")
 
 
+#: Long enough that a kill right after the first checkpoint lands mid-job even on a fast, idle machine
+#: (the job takes several seconds after its first epoch), short enough for the suite.
+LONG_EPOCHS = 10
+
+
 def _submit_long_job(server) -> str:
     server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": "colours",
-                                      "source": {"type": "rows", "rows": colour_rows(repeat=2)}})
+                                      "source": {"type": "rows", "rows": colour_rows(repeat=8)}})
     body = lora_request(str(server.tiny_model_path), "colours")
-    body["training_config"].update(n_epochs=4, max_steps_per_epoch=4)
+    body["training_config"].update(n_epochs=LONG_EPOCHS, max_steps_per_epoch=32)
     assert server.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
     return body["job_uuid"]
 
@@ -46,9 +51,8 @@ def _events(server, job_uuid: str) -> list[dict]:
 def _assert_resumed_and_complete(server, job_uuid: str) -> None:
     final = _wait(server, job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=180)
     assert final["status"] == "completed", final
-    assert [c["epoch"] for c in final["checkpoints"]] == [1, 2, 3, 4]
-    steps = [c for c in final["checkpoints"]]
-    assert len({c["identifier"] for c in steps}) == 4
+    assert [c["epoch"] for c in final["checkpoints"]] == list(range(1, LONG_EPOCHS + 1))
+    assert len({c["identifier"] for c in final["checkpoints"]}) == LONG_EPOCHS
     events = _events(server, job_uuid)
     started = [e["data"] for e in events if e["type"] == "started"]
     assert len(started) == 2 and started[0]["resumed_from"] is None
