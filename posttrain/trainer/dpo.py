@@ -232,8 +232,6 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     if not train_rows:
         raise modeling.TrainerConfigError("the training dataset has no rows")
 
-    import torch
-
     trust = bool(spec.get("trust_remote_code"))
     seed = int(spec.get("seed") or 0)
     job_uuid = spec["job_uuid"]
@@ -265,24 +263,17 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
 
-    micro_batches = math.ceil(len(train) / plan.batch_size)
-    steps_per_epoch = max(1, min(plan.max_steps_per_epoch, math.ceil(micro_batches / plan.gradient_accumulation_steps)))
-    total_steps = plan.n_epochs * steps_per_epoch
-    optimizer = modeling.build_optimizer(model, config.get("optimizer_config") or {})
-    scheduler = modeling.build_scheduler(optimizer, warmup_steps=plan.warmup_steps, total_steps=total_steps)
-    scaler = torch.amp.GradScaler("cuda") if precision.autocast and precision.dtype == "fp16" else None
+    run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
+                                        micro_batches=math.ceil(len(train) / plan.batch_size), plan=plan,
+                                        precision=precision, resume_folder=resume[1] if resume else None)
+    optimizer, scheduler, scaler, total_steps = run.optimizer, run.scheduler, run.scaler, run.total_steps
+    steps_per_epoch = run.steps_per_epoch
+    global_step, start_epoch = run.global_step, run.start_epoch
 
-    global_step, start_epoch = 0, 1
-    if resume:
-        global_step, start_epoch = checkpoints.resume_training(folder=resume[1], optimizer=optimizer, scheduler=scheduler)
-
-    parameters, trainable = modeling.count_parameters(model)
     reporter.emit(
         "started",
-        resources={"device": precision.device, "dtype": precision.dtype, "requested_dtype": precision.requested,
-                   "threads": threads, "parameters": parameters, "trainable_parameters": trainable,
-                   "torch": torch.__version__, "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
-                   "merged_adapter": spec.get("adapter")},
+        resources={**modeling.base_resources(model, precision=precision, threads=threads), "method": "dpo",
+                   "loss_type": dpo.loss_type, "beta": dpo.beta, "merged_adapter": spec.get("adapter")},
         total_steps=total_steps,
         resumed_from=f"{job_uuid}-epoch-{resume[0]}" if resume else None,
     )

@@ -188,3 +188,48 @@ def replan_scheduler(optimizer, scheduler) -> None:
     for group, rate in zip(optimizer.param_groups, rates):
         group["lr"] = rate
     scheduler._last_lr = rates
+
+
+@dataclass
+class Optimization:
+    """What a training loop steps: optimizer, schedule, fp16 scaler, and where the count stands."""
+
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    total_steps: int
+    steps_per_epoch: int
+    global_step: int = 0
+    start_epoch: int = 1
+
+
+def prepare_optimization(model, *, optimizer_config: dict[str, Any], micro_batches: int, plan, precision,
+                         resume_folder=None) -> Optimization:  # noqa: ANN001 - plan: SFTPlan, precision: Precision
+    """Plan the steps (``max_steps_per_epoch`` optimizer steps an epoch at most), build the optimizer,
+    the warmup+decay schedule and, for fp16 on CUDA, a grad scaler; restore them from a checkpoint."""
+    import math
+
+    import torch
+
+    from posttrain.trainer.checkpoints import resume_training
+
+    steps_per_epoch = max(1, min(plan.max_steps_per_epoch, math.ceil(micro_batches / plan.gradient_accumulation_steps)))
+    total_steps = plan.n_epochs * steps_per_epoch
+    optimizer = build_optimizer(model, optimizer_config)
+    scheduler = build_scheduler(optimizer, warmup_steps=plan.warmup_steps, total_steps=total_steps)
+    scaler = torch.amp.GradScaler("cuda") if precision.autocast and precision.dtype == "fp16" else None
+    run = Optimization(optimizer=optimizer, scheduler=scheduler, scaler=scaler, total_steps=total_steps,
+                       steps_per_epoch=steps_per_epoch)
+    if resume_folder is not None:
+        run.global_step, run.start_epoch = resume_training(folder=resume_folder, optimizer=optimizer, scheduler=scheduler)
+    return run
+
+
+def base_resources(model, *, precision, threads: int) -> dict[str, Any]:  # noqa: ANN001
+    """What the ``started`` event reports about the job's device and model, for every method."""
+    import torch
+
+    parameters, trainable = count_parameters(model)
+    return {"device": precision.device, "dtype": precision.dtype, "requested_dtype": precision.requested,
+            "threads": threads, "parameters": parameters, "trainable_parameters": trainable,
+            "torch": torch.__version__}

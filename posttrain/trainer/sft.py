@@ -215,8 +215,6 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     if not train_rows:
         raise modeling.TrainerConfigError("the training dataset has no rows")
 
-    import torch
-
     algorithm = spec.get("algorithm_config")
     if algorithm is not None and algorithm.get("type", "LoRA") != "LoRA":
         raise modeling.TrainerConfigError(f"method sft takes a LoRA algorithm_config or null, not {algorithm.get('type')!r}")
@@ -262,22 +260,16 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     # Packed: rows are packed once (deterministic), and the packs are batched and shuffled like rows.
     packs = pack_rows(lengths, max_length=max_length) if plan.packed else None
     micro_batches = math.ceil((len(packs) if packs is not None else len(train)) / plan.batch_size)
-    steps_per_epoch = max(1, min(plan.max_steps_per_epoch, math.ceil(micro_batches / plan.gradient_accumulation_steps)))
-    total_steps = plan.n_epochs * steps_per_epoch
-    optimizer = modeling.build_optimizer(model, config.get("optimizer_config") or {})
-    scheduler = modeling.build_scheduler(optimizer, warmup_steps=plan.warmup_steps, total_steps=total_steps)
-    scaler = torch.amp.GradScaler("cuda") if precision.autocast and precision.dtype == "fp16" else None
+    run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
+                                        micro_batches=micro_batches, plan=plan, precision=precision,
+                                        resume_folder=resume[1] if resume else None)
+    optimizer, scheduler, scaler, total_steps = run.optimizer, run.scheduler, run.scaler, run.total_steps
+    steps_per_epoch = run.steps_per_epoch
+    global_step, start_epoch = run.global_step, run.start_epoch
 
-    global_step, start_epoch = 0, 1
-    if resume:
-        global_step, start_epoch = checkpoints.resume_training(folder=resume[1], optimizer=optimizer, scheduler=scheduler)
-
-    parameters, trainable = modeling.count_parameters(model)
     reporter.emit(
         "started",
-        resources={"device": precision.device, "dtype": precision.dtype, "requested_dtype": precision.requested,
-                   "threads": threads, "parameters": parameters, "trainable_parameters": trainable,
-                   "torch": torch.__version__},
+        resources=modeling.base_resources(model, precision=precision, threads=threads),
         total_steps=total_steps,
         resumed_from=f"{job_uuid}-epoch-{resume[0]}" if resume else None,
     )
