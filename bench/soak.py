@@ -50,7 +50,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.conftest import free_port  # noqa: E402 - one helper for tests and benches
+from tests.integration.test_api import lora_request  # noqa: E402 - the request shape the tests check
+
 SUBMIT_PATH = "/v1/post-training/supervised-fine-tune"
 STATUS_PATH = "/v1/post-training/job/status"
 CANCEL_PATH = "/v1/post-training/job/cancel"
@@ -77,27 +79,12 @@ DATASET_ID = "soak-colours"
 # -- setup ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def lora_body(job_uuid: str, model: str, *, steps: int) -> dict:
-    """A LoRA SFT body as a Llama Stack client sends it (same shape as tests/integration/test_api.py)."""
-    return {
-        "job_uuid": job_uuid,
-        "model": model,
-        "hyperparam_search_config": {},
-        "logger_config": {},
-        "algorithm_config": {"type": "LoRA", "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False,
-                             "apply_lora_to_output": False, "rank": 4, "alpha": 8},
-        "training_config": {
-            "n_epochs": 1, "max_steps_per_epoch": steps, "gradient_accumulation_steps": 1, "max_validation_steps": 1,
-            "data_config": {"dataset_id": DATASET_ID, "batch_size": 2, "shuffle": True, "data_format": "instruct"},
-            "optimizer_config": {"optimizer_type": "adamw", "lr": 1e-3, "weight_decay": 0.0, "num_warmup_steps": 0},
-        },
-    }
+    """A LoRA SFT body as a Llama Stack client sends it (the tests' own request, 1 epoch of ``steps``)."""
+    body = lora_request(model, DATASET_ID, job_uuid=job_uuid)
+    body["training_config"].update(max_steps_per_epoch=steps, max_validation_steps=1)
+    body["training_config"]["data_config"]["shuffle"] = True
+    return body
 
 
 def invalid_body(job_uuid: str, model: str, rng: random.Random) -> dict:

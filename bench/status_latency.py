@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -44,6 +43,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.conftest import free_port  # noqa: E402 - one helper for tests and benches
+from tests.integration.test_api import lora_request  # noqa: E402 - the request shape the tests check
+
 STATUS_PATH = "/v1/post-training/job/status"
 TARGET_P99_MS = 10.0
 # Quoted for scale, not measured by this script: Llama Stack 0.2.23's own server, same machine.
@@ -53,28 +55,12 @@ LLAMA_STACK_QUOTED = {"version": "0.2.23", "req_per_s": 8.0, "p99_idle_ms": 267.
 # -- setup ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def lora_body(job_uuid: str, model: str, dataset_id: str, *, n_epochs: int, steps: int, batch_size: int) -> dict:
-    """A LoRA SFT body as a Llama Stack client sends it (same shape as tests/integration/test_api.py)."""
-    return {
-        "job_uuid": job_uuid,
-        "model": model,
-        "hyperparam_search_config": {},
-        "logger_config": {},
-        "algorithm_config": {"type": "LoRA", "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False,
-                             "apply_lora_to_output": False, "rank": 4, "alpha": 8},
-        "training_config": {
-            "n_epochs": n_epochs, "max_steps_per_epoch": steps, "gradient_accumulation_steps": 1,
-            "max_validation_steps": 1,
-            "data_config": {"dataset_id": dataset_id, "batch_size": batch_size, "shuffle": True, "data_format": "instruct"},
-            "optimizer_config": {"optimizer_type": "adamw", "lr": 1e-3, "weight_decay": 0.0, "num_warmup_steps": 0},
-        },
-    }
+    """A LoRA SFT body as a Llama Stack client sends it (the tests' own request, resized)."""
+    body = lora_request(model, dataset_id, job_uuid=job_uuid)
+    body["training_config"].update(n_epochs=n_epochs, max_steps_per_epoch=steps, max_validation_steps=1)
+    body["training_config"]["data_config"].update(batch_size=batch_size, shuffle=True)
+    return body
 
 
 def fill_store(database_url: str, home: Path, model: str, count: int) -> list[str]:
