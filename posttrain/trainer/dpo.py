@@ -34,7 +34,6 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from posttrain.trainer import checkpoints, modeling
@@ -42,7 +41,7 @@ from posttrain.trainer.batching import length_grouped_batches, read_rows
 from posttrain.trainer.formats import IGNORE_INDEX, normalize_preference_row
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
 from posttrain.trainer.reporting import Reporter, StopFlag
-from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, _max_length, _perplexity
+from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, _perplexity
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 
@@ -232,18 +231,10 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     if not train_rows:
         raise modeling.TrainerConfigError("the training dataset has no rows")
 
-    trust = bool(spec.get("trust_remote_code"))
-    seed = int(spec.get("seed") or 0)
-    job_uuid = spec["job_uuid"]
-    output_dir = Path(spec["output_dir"]).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    threads = modeling.set_threads(spec.get("threads"))
-    modeling.seed_everything(seed)
-    precision = modeling.resolve_precision(device=spec.get("device") or "auto", requested_dtype=config.get("dtype"))
-
-    tokenizer = modeling.load_tokenizer(path=spec["model"], trust_remote_code=trust)
-    max_length = _max_length(model_path=spec["model"], tokenizer=tokenizer, trust_remote_code=trust)
+    run_setup = modeling.set_up_run(spec, requested_dtype=config.get("dtype"))
+    trust, seed, job_uuid = run_setup.trust_remote_code, run_setup.seed, run_setup.job_uuid
+    output_dir, threads, precision = run_setup.output_dir, run_setup.threads, run_setup.precision
+    tokenizer, max_length = run_setup.tokenizer, run_setup.max_length
     train = encode_preference_rows(train_rows, tokenizer=tokenizer, max_length=max_length)
     validation = encode_preference_rows(validation_rows, tokenizer=tokenizer, max_length=max_length) or train
 

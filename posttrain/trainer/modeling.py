@@ -233,3 +233,45 @@ def base_resources(model, *, precision, threads: int) -> dict[str, Any]:  # noqa
     return {"device": precision.device, "dtype": precision.dtype, "requested_dtype": precision.requested,
             "threads": threads, "parameters": parameters, "trainable_parameters": trainable,
             "torch": torch.__version__}
+
+
+MAX_LENGTH_CAP = 4096  # no max sequence length in the Llama Stack config; keep memory bounded
+
+
+def model_max_length(*, model_path: str, tokenizer, trust_remote_code: bool) -> int:  # noqa: ANN001
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length, MAX_LENGTH_CAP]
+    return min(int(limit) for limit in limits if limit and limit < 10**8)
+
+
+@dataclass
+class RunSetup:
+    """What every training method settles before it reads a batch."""
+
+    job_uuid: str
+    seed: int
+    trust_remote_code: bool
+    output_dir: Any  # pathlib.Path
+    threads: int
+    precision: Any  # Precision
+    tokenizer: Any
+    max_length: int
+
+
+def set_up_run(spec: dict[str, Any], *, requested_dtype: str | None) -> RunSetup:
+    """Output folder, threads, seeds, precision, tokenizer and max sequence length, from the spec."""
+    from pathlib import Path
+
+    trust = bool(spec.get("trust_remote_code"))
+    seed = int(spec.get("seed") or 0)
+    output_dir = Path(spec["output_dir"]).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    threads = set_threads(spec.get("threads"))
+    seed_everything(seed)
+    precision = resolve_precision(device=spec.get("device") or "auto", requested_dtype=requested_dtype)
+    tokenizer = load_tokenizer(path=spec["model"], trust_remote_code=trust)
+    max_length = model_max_length(model_path=spec["model"], tokenizer=tokenizer, trust_remote_code=trust)
+    return RunSetup(job_uuid=spec["job_uuid"], seed=seed, trust_remote_code=trust, output_dir=output_dir,
+                    threads=threads, precision=precision, tokenizer=tokenizer, max_length=max_length)

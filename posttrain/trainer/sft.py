@@ -34,7 +34,6 @@ from posttrain.trainer.batching import (
 from posttrain.trainer.formats import IGNORE_INDEX, normalize_sft_row
 from posttrain.trainer.reporting import Reporter, StopFlag
 
-MAX_LENGTH_CAP = 4096  # no max sequence length in the Llama Stack config; keep memory bounded
 MAX_GRAD_NORM = 1.0  # as HF Trainer does by default
 
 
@@ -72,14 +71,6 @@ class SFTPlan:
             warmup_steps=int(optimizer.get("num_warmup_steps") or 0),
             activation_checkpointing=bool(efficiency.get("enable_activation_checkpointing")),
         )
-
-
-def _max_length(*, model_path: str, tokenizer, trust_remote_code: bool) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length, MAX_LENGTH_CAP]
-    return min(int(limit) for limit in limits if limit and limit < 10**8)
 
 
 #: Model types whose ``ForCausalLM.forward`` computes logits as plain ``lm_head(body(...)[0])``
@@ -219,18 +210,10 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     if algorithm is not None and algorithm.get("type", "LoRA") != "LoRA":
         raise modeling.TrainerConfigError(f"method sft takes a LoRA algorithm_config or null, not {algorithm.get('type')!r}")
     lora = algorithm is not None
-    trust = bool(spec.get("trust_remote_code"))
-    seed = int(spec.get("seed") or 0)
-    job_uuid = spec["job_uuid"]
-    output_dir = Path(spec["output_dir"]).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    threads = modeling.set_threads(spec.get("threads"))
-    modeling.seed_everything(seed)
-    precision = modeling.resolve_precision(device=spec.get("device") or "auto", requested_dtype=config.get("dtype"))
-
-    tokenizer = modeling.load_tokenizer(path=spec["model"], trust_remote_code=trust)
-    max_length = _max_length(model_path=spec["model"], tokenizer=tokenizer, trust_remote_code=trust)
+    run_setup = modeling.set_up_run(spec, requested_dtype=config.get("dtype"))
+    trust, seed, job_uuid = run_setup.trust_remote_code, run_setup.seed, run_setup.job_uuid
+    output_dir, threads, precision = run_setup.output_dir, run_setup.threads, run_setup.precision
+    tokenizer, max_length = run_setup.tokenizer, run_setup.max_length
     encode = dict(tokenizer=tokenizer, data_format=plan.data_format, train_on_input=plan.train_on_input,
                   max_length=max_length)
     train = encode_rows(train_rows, **encode)
