@@ -57,9 +57,13 @@ def _assert_resumed_and_complete(server, job_uuid: str) -> None:
     started = [e["data"] for e in events if e["type"] == "started"]
     assert len(started) == 2 and started[0]["resumed_from"] is None
     assert started[1]["resumed_from"] is not None, "the second attempt must resume from a checkpoint"
-    # Epochs continue: the second attempt trains no epoch that a recorded checkpoint already covers.
-    resumed_epoch = max(e["data"]["epoch"] for e in events if e["type"] == "checkpoint"
-                        and e["seq"] < next(x["seq"] for x in events if x["type"] == "started" and x["data"]["resumed_from"]))
+    # Epochs continue from the checkpoint the second attempt resumed from. That is the newest complete one
+    # on disk: at least the newest recorded before the kill, or one the orphaned trainer finished writing
+    # after its worker died (complete on disk, so adopted and recorded by the second attempt).
+    second_start = next(x["seq"] for x in events if x["type"] == "started" and x["data"]["resumed_from"])
+    recorded_before = max(e["data"]["epoch"] for e in events if e["type"] == "checkpoint" and e["seq"] < second_start)
+    resumed_epoch = int(started[1]["resumed_from"].rsplit("-epoch-", 1)[1])
+    assert resumed_epoch >= recorded_before
     second_attempt_epochs = {e["data"]["epoch"] for e in events if e["type"] == "metric" and e["data"]["attempt"] == 2}
     assert second_attempt_epochs and min(second_attempt_epochs) == resumed_epoch + 1
 
