@@ -109,29 +109,37 @@ def preference_rows(rows: list[dict], *, seed: int = 0) -> list[dict]:
 # --------------------------------------------------------------------------- configurations
 
 
-def configurations(*, dpo: bool) -> list[dict]:
+def configurations(*, dpo: bool, native_bf16: bool) -> list[dict]:
+    """TRL runs with its defaults (on a CPU: bf16 autocast and gradient checkpointing), with the
+    issue's "best settings" (fp32, no gradient checkpointing, with and without packing) and, on a
+    CPU with native bf16, with bf16 autocast and no gradient checkpointing (its fastest there)."""
+    def trl(name: str, method: str, lora: bool, settings: str, packed: bool = False) -> dict:
+        return {"name": name, "kind": "trl", "method": method, "lora": lora, "packed": packed, "settings": settings}
+
     configs = [
         {"name": "ours SFT LoRA", "kind": "ours", "method": "sft", "lora": True, "packed": False},
         {"name": "ours SFT LoRA packed", "kind": "ours", "method": "sft", "lora": True, "packed": True},
         {"name": "ours SFT full", "kind": "ours", "method": "sft", "lora": False, "packed": False},
-        {"name": "TRL SFT LoRA default", "kind": "trl", "method": "sft", "lora": True, "packed": False, "best": False},
-        {"name": "TRL SFT LoRA best", "kind": "trl", "method": "sft", "lora": True, "packed": False, "best": True},
-        {"name": "TRL SFT LoRA best packed", "kind": "trl", "method": "sft", "lora": True, "packed": True, "best": True},
-        {"name": "TRL SFT full best", "kind": "trl", "method": "sft", "lora": False, "packed": False, "best": True},
+        trl("TRL SFT LoRA default", "sft", True, "default"),
+        trl("TRL SFT LoRA fp32", "sft", True, "fp32"),
+        trl("TRL SFT LoRA fp32 packed", "sft", True, "fp32", packed=True),
+        *([trl("TRL SFT LoRA bf16", "sft", True, "bf16")] if native_bf16 else []),
+        trl("TRL SFT full fp32", "sft", False, "fp32"),
+        *([trl("TRL SFT full bf16", "sft", False, "bf16")] if native_bf16 else []),
     ]
     if dpo:
         configs += [
             {"name": "ours DPO LoRA", "kind": "ours", "method": "dpo", "lora": True, "packed": False},
-            {"name": "TRL DPO LoRA default", "kind": "trl", "method": "dpo", "lora": True, "packed": False, "best": False},
-            {"name": "TRL DPO LoRA best", "kind": "trl", "method": "dpo", "lora": True, "packed": False, "best": True},
+            trl("TRL DPO LoRA default", "dpo", True, "default"),
+            trl("TRL DPO LoRA fp32", "dpo", True, "fp32"),
+            *([trl("TRL DPO LoRA bf16", "dpo", True, "bf16")] if native_bf16 else []),
         ]
     return configs
 
 
 def _baseline_for(config: dict, names: list[str]) -> list[str]:
     """The TRL rows a configuration is compared with: same method and LoRA/full, any settings
-    (default or best); the fastest counts (on a CPU with bf16 support TRL's default bf16 autocast
-    can beat its fp32 'best settings')."""
+    (default, fp32 or bf16); the fastest counts."""
     mode = "LoRA" if config["lora"] else "full"
     method = config["method"].upper()
     return [n for n in names if n.startswith(f"TRL {method} {mode} ")]
@@ -173,7 +181,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
                             "shuffle": True, "data_format": "instruct", "packed": config["packed"]},
             "optimizer_config": {"optimizer_type": "adamw", "lr": 1e-4 if config["lora"] else 1e-5,
                                  "weight_decay": 0.0, "num_warmup_steps": 0},
-            "dtype": "bf16",  # the Llama Stack default; on a CPU our trainer computes in fp32
+            "dtype": "bf16",  # the Llama Stack default: bf16 where the CPU has it natively, else fp32
         },
         "algorithm_config": algorithm, "device": "cpu", "threads": threads, "seed": 0, "trust_remote_code": False,
     }
@@ -183,10 +191,12 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
     proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(folder / "spec.json")], cwd=REPO, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(folder / "stderr.txt", "w"),
                             text=True)
-    step_ends, tokens, positions, first_step, failure = [], [], [], None, None
+    step_ends, tokens, positions, first_step, failure, dtype = [], [], [], None, None, "fp32"
     for line in proc.stdout:
         now = time.perf_counter()
         event = json.loads(line)
+        if event["event"] == "started":
+            dtype = event["resources"]["dtype"]
         if event["event"] == "metric":
             first_step = first_step or now - started
             if "tokens" in event:
@@ -207,7 +217,8 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
     if failure or len(step_ends) < warmup + steps:
         tail = (folder / "stderr.txt").read_text()[-1500:]
         return {"error": failure or f"exit {code} after {len(step_ends)} steps: {tail}"}
-    return {**_measure(step_ends, tokens, positions, warmup=warmup), "peak_rss_mb": rss, "first_step_s": first_step}
+    return {**_measure(step_ends, tokens, positions, warmup=warmup), "peak_rss_mb": rss, "first_step_s": first_step,
+            "dtype": dtype}
 
 
 def run_trl(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: int, steps: int,
@@ -224,7 +235,9 @@ def run_trl(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: i
     if code or not lines:
         return {"error": f"exit {code}: {(folder / 'stderr.txt').read_text()[-1500:]}"}
     result = json.loads(lines[-1])
-    return {**_measure(result["step_ends"], result["tokens"], result["positions"], warmup=warmup), "peak_rss_mb": rss}
+    dtype = "fp32" if config["settings"] == "fp32" else "bf16"  # TRL's default on a CPU is bf16 autocast
+    return {**_measure(result["step_ends"], result["tokens"], result["positions"], warmup=warmup), "peak_rss_mb": rss,
+            "dtype": dtype}
 
 
 def trl_worker(job: dict) -> None:
@@ -244,8 +257,10 @@ def trl_worker(job: dict) -> None:
     common = dict(output_dir=job["out"], use_cpu=True, max_steps=job["max_steps"], report_to="none",
                   save_strategy="no", logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0, seed=0,
                   learning_rate=1e-4 if job["lora"] else 1e-5)
-    if job["best"]:
+    if job["settings"] == "fp32":
         common.update(bf16=False, gradient_checkpointing=False)
+    elif job["settings"] == "bf16":
+        common.update(bf16=True, gradient_checkpointing=False)
     tokens: list[int] = []
     positions: list[int] = []
     step_ends: list[float] = []
@@ -298,12 +313,13 @@ def trl_worker(job: dict) -> None:
 # --------------------------------------------------------------------------- the rest
 
 
-def matmul_peak_gflops(*, threads: int | None, repeats: int = 10) -> float:
+def matmul_peak_gflops(*, threads: int | None, repeats: int = 10, dtype: str = "fp32") -> float:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(2048, 2048, dtype=kind), torch.randn(2048, 2048, dtype=kind)
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -374,6 +390,23 @@ def flops_per_token(config: dict, n: int) -> float:
     return 4 * n if config["lora"] else 6 * n
 
 
+def _print_targets(best: dict, names: list[str], *, peak: float, n: int) -> None:
+    """The issue's targets for SFT LoRA on a CPU, each with its figures."""
+    ours = best.get("ours SFT LoRA")
+    trl = {b: best[b] for b in _baseline_for({"method": "sft", "lora": True}, names) if b in best}
+    if not ours or not trl:
+        return
+    fastest = max(trl, key=lambda b: trl[b]["tokens_per_s"])
+    ratio = ours["tokens_per_s"] / trl[fastest]["tokens_per_s"]
+    mfu = 100 * 4 * n * ours["tokens_per_s"] / (peak * 1e9)
+    memory = min(t["peak_rss_mb"] for t in trl.values())
+    print()
+    print(f"target SFT LoRA >= 2.5x TRL's fastest ({fastest}): {ratio:.2f}x - {'met' if ratio >= 2.5 else 'missed'}")
+    print(f"target SFT LoRA >= 50% MFU (fp32 peak): {mfu:.1f}% - {'met' if mfu >= 50 else 'missed'}")
+    print(f"target SFT LoRA peak memory <= TRL's lowest: {ours['peak_rss_mb']:.0f} vs {memory:.0f} MB - "
+          f"{'met' if ours['peak_rss_mb'] <= memory else 'missed'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about 2 minutes: fewer steps, one round")
@@ -414,8 +447,13 @@ def main() -> None:
               f"{warmup} warm-up + {steps} measured steps, {rounds} round(s); DPO: {'yes' if dpo else 'no (no dpo.py)'}",
               flush=True)
 
-        configs = [c for c in configurations(dpo=dpo) if not args.only or any(o in c["name"] for o in args.only)]
+        from posttrain.trainer.modeling import cpu_has_native_bf16
+
+        native_bf16 = cpu_has_native_bf16()
+        configs = [c for c in configurations(dpo=dpo, native_bf16=native_bf16)
+                   if not args.only or any(o in c["name"] for o in args.only)]
         peaks = [matmul_peak_gflops(threads=args.threads)]
+        bf16_peaks = [matmul_peak_gflops(threads=args.threads, dtype="bf16")]
         results: dict[str, list[dict]] = {c["name"]: [] for c in configs}
         for round_index in range(rounds):
             order = configs if round_index % 2 == 0 else configs[::-1]
@@ -429,9 +467,10 @@ def main() -> None:
                          f"rss {result['peak_rss_mb']:6.0f} MB" if "error" not in result else result["error"][-300:])
                 print(f"  round {round_index + 1}  {config['name']:<26} {shown}", flush=True)
                 peaks.append(matmul_peak_gflops(threads=args.threads, repeats=4))
+                bf16_peaks.append(matmul_peak_gflops(threads=args.threads, repeats=4, dtype="bf16"))
         latency = first_step_latency(work)
 
-    peak = max(peaks)
+    peak, bf16_peak = max(peaks), max(bf16_peaks)
     best = {}
     for name, runs in results.items():
         ok = [r for r in runs if "error" not in r]
@@ -441,9 +480,13 @@ def main() -> None:
             best[name] = {**middle, "tokens_per_s": statistics.median(rates),
                           "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "rounds": [r["tokens_per_s"] for r in ok]}
     print()
-    print(f"fp32 matmul peak (2048x2048, best of {len(peaks)} measurements): {peak:.1f} GFLOP/s; "
+    print(f"matmul peak (2048x2048, best of {len(peaks)} measurements): fp32 {peak:.1f} GFLOP/s, bf16 "
+          f"{bf16_peak:.1f} GFLOP/s (native bf16: {'yes' if native_bf16 else 'no'}); "
           f"model FLOPs/token: full 6N, LoRA 4N, DPO-LoRA 6N, N = {n / 1e6:.1f}M")
-    header = f"{'config':<26} {'real tok/s':>10} {'padding %':>9} {'peak RSS MB':>11} {'MFU %':>6} {'vs TRL fastest':>14}  per round"
+    print("MFU % is against the fp32 peak (the issue's measure); 'own %' against the peak of the dtype the "
+          "configuration computed in (dtype column)")
+    header = (f"{'config':<26} {'real tok/s':>10} {'padding %':>9} {'peak RSS MB':>11} {'dtype':>5} {'MFU %':>6} "
+              f"{'own %':>6} {'vs TRL fastest':>14}  per round")
     print(header)
     print("-" * len(header))
     names = list(results)
@@ -454,11 +497,13 @@ def main() -> None:
             continue
         r = best[name]
         mfu = 100 * flops_per_token(config, n) * r["tokens_per_s"] / (peak * 1e9)
+        own = mfu * peak / (bf16_peak if r["dtype"] == "bf16" else peak)
         baselines = [best[b]["tokens_per_s"] for b in _baseline_for(config, names) if b in best]
         ratio = f"{r['tokens_per_s'] / max(baselines):.2f}x" if baselines else "-"
         rounds_text = " ".join(f"{t:.0f}" for t in r["rounds"])
-        print(f"{name:<26} {r['tokens_per_s']:10.0f} {_percent(r['padding']):>9} {r['peak_rss_mb']:11.0f} {mfu:6.1f} "
-              f"{ratio:>14}  {rounds_text}")
+        print(f"{name:<26} {r['tokens_per_s']:10.0f} {_percent(r['padding']):>9} {r['peak_rss_mb']:11.0f} "
+              f"{r['dtype']:>5} {mfu:6.1f} {own:6.1f} {ratio:>14}  {rounds_text}")
+    _print_targets(best, names, peak=peak, n=n)
     print()
     print("submit to first optimizer step (tiny model, trainer process start to first metric event): "
           + ", ".join(f"{t:.2f} s" for t in latency))

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
                                           "base (checkpoint/merged/): loads without peft, costs a model's size on disk.")
     trainer_nice: int = Field(default=10, ge=0, le=19, description="Niceness of trainer processes so the API stays responsive.")
     device: str = Field(default="auto", description="auto | cpu | cuda")
+    resume_point_seconds: float = Field(default=600.0, ge=0, description="Seconds of training between mid-epoch "
+                                        "resume points (model or adapter, optimizer, position in the data) in the "
+                                        "job's folder, so a lost job redoes at most this much of an epoch. 0: none.")
+    cpu_bf16: bool = Field(default=True, description="On a CPU with native bf16 (AVX512-BF16 or AMX), compute jobs "
+                           "that ask for bf16 in bf16 (about twice as fast as fp32 there). Off, or on other CPUs: fp32.")
     model_roots: list[Path] = Field(
         default_factory=list,
         description="Folders a request's model path may point into (default: <home>/models and the Hugging Face hub cache).",

@@ -81,6 +81,14 @@ def client(services):
         yield test_client
 
 
+def cpu_dtype_for_bf16() -> str:
+    """What the trainer computes in on this machine's CPU when a job asks for bf16 (the spec's
+    default): bf16 where the CPU has it natively (AVX512-BF16/AMX), fp32 elsewhere."""
+    from posttrain.trainer.modeling import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

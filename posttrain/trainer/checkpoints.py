@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 TRAINER_STATE = "trainer_state.json"
@@ -81,31 +82,43 @@ def write_checkpoint(
     tokenizer,
     training_state: dict[str, Any],
     trainer_state: dict[str, Any],
-    merge: bool = False,
+    merge_base: Callable[[], Any] | None = None,
 ) -> Path:
     """Save model (or peft adapter) + tokenizer + training state, then rename into place.
 
-    With ``merge`` (a LoRA model), ``merged/`` also holds the adapter merged into a copy of the
-    base: a plain Hugging Face model folder that loads without peft. The copy costs one more model
-    in memory while it is written.
+    With ``merge_base`` (a LoRA model), ``merged/`` also holds the adapter just saved merged into
+    the model that ``merge_base()`` loads: a plain Hugging Face model folder that loads without
+    peft. That base is loaded afresh as stored (not the training copy, which may be rounded to
+    bf16), so the merged model gives the logits of base + adapter. It costs one more model in
+    memory while it is written.
 
     Every file is fsynced before the rename and the folder after it, so a checkpoint that exists
     under its final name is complete on disk even after a power loss.
     """
+    final = checkpoint_dir(output_dir=output_dir, epoch=epoch)
+    return write_folder(final, model=model, tokenizer=tokenizer, training_state=training_state,
+                        trainer_state=trainer_state, merge_base=merge_base)
+
+
+def write_folder(final: Path, *, model, tokenizer, training_state: dict[str, Any], trainer_state: dict[str, Any],
+                 merge_base: Callable[[], Any] | None = None) -> Path:
+    """Write a checkpoint-shaped folder atomically at ``final`` (see ``write_checkpoint``);
+    without a tokenizer when ``tokenizer`` is None (a resume point's model comes with its job)."""
     import torch
 
-    final = checkpoint_dir(output_dir=output_dir, epoch=epoch)
+    output_dir = final.parent
     staging = final.with_name(final.name + ".tmp")
     try:
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if merge and hasattr(model, "merge_and_unload"):
-            import copy
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if merge_base is not None and hasattr(model, "merge_and_unload"):
+            from peft import PeftModel
 
-            merged = copy.deepcopy(model).merge_and_unload()
+            merged = PeftModel.from_pretrained(merge_base(), staging).merge_and_unload()
             merged.save_pretrained(staging / MERGED)
             tokenizer.save_pretrained(staging / MERGED)
             del merged
@@ -164,8 +177,10 @@ def load_training_state(*, folder: Path) -> dict[str, Any]:
     return torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
 
 
-def resume_training(*, folder: Path, optimizer, scheduler) -> tuple[int, int]:
-    """Restore optimizer, scheduler and RNG from a checkpoint; return (global step, next epoch).
+def resume_training(*, folder: Path, optimizer, scheduler) -> tuple[int, int, int, list[float]]:
+    """Restore optimizer, scheduler and RNG from a checkpoint or a resume point; return the global
+    step, the epoch to train next, the optimizer steps of that epoch already done (their batches are
+    skipped) and those steps' losses (for the epoch's train loss).
 
     The learning rates are then set from *this* run's plan (it may have more epochs than the
     interrupted one), not from the saved schedule.
@@ -177,4 +192,6 @@ def resume_training(*, folder: Path, optimizer, scheduler) -> tuple[int, int]:
     scheduler.load_state_dict(state["scheduler"])
     replan_scheduler(optimizer, scheduler)
     restore_rng_state(state["rng"])
-    return int(state["global_step"]), int(state["epoch"]) + 1
+    if "steps_done_in_epoch" in state:  # a resume point, mid-epoch
+        return int(state["global_step"]), int(state["epoch"]), int(state["steps_done_in_epoch"]), list(state["losses"])
+    return int(state["global_step"]), int(state["epoch"]) + 1, 0, []

@@ -29,18 +29,19 @@ of an optimizer step is the mean over its pairs, so gradient accumulation matche
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.trainer import checkpoints, modeling
+from posttrain.trainer import checkpoints, forward, modeling
 from posttrain.trainer.batching import length_grouped_batches, read_rows
-from posttrain.trainer.formats import IGNORE_INDEX, normalize_preference_row
+from posttrain.trainer.formats import normalize_preference_row
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
 from posttrain.trainer.reporting import Reporter, StopFlag
+from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, _perplexity
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
@@ -102,21 +103,14 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
 def _answer_logps(model, batch, *, precision: modeling.Precision, average: bool):
     """Summed (or, with ``average``, mean) log-prob of each row's label tokens: shape [2B]."""
     import torch
-    import torch.nn.functional as F
 
-    device = precision.device
-    autocast = (torch.autocast(device_type="cuda", dtype=precision.torch_dtype())
-                if precision.autocast else contextlib.nullcontext())
-    with autocast:
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits
-    labels = batch["labels"].to(device)[:, 1:]
-    token_logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                   reduction="none")
-    summed = token_logps.sum(-1)
+    log_probs, rows = forward.token_log_probs(model, batch, precision=precision)
+    count = batch["input_ids"].shape[0]
+    summed = torch.zeros(count, device=log_probs.device).index_add(0, rows, log_probs)
     if not average:
         return summed
-    return summed / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
+    tokens = torch.zeros(count, device=log_probs.device).index_add(0, rows, torch.ones_like(log_probs))
+    return summed / tokens.clamp(min=1)
 
 
 def _pair_losses(model, batch, *, config: DPOConfig, precision):
@@ -239,15 +233,17 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     validation = encode_preference_rows(validation_rows, tokenizer=tokenizer, max_length=max_length) or train
 
     found = checkpoints.find_checkpoints(output_dir=output_dir)
-    resume = found[-1] if found else None
-    if resume and (not (resume[1] / "adapter_config.json").is_file()
-                   or checkpoints.read_trainer_state(folder=resume[1]).get("method") != "dpo"):
-        raise modeling.TrainerConfigError(f"{resume[1]} is not a DPO checkpoint; use a new output_dir")
+    if found and (not (found[-1][1] / "adapter_config.json").is_file()
+                  or checkpoints.read_trainer_state(folder=found[-1][1]).get("method") != "dpo"):
+        raise modeling.TrainerConfigError(f"{found[-1][1]} is not a DPO checkpoint; use a new output_dir")
+    points = ResumePoints(spec.get("resume_dir"), every_seconds=spec.get("resume_every_seconds"))
+    source = resume_source(found=found, points=points)
+    resume = source[1] if source else None
     base = _load_base(spec=spec, precision=precision, trust=trust)
     if resume:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base, resume[1], is_trainable=True)
+        model = PeftModel.from_pretrained(base, resume, is_trainable=True)
     else:
         model = modeling.apply_lora(base, dpo.lora)
     if plan.activation_checkpointing:
@@ -256,7 +252,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
 
     run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
                                         micro_batches=math.ceil(len(train) / plan.batch_size), plan=plan,
-                                        precision=precision, resume_folder=resume[1] if resume else None)
+                                        precision=precision, resume_folder=resume)
     optimizer, scheduler, scaler, total_steps = run.optimizer, run.scheduler, run.scaler, run.total_steps
     steps_per_epoch = run.steps_per_epoch
     global_step, start_epoch = run.global_step, run.start_epoch
@@ -266,7 +262,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         resources={**modeling.base_resources(model, precision=precision, threads=threads), "method": "dpo",
                    "loss_type": dpo.loss_type, "beta": dpo.beta, "merged_adapter": spec.get("adapter")},
         total_steps=total_steps,
-        resumed_from=f"{job_uuid}-epoch-{resume[0]}" if resume else None,
+        resumed_from=f"{job_uuid}-{source[0]}" if source else None,
     )
     if precision.dtype != precision.requested:
         reporter.log(f"dtype {precision.requested} was requested; computing in {precision.dtype} on {precision.device}",
@@ -286,14 +282,17 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
 
     lengths = [pair_length(e) for e in train]
     pad_id = tokenizer.pad_token_id
+    merge_base = functools.partial(modeling.load_merge_base, path=spec["model"], adapter=spec.get("adapter"),
+                                   trust_remote_code=trust)
     stop.arm()
     for epoch in range(start_epoch, plan.n_epochs + 1):
         batches = length_grouped_batches(lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
                                          rng=random.Random(f"{seed}:{epoch}"))
         accumulate = plan.gradient_accumulation_steps
         groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)][:steps_per_epoch]
-        losses = []
-        for group in groups:
+        done = run.steps_done_in_epoch if epoch == start_epoch else 0  # resumed mid-epoch: skip those batches
+        losses = list(run.epoch_losses) if epoch == start_epoch else []
+        for index, group in enumerate(groups[done:], start=done + 1):
             if stop.is_set():
                 return "cancelled"
             started = time.perf_counter()
@@ -309,6 +308,9 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
             reporter.emit("metric", step=global_step, epoch=epoch, **step, lr=lr,
                           tokens_per_s=sum(b["real_tokens"] for b in micro) / elapsed, total_steps=total_steps,
                           step_seconds=elapsed)
+            if index < len(groups) and points.due():
+                points.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                            steps_done_in_epoch=index, global_step=global_step, losses=losses, reporter=reporter)
         if stop.is_set():
             return "cancelled"
         evaluation = _evaluate(model, validation, config=dpo, plan=plan, pad_id=pad_id, seed=seed,
@@ -327,7 +329,8 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         # checkpoint always carries the merged model too.
         folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
                                               training_state=training_state, trainer_state=trainer_state,
-                                              merge=bool(spec.get("save_merged") or spec.get("adapter")))
+                                              merge_base=merge_base if spec.get("save_merged") or spec.get("adapter") else None)
         _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
                          write_seconds=time.perf_counter() - writing)
+        points.clear()
     return "completed"

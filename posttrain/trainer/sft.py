@@ -13,7 +13,7 @@ padding, applying the output head only at label positions, and the fused Adam(W)
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import random
 import time
@@ -21,18 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.trainer import checkpoints, modeling
+from posttrain.trainer import checkpoints, forward, modeling
 from posttrain.trainer.batching import (
     collate,
     collate_packed,
     encode_rows,
     length_grouped_batches,
     pack_rows,
-    packed_attention_mask,
     read_rows,
 )
-from posttrain.trainer.formats import IGNORE_INDEX, normalize_sft_row
+from posttrain.trainer.formats import normalize_sft_row
 from posttrain.trainer.reporting import Reporter, StopFlag
+from posttrain.trainer.resume_points import ResumePoints, resume_source
 
 MAX_GRAD_NORM = 1.0  # as HF Trainer does by default
 
@@ -73,71 +73,13 @@ class SFTPlan:
         )
 
 
-#: Model types whose ``ForCausalLM.forward`` computes logits as plain ``lm_head(body(...)[0])``
-#: (no soft-capping or scaling after the head, no auxiliary loss): for these we run the body and
-#: apply the head to the label positions only. Any other model goes through its own forward.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "gemma"})
-
-
-def _plain_head_parts(model):
-    """``(body, lm_head)`` of a causal LM whose logits are ``lm_head(last_hidden_state)``, else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
-        return None
-    if not type(base).__module__.startswith("transformers.models."):  # remote code: trust only its forward
-        return None
-    body, head = getattr(base, "model", None), base.get_output_embeddings()
-    if body is None or head is None:
-        return None
-    return body, head
-
-
-def _model_inputs(model, batch, *, device: str) -> dict:
-    """Forward kwargs: input ids plus, for padded batches, the 2D padding mask; for packed
-    batches, per-row ``position_ids`` and the block-diagonal causal mask in the form the model's
-    attention implementation takes (a 4D bool mask for SDPA, a 4D additive mask for eager; the
-    flash/flex kernels get no mask and find the rows from the restarting ``position_ids``)."""
-    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
-    if "segment_ids" not in batch:
-        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
-        return inputs
-    inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
-    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    segments = batch["segment_ids"].to(device, non_blocking=True)
-    if implementation == "sdpa":
-        inputs["attention_mask"] = packed_attention_mask(segments)
-    elif implementation == "eager":
-        inputs["attention_mask"] = packed_attention_mask(segments, dtype=model.get_input_embeddings().weight.dtype)
-    return inputs
-
-
 def _loss_sum(model, batch, *, precision: modeling.Precision):
-    """Summed next-token cross-entropy over the label tokens of one (padded or packed) batch.
-
-    For the models in ``PLAIN_HEAD_MODEL_TYPES`` the vocabulary projection runs only at the
-    positions that have a label: the same loss, without [batch, seq, vocab] logits for prompt and
-    padding tokens (most of the positions, and a large share of the compute, with long prompts).
-    """
-    import torch
+    """Summed next-token cross-entropy over the label tokens of one (padded or packed) batch
+    (the output head runs at those positions only: see ``forward.label_logits``)."""
     import torch.nn.functional as F
 
-    device = precision.device
-    autocast = (torch.autocast(device_type="cuda", dtype=precision.torch_dtype())
-                if precision.autocast else contextlib.nullcontext())
-    inputs = _model_inputs(model, batch, device=device)
-    labels = batch["labels"].to(device, non_blocking=True)[:, 1:]
-    parts = _plain_head_parts(model)
-    with autocast:
-        if parts is not None:
-            body, head = parts
-            hidden = body(**inputs, use_cache=False).last_hidden_state
-            keep = labels != IGNORE_INDEX
-            logits = head(hidden[:, :-1][keep])
-            targets = labels[keep]
-        else:
-            logits = model(**inputs, use_cache=False).logits[:, :-1].flatten(0, 1)
-            targets = labels.flatten()
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    logits, targets, _ = forward.label_logits(model, batch, precision=precision)
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision, stop: StopFlag):
@@ -220,19 +162,21 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     validation = encode_rows(validation_rows, **encode) or train
 
     found = checkpoints.find_checkpoints(output_dir=output_dir)
-    resume = found[-1] if found else None
-    if resume and lora != (resume[1] / "adapter_config.json").is_file():
-        raise modeling.TrainerConfigError(f"{resume[1]} is not a {'LoRA' if lora else 'full'} checkpoint; use a new output_dir")
+    points = ResumePoints(spec.get("resume_dir"), every_seconds=spec.get("resume_every_seconds"))
+    source = resume_source(found=found, points=points)
+    resume = source[1] if source else None
+    if resume and lora != (resume / "adapter_config.json").is_file():
+        raise modeling.TrainerConfigError(f"{resume} is not a {'LoRA' if lora else 'full'} checkpoint; use a new output_dir")
     if lora and resume:
         from peft import PeftModel
 
         base = modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
-        model = PeftModel.from_pretrained(base, resume[1], is_trainable=True)
+        model = PeftModel.from_pretrained(base, resume, is_trainable=True)
     elif lora:
         base = modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
         model = modeling.apply_lora(base, algorithm)
     else:
-        model = modeling.load_model(path=str(resume[1]) if resume else spec["model"], precision=precision,
+        model = modeling.load_model(path=str(resume) if resume else spec["model"], precision=precision,
                                     lora=False, trust_remote_code=trust)
     if plan.activation_checkpointing:
         model.gradient_checkpointing_enable()
@@ -245,7 +189,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     micro_batches = math.ceil((len(packs) if packs is not None else len(train)) / plan.batch_size)
     run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
                                         micro_batches=micro_batches, plan=plan, precision=precision,
-                                        resume_folder=resume[1] if resume else None)
+                                        resume_folder=resume)
     optimizer, scheduler, scaler, total_steps = run.optimizer, run.scheduler, run.scaler, run.total_steps
     steps_per_epoch = run.steps_per_epoch
     global_step, start_epoch = run.global_step, run.start_epoch
@@ -254,7 +198,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         "started",
         resources=modeling.base_resources(model, precision=precision, threads=threads),
         total_steps=total_steps,
-        resumed_from=f"{job_uuid}-epoch-{resume[0]}" if resume else None,
+        resumed_from=f"{job_uuid}-{source[0]}" if source else None,
     )
     if precision.dtype != precision.requested:
         reporter.log(f"dtype {precision.requested} was requested; computing in {precision.dtype} on {precision.device}",
@@ -272,14 +216,16 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         return collate_packed([[train[i] for i in packs[p]] for p in indices], pad_id=tokenizer.pad_token_id)
 
     unit_lengths = [sum(lengths[i] for i in pack) for pack in packs] if packs is not None else lengths
+    merge_base = functools.partial(modeling.load_merge_base, path=spec["model"], trust_remote_code=trust)
     stop.arm()
     for epoch in range(start_epoch, plan.n_epochs + 1):
         batches = length_grouped_batches(unit_lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
                                          rng=random.Random(f"{seed}:{epoch}"))
         accumulate = plan.gradient_accumulation_steps
         groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)][:steps_per_epoch]
-        losses = []
-        for group in groups:
+        done = run.steps_done_in_epoch if epoch == start_epoch else 0  # resumed mid-epoch: skip those batches
+        losses = list(run.epoch_losses) if epoch == start_epoch else []
+        for index, group in enumerate(groups[done:], start=done + 1):
             if stop.is_set():
                 return "cancelled"
             started = time.perf_counter()
@@ -297,6 +243,9 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
             reporter.emit("metric", step=global_step, epoch=epoch, loss=loss, lr=lr, tokens_per_s=real / elapsed,
                           total_steps=total_steps, tokens=real, padding_fraction=1 - real / max(positions, 1),
                           step_seconds=elapsed)
+            if index < len(groups) and points.due():
+                points.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                            steps_done_in_epoch=index, global_step=global_step, losses=losses, reporter=reporter)
         if stop.is_set():
             return "cancelled"
         validation_loss = _evaluate(model, validation, plan=plan, pad_id=tokenizer.pad_token_id, seed=seed,
@@ -310,9 +259,10 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         writing = time.perf_counter()
         folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
                                               training_state=training_state, trainer_state=trainer_state,
-                                              merge=bool(spec.get("save_merged")) and lora)
+                                              merge_base=merge_base if spec.get("save_merged") and lora else None)
         _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
                          write_seconds=time.perf_counter() - writing)
+        points.clear()
     return "completed"
 
 

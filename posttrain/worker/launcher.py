@@ -35,6 +35,8 @@ class LaunchConfig:
     heartbeat_seconds: float
     cancel_grace_seconds: float
     device: str = "auto"
+    cpu_bf16: bool = True
+    resume_point_seconds: float = 600.0
     threads: int | None = None
     nice: int = 10
     trust_remote_code: bool = False
@@ -101,7 +103,11 @@ class Launcher:
             "validation_rows_path": plan["validation_rows_path"],
             "training_config": plan["training_config"],
             "algorithm_config": plan["algorithm_config"],
+            "logger_config": plan.get("logger_config"),
             "device": self.config.device,
+            "cpu_bf16": self.config.cpu_bf16,
+            "resume_dir": str(folder / "resume"),
+            "resume_every_seconds": self.config.resume_point_seconds or None,
             "threads": self.config.threads,
             "seed": plan.get("seed", 42),
             "trust_remote_code": self.config.trust_remote_code,

@@ -105,6 +105,8 @@ def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.se
         heartbeat_seconds=settings.heartbeat_seconds,
         cancel_grace_seconds=settings.cancel_grace_seconds,
         device=settings.device,
+        cpu_bf16=settings.cpu_bf16,
+        resume_point_seconds=settings.resume_point_seconds,
         threads=settings.trainer_threads,
         nice=settings.trainer_nice,
         trust_remote_code=settings.trust_remote_code,

@@ -16,6 +16,7 @@ from datetime import datetime
 import pytest
 
 from posttrain.demo import colour_rows
+from tests.conftest import cpu_dtype_for_bf16
 from tests.integration.test_api import lora_request
 from tests.spec import validate_response
 
@@ -60,7 +61,7 @@ def test_lora_job_trains_reports_per_epoch_and_loads(live_server, colours):
     assert final["started_at"] >= final["scheduled_at"] and final["completed_at"] >= final["started_at"]
     resources = final["resources_allocated"]
     assert resources["device"] == "cpu" and resources["threads"] >= 1 and resources["requested_dtype"] == "bf16"
-    assert resources["dtype"] == "fp32"
+    assert resources["dtype"] == cpu_dtype_for_bf16()
 
     checkpoints = final["checkpoints"]
     assert [c["epoch"] for c in checkpoints] == [1, 2, 3]

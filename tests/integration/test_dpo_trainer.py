@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import cpu_dtype_for_bf16
 from tests.fixtures_tiny import build_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -159,7 +160,8 @@ def test_sigmoid_dpo_learns_the_preferences_and_checkpoints_load(tiny_model_path
     started = events[0]
     assert started["total_steps"] == 8 and started["resumed_from"] is None
     resources = started["resources"]
-    assert resources["method"] == "dpo" and resources["loss_type"] == "sigmoid" and resources["dtype"] == "fp32"
+    assert resources["method"] == "dpo" and resources["loss_type"] == "sigmoid"
+    assert resources["dtype"] == cpu_dtype_for_bf16()
     assert 0 < resources["trainable_parameters"] < resources["parameters"]
 
     metrics = metrics_of(events)

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from posttrain.trainer import modeling, sft
+from posttrain.trainer import forward, modeling, sft
 from posttrain.trainer.batching import (
     collate,
     collate_packed,
@@ -105,14 +105,19 @@ def _loss_and_grads(model, batches, precision):
 
 
 @pytest.mark.parametrize(("attention", "lora", "plain_head"), [
-    ("sdpa", False, True), ("sdpa", True, True), ("eager", False, True), ("sdpa", False, False), ("eager", True, False),
+    ("sdpa", False, True), ("sdpa", True, True), ("sdpa-flash", True, True), ("eager", False, True),
+    ("sdpa", False, False), ("eager", True, False),
 ])
 def test_packed_loss_equals_token_weighted_unpacked_loss(tiny_model_path, monkeypatch, attention, lora, plain_head):
+    """``sdpa`` runs the math kernel on these short CPU batches; ``sdpa-flash`` forces PyTorch's fused one."""
     import torch
     from transformers import AutoTokenizer
 
+    if attention == "sdpa-flash":
+        monkeypatch.setattr(forward, "MATH_ATTENTION_MAX_SCORES", 0)
+        attention = "sdpa"
     if not plain_head:  # the model's own forward, full-vocabulary logits
-        monkeypatch.setattr(sft, "PLAIN_HEAD_MODEL_TYPES", frozenset())
+        monkeypatch.setattr(forward, "PLAIN_HEAD_MODEL_TYPES", frozenset())
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     examples = encode_rows(varied_rows(14), tokenizer=tokenizer, data_format="instruct", train_on_input=False,
@@ -147,7 +152,7 @@ def test_plain_head_gives_the_models_own_loss(tiny_model_path):
                            train_on_input=False, max_length=512)
     batch = collate(examples, pad_id=tokenizer.pad_token_id)
     model = _model(tiny_model_path, attention="sdpa", lora=True)
-    assert sft._plain_head_parts(model) is not None
+    assert forward.plain_head_parts(model) is not None
     precision = modeling.resolve_precision(device="cpu", requested_dtype="fp32")
     labels = batch["labels"].clone()
     labels[batch["attention_mask"] == 0] = IGNORE_INDEX
