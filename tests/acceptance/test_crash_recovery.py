@@ -112,3 +112,37 @@ def test_killed_server_restarts_and_the_job_resumes(tmp_path, tiny_model_path):
         assert _wait(restarted, waiting["job_uuid"], lambda s: s["status"] == "completed", timeout=120)
     finally:
         stop_server(restarted)
+
+
+def test_trainer_killed_mid_epoch_resumes_from_its_resume_point(tmp_path, tiny_model_path):
+    """With resume points on (every ~step here), a trainer killed before its first checkpoint
+    loses no trained step: the next attempt continues the same epoch after the last resume point."""
+    server = start_server(tmp_path, tiny_model_path, extra_env={"POSTTRAIN_RESUME_POINT_SECONDS": "0.001"})
+    try:
+        server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": "colours",
+                                          "source": {"type": "rows", "rows": colour_rows(repeat=8)}})
+        body = lora_request(str(server.tiny_model_path), "colours")
+        body["training_config"].update(n_epochs=1, max_steps_per_epoch=24)
+        assert server.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+        job_uuid = body["job_uuid"]
+
+        def step_three_or_later(_status) -> bool:
+            metrics = [e for e in _events(server, job_uuid) if e["type"] == "metric"]
+            return bool(metrics) and metrics[-1]["data"]["step"] >= 3
+
+        running = _wait(server, job_uuid, step_three_or_later)
+        os.kill(running["resources_allocated"]["pid"], signal.SIGKILL)
+        final = _wait(server, job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=180)
+        assert final["status"] == "completed", final
+        assert [c["epoch"] for c in final["checkpoints"]] == [1]
+
+        events = _events(server, job_uuid)
+        started = [e["data"] for e in events if e["type"] == "started"]
+        assert len(started) == 2 and started[0]["resumed_from"] is None
+        resumed_step = int(started[1]["resumed_from"].rsplit("-step-", 1)[1])
+        first_attempt = [e["data"]["step"] for e in events if e["type"] == "metric" and e["data"]["attempt"] == 1]
+        second_attempt = [e["data"]["step"] for e in events if e["type"] == "metric" and e["data"]["attempt"] == 2]
+        assert 2 <= resumed_step <= max(first_attempt)
+        assert second_attempt == list(range(resumed_step + 1, 25))
+    finally:
+        stop_server(server)
