@@ -36,17 +36,19 @@ class JobService:
     # -- submit --------------------------------------------------------------------------------
 
     def submit_sft(self, *, tenant: str, request: dict[str, Any]) -> Job:
-        recipes.check_common(request)
+        logger = recipes.check_common(request)
         training = recipes.check_training_config(request["training_config"])
         algorithm = recipes.check_lora(request.get("algorithm_config"))
         return self._submit(tenant=tenant, kind=JobKind.SFT, request=request, training=training, algorithm=algorithm,
+                            logger=logger,
                             model_field="model", model_name=request.get("model"))
 
     def submit_dpo(self, *, tenant: str, request: dict[str, Any]) -> Job:
-        recipes.check_common(request)
+        logger = recipes.check_common(request)
         training = recipes.check_training_config(request["training_config"])
         algorithm = recipes.check_dpo(request["algorithm_config"])
         return self._submit(tenant=tenant, kind=JobKind.DPO, request=request, training=training, algorithm=algorithm,
+                            logger=logger,
                             model_field="finetuned_model", model_name=request.get("finetuned_model"))
 
     def _submit(
@@ -57,6 +59,7 @@ class JobService:
         request: dict[str, Any],
         training: dict[str, Any],
         algorithm: dict[str, Any] | None,
+        logger: dict[str, Any] | None,
         model_field: str,
         model_name: str | None,
     ) -> Job:
@@ -105,6 +108,7 @@ class JobService:
                 "validation_rows_path": str(validation_rows) if validation_rows else None,
                 "training_config": training,
                 "algorithm_config": algorithm,
+                "logger_config": logger,
                 "seed": 42,
             }
             return self.store.create(

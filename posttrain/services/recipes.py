@@ -26,10 +26,34 @@ def _positive(value: Any, field: str, *, allow_zero: bool = False) -> None:
 
 
 def _no_unsupported_options(name: str, config: dict[str, Any] | None) -> None:
-    """hyperparam_search_config and logger_config: refuse any non-empty value rather than ignore it."""
+    """hyperparam_search_config: refuse any non-empty value rather than ignore it."""
     if config:
         keys = ", ".join(sorted(config))
         raise RecipeInvalid(f"{name}: not supported by this server yet (got keys: {keys}); send {{}}")
+
+
+#: The one logger this server implements: TensorBoard event files in the job's output folder.
+TENSORBOARD_LOGGER = {"type": "tensorboard"}
+
+
+def check_logger_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Return the logger the trainer should run ({"type": "tensorboard"}) or None for no log.
+
+    Only a TensorBoard log is cheap to offer (a folder of event files next to the checkpoints);
+    any other logger (wandb, mlflow, ...) or unknown key is refused, never accepted and ignored.
+    ``{"tensorboard": true}`` is taken as a convenience spelling; the plan always holds the one
+    normalized form, so the trainer reads a single shape.
+    """
+    if not config:
+        return None
+    if set(config) == {"type"} and isinstance(config["type"], str) and config["type"].strip().lower() == "tensorboard":
+        return dict(TENSORBOARD_LOGGER)
+    if set(config) == {"tensorboard"} and isinstance(config["tensorboard"], bool):
+        return dict(TENSORBOARD_LOGGER) if config["tensorboard"] else None
+    keys = ", ".join(sorted(config))
+    described = f"type {config['type']!r}" if set(config) == {"type"} else f"keys: {keys}"
+    raise RecipeInvalid(f'logger_config: only {{"type": "tensorboard"}} (a TensorBoard log in the job\'s output folder) '
+                        f"or {{}} (no log) is supported (got {described})")
 
 
 def check_training_config(training: dict[str, Any]) -> dict[str, Any]:
@@ -67,14 +91,12 @@ def check_training_config(training: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_lora(algorithm: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Validate an SFT algorithm_config. None means a full fine-tune."""
+    """Validate an SFT algorithm_config: LoRA, or QAT (a full fine-tune, quantization-aware).
+    None means a plain full fine-tune."""
     if algorithm is None:
         return None
     if algorithm.get("type") == "QAT":
-        raise RecipeInvalid(
-            "algorithm_config: QAT (quantization-aware training) is not supported by this server yet; "
-            "use LoRA or omit algorithm_config for a full fine-tune"
-        )
+        return check_qat(algorithm)
     unknown = [m for m in algorithm.get("lora_attn_modules", []) if m not in LORA_ATTN_MODULES]
     if unknown:
         raise RecipeInvalid(
@@ -91,12 +113,28 @@ def check_lora(algorithm: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"use_dora": False, "quantize_base": False, **algorithm}
 
 
-def check_common(request: dict[str, Any]) -> None:
+#: QAT quantizers this server runs (torchao's class name as torchtune's QAT recipe names it, and its short name).
+QAT_QUANTIZERS = ("Int8DynActInt4WeightQATQuantizer", "8da4w")
+
+
+def check_qat(algorithm: dict[str, Any]) -> dict[str, Any]:
+    """A QAT algorithm_config: a full fine-tune with fake-quantized linear layers (torchao)."""
+    if algorithm.get("quantizer_name") not in QAT_QUANTIZERS:
+        raise RecipeInvalid(f"algorithm_config.quantizer_name: QAT supports {' or '.join(QAT_QUANTIZERS)} "
+                            f"(int8 dynamic activations, int4 grouped weights), not {algorithm.get('quantizer_name')!r}")
+    group_size = algorithm.get("group_size")
+    if not isinstance(group_size, int) or group_size < 1 or group_size & (group_size - 1):
+        raise RecipeInvalid(f"algorithm_config.group_size: QAT needs a power of two (e.g. 32 or 256), got {group_size!r}")
+    return {"type": "QAT", "quantizer_name": algorithm["quantizer_name"], "group_size": group_size}
+
+
+def check_common(request: dict[str, Any]) -> dict[str, Any] | None:
+    """Validate what SFT and DPO requests share; return the normalized logger_config (or None)."""
     job_uuid = request.get("job_uuid", "")
     if not job_uuid or len(job_uuid) > 255 or any(ord(c) < 32 for c in job_uuid):
         raise RecipeInvalid("job_uuid: must be 1 to 255 printable characters")
     _no_unsupported_options("hyperparam_search_config", request.get("hyperparam_search_config"))
-    _no_unsupported_options("logger_config", request.get("logger_config"))
+    return check_logger_config(request.get("logger_config"))
 
 
 #: The adapter a DPO job trains. The request has no LoRA options (the spec's DPOAlignmentConfig

@@ -85,6 +85,19 @@ def _run(spec: dict, *, reporter, stop) -> str:
     raise ValueError(f"method must be 'sft' or 'dpo', not {method!r}")
 
 
+def _run_logged(spec: dict, *, reporter, stop) -> str:
+    """Run, with the job's TensorBoard log when the spec's logger_config asks for one. The log is
+    closed on every way out (done, cancelled, failed), so what it holds is on disk to look at."""
+    from posttrain.trainer.tensorboard_log import reporter_for
+
+    run_reporter = reporter_for(spec, reporter)
+    try:
+        return _run(spec, reporter=run_reporter, stop=stop)
+    finally:
+        if run_reporter is not reporter:
+            run_reporter.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     from posttrain.trainer.reporting import Reporter, StopFlag, StopRequested
 
@@ -104,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(argv[0], encoding="utf-8") as handle:
             spec = json.load(handle)
         _quiet_libraries()
-        outcome = _run(spec, reporter=reporter, stop=stop)
+        outcome = _run_logged(spec, reporter=reporter, stop=stop)
     except StopRequested:
         outcome = "cancelled"
     except Exception as exc:  # every failure becomes one protocol event
@@ -127,7 +140,7 @@ def _failure_code(exc: Exception) -> str:
         return "disk_full"
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return "out_of_memory"
-    if type(exc).__name__ == "TrainerConfigError":
+    if type(exc).__name__ in ("TrainerConfigError", "LoggerConfigError"):
         return "invalid_config"
     if isinstance(exc, ModuleNotFoundError) and exc.name == "posttrain.trainer.dpo":
         return "unsupported_method"

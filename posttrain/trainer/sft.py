@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.trainer import checkpoints, forward, modeling
+from posttrain.trainer import checkpoints, forward, modeling, qat
 from posttrain.trainer.batching import (
     collate,
     collate_packed,
@@ -149,9 +149,10 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         raise modeling.TrainerConfigError("the training dataset has no rows")
 
     algorithm = spec.get("algorithm_config")
-    if algorithm is not None and algorithm.get("type", "LoRA") != "LoRA":
-        raise modeling.TrainerConfigError(f"method sft takes a LoRA algorithm_config or null, not {algorithm.get('type')!r}")
-    lora = algorithm is not None
+    if algorithm is not None and algorithm.get("type", "LoRA") not in ("LoRA", "QAT"):
+        raise modeling.TrainerConfigError(f"method sft takes a LoRA or QAT algorithm_config or null, not {algorithm.get('type')!r}")
+    quantization_aware = algorithm is not None and algorithm.get("type") == "QAT"
+    lora = algorithm is not None and not quantization_aware
     run_setup = modeling.set_up_run(spec, requested_dtype=config.get("dtype"))
     trust, seed, job_uuid = run_setup.trust_remote_code, run_setup.seed, run_setup.job_uuid
     output_dir, threads, precision = run_setup.output_dir, run_setup.threads, run_setup.precision
@@ -178,6 +179,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     else:
         model = modeling.load_model(path=str(resume) if resume else spec["model"], precision=precision,
                                     lora=False, trust_remote_code=trust)
+    fake_quantized = qat.prepare(model, algorithm) if quantization_aware else 0
     if plan.activation_checkpointing:
         model.gradient_checkpointing_enable()
         if lora:
@@ -196,7 +198,8 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
 
     reporter.emit(
         "started",
-        resources=modeling.base_resources(model, precision=precision, threads=threads),
+        resources={**modeling.base_resources(model, precision=precision, threads=threads),
+                   **({"qat": {**algorithm, "fake_quantized_layers": fake_quantized}} if quantization_aware else {})},
         total_steps=total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
     )
@@ -205,6 +208,13 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                      level="warning")
     if packs is not None:
         reporter.log(f"packed=true: {len(train)} rows in {len(packs)} sequences of up to {max_length} tokens")
+    if quantization_aware:
+        reporter.log(f"quantization-aware training: {fake_quantized} linear layers fake-quantized (int8 dynamic "
+                     f"activations, int4 weights in groups of {algorithm['group_size']}); checkpoints hold the "
+                     "trained full-precision weights; quantize one for serving with torchao: "
+                     "posttrain.trainer.qat.convert(model, algorithm_config), i.e. quantize_(model, "
+                     "Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup("
+                     f"{algorithm['group_size']})))")
     if algorithm and algorithm.get("quantize_base"):
         reporter.log("quantize_base is not supported; the base model is not quantized", level="warning")
     for epoch, folder in found:

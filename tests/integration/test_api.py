@@ -188,7 +188,10 @@ def test_unknown_job_is_404_everywhere(client):
         (lambda b: b["training_config"].update(n_epochs="2"), 400, ["training_config.n_epochs"]),
         (lambda b: b["training_config"].update(n_epochs=0), 400, ["n_epochs"]),
         (lambda b: b["training_config"].update(dtype="int3"), 400, ["dtype"]),
-        (lambda b: b.update(algorithm_config={"type": "QAT", "quantizer_name": "x", "group_size": 32}), 400, ["QAT"]),
+        (lambda b: b.update(algorithm_config={"type": "QAT", "quantizer_name": "x", "group_size": 32}), 400,
+         ["QAT", "quantizer_name", "Int8DynActInt4WeightQATQuantizer"]),
+        (lambda b: b.update(algorithm_config={"type": "QAT", "quantizer_name": "8da4w", "group_size": 48}), 400,
+         ["group_size", "power of two"]),
         (lambda b: b["algorithm_config"].update(lora_attn_modules=["wq"]), 400, ["lora_attn_modules"]),
         (lambda b: b["algorithm_config"].update(quantize_base=True), 400, ["quantize_base"]),
         (lambda b: b.update(logger_config={"wandb": True}), 400, ["logger_config"]),
@@ -203,6 +206,14 @@ def test_invalid_fine_tunes_are_refused_and_leave_nothing(client, tiny_model_pat
     assert_problem(client.post("/v1/post-training/supervised-fine-tune", json=body), status, *words)
     assert client.get("/v1/post-training/jobs").json() == {"data": []}
     assert list(settings.jobs_dir.iterdir()) == []
+
+
+def test_qat_fine_tune_is_accepted_with_its_config(client, tiny_model_path):
+    register(client)
+    body = lora_request(str(tiny_model_path), "toy")
+    body["algorithm_config"] = {"type": "QAT", "quantizer_name": "Int8DynActInt4WeightQATQuantizer", "group_size": 32}
+    assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+    assert client.get("/v1/post-training/job/status", params={"job_uuid": body["job_uuid"]}).status_code == 200
 
 
 def test_duplicate_job_uuid_conflicts(client, tiny_model_path):

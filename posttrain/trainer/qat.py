@@ -1,0 +1,72 @@
+"""Quantization-aware training (the spec's ``QATFinetuningConfig``) with torchao.
+
+A QAT job is a full fine-tune in which every linear layer whose input size the group size divides
+computes with *fake* quantization: int8 per-token dynamic activations and int4 per-group symmetric
+weights, rounded on the fly in the forward pass while the weights stay in full precision for the
+optimizer (the scheme of torchao's ``Int8DynActInt4WeightQATQuantizer``, the quantizer torchtune's QAT
+recipe and so Llama Stack's QAT config name). The weights learn to survive that rounding. A checkpoint holds
+the trained full-precision weights as a plain Hugging Face model; quantizing it for serving is a
+separate step with the same scheme (``posttrain.trainer.qat.convert`` does it with torchao),
+which the log tells the user. The quantizer is torchao's ``QATConfig`` around
+``Int8DynamicActivationIntxWeightConfig(int4, PerGroup(group_size))``: the same scheme as the
+deprecated ``Int8DynActInt4WeightQATQuantizer``, whose fake and real forward passes agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.trainer.modeling import TrainerConfigError
+
+#: quantizer_name values accepted (torchao/torchtune class name, and torchtune's short name).
+QUANTIZERS = ("Int8DynActInt4WeightQATQuantizer", "8da4w")
+
+
+def _base_config(config: dict[str, Any]):
+    """torchao's post-training config that QAT simulates and ``convert`` applies."""
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup
+
+    if config.get("quantizer_name") not in QUANTIZERS:
+        raise TrainerConfigError(f"algorithm_config.quantizer_name must be one of {', '.join(QUANTIZERS)}, "
+                                 f"not {config.get('quantizer_name')!r}")
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                 weight_granularity=PerGroup(int(config["group_size"])))
+
+
+def _eligible(model, group_size: int):  # noqa: ANN001
+    """Linear layers whose input size the group size divides; not an output head tied to the input
+    embeddings (quantizing it would untie the two)."""
+    import torch
+
+    tied_head = model.get_output_embeddings() if getattr(model.config, "tie_word_embeddings", False) else None
+
+    def eligible(module, _name: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and module is not tied_head
+                and module.in_features % group_size == 0)
+
+    return eligible
+
+
+def prepare(model, config: dict[str, Any]) -> int:  # noqa: ANN001 - a transformers model
+    """Swap the model's eligible linear layers for fake-quantized ones in place; return how many."""
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    quantize_(model, QATConfig(_base_config(config), step="prepare"), filter_fn=_eligible(model, int(config["group_size"])))
+    swapped = sum(1 for module in model.modules() if isinstance(module, FakeQuantizedLinear))
+    if swapped == 0:
+        raise TrainerConfigError(f"algorithm_config.group_size {config['group_size']} divides the input size of "
+                                 "no linear layer of this model: nothing would be quantization-aware")
+    return swapped
+
+
+def convert(model, config: dict[str, Any]):  # noqa: ANN001
+    """Quantize a QAT-trained model (loaded from its checkpoint, plain linear layers) for real, as
+    training simulated: torchao's post-training quantization with the same config."""
+    from torchao.quantization import quantize_
+
+    quantize_(model, _base_config(config), filter_fn=_eligible(model, int(config["group_size"])))
+    return model
