@@ -51,6 +51,7 @@ MODEL_SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size
 VOCAB = 8192
 PACK_LENGTH = 1024  # = max_position_embeddings: our trainer packs to the model's limit
 BATCH = 4  # rows per optimizer step (unpacked)
+COMPILE_WARMUP = 3  # extra warm-up steps for compiled configurations (the compile happens in the first)
 PACKED_BATCH = 1  # packs of up to PACK_LENGTH tokens per optimizer step (about as many tokens as BATCH rows)
 LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RANK, LORA_ALPHA = 16, 32
@@ -119,6 +120,10 @@ def configurations(*, dpo: bool, native_bf16: bool) -> list[dict]:
     configs = [
         {"name": "ours SFT LoRA", "kind": "ours", "method": "sft", "lora": True, "packed": False},
         {"name": "ours SFT LoRA packed", "kind": "ours", "method": "sft", "lora": True, "packed": True},
+        # What a long job gets (compile=auto compiles once a job has >20 min left): torch.compile'd,
+        # measured after COMPILE_WARMUP more warm-up steps, so the compile itself is not in the figure.
+        {"name": "ours SFT LoRA compiled", "kind": "ours", "method": "sft", "lora": True, "packed": False,
+         "compile": "on"},
         {"name": "ours SFT full", "kind": "ours", "method": "sft", "lora": False, "packed": False},
         trl("TRL SFT LoRA default", "sft", True, "default"),
         trl("TRL SFT LoRA fp32", "sft", True, "fp32"),
@@ -164,6 +169,8 @@ def _measure(step_ends: list[float], tokens: list[int], positions: list[int], *,
 
 def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: int, steps: int,
              threads: int | None) -> dict:
+    if config.get("compile") == "on":
+        warmup += COMPILE_WARMUP
     folder = Path(tempfile.mkdtemp(dir=work, prefix="ours-"))
     lora = {"type": "LoRA", "lora_attn_modules": ["q_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True,
             "apply_lora_to_output": False, "rank": LORA_RANK, "alpha": LORA_ALPHA}
@@ -184,6 +191,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
             "dtype": "bf16",  # the Llama Stack default: bf16 where the CPU has it natively, else fp32
         },
         "algorithm_config": algorithm, "device": "cpu", "threads": threads, "seed": 0, "trust_remote_code": False,
+        "compile": config.get("compile", "auto"),  # auto: these short runs are never worth compiling
     }
     (folder / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -218,6 +226,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
         tail = (folder / "stderr.txt").read_text()[-1500:]
         return {"error": failure or f"exit {code} after {len(step_ends)} steps: {tail}"}
     return {**_measure(step_ends, tokens, positions, warmup=warmup), "peak_rss_mb": rss, "first_step_s": first_step,
+            "compile_s": step_ends[0] - started if config.get("compile") == "on" else None,
             "dtype": dtype}
 
 
@@ -391,20 +400,24 @@ def flops_per_token(config: dict, n: int) -> float:
 
 
 def _print_targets(best: dict, names: list[str], *, peak: float, n: int) -> None:
-    """The issue's targets for SFT LoRA on a CPU, each with its figures."""
-    ours = best.get("ours SFT LoRA")
+    """The issue's targets for SFT LoRA on a CPU, each with its figures: for a short job (eager, as
+    every job starts) and for a long one (compiled, as compile=auto makes a job with >20 min left)."""
     trl = {b: best[b] for b in _baseline_for({"method": "sft", "lora": True}, names) if b in best}
-    if not ours or not trl:
+    if not trl:
         return
     fastest = max(trl, key=lambda b: trl[b]["tokens_per_s"])
-    ratio = ours["tokens_per_s"] / trl[fastest]["tokens_per_s"]
-    mfu = 100 * 4 * n * ours["tokens_per_s"] / (peak * 1e9)
     memory = min(t["peak_rss_mb"] for t in trl.values())
     print()
-    print(f"target SFT LoRA >= 2.5x TRL's fastest ({fastest}): {ratio:.2f}x - {'met' if ratio >= 2.5 else 'missed'}")
-    print(f"target SFT LoRA >= 50% MFU (fp32 peak): {mfu:.1f}% - {'met' if mfu >= 50 else 'missed'}")
-    print(f"target SFT LoRA peak memory <= TRL's lowest: {ours['peak_rss_mb']:.0f} vs {memory:.0f} MB - "
-          f"{'met' if ours['peak_rss_mb'] <= memory else 'missed'}")
+    for name in ("ours SFT LoRA", "ours SFT LoRA compiled"):
+        ours = best.get(name)
+        if not ours:
+            continue
+        ratio = ours["tokens_per_s"] / trl[fastest]["tokens_per_s"]
+        mfu = 100 * 4 * n * ours["tokens_per_s"] / (peak * 1e9)
+        print(f"target {name} >= 2.5x TRL's fastest ({fastest}): {ratio:.2f}x - {'met' if ratio >= 2.5 else 'missed'}")
+        print(f"target {name} >= 50% MFU (fp32 peak): {mfu:.1f}% - {'met' if mfu >= 50 else 'missed'}")
+        print(f"target {name} peak memory <= TRL's lowest: {ours['peak_rss_mb']:.0f} vs {memory:.0f} MB - "
+              f"{'met' if ours['peak_rss_mb'] <= memory else 'missed'}")
 
 
 def main() -> None:
@@ -503,6 +516,10 @@ def main() -> None:
         rounds_text = " ".join(f"{t:.0f}" for t in r["rounds"])
         print(f"{name:<26} {r['tokens_per_s']:10.0f} {_percent(r['padding']):>9} {r['peak_rss_mb']:11.0f} "
               f"{r['dtype']:>5} {mfu:6.1f} {own:6.1f} {ratio:>14}  {rounds_text}")
+    for name, r in best.items():
+        if r.get("compile_s"):
+            print(f"{name}: process start to the end of its first (compiling) step {r['compile_s']:.0f} s "
+                  "(inductor's on-disk cache makes later compiles of the same model faster)")
     _print_targets(best, names, peak=peak, n=n)
     print()
     print("submit to first optimizer step (tiny model, trainer process start to first metric event): "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,9 @@ class Settings(BaseSettings):
     resume_point_seconds: float = Field(default=600.0, ge=0, description="Seconds of training between mid-epoch "
                                         "resume points (model or adapter, optimizer, position in the data) in the "
                                         "job's folder, so a lost job redoes at most this much of an epoch. 0: none.")
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto", description="torch.compile the model: auto when a job's remaining training, timed on its "
+        "first steps, is over 20 minutes (compiling costs a minute or two; ~1.4x faster after); on: always; off: never.")
     cpu_bf16: bool = Field(default=True, description="On a CPU with native bf16 (AVX512-BF16 or AMX), compute jobs "
                            "that ask for bf16 in bf16 (about twice as fast as fp32 there). Off, or on other CPUs: fp32.")
     model_roots: list[Path] = Field(

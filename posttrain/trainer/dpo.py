@@ -40,6 +40,7 @@ from posttrain.trainer import checkpoints, forward, modeling
 from posttrain.trainer.batching import length_grouped_batches, read_rows
 from posttrain.trainer.formats import normalize_preference_row
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
+from posttrain.trainer.compiling import Compiler
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, _perplexity
@@ -284,6 +285,8 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     pad_id = tokenizer.pad_token_id
     merge_base = functools.partial(modeling.load_merge_base, path=spec["model"], adapter=spec.get("adapter"),
                                    trust_remote_code=trust)
+    compiler = Compiler(spec.get("compile"))
+    compiler.start(model, reporter=reporter)
     stop.arm()
     for epoch in range(start_epoch, plan.n_epochs + 1):
         batches = length_grouped_batches(lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
@@ -308,6 +311,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
             reporter.emit("metric", step=global_step, epoch=epoch, **step, lr=lr,
                           tokens_per_s=sum(b["real_tokens"] for b in micro) / elapsed, total_steps=total_steps,
                           step_seconds=elapsed)
+            compiler.after_step(model, step_seconds=elapsed, steps_left=total_steps - global_step, reporter=reporter)
             if index < len(groups) and points.due():
                 points.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                             steps_done_in_epoch=index, global_step=global_step, losses=losses, reporter=reporter)

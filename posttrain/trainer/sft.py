@@ -31,6 +31,7 @@ from posttrain.trainer.batching import (
     read_rows,
 )
 from posttrain.trainer.formats import normalize_sft_row
+from posttrain.trainer.compiling import Compiler
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 
@@ -227,6 +228,8 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
 
     unit_lengths = [sum(lengths[i] for i in pack) for pack in packs] if packs is not None else lengths
     merge_base = functools.partial(modeling.load_merge_base, path=spec["model"], trust_remote_code=trust)
+    compiler = Compiler(spec.get("compile"))
+    compiler.start(model, reporter=reporter)
     stop.arm()
     for epoch in range(start_epoch, plan.n_epochs + 1):
         batches = length_grouped_batches(unit_lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
@@ -253,6 +256,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
             reporter.emit("metric", step=global_step, epoch=epoch, loss=loss, lr=lr, tokens_per_s=real / elapsed,
                           total_steps=total_steps, tokens=real, padding_fraction=1 - real / max(positions, 1),
                           step_seconds=elapsed)
+            compiler.after_step(model, step_seconds=elapsed, steps_left=total_steps - global_step, reporter=reporter)
             if index < len(groups) and points.due():
                 points.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                             steps_done_in_epoch=index, global_step=global_step, losses=losses, reporter=reporter)

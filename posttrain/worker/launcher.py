@@ -36,6 +36,7 @@ class LaunchConfig:
     cancel_grace_seconds: float
     device: str = "auto"
     cpu_bf16: bool = True
+    compile: str = "auto"
     resume_point_seconds: float = 600.0
     threads: int | None = None
     nice: int = 10
@@ -106,6 +107,7 @@ class Launcher:
             "logger_config": plan.get("logger_config"),
             "device": self.config.device,
             "cpu_bf16": self.config.cpu_bf16,
+            "compile": self.config.compile,
             "resume_dir": str(folder / "resume"),
             "resume_every_seconds": self.config.resume_point_seconds or None,
             "threads": self.config.threads,

@@ -106,6 +106,7 @@ def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.se
         cancel_grace_seconds=settings.cancel_grace_seconds,
         device=settings.device,
         cpu_bf16=settings.cpu_bf16,
+        compile=settings.compile,
         resume_point_seconds=settings.resume_point_seconds,
         threads=settings.trainer_threads,
         nice=settings.trainer_nice,
