@@ -34,6 +34,7 @@ def _logging(level: str) -> None:
 def _scheduler(settings: Settings):  # noqa: ANN202
     from posttrain.store.engine import make_engine, migrate
     from posttrain.store.jobs import JobStore
+    from posttrain.worker.devices import visible_gpus
     from posttrain.worker.scheduler import Scheduler, launch_config_from
     from posttrain.worker.warm import WarmPool
 
@@ -44,8 +45,9 @@ def _scheduler(settings: Settings):  # noqa: ANN202
     if settings.warm_trainers:
         warm = WarmPool(size=settings.warm_trainers, python=config.python, nice=config.nice,
                         log_dir=settings.resolved_home / "logs")
+    gpus = visible_gpus(device=settings.device, configured=settings.gpus)
     return Scheduler(store=JobStore(engine), slots=settings.worker_slots, poll_seconds=settings.poll_seconds,
-                     config=config, warm=warm)
+                     config=config, warm=warm, gpus=gpus)
 
 
 def _prepare_demo(settings: Settings, services) -> None:  # noqa: ANN001

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
                                           "base (checkpoint/merged/): loads without peft, costs a model's size on disk.")
     trainer_nice: int = Field(default=10, ge=0, le=19, description="Niceness of trainer processes so the API stays responsive.")
     device: str = Field(default="auto", description="auto | cpu | cuda")
+    gpus: list[str] | None = Field(default=None, description="GPU ids to run jobs on, one job per GPU (each trainer "
+                                   "sees only its own through CUDA_VISIBLE_DEVICES); default: this process's "
+                                   "CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists; none with device=cpu.")
     resume_point_seconds: float = Field(default=600.0, ge=0, description="Seconds of training between mid-epoch "
                                         "resume points (model or adapter, optimizer, position in the data) in the "
                                         "job's folder, so a lost job redoes at most this much of an epoch. 0: none.")

@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(argv[0], encoding="utf-8") as handle:
             spec = json.load(handle)
+        if spec.get("cuda_visible_devices") is not None:  # before torch initialises CUDA
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(spec["cuda_visible_devices"])
         _quiet_libraries()
         outcome = _run_logged(spec, reporter=reporter, stop=stop)
     except StopRequested:

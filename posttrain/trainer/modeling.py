@@ -271,7 +271,8 @@ def base_resources(model, *, precision, threads: int) -> dict[str, Any]:  # noqa
     parameters, trainable = count_parameters(model)
     return {"device": precision.device, "dtype": precision.dtype, "requested_dtype": precision.requested,
             "threads": threads, "parameters": parameters, "trainable_parameters": trainable,
-            "torch": torch.__version__}
+            "torch": torch.__version__,
+            **({"cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]} if "CUDA_VISIBLE_DEVICES" in os.environ else {})}
 
 
 MAX_LENGTH_CAP = 4096  # no max sequence length in the Llama Stack config; keep memory bounded

@@ -63,8 +63,9 @@ class Launcher:
     """One job, one trainer process, one thread of control (``run``) plus a stdout reader."""
 
     def __init__(self, *, job: Job, owner: str, store: JobStore, config: LaunchConfig,
-                 warm: subprocess.Popen[bytes] | None = None) -> None:
+                 warm: subprocess.Popen[bytes] | None = None, gpu: str | None = None) -> None:
         self.job = job
+        self.gpu = gpu  # the one GPU this job's trainer sees (CUDA_VISIBLE_DEVICES), or None
         self._warm = warm
         self.owner = owner
         self.store = store
@@ -106,6 +107,7 @@ class Launcher:
             "algorithm_config": plan["algorithm_config"],
             "logger_config": plan.get("logger_config"),
             "device": self.config.device,
+            "cuda_visible_devices": self.gpu,
             "cpu_bf16": self.config.cpu_bf16,
             "compile": self.config.compile,
             "resume_dir": str(folder / "resume"),

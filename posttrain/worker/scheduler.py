@@ -13,6 +13,7 @@ import threading
 import uuid
 
 from posttrain.store.jobs import JobStore
+from posttrain.worker.devices import GpuPool
 from posttrain.worker.launcher import LaunchConfig, Launcher
 from posttrain.worker.warm import WarmPool
 
@@ -25,8 +26,9 @@ def worker_id() -> str:
 
 class Scheduler:
     def __init__(self, *, store: JobStore, slots: int, poll_seconds: float, config: LaunchConfig,
-                 owner: str | None = None, warm: WarmPool | None = None) -> None:
+                 owner: str | None = None, warm: WarmPool | None = None, gpus: list[str] | None = None) -> None:
         self.store = store
+        self.gpus = GpuPool(gpus or [])
         self.warm = warm
         self.slots = slots
         self.poll_seconds = poll_seconds
@@ -34,13 +36,15 @@ class Scheduler:
         self.owner = owner or worker_id()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._active: dict[str, tuple[Launcher, threading.Thread]] = {}
+        self._active: dict[str, tuple[Launcher, threading.Thread, str | None]] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="posttrain-scheduler", daemon=True)
         self._thread.start()
-        log.info("scheduler %s started with %d slot(s)", self.owner, self.slots, extra={"action": "scheduler_started"})
+        log.info("scheduler %s started with %d slot(s)%s", self.owner, self.slots,
+                 f", one job per GPU on {','.join(self.gpus.gpus)}" if self.gpus.enabled else "",
+                 extra={"action": "scheduler_started"})
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop claiming, stop running trainers and hand their jobs back to the queue."""
@@ -49,9 +53,9 @@ class Scheduler:
             self._thread.join(timeout=timeout)
         with self._lock:
             active = list(self._active.values())
-        for launcher, _ in active:
+        for launcher, _, _ in active:
             launcher.request_shutdown()
-        for _, thread in active:
+        for _, thread, _ in active:
             thread.join(timeout=timeout)
         if self.warm is not None:
             self.warm.close()
@@ -79,18 +83,19 @@ class Scheduler:
             log.warning("job %s lost its worker; now %s", job_uuid, status.value,
                         extra={"action": "job_requeued", "job_id": job_uuid})
         with self._lock:
-            for job_uuid in [j for j, (_, t) in self._active.items() if not t.is_alive()]:
-                del self._active[job_uuid]
-            free = self.slots - len(self._active)
+            for job_uuid in [j for j, (_, t, _) in self._active.items() if not t.is_alive()]:
+                self.gpus.give_back(self._active.pop(job_uuid)[2])
+            free = min(self.slots - len(self._active), self.gpus.free())
         while free > 0 and not self._stop.is_set():
             job = self.store.claim_next(owner=self.owner, lease_seconds=self.config.lease_seconds)
             if job is None:
                 break
+            gpu = self.gpus.take()
             launcher = Launcher(job=job, owner=self.owner, store=self.store, config=self.config,
-                                warm=self.warm.take() if self.warm else None)
+                                warm=self.warm.take() if self.warm else None, gpu=gpu)
             thread = threading.Thread(target=launcher.run, name=f"launcher-{job.job_uuid[:8]}", daemon=True)
             with self._lock:
-                self._active[job.job_uuid] = (launcher, thread)
+                self._active[job.job_uuid] = (launcher, thread, gpu)
             thread.start()
             log.info("claimed job %s (attempt %d)", job.job_uuid, job.attempt,
                      extra={"action": "job_claimed", "job_id": job.job_uuid})
