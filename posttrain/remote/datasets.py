@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 from urllib.parse import quote
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from posttrain.remote.common import (
     ApiKeyOption,
@@ -159,7 +159,8 @@ def list_(ctx: typer.Context, as_json: JsonOption = False, url: UrlOption = None
     if as_json:
         print_json(datasets)
         return
-    table = Table("id", "purpose", "source", "rows", box=None, header_style="bold", pad_edge=False)
+    table = Table(Column("id", no_wrap=True), "purpose", "source", "rows", box=None, header_style="bold",
+                  pad_edge=False)
     for d in datasets:
         source = d.get("source") or {}
         kind = source.get("type", "?")

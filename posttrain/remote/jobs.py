@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from posttrain.remote.common import (
     ApiKeyOption,
@@ -205,7 +205,9 @@ def list_(
         return
     rows = [_table_row(r) for r in rows]
     present = [k for k in LIST_COLUMNS if any(r.get(k) is not None for r in rows)]
-    table = Table("job_uuid", "status", *present, box=None, header_style="bold", pad_edge=False)
+    # The ids and statuses are never wrapped or cut, however narrow the terminal: scripts grep for them.
+    table = Table(Column("job_uuid", no_wrap=True), Column("status", no_wrap=True), *present, box=None,
+                  header_style="bold", pad_edge=False)
     for r in rows:
         table.add_row(str(r["job_uuid"]), str(r.get("status", "?")), *(_cell(k, r.get(k)) for k in present))
     out.print(table)
