@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.integration.test_trainer_process import kinds, make_spec, run
+from tests.integration.test_trainer_process import kinds, make_spec, run, with_spec_keys
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
@@ -14,10 +12,7 @@ pytestmark = [pytest.mark.slow,
 
 def _run(tmp_path, model, compile_mode: str) -> list[dict]:
     tmp_path.mkdir()
-    path = make_spec(tmp_path, model, n_epochs=1, max_steps_per_epoch=4)
-    spec = json.loads(path.read_text())
-    spec["compile"] = compile_mode
-    path.write_text(json.dumps(spec))
+    path = with_spec_keys(make_spec(tmp_path, model, n_epochs=1, max_steps_per_epoch=4), compile=compile_mode)
     events, code = run(path, tmp_path)
     assert code == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     return events

@@ -3,14 +3,13 @@ earlier checkpoints whole. The disk is a real, tiny tmpfs (so this test needs ro
 
 from __future__ import annotations
 
-import json
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_trainer_process import make_spec, run
+from tests.integration.test_trainer_process import make_spec, run, with_spec_keys
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +47,8 @@ def test_full_disk_fails_the_job_and_keeps_earlier_checkpoints(tiny_model_path, 
 
     # A disk with room for one checkpoint and a half: the second cannot be written.
     disk = tiny_disk(int(one * 1.5) + 64 * 1024)
-    spec_path = make_spec(tmp_path, tiny_model_path, lora=False, n_epochs=2, max_steps_per_epoch=1)
-    spec = json.loads(spec_path.read_text())
-    spec["output_dir"] = str(disk)
-    spec_path.write_text(json.dumps(spec))
+    spec_path = with_spec_keys(make_spec(tmp_path, tiny_model_path, lora=False, n_epochs=2, max_steps_per_epoch=1),
+                               output_dir=str(disk))
     events, code = run(spec_path, tmp_path)
 
     assert code == 1

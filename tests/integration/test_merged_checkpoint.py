@@ -3,20 +3,15 @@ logits equal those of the base model with the adapter applied."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.integration.test_trainer_process import make_spec, run
+from tests.integration.test_trainer_process import make_spec, run, with_spec_keys
 
 pytestmark = pytest.mark.slow
 
 
 def test_merged_model_gives_the_same_logits_as_base_plus_adapter(tiny_model_path, tmp_path):
-    spec_path = make_spec(tmp_path, tiny_model_path, n_epochs=1, max_steps_per_epoch=4)
-    spec = json.loads(spec_path.read_text())
-    spec["save_merged"] = True
-    spec_path.write_text(json.dumps(spec))
+    spec_path = with_spec_keys(make_spec(tmp_path, tiny_model_path, n_epochs=1, max_steps_per_epoch=4), save_merged=True)
     events, code = run(spec_path, tmp_path)
     assert code == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
     metrics = [e for e in events if e["event"] == "metric"]

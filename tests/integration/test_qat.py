@@ -3,11 +3,9 @@ plain model that torchao then quantizes to what training simulated."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.integration.test_trainer_process import kinds, make_spec, run
+from tests.integration.test_trainer_process import kinds, make_spec, run, with_spec_keys
 
 pytestmark = [pytest.mark.slow]
 
@@ -15,10 +13,8 @@ QAT = {"type": "QAT", "quantizer_name": "Int8DynActInt4WeightQATQuantizer", "gro
 
 
 def test_qat_trains_a_model_that_quantizes_to_what_training_simulated(tiny_model_path, tmp_path):
-    spec_path = make_spec(tmp_path, tiny_model_path, lora=False, n_epochs=2, max_steps_per_epoch=8)
-    spec = json.loads(spec_path.read_text())
-    spec["algorithm_config"] = QAT
-    spec_path.write_text(json.dumps(spec))
+    spec_path = with_spec_keys(make_spec(tmp_path, tiny_model_path, lora=False, n_epochs=2, max_steps_per_epoch=8),
+                               algorithm_config=QAT)
     events, code = run(spec_path, tmp_path)
     assert code == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     assert kinds(events)[-1] == "completed"

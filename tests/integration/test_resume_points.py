@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration import test_dpo_trainer as dpo_process
 from tests.integration import test_trainer_process as sft_process
+from tests.integration.test_trainer_process import with_spec_keys
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
@@ -23,9 +24,7 @@ def _spec(process, folder: Path, model: Path, *, resume_points: bool) -> Path:
     folder.mkdir()
     path = process.make_spec(folder, model, n_epochs=2, max_steps_per_epoch=4)
     if resume_points:
-        spec = json.loads(path.read_text())
-        spec.update(resume_dir=str(folder / "resume"), resume_every_seconds=1e-9)  # after every step
-        path.write_text(json.dumps(spec))
+        with_spec_keys(path, resume_dir=str(folder / "resume"), resume_every_seconds=1e-9)  # after every step
     return path
 
 

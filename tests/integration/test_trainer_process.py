@@ -66,6 +66,15 @@ def make_spec(tmp_path: Path, model: Path, *, rows: list | None = None, lines: l
     return path
 
 
+def with_spec_keys(spec: Path, **keys) -> Path:
+    """The spec file at ``spec`` with these top-level keys set (what the launcher adds: output_dir,
+    save_merged, compile, resume_dir, ...); returns the same path."""
+    data = json.loads(spec.read_text())
+    data.update(keys)
+    spec.write_text(json.dumps(data))
+    return spec
+
+
 def start(spec: Path, tmp_path: Path) -> subprocess.Popen:
     """Launch like the worker does: stdin is a pipe we hold open, stderr goes to a file."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
