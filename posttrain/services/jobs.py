@@ -70,9 +70,17 @@ class JobService:
         if quota is not None and self.store.count_active(tenant=tenant) >= quota:
             raise RateLimited(f"this tenant already has {quota} scheduled or running job(s), the most allowed; "
                               "wait for one to finish or cancel one", retry_after=30)
+        model_roots = list(self.settings.allowed_model_roots)
+        if kind is JobKind.DPO and model_name:
+            # DPO may start from one of the caller's own checkpoints, named by identifier or path,
+            # wherever this server keeps it (never another tenant's: the lookup is by tenant).
+            own = self.store.find_checkpoint(tenant=tenant, reference=model_name.removeprefix("file://"))
+            if own is not None:
+                model_name = own.path
+                model_roots.append(Path(own.path))
         model, adapter = resolve_model(
             model_name,
-            model_roots=self.settings.allowed_model_roots,
+            model_roots=model_roots,
             hf_cache=self.settings.hf_cache,
             trust_remote_code=self.settings.trust_remote_code,
             field=model_field,

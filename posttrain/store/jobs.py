@@ -104,6 +104,16 @@ class JobStore:
                 return None
             return _job(row, self._checkpoints(conn, job_uuid))
 
+    def find_checkpoint(self, *, tenant: str, reference: str) -> Checkpoint | None:
+        """The tenant's own checkpoint whose identifier or path is ``reference``, if any."""
+        query = (select(checkpoints).join(jobs, jobs.c.job_uuid == checkpoints.c.job_uuid)
+                 .where(jobs.c.tenant == tenant)
+                 .where((checkpoints.c.identifier == reference) | (checkpoints.c.path == reference.rstrip("/")))
+                 .limit(1))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return _checkpoint(row) if row is not None else None
+
     def _checkpoints(self, conn: Connection, job_uuid: str) -> tuple[Checkpoint, ...]:
         rows = conn.execute(
             select(checkpoints).where(checkpoints.c.job_uuid == job_uuid).order_by(checkpoints.c.epoch, checkpoints.c.step)

@@ -193,3 +193,35 @@ def test_preference_optimization_runs_end_to_end(live_server):
     events = live_server.get("/v1/post-training/job/events", params={"job_uuid": body["job_uuid"]}).json()["data"]
     margins = [e["data"]["reward_margin"] for e in events if e["type"] == "metric"]
     assert len(margins) == 8 and margins[-1] > margins[0]
+
+
+def test_dpo_starts_from_the_callers_own_sft_checkpoint(live_server, colours):
+    """SFT, then DPO on what it produced: finetuned_model may name one of the caller's own
+    checkpoints by path (as the status endpoint gives it) or by identifier, though the server's job
+    folders are not among the model roots."""
+    from tests.integration.test_api import dpo_request
+
+    sft = lora_request(str(live_server.tiny_model_path), colours)
+    assert live_server.post("/v1/post-training/supervised-fine-tune", json=sft).status_code == 200
+    trained = _wait_for(live_server, sft["job_uuid"], {"completed", "failed", "cancelled"})
+    assert trained["status"] == "completed", trained
+    checkpoint = trained["checkpoints"][-1]
+    rows = [{"prompt": r["input_query"], "chosen": r["expected_answer"], "rejected": "I do not know."}
+            for r in colour_rows(repeat=1)]
+    dataset_id = f"prefs-{uuid.uuid4().hex[:6]}"
+    assert live_server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": dataset_id,
+                                                  "source": {"type": "rows", "rows": rows}}).status_code == 200
+    by_path = dpo_request(checkpoint["path"], dataset_id)
+    by_identifier = dpo_request(checkpoint["identifier"], dataset_id)
+    for body in (by_path, by_identifier):
+        answer = live_server.post("/v1/post-training/preference-optimize", json=body)
+        assert answer.status_code == 200, answer.text
+    final = _wait_for(live_server, by_path["job_uuid"], {"completed", "failed", "cancelled"}, timeout=180)
+    assert final["status"] == "completed", final
+    events = live_server.get("/v1/post-training/job/events", params={"job_uuid": by_path["job_uuid"]}).json()["data"]
+    (started,) = [e["data"] for e in events if e["type"] == "started"]
+    assert started["resources"]["merged_adapter"] == checkpoint["path"]
+    live_server.post("/v1/post-training/job/cancel", json={"job_uuid": by_identifier["job_uuid"]})
+    # Somebody else's path, or a made-up identifier, is still refused.
+    assert live_server.post("/v1/post-training/preference-optimize",
+                            json=dpo_request(checkpoint["identifier"] + "-nope", dataset_id)).status_code == 400

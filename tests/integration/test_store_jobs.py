@@ -126,3 +126,16 @@ def test_tenant_scoping(store):
     store.create(job_uuid="mine", tenant="a", kind=JobKind.SFT, request={}, plan={}, max_attempts=1)
     assert store.get(job_uuid="mine", tenant="b") is None
     assert store.list_uuids(tenant="b") == []
+
+
+def test_a_checkpoint_is_found_by_its_tenant_only(store):
+    _submit(store, "k")  # tenant "t"
+    job = store.claim_next(owner="w1", lease_seconds=30)
+    assert store.record_checkpoint(owner="w1", attempt=job.attempt, job_uuid="k", identifier="k-epoch-1", epoch=1,
+                                   step=4, path="/data/k/epoch_1", train_loss=1.0, validation_loss=1.0, perplexity=2.7)
+    by_id = store.find_checkpoint(tenant="t", reference="k-epoch-1")
+    assert by_id is not None and by_id.path == "/data/k/epoch_1"
+    assert store.find_checkpoint(tenant="t", reference="/data/k/epoch_1/") == by_id
+    assert store.find_checkpoint(tenant="other", reference="k-epoch-1") is None
+    assert store.find_checkpoint(tenant="other", reference="/data/k/epoch_1") is None
+    assert store.find_checkpoint(tenant="t", reference="k-epoch-2") is None
