@@ -51,6 +51,7 @@ MODEL_SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size
 VOCAB = 8192
 PACK_LENGTH = 1024  # = max_position_embeddings: our trainer packs to the model's limit
 BATCH = 4  # rows per optimizer step (unpacked)
+DEVICE = "cpu"  # --device: where every configuration trains and the matmul peaks are measured
 COMPILE_WARMUP = 3  # extra warm-up steps for compiled configurations (the compile happens in the first)
 PACKED_BATCH = 1  # packs of up to PACK_LENGTH tokens per optimizer step (about as many tokens as BATCH rows)
 LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -190,7 +191,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
                                  "weight_decay": 0.0, "num_warmup_steps": 0},
             "dtype": "bf16",  # the Llama Stack default: bf16 where the CPU has it natively, else fp32
         },
-        "algorithm_config": algorithm, "device": "cpu", "threads": threads, "seed": 0, "trust_remote_code": False,
+        "algorithm_config": algorithm, "device": DEVICE, "threads": threads, "seed": 0, "trust_remote_code": False,
         "compile": config.get("compile", "auto"),  # auto: these short runs are never worth compiling
     }
     (folder / "spec.json").write_text(json.dumps(spec))
@@ -233,7 +234,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
 def run_trl(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: int, steps: int,
             threads: int | None) -> dict:
     folder = Path(tempfile.mkdtemp(dir=work, prefix="trl-"))
-    job = {**config, "model": str(model), "rows": str(rows_path), "out": str(folder), "max_steps": warmup + steps,
+    job = {**config, "device": DEVICE, "model": str(model), "rows": str(rows_path), "out": str(folder), "max_steps": warmup + steps,
            "threads": threads}
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--trl-worker", json.dumps(job)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=open(folder / "stderr.txt", "w"), text=True)
@@ -263,7 +264,7 @@ def trl_worker(job: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
     peft_config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0,
                              task_type="CAUSAL_LM") if job["lora"] else None
-    common = dict(output_dir=job["out"], use_cpu=True, max_steps=job["max_steps"], report_to="none",
+    common = dict(output_dir=job["out"], use_cpu=job["device"] == "cpu", max_steps=job["max_steps"], report_to="none",
                   save_strategy="no", logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0, seed=0,
                   learning_rate=1e-4 if job["lora"] else 1e-5)
     if job["settings"] == "fp32":
@@ -328,12 +329,15 @@ def matmul_peak_gflops(*, threads: int | None, repeats: int = 10, dtype: str = "
     if threads:
         torch.set_num_threads(threads)
     kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    a, b = torch.randn(2048, 2048, dtype=kind), torch.randn(2048, 2048, dtype=kind)
+    a, b = (torch.randn(2048, 2048, dtype=kind, device=DEVICE) for _ in range(2))
     torch.matmul(a, b)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         torch.matmul(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * 2048**3 / best / 1e9
 
@@ -427,6 +431,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="warm-up optimizer steps per configuration (1-2)")
     parser.add_argument("--rounds", type=int, help="runs of every configuration, alternating order")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
     parser.add_argument("--only", action="append", default=[], help="run only configurations whose name contains this")
     parser.add_argument("--no-dpo", action="store_true", help="skip DPO even when posttrain/trainer/dpo.py exists")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
@@ -434,6 +439,8 @@ def main() -> None:
     if args.trl_worker:
         trl_worker(json.loads(args.trl_worker))
         return
+    global DEVICE
+    DEVICE = args.device
     steps = args.steps or (2 if args.quick else 6)
     warmup = args.warmup or (1 if args.quick else 2)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -462,7 +469,9 @@ def main() -> None:
 
         from posttrain.trainer.modeling import cpu_has_native_bf16
 
-        native_bf16 = cpu_has_native_bf16()
+        import torch
+
+        native_bf16 = cpu_has_native_bf16() if DEVICE == "cpu" else torch.cuda.is_bf16_supported()
         configs = [c for c in configurations(dpo=dpo, native_bf16=native_bf16)
                    if not args.only or any(o in c["name"] for o in args.only)]
         peaks = [matmul_peak_gflops(threads=args.threads)]
