@@ -50,7 +50,7 @@ class GpuPool:
         return bool(self.gpus)
 
     def free(self) -> int:
-        return len(self.gpus) - len(self._held) if self.gpus else 1 << 30
+        return len(self.gpus) - len(self._held)
 
     def take(self) -> str | None:
         for gpu in self.gpus:

@@ -36,7 +36,7 @@ class Scheduler:
         self.owner = owner or worker_id()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._active: dict[str, tuple[Launcher, threading.Thread, str | None]] = {}
+        self._active: dict[str, tuple[Launcher, threading.Thread]] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -53,9 +53,9 @@ class Scheduler:
             self._thread.join(timeout=timeout)
         with self._lock:
             active = list(self._active.values())
-        for launcher, _, _ in active:
+        for launcher, _ in active:
             launcher.request_shutdown()
-        for _, thread, _ in active:
+        for _, thread in active:
             thread.join(timeout=timeout)
         if self.warm is not None:
             self.warm.close()
@@ -83,19 +83,20 @@ class Scheduler:
             log.warning("job %s lost its worker; now %s", job_uuid, status.value,
                         extra={"action": "job_requeued", "job_id": job_uuid})
         with self._lock:
-            for job_uuid in [j for j, (_, t, _) in self._active.items() if not t.is_alive()]:
-                self.gpus.give_back(self._active.pop(job_uuid)[2])
-            free = min(self.slots - len(self._active), self.gpus.free())
+            for job_uuid in [j for j, (_, t) in self._active.items() if not t.is_alive()]:
+                self.gpus.give_back(self._active.pop(job_uuid)[0].gpu)
+            free = self.slots - len(self._active)
+            if self.gpus.enabled:  # one job per GPU
+                free = min(free, self.gpus.free())
         while free > 0 and not self._stop.is_set():
             job = self.store.claim_next(owner=self.owner, lease_seconds=self.config.lease_seconds)
             if job is None:
                 break
-            gpu = self.gpus.take()
             launcher = Launcher(job=job, owner=self.owner, store=self.store, config=self.config,
-                                warm=self.warm.take() if self.warm else None, gpu=gpu)
+                                warm=self.warm.take() if self.warm else None, gpu=self.gpus.take())
             thread = threading.Thread(target=launcher.run, name=f"launcher-{job.job_uuid[:8]}", daemon=True)
             with self._lock:
-                self._active[job.job_uuid] = (launcher, thread, gpu)
+                self._active[job.job_uuid] = (launcher, thread)
             thread.start()
             log.info("claimed job %s (attempt %d)", job.job_uuid, job.attempt,
                      extra={"action": "job_claimed", "job_id": job.job_uuid})
