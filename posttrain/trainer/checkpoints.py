@@ -170,6 +170,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def training_state(*, optimizer, scheduler, epoch: int, global_step: int, **position: Any) -> dict[str, Any]:
+    """What ``resume_training`` restores: optimizer, scheduler and RNG state, where the count stands,
+    and for a resume point its position in the epoch (``steps_done_in_epoch``, ``losses``)."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+            "epoch": epoch, "global_step": global_step, **position}
+
+
 def load_training_state(*, folder: Path) -> dict[str, Any]:
     import torch
 

@@ -38,9 +38,9 @@ from typing import Any
 
 from posttrain.trainer import checkpoints, forward, modeling
 from posttrain.trainer.batching import length_grouped_batches, read_rows
+from posttrain.trainer.compiling import Compiler
 from posttrain.trainer.formats import normalize_preference_row
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
-from posttrain.trainer.compiling import Compiler
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, _perplexity
@@ -110,8 +110,7 @@ def _answer_logps(model, batch, *, precision: modeling.Precision, average: bool)
     summed = torch.zeros(count, device=log_probs.device).index_add(0, rows, log_probs)
     if not average:
         return summed
-    tokens = torch.zeros(count, device=log_probs.device).index_add(0, rows, torch.ones_like(log_probs))
-    return summed / tokens.clamp(min=1)
+    return summed / torch.bincount(rows, minlength=count).clamp(min=1)
 
 
 def _pair_losses(model, batch, *, config: DPOConfig, precision):
@@ -326,8 +325,8 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                          "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
                          "merged_adapter": spec.get("adapter"), "metrics": metrics,
                          "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}}
-        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "rng": checkpoints.rng_state(), "epoch": epoch, "global_step": global_step}
+        training_state = checkpoints.training_state(optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                                                    global_step=global_step)
         writing = time.perf_counter()
         # A DPO adapter trained on a merged SFT adapter does not load on the plain base alone: such a
         # checkpoint always carries the merged model too.

@@ -17,7 +17,6 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from posttrain.trainer import checkpoints
 
@@ -47,9 +46,9 @@ class ResumePoints:
              losses: list[float], reporter) -> None:  # noqa: ANN001 - reporter: reporting.Reporter
         """Write a resume point after ``global_step``, then drop the older ones."""
         self._last = time.monotonic()
-        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "rng": checkpoints.rng_state(), "epoch": epoch, "global_step": global_step,
-                          "steps_done_in_epoch": steps_done_in_epoch, "losses": list(losses)}
+        training_state = checkpoints.training_state(optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                                                    global_step=global_step, steps_done_in_epoch=steps_done_in_epoch,
+                                                    losses=list(losses))
         trainer_state = {"epoch": epoch, "global_step": global_step, "steps_done_in_epoch": steps_done_in_epoch}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -73,18 +72,16 @@ class ResumePoints:
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def resume_source(*, found: list[tuple[int, Path]], points: ResumePoints) -> tuple[str, Path, dict[str, Any]] | None:
+def resume_source(*, found: list[tuple[int, Path]], points: ResumePoints) -> tuple[str, Path] | None:
     """What a run resumes from: the newest epoch checkpoint, or a resume point written after it.
-    Returns (label for ``resumed_from``, folder, its trainer state), or None for a fresh start."""
-    best = None
+    Returns (label for ``resumed_from``, folder), or None for a fresh start."""
+    best, best_step = None, 0
     if found:
         epoch, folder = found[-1]
-        state = checkpoints.read_trainer_state(folder=folder)
-        best = (f"epoch-{epoch}", folder, state)
+        best = (f"epoch-{epoch}", folder)
+        best_step = int(checkpoints.read_trainer_state(folder=folder).get("global_step", 0))
     point = points.newest()
-    if point is not None:
+    if point is not None and (best is None or point[0] > best_step):
         step, folder = point
-        if best is None or step > int(best[2].get("global_step", 0)):
-            state = checkpoints.read_trainer_state(folder=folder)
-            best = (f"epoch-{state['epoch']}-step-{step}", folder, state)
+        best = (f"epoch-{checkpoints.read_trainer_state(folder=folder)['epoch']}-step-{step}", folder)
     return best

@@ -30,8 +30,8 @@ from posttrain.trainer.batching import (
     pack_rows,
     read_rows,
 )
-from posttrain.trainer.formats import normalize_sft_row
 from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.formats import normalize_sft_row
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 
@@ -268,8 +268,8 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                    "perplexity": _perplexity(validation_loss)}
         trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": total_steps, "lora": lora,
                          "metrics": metrics}
-        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "rng": checkpoints.rng_state(), "epoch": epoch, "global_step": global_step}
+        training_state = checkpoints.training_state(optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                                                    global_step=global_step)
         writing = time.perf_counter()
         folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
                                               training_state=training_state, trainer_state=trainer_state,
