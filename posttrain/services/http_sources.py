@@ -38,7 +38,6 @@ class HttpPolicy:
     timeout_seconds: float = 30.0
 
 
-
 def fetch_http(uri: str, policy: HttpPolicy) -> tuple[bytes, str, str, str]:
     """Fetch an ``http(s)://`` dataset, connecting only to addresses that passed the address check.
 
