@@ -19,7 +19,7 @@ optimizer step. "Real" tokens are the rows' tokens, padding excluded; padding % 
 the step's token positions that are padding.
 
 MFU = model FLOPs per second / the fp32 matmul peak measured in this run (best of several
-2048x2048 ``torch.matmul``). Model FLOPs per real token, with N = the parameters used in matmuls
+2048x2048 ``torch.matmul``, 8192x8192 on a GPU). Model FLOPs per real token, with N = the parameters used in matmuls
 (all but the input embedding), attention score FLOPs left out:
   full fine-tune  6N  (forward 2N, backward: activation grads 2N + weight grads 2N)
   LoRA            4N  (forward 2N + activation grads 2N through the frozen weights; the adapters'
@@ -161,6 +161,13 @@ def _wait(proc: subprocess.Popen) -> tuple[int, float]:
     return proc.returncode, usage.ru_maxrss / 1024
 
 
+def _env() -> dict[str, str]:
+    """The environment for a trainer process: this checkout first on the path, the caller's path kept
+    (a GPU machine may hold the dependencies in a folder named by PYTHONPATH)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def _measure(step_ends: list[float], tokens: list[int], positions: list[int], *, warmup: int) -> dict:
     span = step_ends[-1] - step_ends[warmup - 1]
     real = sum(tokens[warmup:])
@@ -195,12 +202,11 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
         "compile": config.get("compile", "auto"),  # auto: these short runs are never worth compiling
     }
     (folder / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(folder / "spec.json")], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(folder / "spec.json")], cwd=REPO, env=_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(folder / "stderr.txt", "w"),
                             text=True)
-    step_ends, tokens, positions, first_step, failure, dtype = [], [], [], None, None, "fp32"
+    step_ends, tokens, positions, first_step, failure, dtype, gpu_peak = [], [], [], None, None, "fp32", None
     for line in proc.stdout:
         now = time.perf_counter()
         event = json.loads(line)
@@ -214,6 +220,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
                 count = round(event["tokens_per_s"] * (now - (step_ends[-1] if step_ends else started)))
             step_ends.append(now)
             tokens.append(count)
+            gpu_peak = event.get("gpu_memory_peak_mb", gpu_peak)
             padding = event.get("padding_fraction")
             positions.append(round(count / (1 - padding)) if padding is not None else None)
             if len(step_ends) == warmup + steps:
@@ -228,7 +235,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
         return {"error": failure or f"exit {code} after {len(step_ends)} steps: {tail}"}
     return {**_measure(step_ends, tokens, positions, warmup=warmup), "peak_rss_mb": rss, "first_step_s": first_step,
             "compile_s": step_ends[0] - started if config.get("compile") == "on" else None,
-            "dtype": dtype}
+            "dtype": dtype, "peak_gpu_mb": gpu_peak}
 
 
 def run_trl(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: int, steps: int,
@@ -247,7 +254,7 @@ def run_trl(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: i
     result = json.loads(lines[-1])
     dtype = "fp32" if config["settings"] == "fp32" else "bf16"  # TRL's default on a CPU is bf16 autocast
     return {**_measure(result["step_ends"], result["tokens"], result["positions"], warmup=warmup), "peak_rss_mb": rss,
-            "dtype": dtype}
+            "dtype": dtype, "peak_gpu_mb": result["peak_gpu_mb"]}
 
 
 def trl_worker(job: dict) -> None:
@@ -317,7 +324,9 @@ def trl_worker(job: dict) -> None:
     trainer = Counting(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                        peft_config=peft_config, callbacks=[Steps()])
     trainer.train()
-    print(json.dumps({"step_ends": step_ends, "tokens": tokens, "positions": positions}), flush=True)
+    peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if job["device"] == "cuda" else None
+    print(json.dumps({"step_ends": step_ends, "tokens": tokens, "positions": positions, "peak_gpu_mb": peak_gpu_mb}),
+          flush=True)
 
 
 # --------------------------------------------------------------------------- the rest
@@ -329,7 +338,8 @@ def matmul_peak_gflops(*, threads: int | None, repeats: int = 10, dtype: str = "
     if threads:
         torch.set_num_threads(threads)
     kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    a, b = (torch.randn(2048, 2048, dtype=kind, device=DEVICE) for _ in range(2))
+    size = 8192 if DEVICE == "cuda" else 2048  # a GPU reaches its peak only on large products
+    a, b = (torch.randn(size, size, dtype=kind, device=DEVICE) for _ in range(2))
     torch.matmul(a, b)
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     best = float("inf")
@@ -339,7 +349,7 @@ def matmul_peak_gflops(*, threads: int | None, repeats: int = 10, dtype: str = "
         torch.matmul(a, b)
         sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
+    return 2 * size**3 / best / 1e9
 
 
 def first_step_latency(work: Path) -> list[float]:
@@ -367,7 +377,7 @@ def first_step_latency(work: Path) -> list[float]:
         (folder / "spec.json").write_text(json.dumps(spec))
         started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(folder / "spec.json")], cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE,
+                                env=_env(), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         elapsed = float("nan")
         for line in proc.stdout:
@@ -433,6 +443,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
     parser.add_argument("--only", action="append", default=[], help="run only configurations whose name contains this")
+    parser.add_argument("--skip", action="append", default=[], help="leave out configurations whose name contains this")
     parser.add_argument("--no-dpo", action="store_true", help="skip DPO even when posttrain/trainer/dpo.py exists")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -473,7 +484,8 @@ def main() -> None:
 
         native_bf16 = cpu_has_native_bf16() if DEVICE == "cpu" else torch.cuda.is_bf16_supported()
         configs = [c for c in configurations(dpo=dpo, native_bf16=native_bf16)
-                   if not args.only or any(o in c["name"] for o in args.only)]
+                   if (not args.only or any(o in c["name"] for o in args.only))
+                   and not any(s in c["name"] for s in args.skip)]
         peaks = [matmul_peak_gflops(threads=args.threads)]
         bf16_peaks = [matmul_peak_gflops(threads=args.threads, dtype="bf16")]
         results: dict[str, list[dict]] = {c["name"]: [] for c in configs}
@@ -500,15 +512,19 @@ def main() -> None:
             rates = sorted(r["tokens_per_s"] for r in ok)
             middle = ok[[r["tokens_per_s"] for r in ok].index(rates[(len(rates) - 1) // 2])]  # the median run
             best[name] = {**middle, "tokens_per_s": statistics.median(rates),
-                          "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "rounds": [r["tokens_per_s"] for r in ok]}
+                          "peak_rss_mb": max(r["peak_rss_mb"] for r in ok), "rounds": [r["tokens_per_s"] for r in ok],
+                          "peak_gpu_mb": max((r["peak_gpu_mb"] or 0 for r in ok), default=0) or None}
     print()
-    print(f"matmul peak (2048x2048, best of {len(peaks)} measurements): fp32 {peak:.1f} GFLOP/s, bf16 "
+    shape = "8192x8192" if DEVICE == "cuda" else "2048x2048"
+    print(f"matmul peak ({shape}, best of {len(peaks)} measurements): fp32 {peak:.1f} GFLOP/s, bf16 "
           f"{bf16_peak:.1f} GFLOP/s (native bf16: {'yes' if native_bf16 else 'no'}); "
           f"model FLOPs/token: full 6N, LoRA 4N, DPO-LoRA 6N, N = {n / 1e6:.1f}M")
     print("MFU % is against the fp32 peak (the issue's measure); 'own %' against the peak of the dtype the "
           "configuration computed in (dtype column)")
-    header = (f"{'config':<26} {'real tok/s':>10} {'padding %':>9} {'peak RSS MB':>11} {'dtype':>5} {'MFU %':>6} "
-              f"{'own %':>6} {'vs TRL fastest':>14}  per round")
+    gpu = DEVICE == "cuda"  # then the GPU memory peak (torch's allocator) matters more than the host RSS
+    header = (f"{'config':<26} {'real tok/s':>10} {'padding %':>9} {'peak RSS MB':>11} "
+              + (f"{'peak GPU MB':>11} " if gpu else "")
+              + f"{'dtype':>5} {'MFU %':>6} {'own %':>6} {'vs TRL fastest':>14}  per round")
     print(header)
     print("-" * len(header))
     names = list(results)
@@ -523,7 +539,8 @@ def main() -> None:
         baselines = [best[b]["tokens_per_s"] for b in _baseline_for(config, names) if b in best]
         ratio = f"{r['tokens_per_s'] / max(baselines):.2f}x" if baselines else "-"
         rounds_text = " ".join(f"{t:.0f}" for t in r["rounds"])
-        print(f"{name:<26} {r['tokens_per_s']:10.0f} {_percent(r['padding']):>9} {r['peak_rss_mb']:11.0f} "
+        gpu_text = f"{r['peak_gpu_mb'] or 0:11.0f} " if gpu else ""
+        print(f"{name:<26} {r['tokens_per_s']:10.0f} {_percent(r['padding']):>9} {r['peak_rss_mb']:11.0f} {gpu_text}"
               f"{r['dtype']:>5} {mfu:6.1f} {own:6.1f} {ratio:>14}  {rounds_text}")
     for name, r in best.items():
         if r.get("compile_s"):

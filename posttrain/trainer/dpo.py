@@ -309,7 +309,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
             elapsed = max(time.perf_counter() - started, 1e-9)
             reporter.emit("metric", step=global_step, epoch=epoch, **step, lr=lr,
                           tokens_per_s=sum(b["real_tokens"] for b in micro) / elapsed, total_steps=total_steps,
-                          step_seconds=elapsed)
+                          step_seconds=elapsed, **precision.memory_fields())
             compiler.after_step(model, step_seconds=elapsed, steps_left=total_steps - global_step, reporter=reporter)
             if index < len(groups) and points.due():
                 points.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,

@@ -51,6 +51,15 @@ class Precision:
 
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
+    def memory_fields(self) -> dict[str, float]:
+        """The GPU memory peak so far, for each step's metric: what a user sizes batch and model by
+        on a GPU (the worker's RSS figure says nothing of it). Nothing on a CPU."""
+        if self.device != "cuda":
+            return {}
+        import torch
+
+        return {"gpu_memory_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+
 
 def resolve_precision(*, device: str, requested_dtype: str | None, cpu_bf16: bool = True) -> Precision:
     """What a job computes in. On a CPU: bf16 when asked for and the CPU has it natively (and the

@@ -255,7 +255,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
             positions = sum(b["total_tokens"] for b in micro)
             reporter.emit("metric", step=global_step, epoch=epoch, loss=loss, lr=lr, tokens_per_s=real / elapsed,
                           total_steps=total_steps, tokens=real, padding_fraction=1 - real / max(positions, 1),
-                          step_seconds=elapsed)
+                          step_seconds=elapsed, **precision.memory_fields())
             compiler.after_step(model, step_seconds=elapsed, steps_left=total_steps - global_step, reporter=reporter)
             if index < len(groups) and points.due():
                 points.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
