@@ -61,9 +61,12 @@ def model_inputs(model, batch, *, device: str) -> dict:
 
 
 def attention_kernel(model, input_ids, *, device: str):
-    """The SDPA kernel for this batch: math for short sequences on a CPU, PyTorch's choice otherwise."""
+    """The SDPA kernel for this batch: math for short sequences on a CPU; on a GPU any kernel but
+    cuDNN's, which builds a plan for every new batch shape (padded batches change shape each step)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if device == "cuda":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     if device != "cpu":
         return contextlib.nullcontext()
     heads = getattr(model.config, "num_attention_heads", None) or 1
