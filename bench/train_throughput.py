@@ -214,10 +214,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
             dtype = event["resources"]["dtype"]
         if event["event"] == "metric":
             first_step = first_step or now - started
-            if "tokens" in event:
-                count = event["tokens"]
-            else:  # a trainer that reports only a rate (DPO): rate x the time since the previous step
-                count = round(event["tokens_per_s"] * (now - (step_ends[-1] if step_ends else started)))
+            count = event["tokens"]
             step_ends.append(now)
             tokens.append(count)
             gpu_peak = event.get("gpu_memory_peak_mb", gpu_peak)

@@ -39,6 +39,7 @@ from typing import Any
 from posttrain.trainer import checkpoints, forward, modeling
 from posttrain.trainer.batching import length_grouped_batches, read_rows
 from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.formats import normalize_preference_row
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
 from posttrain.trainer.reporting import Reporter, StopFlag
@@ -253,15 +254,12 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
                                         micro_batches=math.ceil(len(train) / plan.batch_size), plan=plan,
                                         precision=precision, resume_folder=resume)
-    optimizer, scheduler, scaler, total_steps = run.optimizer, run.scheduler, run.scaler, run.total_steps
-    steps_per_epoch = run.steps_per_epoch
-    global_step, start_epoch = run.global_step, run.start_epoch
 
     reporter.emit(
         "started",
         resources={**modeling.base_resources(model, precision=precision, threads=threads), "method": "dpo",
                    "loss_type": dpo.loss_type, "beta": dpo.beta, "merged_adapter": spec.get("adapter")},
-        total_steps=total_steps,
+        total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
     )
     if precision.dtype != precision.requested:
@@ -280,52 +278,31 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     for epoch, folder in found:
         _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
 
-    lengths = [pair_length(e) for e in train]
     pad_id = tokenizer.pad_token_id
     merge_base = functools.partial(modeling.load_merge_base, path=spec["model"], adapter=spec.get("adapter"),
                                    trust_remote_code=trust)
-    compiler = Compiler(spec.get("compile"))
-    compiler.start(model, reporter=reporter)
-    stop.arm()
-    for epoch in range(start_epoch, plan.n_epochs + 1):
-        batches = length_grouped_batches(lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
-                                         rng=random.Random(f"{seed}:{epoch}"))
-        accumulate = plan.gradient_accumulation_steps
-        groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)][:steps_per_epoch]
-        done = run.steps_done_in_epoch if epoch == start_epoch else 0  # resumed mid-epoch: skip those batches
-        losses = list(run.epoch_losses) if epoch == start_epoch else []
-        for index, group in enumerate(groups[done:], start=done + 1):
-            if stop.is_set():
-                return "cancelled"
-            started = time.perf_counter()
-            micro = [collate_pairs([train[i] for i in indices], pad_id=pad_id) for indices in group]
-            lr = scheduler.get_last_lr()[0]
-            step = _train_step(model, micro, config=dpo, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               precision=precision, stop=stop)
-            if step is None:
-                return "cancelled"
-            global_step += 1
-            losses.append(step["loss"])
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            reporter.emit("metric", step=global_step, epoch=epoch, **step, lr=lr,
-                          tokens_per_s=sum(b["real_tokens"] for b in micro) / elapsed, total_steps=total_steps,
-                          step_seconds=elapsed, **precision.memory_fields())
-            compiler.after_step(model, step_seconds=elapsed, steps_left=total_steps - global_step, reporter=reporter)
-            if index < len(groups) and points.due():
-                points.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                            steps_done_in_epoch=index, global_step=global_step, losses=losses, reporter=reporter)
-        if stop.is_set():
-            return "cancelled"
+
+    def step(group: list[list[int]]) -> StepResult | None:
+        micro = [collate_pairs([train[i] for i in indices], pad_id=pad_id) for indices in group]
+        means = _train_step(model, micro, config=dpo, optimizer=run.optimizer, scheduler=run.scheduler,
+                            scaler=run.scaler, precision=precision, stop=stop)
+        if means is None:
+            return None
+        loss = means.pop("loss")
+        return StepResult(loss=loss, real_tokens=sum(b["real_tokens"] for b in micro),
+                          total_tokens=sum(b["total_tokens"] for b in micro), metrics=means)
+
+    def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
         evaluation = _evaluate(model, validation, config=dpo, plan=plan, pad_id=pad_id, seed=seed,
                                precision=precision)
         validation_loss = evaluation["loss"]
         metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
                    "perplexity": _perplexity(validation_loss)}
-        trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": total_steps, "lora": True,
+        trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": run.total_steps, "lora": True,
                          "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
                          "merged_adapter": spec.get("adapter"), "metrics": metrics,
                          "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}}
-        training_state = checkpoints.training_state(optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+        training_state = checkpoints.training_state(optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
                                                     global_step=global_step)
         writing = time.perf_counter()
         # A DPO adapter trained on a merged SFT adapter does not load on the plain base alone: such a
@@ -335,5 +312,8 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                                               merge_base=merge_base if spec.get("save_merged") or spec.get("adapter") else None)
         _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
                          write_seconds=time.perf_counter() - writing)
-        points.clear()
-    return "completed"
+
+    loop = EpochLoop(model=model, run=run, plan=plan, unit_lengths=[pair_length(e) for e in train], seed=seed,
+                     precision=precision, compiler=Compiler(spec.get("compile")), points=points, reporter=reporter,
+                     stop=stop)
+    return loop.train(step=step, end_epoch=end_epoch)

@@ -31,6 +31,7 @@ from posttrain.trainer.batching import (
     read_rows,
 )
 from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.formats import normalize_sft_row
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
@@ -193,15 +194,12 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
                                         micro_batches=micro_batches, plan=plan, precision=precision,
                                         resume_folder=resume)
-    optimizer, scheduler, scaler, total_steps = run.optimizer, run.scheduler, run.scaler, run.total_steps
-    steps_per_epoch = run.steps_per_epoch
-    global_step, start_epoch = run.global_step, run.start_epoch
 
     reporter.emit(
         "started",
         resources={**modeling.base_resources(model, precision=precision, threads=threads),
                    **({"qat": {**algorithm, "fake_quantized_layers": fake_quantized}} if quantization_aware else {})},
-        total_steps=total_steps,
+        total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
     )
     if precision.dtype != precision.requested:
@@ -228,47 +226,24 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
 
     unit_lengths = [sum(lengths[i] for i in pack) for pack in packs] if packs is not None else lengths
     merge_base = functools.partial(modeling.load_merge_base, path=spec["model"], trust_remote_code=trust)
-    compiler = Compiler(spec.get("compile"))
-    compiler.start(model, reporter=reporter)
-    stop.arm()
-    for epoch in range(start_epoch, plan.n_epochs + 1):
-        batches = length_grouped_batches(unit_lengths, batch_size=plan.batch_size, shuffle=plan.shuffle,
-                                         rng=random.Random(f"{seed}:{epoch}"))
-        accumulate = plan.gradient_accumulation_steps
-        groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)][:steps_per_epoch]
-        done = run.steps_done_in_epoch if epoch == start_epoch else 0  # resumed mid-epoch: skip those batches
-        losses = list(run.epoch_losses) if epoch == start_epoch else []
-        for index, group in enumerate(groups[done:], start=done + 1):
-            if stop.is_set():
-                return "cancelled"
-            started = time.perf_counter()
-            micro = [make_batch(indices) for indices in group]
-            lr = scheduler.get_last_lr()[0]
-            loss = _train_step(model, micro, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               precision=precision, stop=stop)
-            if loss is None:
-                return "cancelled"
-            global_step += 1
-            losses.append(loss)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            real = sum(b["real_tokens"] for b in micro)
-            positions = sum(b["total_tokens"] for b in micro)
-            reporter.emit("metric", step=global_step, epoch=epoch, loss=loss, lr=lr, tokens_per_s=real / elapsed,
-                          total_steps=total_steps, tokens=real, padding_fraction=1 - real / max(positions, 1),
-                          step_seconds=elapsed, **precision.memory_fields())
-            compiler.after_step(model, step_seconds=elapsed, steps_left=total_steps - global_step, reporter=reporter)
-            if index < len(groups) and points.due():
-                points.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                            steps_done_in_epoch=index, global_step=global_step, losses=losses, reporter=reporter)
-        if stop.is_set():
-            return "cancelled"
+
+    def step(group: list[list[int]]) -> StepResult | None:
+        micro = [make_batch(indices) for indices in group]
+        loss = _train_step(model, micro, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
+                           precision=precision, stop=stop)
+        if loss is None:
+            return None
+        return StepResult(loss=loss, real_tokens=sum(b["real_tokens"] for b in micro),
+                          total_tokens=sum(b["total_tokens"] for b in micro), metrics={})
+
+    def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
         validation_loss = _evaluate(model, validation, plan=plan, pad_id=tokenizer.pad_token_id, seed=seed,
                                     precision=precision)
         metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
                    "perplexity": _perplexity(validation_loss)}
-        trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": total_steps, "lora": lora,
+        trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": run.total_steps, "lora": lora,
                          "metrics": metrics}
-        training_state = checkpoints.training_state(optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+        training_state = checkpoints.training_state(optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
                                                     global_step=global_step)
         writing = time.perf_counter()
         folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
@@ -276,8 +251,10 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                                               merge_base=merge_base if spec.get("save_merged") and lora else None)
         _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
                          write_seconds=time.perf_counter() - writing)
-        points.clear()
-    return "completed"
+
+    loop = EpochLoop(model=model, run=run, plan=plan, unit_lengths=unit_lengths, seed=seed, precision=precision,
+                     compiler=Compiler(spec.get("compile")), points=points, reporter=reporter, stop=stop)
+    return loop.train(step=step, end_epoch=end_epoch)
 
 
 def _emit_checkpoint(reporter: Reporter, *, job_uuid: str, folder: Path, state: dict[str, Any],

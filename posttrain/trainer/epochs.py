@@ -1,0 +1,102 @@
+"""The epoch loop SFT and DPO share: which batches each optimizer step takes, where a resumed run
+picks up, the per-step ``metric`` event, compiling, resume points, cancellation, and the end of
+each epoch.
+
+The two trainers differ only in what one step computes (``step``) and what an epoch's checkpoint
+holds (``end_epoch``); everything that decides *when* something happens lives here once, so a
+resume, a cancel or a resume point behaves the same for both.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.trainer.batching import length_grouped_batches
+from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.modeling import Optimization, Precision
+from posttrain.trainer.reporting import Reporter, StopFlag
+from posttrain.trainer.resume_points import ResumePoints
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports: its loss and any method-specific metrics (DPO's rewards),
+    plus the token counts the loop turns into throughput and padding figures."""
+
+    loss: float
+    real_tokens: int
+    total_tokens: int
+    metrics: dict[str, float]
+
+
+#: One optimizer step over the micro-batches of one group (lists of example indices); None if a
+#: cancel arrived during the step.
+StepFunction = Callable[[list[list[int]]], "StepResult | None"]
+#: The end of an epoch: evaluate, write and report the checkpoint; gets (epoch, global_step, losses).
+EpochEnd = Callable[[int, int, list[float]], None]
+
+
+@dataclass
+class EpochLoop:
+    model: Any
+    run: Optimization
+    plan: Any  # sft.SFTPlan (DPO uses it too): n_epochs, batch_size, shuffle, gradient_accumulation_steps
+    unit_lengths: list[int]  # length of each example (or pack) in tokens, for length-grouped batches
+    seed: int
+    precision: Precision
+    compiler: Compiler
+    points: ResumePoints
+    reporter: Reporter
+    stop: StopFlag
+
+    def step_groups(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's optimizer steps, each a group of ``gradient_accumulation_steps`` batches.
+        Seeded by (seed, epoch), so a resumed run sees the same order as the lost one."""
+        batches = length_grouped_batches(self.unit_lengths, batch_size=self.plan.batch_size,
+                                         shuffle=self.plan.shuffle, rng=random.Random(f"{self.seed}:{epoch}"))
+        accumulate = self.plan.gradient_accumulation_steps
+        groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)]
+        return groups[: self.run.steps_per_epoch]
+
+    def train(self, *, step: StepFunction, end_epoch: EpochEnd) -> str:
+        """Runs the remaining epochs; returns "completed" or "cancelled"."""
+        run, reporter = self.run, self.reporter
+        global_step = run.global_step
+        self.compiler.start(self.model, reporter=reporter)
+        self.stop.arm()
+        for epoch in range(run.start_epoch, self.plan.n_epochs + 1):
+            groups = self.step_groups(epoch)
+            resumed = epoch == run.start_epoch
+            done = run.steps_done_in_epoch if resumed else 0  # resumed mid-epoch: skip those steps
+            losses = list(run.epoch_losses) if resumed else []
+            for index, group in enumerate(groups[done:], start=done + 1):
+                if self.stop.is_set():
+                    return "cancelled"
+                started = time.perf_counter()
+                lr = run.scheduler.get_last_lr()[0]
+                result = step(group)
+                if result is None:
+                    return "cancelled"
+                global_step += 1
+                losses.append(result.loss)
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                reporter.emit("metric", step=global_step, epoch=epoch, loss=result.loss, **result.metrics, lr=lr,
+                              tokens_per_s=result.real_tokens / elapsed, total_steps=run.total_steps,
+                              tokens=result.real_tokens,
+                              padding_fraction=1 - result.real_tokens / max(result.total_tokens, 1),
+                              step_seconds=elapsed, **self.precision.memory_fields())
+                self.compiler.after_step(self.model, step_seconds=elapsed, steps_left=run.total_steps - global_step,
+                                         reporter=reporter)
+                if index < len(groups) and self.points.due():
+                    self.points.save(model=self.model, optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
+                                     steps_done_in_epoch=index, global_step=global_step, losses=losses,
+                                     reporter=reporter)
+            if self.stop.is_set():
+                return "cancelled"
+            end_epoch(epoch, global_step, losses)
+            self.points.clear()
+        return "completed"
