@@ -77,8 +77,9 @@ def attention_kernel(model, input_ids, *, device: str):
 
 
 def label_logits(model, batch, *, precision):
-    """``(logits, targets, rows)`` at the positions that have a label (next-token prediction):
-    logits [n, vocab] in fp32, targets [n], and each position's row in the batch [n]."""
+    """``(logits, targets, keep)`` at the positions that have a label (next-token prediction):
+    logits [n, vocab] in fp32, targets [n], and ``keep`` [batch, length - 1], the mask that picked
+    those positions (DPO finds each label's row from it; SFT needs no more)."""
     labels = batch["labels"].to(precision.device, non_blocking=True)[:, 1:]
     keep = labels != IGNORE_INDEX
     inputs = model_inputs(model, batch, device=precision.device)
@@ -90,12 +91,12 @@ def label_logits(model, batch, *, precision):
             logits = head(hidden[:, :-1][keep])
         else:
             logits = model(**inputs, use_cache=False).logits[:, :-1][keep]
-    return logits.float(), labels[keep], keep.nonzero()[:, 0]
+    return logits.float(), labels[keep], keep
 
 
 def token_log_probs(model, batch, *, precision):
     """Log-probability of every label token, and each one's row: ``(log_probs [n], rows [n])``."""
     import torch.nn.functional as F
 
-    logits, targets, rows = label_logits(model, batch, precision=precision)
-    return -F.cross_entropy(logits, targets, reduction="none"), rows
+    logits, targets, keep = label_logits(model, batch, precision=precision)
+    return -F.cross_entropy(logits, targets, reduction="none"), keep.nonzero()[:, 0]
