@@ -114,15 +114,20 @@ def test_killed_server_restarts_and_the_job_resumes(tmp_path, tiny_model_path):
         stop_server(restarted)
 
 
+STEPS_IN_EPOCH = 60
+
+
 def test_trainer_killed_mid_epoch_resumes_from_its_resume_point(tmp_path, tiny_model_path):
     """With resume points on (every ~step here), a trainer killed before its first checkpoint
     loses no trained step: the next attempt continues the same epoch after the last resume point."""
     server = start_server(tmp_path, tiny_model_path, extra_env={"POSTTRAIN_RESUME_POINT_SECONDS": "0.001"})
     try:
         server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": "colours",
-                                          "source": {"type": "rows", "rows": colour_rows(repeat=8)}})
+                                          "source": {"type": "rows", "rows": colour_rows(repeat=20)}})
         body = lora_request(str(server.tiny_model_path), "colours")
-        body["training_config"].update(n_epochs=1, max_steps_per_epoch=24)
+        # Steps take milliseconds and metric events reach the store in batches: enough steps that the
+        # kill lands mid-epoch on a busy machine too (with 24, one run finished before the kill).
+        body["training_config"].update(n_epochs=1, max_steps_per_epoch=STEPS_IN_EPOCH)
         assert server.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
         job_uuid = body["job_uuid"]
 
@@ -143,6 +148,6 @@ def test_trainer_killed_mid_epoch_resumes_from_its_resume_point(tmp_path, tiny_m
         first_attempt = [e["data"]["step"] for e in events if e["type"] == "metric" and e["data"]["attempt"] == 1]
         second_attempt = [e["data"]["step"] for e in events if e["type"] == "metric" and e["data"]["attempt"] == 2]
         assert 2 <= resumed_step <= max(first_attempt)
-        assert second_attempt == list(range(resumed_step + 1, 25))
+        assert second_attempt == list(range(resumed_step + 1, STEPS_IN_EPOCH + 1))
     finally:
         stop_server(server)
