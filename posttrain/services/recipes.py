@@ -108,8 +108,6 @@ def check_lora(algorithm: dict[str, Any] | None) -> dict[str, Any] | None:
         )
     _positive(algorithm.get("rank"), "algorithm_config.rank")
     _positive(algorithm.get("alpha"), "algorithm_config.alpha")
-    if algorithm.get("quantize_base"):
-        raise RecipeInvalid("algorithm_config.quantize_base: 4-bit base models need a CUDA device, which this server does not have")
     return {"use_dora": False, "quantize_base": False, **algorithm}
 
 

@@ -267,8 +267,6 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                      level="warning")
     if plan.packed:
         reporter.log("packed=true does not apply to DPO; training on length-grouped preference pairs", level="warning")
-    if dpo.lora.get("quantize_base"):
-        reporter.log("quantize_base is not supported; the base model is not quantized", level="warning")
     if (spec.get("algorithm_config") or {}).get("legacy_config") is not None:
         reporter.log(f"the request's DPO options {sorted(spec['algorithm_config']['legacy_config'])} have no DPO "
                      f"meaning; training with beta={dpo.beta}, loss_type={dpo.loss_type}", level="warning")

@@ -170,13 +170,15 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     resume = source[1] if source else None
     if resume and lora != (resume / "adapter_config.json").is_file():
         raise modeling.TrainerConfigError(f"{resume} is not a {'LoRA' if lora else 'full'} checkpoint; use a new output_dir")
+    quantize_base = bool(lora and algorithm.get("quantize_base"))
+    if lora:
+        base = modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust,
+                                   quantize_base=quantize_base)
     if lora and resume:
         from peft import PeftModel
 
-        base = modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
         model = PeftModel.from_pretrained(base, resume, is_trainable=True)
     elif lora:
-        base = modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
         model = modeling.apply_lora(base, algorithm)
     else:
         model = modeling.load_model(path=str(resume) if resume else spec["model"], precision=precision,
@@ -198,7 +200,9 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     reporter.emit(
         "started",
         resources={**modeling.base_resources(model, precision=precision, threads=threads),
-                   **({"qat": {**algorithm, "fake_quantized_layers": fake_quantized}} if quantization_aware else {})},
+                   **({"qat": {**algorithm, "fake_quantized_layers": fake_quantized}} if quantization_aware else {}),
+                   **({"base_quantization": {"scheme": modeling.BASE_QUANTIZATION,
+                                             "layers": modeling.quantized_layers(model)}} if quantize_base else {})},
         total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
     )
@@ -214,8 +218,9 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                      "posttrain.trainer.qat.convert(model, algorithm_config), i.e. quantize_(model, "
                      "Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup("
                      f"{algorithm['group_size']})))")
-    if algorithm and algorithm.get("quantize_base"):
-        reporter.log("quantize_base is not supported; the base model is not quantized", level="warning")
+    if quantize_base:
+        reporter.log(f"quantize_base: the base model's linear layers are {modeling.BASE_QUANTIZATION}; the LoRA "
+                     "adapters train in full precision; compiling is off for this job")
     for epoch, folder in found:
         _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
 
@@ -252,8 +257,11 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
                          write_seconds=time.perf_counter() - writing)
 
+    # Not compiled over bitsandbytes' 4-bit layers: never tried here, and a failed compile would cost
+    # minutes of a job for nothing.
     loop = EpochLoop(model=model, run=run, plan=plan, unit_lengths=unit_lengths, seed=seed, precision=precision,
-                     compiler=Compiler(spec.get("compile")), points=points, reporter=reporter, stop=stop)
+                     compiler=Compiler("off" if quantize_base else spec.get("compile")), points=points,
+                     reporter=reporter, stop=stop)
     return loop.train(step=step, end_epoch=end_epoch)
 
 

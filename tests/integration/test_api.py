@@ -193,7 +193,6 @@ def test_unknown_job_is_404_everywhere(client):
         (lambda b: b.update(algorithm_config={"type": "QAT", "quantizer_name": "8da4w", "group_size": 48}), 400,
          ["group_size", "power of two"]),
         (lambda b: b["algorithm_config"].update(lora_attn_modules=["wq"]), 400, ["lora_attn_modules"]),
-        (lambda b: b["algorithm_config"].update(quantize_base=True), 400, ["quantize_base"]),
         (lambda b: b.update(logger_config={"wandb": True}), 400, ["logger_config"]),
         (lambda b: b.update(checkpoint_dir="/tmp/../etc"), 400, ["checkpoint_dir"]),
         (lambda b: b.update(surprise=1), 400, ["surprise"]),
@@ -214,6 +213,15 @@ def test_qat_fine_tune_is_accepted_with_its_config(client, tiny_model_path):
     body["algorithm_config"] = {"type": "QAT", "quantizer_name": "Int8DynActInt4WeightQATQuantizer", "group_size": 32}
     assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
     assert client.get("/v1/post-training/job/status", params={"job_uuid": body["job_uuid"]}).status_code == 200
+
+
+def test_qlora_is_accepted_and_reaches_the_trainer(client, services, tiny_model_path):
+    register(client)
+    body = lora_request(str(tiny_model_path), "toy")
+    body["algorithm_config"].update(quantize_base=True, use_dora=True)
+    assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+    algorithm = services.jobs.store.get(job_uuid=body["job_uuid"]).plan["algorithm_config"]
+    assert algorithm["quantize_base"] is True and algorithm["use_dora"] is True
 
 
 def test_duplicate_job_uuid_conflicts(client, tiny_model_path):
