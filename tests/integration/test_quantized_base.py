@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.integration.test_trainer_process import kinds, make_spec, run, tiny_model_path  # noqa: F401 - fixture
+from tests.integration.test_trainer_process import kinds, make_spec, run
 
 pytestmark = pytest.mark.slow
 
