@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.settings = settings
     app.state.jobs = services.jobs
     app.state.datasets = services.datasets
+    app.state.access = services.access
     app.state.store_ready = services.ready
 
     install_problem_handlers(app)

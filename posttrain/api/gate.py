@@ -6,16 +6,22 @@ millisecond a request, a third of what a status poll costs in all).
 from __future__ import annotations
 
 import time
+from http.cookies import CookieError, SimpleCookie
 from typing import Any, Callable
 
+from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from posttrain.api.problems import problem
+from posttrain.dashboard.routes import KEY_COOKIE
 from posttrain.errors import RateLimited, ServiceError, Unauthorized
 from posttrain.services.access import DEFAULT_TENANT, AccessControl
 
-#: Answered without an API key: liveness for load balancers, metrics, and the API's own description.
-OPEN_PATHS = frozenset({"/v1/health", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+#: Answered without an API key: liveness for load balancers, metrics, the API's own description,
+#: and the dashboard's sign-in page and its static files (which hold no data).
+OPEN_PATHS = frozenset({"/v1/health", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                        "/ui/login", "/ui/logout"})
+OPEN_PREFIXES = ("/ui/static/",)
 
 Observer = Callable[[str, str, int, float], None]
 
@@ -58,17 +64,20 @@ class Gate:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return problem(413, f"the request body is larger than {self.max_body_bytes} bytes", instance=path)
         state: dict[str, Any] = scope.setdefault("state", {})
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             state["tenant"] = DEFAULT_TENANT
             return None
+        authorization = headers.get("authorization") or _cookie_authorization(headers.get("cookie"))
         try:
-            state["tenant"], identity = self.access.authenticate(headers.get("authorization"))
+            state["tenant"], identity = self.access.authenticate(authorization)
             self.access.check_rate(identity)
         except ServiceError as exc:
             extra = None
             if isinstance(exc, RateLimited):
                 extra = {"Retry-After": str(exc.retry_after)}
             elif isinstance(exc, Unauthorized):
+                if scope["method"] == "GET" and _is_dashboard_page(path):
+                    return RedirectResponse("/ui/login", status_code=303)
                 extra = {"WWW-Authenticate": "Bearer"}
             return problem(exc.status_code, exc.detail, title=exc.title, instance=path, headers=extra)
         return None
@@ -100,3 +109,20 @@ class Gate:
 
 def _has_length(scope: Scope) -> bool:
     return any(name == b"content-length" for name, _ in scope["headers"])
+
+
+def _cookie_authorization(cookie_header: str | None) -> str | None:
+    """The dashboard's sign-in cookie as an Authorization value, if the request carries one (a
+    browser sends no Authorization header when it opens a page; the header wins when both come)."""
+    if not cookie_header:
+        return None
+    try:
+        morsel = SimpleCookie(cookie_header).get(KEY_COOKIE)
+    except CookieError:
+        return None
+    return f"Bearer {morsel.value}" if morsel is not None and morsel.value else None
+
+
+def _is_dashboard_page(path: str) -> bool:
+    """A page a person opens in a browser: without a key they are sent to sign in, not shown a 401."""
+    return path == "/" or (path.startswith("/ui/") and not path.startswith("/ui/static/"))

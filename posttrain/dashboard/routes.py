@@ -14,12 +14,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from urllib.parse import parse_qs
+
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader
 from pydantic import BaseModel
 
 from posttrain.domain.jobs import Job
+from posttrain.services.access import AccessControl
 from posttrain.services.datasets import DatasetService
 from posttrain.services.job_views import JobSummary, JobViews
 
@@ -87,15 +90,55 @@ def list_job_summaries(request: Request, limit: int = Query(default=200, ge=1, l
 # -- HTML -----------------------------------------------------------------------------------------
 
 
-def _render(name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    return HTMLResponse(env.get_template(name).render(**context), status_code=status_code,
-                        headers={"Cache-Control": "no-store"})
+#: The dashboard's sign-in cookie. A browser sends no Authorization header when it opens a page, so
+#: with API keys on, the sign-in page keeps the key in an HttpOnly, SameSite=Strict cookie (never
+#: readable by scripts, never sent along by another site's page) and the API's gate accepts it.
+KEY_COOKIE = "posttrain_key"
+
+
+def _page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """A dashboard page (never cached); it shows "Sign out" to a browser signed in with a key."""
+    html = env.get_template(name).render(signed_in=KEY_COOKIE in request.cookies, **context)
+    return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/ui/login", response_class=HTMLResponse, include_in_schema=False)
+def login_page(request: Request) -> Response:
+    if not _access(request).enabled:
+        return RedirectResponse("/", status_code=303)  # an open server needs no sign-in
+    return _page(request, "login.html", page="login", error=None)
+
+
+@router.post("/ui/login", response_class=HTMLResponse, include_in_schema=False)
+async def log_in(request: Request) -> Response:
+    """Check the key against the configured ones; keep it in the sign-in cookie and go to the jobs."""
+    access = _access(request)
+    if not access.enabled:
+        return RedirectResponse("/", status_code=303)
+    key = (parse_qs((await request.body()).decode("utf-8", "replace")).get("api_key") or [""])[0].strip()
+    if access.tenant_for_key(key) is None:
+        return _page(request, "login.html", status_code=401, page="login", error="That API key is not valid.")
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict", path="/",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/ui/logout", include_in_schema=False)
+def log_out() -> Response:
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(KEY_COOKIE, path="/")
+    return response
+
+
+def _access(request: Request) -> AccessControl:
+    return request.app.state.access
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 def jobs_page(request: Request) -> HTMLResponse:
     summaries = _views(request).summaries(tenant=request.state.tenant)
-    return _render("jobs.html", page="jobs", jobs=[JobSummaryPublic.from_summary(s) for s in summaries])
+    return _page(request, "jobs.html", page="jobs", jobs=[JobSummaryPublic.from_summary(s) for s in summaries])
 
 
 @router.get("/ui/jobs/{job_uuid:path}", response_class=HTMLResponse, include_in_schema=False)
@@ -103,11 +146,11 @@ def job_page(request: Request, job_uuid: str) -> HTMLResponse:
     views = _views(request)
     job: Job | None = views.find(tenant=request.state.tenant, job_uuid=job_uuid)
     if job is None:
-        return _render("not_found.html", status_code=404, page="missing", what=f"No training job '{job_uuid}'.")
+        return _page(request, "not_found.html", status_code=404, page="missing", what=f"No training job '{job_uuid}'.")
     summary = JobSummaryPublic.from_summary(views.summary(job))
     config = json.dumps({"training_config": job.request.get("training_config"),
                          "algorithm_config": job.request.get("algorithm_config")}, indent=2, default=str)
-    return _render("job.html", page="job", job=summary, resources=job.resources, config=config)
+    return _page(request, "job.html", page="job", job=summary, resources=job.resources, config=config)
 
 
 @router.get("/ui/datasets", response_class=HTMLResponse, include_in_schema=False)
@@ -120,7 +163,7 @@ def datasets_page(request: Request) -> HTMLResponse:
         columns = list(dict.fromkeys(key for row in rows for key in row))
         cells = [[_cell(row.get(c)) for c in columns] for row in rows]
         shown.append({"dataset": dataset, "columns": columns, "rows": cells, "source": dataset.source.get("type", "")})
-    return _render("datasets.html", page="datasets", datasets=shown)
+    return _page(request, "datasets.html", page="datasets", datasets=shown)
 
 
 @router.get("/ui/static/{name}", include_in_schema=False)

@@ -72,6 +72,10 @@ class AccessControl:
             raise Unauthorized("the API key is not valid")
         return tenant, key_digest
 
+    def tenant_for_key(self, key: str) -> str | None:
+        """The tenant a key belongs to, or None for an unknown key (the dashboard's sign-in)."""
+        return self.keys.get(digest(key.strip())) if key.strip() else None
+
     def check_rate(self, identity: str) -> None:
         """Token bucket per key: ``requests_per_minute`` sustained, bursts up to the same number."""
         if not self.requests_per_minute:
