@@ -39,12 +39,17 @@ def test_no_key_or_a_wrong_key_is_401(keyed_client):
     assert keyed_client.get("/v1/health").status_code == 200
 
 
-def test_tenants_never_see_each_other(keyed_client, tiny_model_path):
-    assert keyed_client.post("/v1/datasets", headers=as_(ALICE), json={
+def alice_job(client, tiny_model_path) -> str:
+    """Alice registers the dataset "secret" and submits a job on it; returns its job_uuid."""
+    assert client.post("/v1/datasets", headers=as_(ALICE), json={
         "purpose": "post-training/messages", "dataset_id": "secret", "source": {"type": "rows", "rows": ROWS}}).status_code == 200
     body = lora_request(str(tiny_model_path), "secret")
-    assert keyed_client.post("/v1/post-training/supervised-fine-tune", headers=as_(ALICE), json=body).status_code == 200
-    job = body["job_uuid"]
+    assert client.post("/v1/post-training/supervised-fine-tune", headers=as_(ALICE), json=body).status_code == 200
+    return body["job_uuid"]
+
+
+def test_tenants_never_see_each_other(keyed_client, tiny_model_path):
+    job = alice_job(keyed_client, tiny_model_path)
 
     bob = as_(BOB)
     assert keyed_client.get("/v1/post-training/jobs", headers=bob).json() == {"data": []}

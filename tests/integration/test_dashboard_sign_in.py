@@ -8,8 +8,10 @@ from fastapi.testclient import TestClient
 
 from posttrain.api.app import create_app
 from posttrain.services.container import build_services
-from tests.integration.test_access import ALICE, BOB, as_, keyed_client  # noqa: F401 - fixture
-from tests.integration.test_api import ROWS, lora_request
+from tests.integration import test_access
+from tests.integration.test_access import ALICE, BOB, alice_job
+
+keyed_client = test_access.keyed_client  # the fixture: a real app with Alice's and Bob's keys
 
 
 def _sign_in(client: TestClient, key: str):
@@ -35,11 +37,7 @@ def test_a_wrong_key_signs_nobody_in(keyed_client):
 
 
 def test_signed_in_tenants_see_their_own_jobs_only(keyed_client, tiny_model_path):
-    assert keyed_client.post("/v1/datasets", headers=as_(ALICE), json={
-        "purpose": "post-training/messages", "dataset_id": "secret", "source": {"type": "rows", "rows": ROWS}}).status_code == 200
-    body = lora_request(str(tiny_model_path), "secret")
-    assert keyed_client.post("/v1/post-training/supervised-fine-tune", headers=as_(ALICE), json=body).status_code == 200
-    job = body["job_uuid"]
+    job = alice_job(keyed_client, tiny_model_path)
 
     signed_in = _sign_in(keyed_client, ALICE)
     assert signed_in.status_code == 303 and signed_in.headers["location"] == "/"
