@@ -238,3 +238,47 @@ def test_user_text_is_shown_as_text_never_run(server, colours, page):
     # An unknown job is a tidy 404 page.
     response = page.goto(server.base_url + "/ui/jobs/no-such-job")
     assert response.status == 404 and "No training job 'no-such-job'" in page.inner_text("main")
+
+
+def test_with_api_keys_a_browser_signs_in_and_follows_its_own_job(tmp_path, tiny_model_path, page):
+    """API keys on: the browser is sent to sign in, then the page's own requests (the live job view)
+    carry the sign-in cookie; another tenant's job stays out of sight."""
+    from posttrain.services.access import digest
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice:{digest('pt-alice')}\nbob:{digest('pt-bob')}\n")
+    server = start_server(tmp_path, tiny_model_path, extra_env={"POSTTRAIN_API_KEYS_FILE": str(keys)})
+    try:
+        alice, bob = {"Authorization": "Bearer pt-alice"}, {"Authorization": "Bearer pt-bob"}
+        jobs = {}
+        for key, headers in (("alice", alice), ("bob", bob)):
+            assert server.post("/v1/datasets", headers=headers, json={
+                "purpose": "post-training/messages", "dataset_id": "colours",
+                "source": {"type": "rows", "rows": colour_rows(repeat=2)}}).status_code == 200
+            body = lora_request(str(tiny_model_path), "colours")
+            body["training_config"].update(n_epochs=1, max_steps_per_epoch=4)
+            assert server.post("/v1/post-training/supervised-fine-tune", headers=headers, json=body).status_code == 200
+            jobs[key] = body["job_uuid"]
+
+        page.goto(server.base_url + "/")
+        page.wait_for_url("**/ui/login")
+        page.fill('input[name="api_key"]', "pt-wrong")
+        page.click('form.sign-in button[type="submit"]')
+        assert "not valid" in page.inner_text("main")
+        page.fill('input[name="api_key"]', "pt-alice")
+        page.click('form.sign-in button[type="submit"]')
+        page.wait_for_url(server.base_url + "/")
+        row = page.locator(f'#jobs tr[data-job-uuid="{jobs["alice"]}"]')
+        row.wait_for()
+        assert page.locator(f'#jobs tr[data-job-uuid="{jobs["bob"]}"]').count() == 0
+        row.locator("a").click()
+        page.wait_for_url(f"**/ui/jobs/{jobs['alice']}")
+        page.wait_for_function("() => document.getElementById('status').textContent === 'completed'",
+                               timeout=120_000)
+        assert _points(page) == 4  # the curve came from the events API, fetched with the cookie
+
+        page.click("form.sign-out button")
+        page.wait_for_url("**/ui/login")
+        assert page.goto(server.base_url + f"/ui/jobs/{jobs['alice']}").url.endswith("/ui/login")
+    finally:
+        stop_server(server)
