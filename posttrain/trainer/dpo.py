@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +43,7 @@ from posttrain.trainer.formats import normalize_preference_row
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
-from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, _perplexity
+from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, write_epoch_checkpoint
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 
@@ -293,23 +292,15 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
         evaluation = _evaluate(model, validation, config=dpo, plan=plan, pad_id=pad_id, seed=seed,
                                precision=precision)
-        validation_loss = evaluation["loss"]
-        metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
-                   "perplexity": _perplexity(validation_loss)}
-        trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": run.total_steps, "lora": True,
-                         "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
-                         "merged_adapter": spec.get("adapter"), "metrics": metrics,
-                         "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}}
-        training_state = checkpoints.training_state(optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
-                                                    global_step=global_step)
-        writing = time.perf_counter()
         # A DPO adapter trained on a merged SFT adapter does not load on the plain base alone: such a
         # checkpoint always carries the merged model too.
-        folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
-                                              training_state=training_state, trainer_state=trainer_state,
-                                              merge_base=merge_base if spec.get("save_merged") or spec.get("adapter") else None)
-        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
-                         write_seconds=time.perf_counter() - writing)
+        write_epoch_checkpoint(
+            reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer, run=run,
+            epoch=epoch, global_step=global_step, losses=losses, validation_loss=evaluation["loss"],
+            state={"lora": True, "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
+                   "merged_adapter": spec.get("adapter"),
+                   "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}},
+            merge_base=merge_base if spec.get("save_merged") or spec.get("adapter") else None)
 
     loop = EpochLoop(model=model, run=run, plan=plan, unit_lengths=[pair_length(e) for e in train], seed=seed,
                      precision=precision, compiler=Compiler(spec.get("compile")), points=points, reporter=reporter,

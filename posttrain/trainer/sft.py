@@ -244,18 +244,10 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
         validation_loss = _evaluate(model, validation, plan=plan, pad_id=tokenizer.pad_token_id, seed=seed,
                                     precision=precision)
-        metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
-                   "perplexity": _perplexity(validation_loss)}
-        trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": run.total_steps, "lora": lora,
-                         "metrics": metrics}
-        training_state = checkpoints.training_state(optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
-                                                    global_step=global_step)
-        writing = time.perf_counter()
-        folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
-                                              training_state=training_state, trainer_state=trainer_state,
-                                              merge_base=merge_base if spec.get("save_merged") and lora else None)
-        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
-                         write_seconds=time.perf_counter() - writing)
+        write_epoch_checkpoint(reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer,
+                               run=run, epoch=epoch, global_step=global_step, losses=losses,
+                               validation_loss=validation_loss, state={"lora": lora},
+                               merge_base=merge_base if spec.get("save_merged") and lora else None)
 
     # Not compiled over bitsandbytes' 4-bit layers: never tried here, and a failed compile would cost
     # minutes of a job for nothing.
@@ -263,6 +255,26 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                      compiler=Compiler("off" if quantize_base else spec.get("compile")), points=points,
                      reporter=reporter, stop=stop)
     return loop.train(step=step, end_epoch=end_epoch)
+
+
+def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Path, model, tokenizer,  # noqa: ANN001
+                           run: modeling.Optimization, epoch: int, global_step: int, losses: list[float],
+                           validation_loss: float, state: dict[str, Any], merge_base) -> None:  # noqa: ANN001
+    """An epoch's checkpoint, SFT's or DPO's: the train/validation metrics, the method's own
+    ``state`` in trainer_state.json, the optimizer/scheduler/RNG state to resume from, and its
+    ``checkpoint`` event with the time the write took."""
+    metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
+               "perplexity": _perplexity(validation_loss)}
+    trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": run.total_steps, **state,
+                     "metrics": metrics}
+    training_state = checkpoints.training_state(optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
+                                                global_step=global_step)
+    writing = time.perf_counter()
+    folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
+                                          training_state=training_state, trainer_state=trainer_state,
+                                          merge_base=merge_base)
+    _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
+                     write_seconds=time.perf_counter() - writing)
 
 
 def _emit_checkpoint(reporter: Reporter, *, job_uuid: str, folder: Path, state: dict[str, Any],
