@@ -136,13 +136,12 @@ def load_model(*, path: str, precision: Precision, lora: bool, trust_remote_code
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization,
                                                  device_map={"": 0 if precision.device == "cuda" else precision.device},
                                                  trust_remote_code=trust_remote_code)
-    for module in model.modules():
+    for layer in _quantized_layers(model):
         # bitsandbytes 0.50 repacks a layer's weight for its AVX512-BF16 CPU kernel at the first
         # no-grad forward (our validation); that fails for layers whose input size is not a
         # multiple of the block size (e.g. 1376), and the repacked weight is an inference format.
         # The generic dequantizing path serves training and validation alike.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+        layer.support_avx512bf16_for_cpu = False
     return model
 
 
@@ -153,8 +152,13 @@ BASE_QUANTIZATION = "nf4 4-bit, double quantization (bitsandbytes)"
 def quantized_layers(model) -> int:
     """How many of the model's linear layers are bitsandbytes 4-bit layers (a check that the
     quantization happened, reported beside the scheme)."""
-    return sum(1 for module in model.modules()
-               if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes"))
+    return len(_quantized_layers(model))
+
+
+def _quantized_layers(model) -> list:
+    """bitsandbytes' own 4-bit layers (not peft's LoRA wrappers around them, which share the name)."""
+    return [module for module in model.modules()
+            if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")]
 
 
 def load_merge_base(*, path: str, adapter: str | None = None, trust_remote_code: bool):
