@@ -124,5 +124,6 @@ def _cookie_authorization(cookie_header: str | None) -> str | None:
 
 
 def _is_dashboard_page(path: str) -> bool:
-    """A page a person opens in a browser: without a key they are sent to sign in, not shown a 401."""
-    return path == "/" or (path.startswith("/ui/") and not path.startswith("/ui/static/"))
+    """A page a person opens in a browser: without a key they are sent to sign in, not shown a 401.
+    (The static files never get here: they are open.)"""
+    return path == "/" or path.startswith("/ui/")
