@@ -75,7 +75,7 @@ class Conflict(ServiceError):
 
 
 class DuplicateJob(Conflict):
-    """A job with this job_uuid already exists."""
+    """The caller already has a job with this job_uuid (job_uuids are per tenant)."""
 
 
 class DuplicateDataset(Conflict):

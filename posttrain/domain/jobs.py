@@ -68,8 +68,12 @@ class Checkpoint:
 class Job:
     """A training job. ``request`` is the body as the client sent it; ``plan`` is what the
     service resolved from it at submit time (model folder, the job's own copy of its rows,
-    output folder, training config with defaults filled) and is all a launcher needs."""
+    output folder, training config with defaults filled) and is all a launcher needs.
 
+    ``job_uuid`` is the client's name for the job, unique within its tenant; ``id`` is the
+    service's own key (events, checkpoints, the launcher's lease and the job's folder use it)."""
+
+    id: str
     job_uuid: str
     kind: JobKind
     tenant: str
@@ -99,7 +103,7 @@ class JobEvent:
     """One entry of a job's append-only log: a state change, a metric, a checkpoint, a log line."""
 
     seq: int
-    job_uuid: str
+    job_id: str
     created_at: datetime
     type: str
     data: dict[str, Any]

@@ -89,12 +89,12 @@ class JobViews:
 
     def __init__(self, *, jobs: JobService) -> None:
         self.jobs = jobs
-        self._seen: dict[str, tuple[int, Progress, bool]] = {}  # job_uuid -> (cursor, progress, read while terminal)
+        self._seen: dict[str, tuple[int, Progress, bool]] = {}  # job id -> (cursor, progress, read while terminal)
         self._lock = threading.Lock()
 
     def find(self, *, tenant: str, job_uuid: str) -> Job | None:
         """The job, or None when the tenant has no job with this id."""
-        return self.jobs.store.get(job_uuid=job_uuid, tenant=tenant)
+        return self.jobs.store.find(tenant=tenant, job_uuid=job_uuid)
 
     def summaries(self, *, tenant: str, limit: int = 200) -> list[JobSummary]:
         listed = self.jobs.store.list(tenant=tenant)
@@ -119,11 +119,11 @@ class JobViews:
 
     def progress(self, job: Job) -> Progress:
         with self._lock:
-            cursor, progress, final = self._seen.get(job.job_uuid, (0, Progress(), False))
+            cursor, progress, final = self._seen.get(job.id, (0, Progress(), False))
         if final:
             return progress
         while True:
-            events = self.jobs.store.events(job_uuid=job.job_uuid, after=cursor, limit=EVENT_PAGE)
+            events = self.jobs.store.events(job_id=job.id, after=cursor, limit=EVENT_PAGE)
             for event in events:
                 progress = _progress(progress, event.type, event.data)
             if events:
@@ -131,7 +131,7 @@ class JobViews:
             if len(events) < EVENT_PAGE:
                 break
         with self._lock:
-            known = self._seen.get(job.job_uuid)
+            known = self._seen.get(job.id)
             if known is None or known[0] <= cursor:
-                self._seen[job.job_uuid] = (cursor, progress, _settled(job))
+                self._seen[job.id] = (cursor, progress, _settled(job))
         return progress

@@ -7,7 +7,6 @@ accepted can run; a refused request leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,13 @@ from posttrain.services.models import resolve_model
 from posttrain.services.paths import resolve_inside
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
-from posttrain.store.jobs import JobStore
+from posttrain.store.jobs import JobStore, new_job_id
 
 
-def job_folder(jobs_dir: Path, job_uuid: str) -> Path:
-    """A job's own folder; named by a digest because job_uuid is client text."""
-    return jobs_dir / hashlib.sha256(job_uuid.encode()).hexdigest()[:32]
+def job_folder(jobs_dir: Path, job_id: str) -> Path:
+    """A job's own folder, named by the service's key (job_uuid is client text, and two tenants
+    may use the same one)."""
+    return jobs_dir / job_id
 
 
 class JobService:
@@ -64,7 +64,7 @@ class JobService:
         model_name: str | None,
     ) -> Job:
         job_uuid = request["job_uuid"]
-        if self.store.get(job_uuid=job_uuid) is not None:
+        if self.store.find(tenant=tenant, job_uuid=job_uuid, with_payload=False) is not None:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists")
         quota = self.settings.max_queued_jobs_per_tenant
         if quota is not None and self.store.count_active(tenant=tenant) >= quota:
@@ -91,7 +91,8 @@ class JobService:
         validation = None
         if data.get("validation_dataset_id"):
             validation = self._dataset(tenant, data["validation_dataset_id"], "training_config.data_config.validation_dataset_id")
-        folder = job_folder(self.settings.jobs_dir, job_uuid)
+        job_id = new_job_id()
+        folder = job_folder(self.settings.jobs_dir, job_id)
         if request.get("checkpoint_dir"):
             output_dir = resolve_inside(request["checkpoint_dir"], roots=self.settings.allowed_file_roots, field="checkpoint_dir")
             output_dir = output_dir / folder.name
@@ -120,7 +121,7 @@ class JobService:
                 "seed": 42,
             }
             return self.store.create(
-                job_uuid=job_uuid, tenant=tenant, kind=kind, request=request, plan=plan, max_attempts=self.settings.max_attempts
+                job_id=job_id, job_uuid=job_uuid, tenant=tenant, kind=kind, request=request, plan=plan, max_attempts=self.settings.max_attempts
             )
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -137,7 +138,7 @@ class JobService:
     # -- read and cancel -----------------------------------------------------------------------
 
     def get(self, *, tenant: str, job_uuid: str, with_payload: bool = True) -> Job:
-        job = self.store.get(job_uuid=job_uuid, tenant=tenant, with_payload=with_payload)
+        job = self.store.find(tenant=tenant, job_uuid=job_uuid, with_payload=with_payload)
         if job is None:
             raise JobNotFound(f"no training job with job_uuid '{job_uuid}'")
         return job
@@ -149,7 +150,7 @@ class JobService:
         job = self.get(tenant=tenant, job_uuid=job_uuid)
         if job.status == JobStatus.CANCELLED:
             return job
-        if job.is_terminal or not self.store.cancel(job_uuid=job_uuid):
+        if job.is_terminal or not self.store.cancel(job_id=job.id):
             current = self.get(tenant=tenant, job_uuid=job_uuid)
             if current.status == JobStatus.CANCELLED:
                 return current
@@ -157,8 +158,8 @@ class JobService:
         return self.get(tenant=tenant, job_uuid=job_uuid)
 
     def events(self, *, tenant: str, job_uuid: str, after: int, limit: int):  # noqa: ANN201
-        self.get(tenant=tenant, job_uuid=job_uuid)
-        return self.store.events(job_uuid=job_uuid, after=after, limit=limit)
+        job = self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
+        return self.store.events(job_id=job.id, after=after, limit=limit)
 
     # -- operations -----------------------------------------------------------------------------
 
@@ -166,8 +167,8 @@ class JobService:
         """Jobs by status (all tenants) and the latest progress of each running job, for /metrics."""
         running = []
         for job in self.store.list(status=JobStatus.IN_PROGRESS):
-            metric = self.store.latest_event(job_uuid=job.job_uuid, type="metric")
-            checkpoint = self.store.latest_event(job_uuid=job.job_uuid, type="checkpoint")
+            metric = self.store.latest_event(job_id=job.id, type="metric")
+            checkpoint = self.store.latest_event(job_id=job.id, type="checkpoint")
             running.append({
                 "job_uuid": job.job_uuid,
                 "kind": job.kind.value,

@@ -30,7 +30,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-def _alembic_config(url: str):  # noqa: ANN202 - alembic is imported lazily
+def alembic_config(url: str):  # noqa: ANN201 - alembic is imported lazily
+    """Alembic's config for our migrations on ``url`` (for ``migrate`` and for tests that step
+    through single revisions)."""
     from alembic.config import Config
 
     config = Config()
@@ -39,14 +41,15 @@ def _alembic_config(url: str):  # noqa: ANN202 - alembic is imported lazily
     return config
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (idempotent; safe at every start)."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to the newest Alembic revision (idempotent; safe at every start), or to
+    ``revision``."""
     from alembic import command
 
-    config = _alembic_config(engine.url.render_as_string(hide_password=False))
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
 
 def at_head(engine: Engine) -> bool:
@@ -54,7 +57,7 @@ def at_head(engine: Engine) -> bool:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    script = ScriptDirectory.from_config(_alembic_config(str(engine.url)))
+    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
     with engine.connect() as connection:
         if not inspect(connection).has_table("alembic_version"):
             return False

@@ -4,10 +4,14 @@ Every state change is one ``UPDATE … WHERE status IN (allowed sources)``: when
 move was illegal (or someone else made it first) and the caller learns so. Launcher writes are
 also guarded by the lease (owner + attempt), so a launcher that lost its job — requeued, claimed
 again, cancelled — can no longer change it.
+
+The API side finds a job by (tenant, job_uuid), the client's name for it; everything after the
+submit (scheduler, launcher, events, checkpoints) uses the service's own key ``jobs.id``.
 """
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,6 +44,11 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+def new_job_id() -> str:
+    """The service's own key for a new job (random: it also names the job's folder)."""
+    return uuid.uuid4().hex
+
+
 def _checkpoint(row: RowMapping) -> Checkpoint:
     metrics = None
     if row["train_loss"] is not None and row["validation_loss"] is not None:
@@ -62,6 +71,7 @@ def _checkpoint(row: RowMapping) -> Checkpoint:
 
 def _job(row: RowMapping, ckpts: tuple[Checkpoint, ...] = ()) -> Job:
     return Job(
+        id=row["id"],
         job_uuid=row["job_uuid"],
         kind=JobKind(row["kind"]),
         tenant=row["tenant"],
@@ -91,22 +101,26 @@ class JobStore:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def get(self, *, job_uuid: str, tenant: str | None = None, with_payload: bool = True) -> Job | None:
-        """One job with its checkpoints. ``with_payload=False`` leaves the request and plan JSON
-        unread (empty dicts): the status endpoint, polled hard, needs neither."""
+    def get(self, *, job_id: str) -> Job | None:
+        """One job, by the service's key, with its checkpoints."""
+        return self._one(jobs.c.id == job_id)
+
+    def find(self, *, tenant: str, job_uuid: str, with_payload: bool = True) -> Job | None:
+        """The tenant's job that the client named ``job_uuid``. ``with_payload=False`` leaves the
+        request and plan JSON unread (empty dicts): the status endpoint, polled hard, needs neither."""
+        return self._one(and_(jobs.c.tenant == tenant, jobs.c.job_uuid == job_uuid), with_payload=with_payload)
+
+    def _one(self, where, *, with_payload: bool = True) -> Job | None:  # noqa: ANN001
         columns = list(jobs.c) if with_payload else [c for c in jobs.c if c.name not in ("request", "plan")]
         with self.engine.connect() as conn:
-            query = select(*columns).where(jobs.c.job_uuid == job_uuid)
-            if tenant is not None:
-                query = query.where(jobs.c.tenant == tenant)
-            row = conn.execute(query).mappings().first()
+            row = conn.execute(select(*columns).where(where)).mappings().first()
             if row is None:
                 return None
-            return _job(row, self._checkpoints(conn, job_uuid))
+            return _job(row, self._checkpoints(conn, row["id"]))
 
     def find_checkpoint(self, *, tenant: str, reference: str) -> Checkpoint | None:
         """The tenant's own checkpoint whose identifier or path is ``reference``, if any."""
-        query = (select(checkpoints).join(jobs, jobs.c.job_uuid == checkpoints.c.job_uuid)
+        query = (select(checkpoints, jobs.c.job_uuid).join(jobs, jobs.c.id == checkpoints.c.job_id)
                  .where(jobs.c.tenant == tenant)
                  .where((checkpoints.c.identifier == reference) | (checkpoints.c.path == reference.rstrip("/")))
                  .limit(1))
@@ -114,14 +128,15 @@ class JobStore:
             row = conn.execute(query).mappings().first()
         return _checkpoint(row) if row is not None else None
 
-    def _checkpoints(self, conn: Connection, job_uuid: str) -> tuple[Checkpoint, ...]:
+    def _checkpoints(self, conn: Connection, job_id: str) -> tuple[Checkpoint, ...]:
         rows = conn.execute(
-            select(checkpoints).where(checkpoints.c.job_uuid == job_uuid).order_by(checkpoints.c.epoch, checkpoints.c.step)
+            select(checkpoints, jobs.c.job_uuid).join(jobs, jobs.c.id == checkpoints.c.job_id)
+            .where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.epoch, checkpoints.c.step)
         ).mappings()
         return tuple(_checkpoint(r) for r in rows)
 
     def list(self, *, tenant: str | None = None, status: JobStatus | None = None, limit: int | None = None) -> list[Job]:
-        query = select(jobs).order_by(jobs.c.scheduled_at, jobs.c.job_uuid)
+        query = select(jobs).order_by(jobs.c.scheduled_at, jobs.c.id)
         if tenant is not None:
             query = query.where(jobs.c.tenant == tenant)
         if status is not None:
@@ -132,16 +147,16 @@ class JobStore:
             return [_job(r) for r in conn.execute(query).mappings()]
 
     def list_uuids(self, *, tenant: str | None = None) -> list[str]:
-        query = select(jobs.c.job_uuid).order_by(jobs.c.scheduled_at, jobs.c.job_uuid)
+        query = select(jobs.c.job_uuid).order_by(jobs.c.scheduled_at, jobs.c.id)
         if tenant is not None:
             query = query.where(jobs.c.tenant == tenant)
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
-    def latest_event(self, *, job_uuid: str, type: str) -> JobEvent | None:  # noqa: A002
+    def latest_event(self, *, job_id: str, type: str) -> JobEvent | None:  # noqa: A002
         query = (
             select(job_events)
-            .where(job_events.c.job_uuid == job_uuid, job_events.c.type == type)
+            .where(job_events.c.job_id == job_id, job_events.c.type == type)
             .order_by(job_events.c.seq.desc())
             .limit(1)
         )
@@ -149,7 +164,7 @@ class JobStore:
             r = conn.execute(query).mappings().first()
         if r is None:
             return None
-        return JobEvent(seq=r["seq"], job_uuid=r["job_uuid"], created_at=_aware(r["created_at"]), type=r["type"], data=r["data"])
+        return JobEvent(seq=r["seq"], job_id=r["job_id"], created_at=_aware(r["created_at"]), type=r["type"], data=r["data"])
 
     def count_active(self, *, tenant: str) -> int:
         """Scheduled and running jobs of one tenant (for the queued-jobs quota)."""
@@ -164,29 +179,32 @@ class JobStore:
             rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
             return {status: count for status, count in rows}
 
-    def events(self, *, job_uuid: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+    def events(self, *, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
         query = (
             select(job_events)
-            .where(job_events.c.job_uuid == job_uuid, job_events.c.seq > after)
+            .where(job_events.c.job_id == job_id, job_events.c.seq > after)
             .order_by(job_events.c.seq)
             .limit(limit)
         )
         with self.engine.connect() as conn:
             return [
-                JobEvent(seq=r["seq"], job_uuid=r["job_uuid"], created_at=_aware(r["created_at"]), type=r["type"], data=r["data"])
+                JobEvent(seq=r["seq"], job_id=r["job_id"], created_at=_aware(r["created_at"]), type=r["type"], data=r["data"])
                 for r in conn.execute(query).mappings()
             ]
 
     # -- submit and cancel (the API side) ------------------------------------------------------
 
     def create(
-        self, *, job_uuid: str, tenant: str, kind: JobKind, request: dict[str, Any], plan: dict[str, Any], max_attempts: int
+        self, *, job_id: str, job_uuid: str, tenant: str, kind: JobKind, request: dict[str, Any], plan: dict[str, Any],
+        max_attempts: int,
     ) -> Job:
+        """A new scheduled job; ``DuplicateJob`` when the tenant already has one named ``job_uuid``."""
         now = utcnow()
         try:
             with self.engine.begin() as conn:
                 conn.execute(
                     insert(jobs).values(
+                        id=job_id,
                         job_uuid=job_uuid,
                         tenant=tenant,
                         kind=kind.value,
@@ -200,14 +218,14 @@ class JobStore:
                         resources={},
                     )
                 )
-                self._append(conn, job_uuid, "state", {"status": JobStatus.SCHEDULED.value})
+                self._append(conn, job_id, "state", {"status": JobStatus.SCHEDULED.value})
         except IntegrityError as exc:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists") from exc
-        job = self.get(job_uuid=job_uuid)
+        job = self.get(job_id=job_id)
         assert job is not None
         return job
 
-    def cancel(self, *, job_uuid: str, reason: str = "cancelled by the user") -> bool:
+    def cancel(self, *, job_id: str, reason: str = "cancelled by the user") -> bool:
         """Cancel a scheduled or running job; True when this call moved it to ``cancelled``.
 
         A running job is marked cancelled at once (the user's word is final); its launcher sees
@@ -217,11 +235,11 @@ class JobStore:
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(jobs)
-                .where(jobs.c.job_uuid == job_uuid, jobs.c.status.in_([s.value for s in sources_of(JobStatus.CANCELLED)]))
+                .where(jobs.c.id == job_id, jobs.c.status.in_([s.value for s in sources_of(JobStatus.CANCELLED)]))
                 .values(status=JobStatus.CANCELLED.value, cancel_requested=True, completed_at=now, error_message=None)
             )
             if result.rowcount == 1:
-                self._append(conn, job_uuid, "state", {"status": JobStatus.CANCELLED.value, "reason": reason})
+                self._append(conn, job_id, "state", {"status": JobStatus.CANCELLED.value, "reason": reason})
                 return True
             return False
 
@@ -236,9 +254,9 @@ class JobStore:
         """
         now = utcnow()
         candidate = (
-            select(jobs.c.job_uuid)
+            select(jobs.c.id)
             .where(jobs.c.status == JobStatus.SCHEDULED.value)
-            .order_by(jobs.c.scheduled_at, jobs.c.job_uuid)
+            .order_by(jobs.c.scheduled_at, jobs.c.id)
             .limit(1)
             .with_for_update(skip_locked=True)
             .scalar_subquery()
@@ -246,7 +264,7 @@ class JobStore:
         with self.engine.begin() as conn:
             row = conn.execute(
                 update(jobs)
-                .where(jobs.c.job_uuid == candidate, jobs.c.status == JobStatus.SCHEDULED.value)
+                .where(jobs.c.id == candidate, jobs.c.status == JobStatus.SCHEDULED.value)
                 .values(
                     status=JobStatus.IN_PROGRESS.value,
                     lease_owner=owner,
@@ -255,31 +273,31 @@ class JobStore:
                     started_at=func.coalesce(jobs.c.started_at, now),
                     cancel_requested=False,
                 )
-                .returning(jobs.c.job_uuid, jobs.c.attempt)
+                .returning(jobs.c.id, jobs.c.attempt)
             ).first()
             if row is None:
                 return None
-            self._append(conn, row.job_uuid, "state", {"status": JobStatus.IN_PROGRESS.value, "attempt": row.attempt, "worker": owner})
-        return self.get(job_uuid=row.job_uuid)
+            self._append(conn, row.id, "state", {"status": JobStatus.IN_PROGRESS.value, "attempt": row.attempt, "worker": owner})
+        return self.get(job_id=row.id)
 
-    def _lease_guard(self, job_uuid: str, owner: str, attempt: int):  # noqa: ANN202
-        return and_(jobs.c.job_uuid == job_uuid, jobs.c.lease_owner == owner, jobs.c.attempt == attempt)
+    def _lease_guard(self, job_id: str, owner: str, attempt: int):  # noqa: ANN202
+        return and_(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.attempt == attempt)
 
-    def renew_lease(self, *, job_uuid: str, owner: str, attempt: int, lease_seconds: float) -> bool:
+    def renew_lease(self, *, job_id: str, owner: str, attempt: int, lease_seconds: float) -> bool:
         """Extend the lease; False when the job moved on (cancelled, requeued, claimed again)."""
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(jobs)
-                .where(self._lease_guard(job_uuid, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .where(self._lease_guard(job_id, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
                 .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
             )
             return result.rowcount == 1
 
-    def set_resources(self, *, job_uuid: str, owner: str, attempt: int, resources: dict[str, Any]) -> bool:
+    def set_resources(self, *, job_id: str, owner: str, attempt: int, resources: dict[str, Any]) -> bool:
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(jobs)
-                .where(self._lease_guard(job_uuid, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .where(self._lease_guard(job_id, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
                 .values(resources=resources)
             )
             return result.rowcount == 1
@@ -287,7 +305,7 @@ class JobStore:
     def finish(
         self,
         *,
-        job_uuid: str,
+        job_id: str,
         owner: str,
         attempt: int,
         status: JobStatus,
@@ -299,7 +317,7 @@ class JobStore:
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(jobs)
-                .where(self._lease_guard(job_uuid, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .where(self._lease_guard(job_id, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
                 .values(status=status.value, completed_at=utcnow(), error_code=error_code, error_message=error_message)
             )
             if result.rowcount != 1:
@@ -307,10 +325,10 @@ class JobStore:
             data: dict[str, Any] = {"status": status.value}
             if error_message:
                 data.update(code=error_code, message=error_message)
-            self._append(conn, job_uuid, "state", data)
+            self._append(conn, job_id, "state", data)
             return True
 
-    def release(self, *, job_uuid: str, owner: str, attempt: int, reason: str, count_attempt: bool = True) -> JobStatus | None:
+    def release(self, *, job_id: str, owner: str, attempt: int, reason: str, count_attempt: bool = True) -> JobStatus | None:
         """Give a running job back to the queue after its trainer stopped without finishing.
 
         The job resumes from its newest checkpoint on the next claim. With ``count_attempt`` off
@@ -318,7 +336,7 @@ class JobStore:
         used all its attempts is failed with the reason.
         """
         now = utcnow()
-        guard = and_(self._lease_guard(job_uuid, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
+        guard = and_(self._lease_guard(job_id, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
         with self.engine.begin() as conn:
             row = conn.execute(select(jobs.c.max_attempts).where(guard)).first()
             if row is None:
@@ -336,7 +354,7 @@ class JobStore:
                 target = JobStatus.SCHEDULED
             if conn.execute(update(jobs).where(guard).values(**values)).rowcount != 1:
                 return None
-            self._append(conn, job_uuid, "state", data)
+            self._append(conn, job_id, "state", data)
             return target
 
     def requeue_expired(self, *, now: datetime | None = None) -> list[tuple[str, JobStatus]]:
@@ -345,13 +363,13 @@ class JobStore:
         moved: list[tuple[str, JobStatus]] = []
         with self.engine.connect() as conn:
             expired = conn.execute(
-                select(jobs.c.job_uuid, jobs.c.attempt, jobs.c.max_attempts, jobs.c.lease_owner).where(
+                select(jobs.c.id, jobs.c.attempt, jobs.c.max_attempts, jobs.c.lease_owner).where(
                     jobs.c.status == JobStatus.IN_PROGRESS.value, jobs.c.lease_expires_at < now
                 )
             ).all()
-        for job_uuid, attempt, max_attempts, owner in expired:
+        for job_id, attempt, max_attempts, owner in expired:
             guard = and_(
-                jobs.c.job_uuid == job_uuid,
+                jobs.c.id == job_id,
                 jobs.c.status == JobStatus.IN_PROGRESS.value,
                 jobs.c.attempt == attempt,
                 jobs.c.lease_expires_at < now,
@@ -367,14 +385,14 @@ class JobStore:
                     target = JobStatus.FAILED
                     data = {"status": target.value, "code": "worker_lost", "message": message}
                 if conn.execute(update(jobs).where(guard).values(**values)).rowcount == 1:
-                    self._append(conn, job_uuid, "state", data)
-                    moved.append((job_uuid, target))
+                    self._append(conn, job_id, "state", data)
+                    moved.append((job_id, target))
         return moved
 
     def record_checkpoint(
         self,
         *,
-        job_uuid: str,
+        job_id: str,
         owner: str,
         attempt: int,
         identifier: str,
@@ -387,17 +405,17 @@ class JobStore:
     ) -> bool:
         """Record a checkpoint that is complete on disk; idempotent per identifier."""
         with self.engine.begin() as conn:
-            holder = conn.execute(select(jobs.c.job_uuid).where(self._lease_guard(job_uuid, owner, attempt))).first()
+            holder = conn.execute(select(jobs.c.id).where(self._lease_guard(job_id, owner, attempt))).first()
             if holder is None:
                 return False
             exists = conn.execute(
-                select(checkpoints.c.id).where(checkpoints.c.job_uuid == job_uuid, checkpoints.c.identifier == identifier)
+                select(checkpoints.c.id).where(checkpoints.c.job_id == job_id, checkpoints.c.identifier == identifier)
             ).first()
             if exists is not None:
                 return True
             conn.execute(
                 insert(checkpoints).values(
-                    job_uuid=job_uuid,
+                    job_id=job_id,
                     identifier=identifier,
                     epoch=epoch,
                     step=step,
@@ -410,24 +428,24 @@ class JobStore:
             )
             self._append(
                 conn,
-                job_uuid,
+                job_id,
                 "checkpoint",
                 {"identifier": identifier, "epoch": epoch, "step": step, "path": path,
                  "train_loss": train_loss, "validation_loss": validation_loss, "perplexity": perplexity},
             )
             return True
 
-    def append_event(self, *, job_uuid: str, type: str, data: dict[str, Any]) -> None:  # noqa: A002
+    def append_event(self, *, job_id: str, type: str, data: dict[str, Any]) -> None:  # noqa: A002
         with self.engine.begin() as conn:
-            self._append(conn, job_uuid, type, data)
+            self._append(conn, job_id, type, data)
 
-    def append_events(self, *, job_uuid: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+    def append_events(self, *, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
         if not events:
             return
         now = utcnow()
         with self.engine.begin() as conn:
-            conn.execute(insert(job_events), [dict(job_uuid=job_uuid, created_at=now, type=t, data=d) for t, d in events])
+            conn.execute(insert(job_events), [dict(job_id=job_id, created_at=now, type=t, data=d) for t, d in events])
 
     @staticmethod
-    def _append(conn: Connection, job_uuid: str, type_: str, data: dict[str, Any]) -> None:
-        conn.execute(insert(job_events).values(job_uuid=job_uuid, created_at=utcnow(), type=type_, data=data))
+    def _append(conn: Connection, job_id: str, type_: str, data: dict[str, Any]) -> None:
+        conn.execute(insert(job_events).values(job_id=job_id, created_at=utcnow(), type=type_, data=data))

@@ -1,5 +1,9 @@
 """Table definitions. The Alembic revisions under ``migrations/versions`` create exactly these;
-``tests/integration/test_migrations.py`` checks that the two never drift apart."""
+``tests/integration/test_migrations.py`` checks that the two never drift apart.
+
+A job's ``job_uuid`` is the client's name for it and is unique per tenant only (two tenants may
+both call a job "sft-1"); ``jobs.id`` is the service's own key, which checkpoints, events, the
+launcher's lease and the job's folder use."""
 
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ AutoId = BigInteger().with_variant(Integer(), "sqlite")
 jobs = Table(
     "jobs",
     metadata,
-    Column("job_uuid", String(255), primary_key=True),
+    Column("id", String(255), primary_key=True),
+    Column("job_uuid", String(255), nullable=False),
     Column("tenant", String(128), nullable=False, index=True),
     Column("kind", String(16), nullable=False),
     Column("status", String(16), nullable=False),
@@ -53,13 +58,14 @@ jobs = Table(
     Column("error_message", Text),
     Column("resources", JSON, nullable=False, default=dict),
     Index("ix_jobs_status_scheduled_at", "status", "scheduled_at"),
+    UniqueConstraint("tenant", "job_uuid", name="uq_jobs_tenant_job_uuid"),
 )
 
 checkpoints = Table(
     "checkpoints",
     metadata,
     Column("id", AutoId, primary_key=True, autoincrement=True),
-    Column("job_uuid", String(255), ForeignKey("jobs.job_uuid", ondelete="CASCADE"), nullable=False, index=True),
+    Column("job_id", String(255), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
     Column("identifier", String(512), nullable=False),
     Column("epoch", Integer, nullable=False),
     Column("step", Integer, nullable=False),
@@ -68,18 +74,18 @@ checkpoints = Table(
     Column("train_loss", Float),
     Column("validation_loss", Float),
     Column("perplexity", Float),
-    UniqueConstraint("job_uuid", "identifier", name="uq_checkpoints_job_uuid_identifier"),
+    UniqueConstraint("job_id", "identifier", name="uq_checkpoints_job_id_identifier"),
 )
 
 job_events = Table(
     "job_events",
     metadata,
     Column("seq", AutoId, primary_key=True, autoincrement=True),
-    Column("job_uuid", String(255), ForeignKey("jobs.job_uuid", ondelete="CASCADE"), nullable=False),
+    Column("job_id", String(255), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("type", String(32), nullable=False),
     Column("data", JSON, nullable=False),
-    Index("ix_job_events_job_uuid_seq", "job_uuid", "seq"),
+    Index("ix_job_events_job_id_seq", "job_id", "seq"),
 )
 
 datasets = Table(

@@ -87,7 +87,7 @@ class Launcher:
         except Exception as exc:  # noqa: BLE001 - a launcher failure must not kill the scheduler
             log.exception("launcher failed for %s", self.job.job_uuid, extra={"action": "launcher_failed"})
             self._kill()
-            self.store.release(job_uuid=self.job.job_uuid, owner=self.owner, attempt=self.attempt,
+            self.store.release(job_id=self.job.id, owner=self.owner, attempt=self.attempt,
                                reason=f"launcher error: {exc}")
 
     # -- the work -------------------------------------------------------------------------------
@@ -136,9 +136,9 @@ class Launcher:
             self._process = spawn_trainer(trainer_command(self.config.python, self.config.nice, str(spec)), stderr_path)
         log.info("trainer started for %s (pid %s, %s)", self.job.job_uuid, self._process.pid,
                  "warm" if self._process is warm else "cold",
-                 extra={"action": "trainer_started", "job_id": self.job.job_uuid})
+                 extra={"action": "trainer_started", "job_id": self.job.id})
         reader = threading.Thread(target=self._read, args=(self._process.stdout,), daemon=True,
-                                  name=f"trainer-reader-{self.job.job_uuid[:8]}")
+                                  name=f"trainer-reader-{self.job.id[:8]}")
         reader.start()
         self._supervise()
         reader.join(timeout=10)
@@ -156,7 +156,7 @@ class Launcher:
                 if self._shutdown.is_set():
                     self._outcome.stop_reason = "shutdown"
                 elif now - last_renewal >= interval:
-                    still_ours = self.store.renew_lease(job_uuid=self.job.job_uuid, owner=self.owner,
+                    still_ours = self.store.renew_lease(job_id=self.job.id, owner=self.owner,
                                                         attempt=self.attempt, lease_seconds=self.config.lease_seconds)
                     last_renewal = now
                     if not still_ours:
@@ -166,7 +166,7 @@ class Launcher:
                     stop_sent_at = now
             elif now - stop_sent_at > self.config.cancel_grace_seconds:
                 log.warning("trainer for %s ignored SIGTERM; killing it", self.job.job_uuid,
-                            extra={"action": "trainer_killed", "job_id": self.job.job_uuid})
+                            extra={"action": "trainer_killed", "job_id": self.job.id})
                 self._kill()
             try:
                 self._process.wait(timeout=0.2)
@@ -214,10 +214,10 @@ class Launcher:
 
     def _flush(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         if events:
-            self.store.append_events(job_uuid=self.job.job_uuid, events=events)
+            self.store.append_events(job_id=self.job.id, events=events)
 
     def _handle(self, kind: str, event: dict[str, Any]) -> None:
-        job_uuid = self.job.job_uuid
+        job_id = self.job.id
         if kind == "started":
             resources = {
                 **event.get("resources", {}),
@@ -226,11 +226,11 @@ class Launcher:
                 "pid": self._process.pid if self._process else None,
                 "memory_total_bytes": _memory_total_bytes(),
             }
-            self.store.set_resources(job_uuid=job_uuid, owner=self.owner, attempt=self.attempt, resources=resources)
-            self.store.append_event(job_uuid=job_uuid, type="started", data={**event, "resources": resources})
+            self.store.set_resources(job_id=job_id, owner=self.owner, attempt=self.attempt, resources=resources)
+            self.store.append_event(job_id=job_id, type="started", data={**event, "resources": resources})
         elif kind == "checkpoint":
             self.store.record_checkpoint(
-                job_uuid=job_uuid, owner=self.owner, attempt=self.attempt,
+                job_id=job_id, owner=self.owner, attempt=self.attempt,
                 identifier=event["identifier"], epoch=int(event["epoch"]), step=int(event.get("step", 0)),
                 path=event["path"], train_loss=event.get("train_loss"),
                 validation_loss=event.get("validation_loss"), perplexity=event.get("perplexity"),
@@ -238,16 +238,16 @@ class Launcher:
         elif kind in ("completed", "cancelled", "failed"):
             self._outcome.terminal = {"event": kind, **event}
         else:
-            self.store.append_event(job_uuid=job_uuid, type=kind, data=event)
+            self.store.append_event(job_id=job_id, type=kind, data=event)
 
     def _finish(self, stderr_path: Path) -> None:
         """Write the job's end, unless it has already moved on without us."""
-        job_uuid, outcome = self.job.job_uuid, self._outcome
+        job_uuid, job_id, outcome = self.job.job_uuid, self.job.id, self._outcome
         code = self._process.returncode if self._process else None
         terminal = outcome.terminal or {}
-        common = dict(job_uuid=job_uuid, owner=self.owner, attempt=self.attempt)
+        common = dict(job_id=job_id, owner=self.owner, attempt=self.attempt)
         if outcome.stop_reason == "lease_lost":
-            log.info("job %s moved on; trainer stopped", job_uuid, extra={"action": "trainer_stopped", "job_id": job_uuid})
+            log.info("job %s moved on; trainer stopped", job_uuid, extra={"action": "trainer_stopped", "job_id": job_id})
         elif outcome.stop_reason == "shutdown":
             self.store.release(**common, reason="worker shut down", count_attempt=False)
         elif terminal.get("event") == "completed":
@@ -258,7 +258,7 @@ class Launcher:
         else:
             tail = _tail(stderr_path)
             self.store.release(**common, reason=f"trainer exited with code {code} before finishing" + (f": {tail}" if tail else ""))
-        log.info("job %s trainer exited with %s", job_uuid, code, extra={"action": "trainer_exited", "job_id": job_uuid})
+        log.info("job %s trainer exited with %s", job_uuid, code, extra={"action": "trainer_exited", "job_id": job_id})
 
 
 def _tail(path: Path, lines: int = 3) -> str:

@@ -79,12 +79,12 @@ class Scheduler:
             self._stop.wait(self.poll_seconds)
 
     def tick(self) -> None:
-        for job_uuid, status in self.store.requeue_expired():
-            log.warning("job %s lost its worker; now %s", job_uuid, status.value,
-                        extra={"action": "job_requeued", "job_id": job_uuid})
+        for job_id, status in self.store.requeue_expired():
+            log.warning("job %s lost its worker; now %s", job_id, status.value,
+                        extra={"action": "job_requeued", "job_id": job_id})
         with self._lock:
-            for job_uuid in [j for j, (_, t) in self._active.items() if not t.is_alive()]:
-                self.gpus.give_back(self._active.pop(job_uuid)[0].gpu)
+            for job_id in [j for j, (_, t) in self._active.items() if not t.is_alive()]:
+                self.gpus.give_back(self._active.pop(job_id)[0].gpu)
             free = self.slots - len(self._active)
             if self.gpus.enabled:  # one job per GPU
                 free = min(free, self.gpus.free())
@@ -94,12 +94,12 @@ class Scheduler:
                 break
             launcher = Launcher(job=job, owner=self.owner, store=self.store, config=self.config,
                                 warm=self.warm.take() if self.warm else None, gpu=self.gpus.take())
-            thread = threading.Thread(target=launcher.run, name=f"launcher-{job.job_uuid[:8]}", daemon=True)
+            thread = threading.Thread(target=launcher.run, name=f"launcher-{job.id[:8]}", daemon=True)
             with self._lock:
-                self._active[job.job_uuid] = (launcher, thread)
+                self._active[job.id] = (launcher, thread)
             thread.start()
             log.info("claimed job %s (attempt %d)", job.job_uuid, job.attempt,
-                     extra={"action": "job_claimed", "job_id": job.job_uuid})
+                     extra={"action": "job_claimed", "job_id": job.id})
             free -= 1
         if self.warm is not None and free > 0 and not self._stop.is_set():
             self.warm.refill()  # an idle slot keeps a trainer warm for the next job

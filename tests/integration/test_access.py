@@ -72,6 +72,27 @@ def test_tenants_never_see_each_other(keyed_client, tiny_model_path):
     assert rows == ROWS
 
 
+def test_two_tenants_may_name_their_jobs_alike(keyed_client, tiny_model_path):
+    """job_uuid is unique per tenant: Bob's "same" job_uuid is his own job (no 409 that would tell
+    him Alice has one), and cancelling it leaves Alice's alone."""
+    job = alice_job(keyed_client, tiny_model_path)
+    alice, bob = as_(ALICE), as_(BOB)
+    assert keyed_client.post("/v1/datasets", headers=bob, json={
+        "purpose": "post-training/messages", "dataset_id": "mine", "source": {"type": "rows", "rows": ROWS}}).status_code == 200
+    body = {**lora_request(str(tiny_model_path), "mine"), "job_uuid": job}
+    assert keyed_client.post("/v1/post-training/supervised-fine-tune", headers=bob, json=body).json() == {"job_uuid": job}
+    assert_problem(keyed_client.post("/v1/post-training/supervised-fine-tune", headers=bob, json=body), 409, job)
+
+    assert keyed_client.post("/v1/post-training/job/cancel", json={"job_uuid": job}, headers=bob).status_code == 200
+    status = {who: keyed_client.get("/v1/post-training/job/status", params={"job_uuid": job}, headers=key).json()["status"]
+              for who, key in (("alice", alice), ("bob", bob))}
+    assert status == {"alice": "scheduled", "bob": "cancelled"}
+    for key in (alice, bob):
+        assert keyed_client.get("/v1/post-training/jobs", headers=key).json() == {"data": [{"job_uuid": job}]}
+    events = keyed_client.get("/v1/post-training/job/events", params={"job_uuid": job}, headers=alice).json()["data"]
+    assert [e["data"]["status"] for e in events if e["type"] == "state"] == ["scheduled"]
+
+
 def test_rate_limit_per_key_is_429_with_retry_after(settings, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text(f"alice:{digest(ALICE)}\nbob:{digest(BOB)}\n")

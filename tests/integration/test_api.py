@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.demo import colour_rows
+from posttrain.services.access import DEFAULT_TENANT
 from tests.spec import validate, validate_response
 
 ROWS = colour_rows(repeat=1)
@@ -220,7 +221,7 @@ def test_qlora_is_accepted_and_reaches_the_trainer(client, services, tiny_model_
     body = lora_request(str(tiny_model_path), "toy")
     body["algorithm_config"].update(quantize_base=True, use_dora=True)
     assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
-    algorithm = services.jobs.store.get(job_uuid=body["job_uuid"]).plan["algorithm_config"]
+    algorithm = services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=body["job_uuid"]).plan["algorithm_config"]
     assert algorithm["quantize_base"] is True and algorithm["use_dora"] is True
 
 

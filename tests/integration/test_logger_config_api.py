@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from posttrain.services.access import DEFAULT_TENANT
 from tests.integration.test_api import PREFERENCES, assert_problem, dpo_request, lora_request, register
 
 SFT = "/v1/post-training/supervised-fine-tune"
@@ -12,7 +13,7 @@ DPO = "/v1/post-training/preference-optimize"
 
 
 def planned_logger(services, job_uuid: str):
-    return services.jobs.store.get(job_uuid=job_uuid).plan["logger_config"]
+    return services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=job_uuid).plan["logger_config"]
 
 
 @pytest.mark.parametrize(
@@ -32,7 +33,7 @@ def test_tensorboard_or_nothing_is_accepted_and_planned(client, services, tiny_m
     assert response.status_code == 200, response.text
     assert planned_logger(services, body["job_uuid"]) == planned
     # The client's own words stay in the stored request; the plan holds the one normalized form.
-    assert services.jobs.store.get(job_uuid=body["job_uuid"]).request["logger_config"] == logger_config
+    assert services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=body["job_uuid"]).request["logger_config"] == logger_config
 
 
 def test_preference_optimize_takes_a_tensorboard_log_too(client, services, tiny_model_path):
