@@ -171,7 +171,7 @@ def _env() -> dict[str, str]:
 def _measure(step_ends: list[float], tokens: list[int], positions: list[int], *, warmup: int) -> dict:
     span = step_ends[-1] - step_ends[warmup - 1]
     real = sum(tokens[warmup:])
-    padding = None if None in positions[warmup:] else 1 - real / max(1, sum(positions[warmup:]))
+    padding = 1 - real / max(1, sum(positions[warmup:]))
     return {"steps": len(step_ends) - warmup, "seconds": span, "tokens_per_s": real / span, "padding": padding}
 
 
@@ -218,8 +218,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
             step_ends.append(now)
             tokens.append(count)
             gpu_peak = event.get("gpu_memory_peak_mb", gpu_peak)
-            padding = event.get("padding_fraction")
-            positions.append(round(count / (1 - padding)) if padding is not None else None)
+            positions.append(round(count / (1 - event["padding_fraction"])))
             if len(step_ends) == warmup + steps:
                 proc.send_signal(signal.SIGTERM)  # skip the epoch-end validation and checkpoint
         elif event["event"] == "failed":
