@@ -66,11 +66,10 @@ class AccessControl:
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
-        key_digest = digest(key.strip())
-        tenant = self.keys.get(key_digest)
+        tenant = self.tenant_for_key(key)
         if tenant is None:
             raise Unauthorized("the API key is not valid")
-        return tenant, key_digest
+        return tenant, digest(key.strip())
 
     def tenant_for_key(self, key: str) -> str | None:
         """The tenant a key belongs to, or None for an unknown key (the dashboard's sign-in)."""
