@@ -121,7 +121,7 @@ def configurations(*, dpo: bool, native_bf16: bool) -> list[dict]:
     configs = [
         {"name": "ours SFT LoRA", "kind": "ours", "method": "sft", "lora": True, "packed": False},
         {"name": "ours SFT LoRA packed", "kind": "ours", "method": "sft", "lora": True, "packed": True},
-        # What a long job gets (compile=auto compiles once a job has >20 min left): torch.compile'd,
+        # What a longer job gets (compile=auto compiles once a job has >5 min left): torch.compile'd,
         # measured after COMPILE_WARMUP more warm-up steps, so the compile itself is not in the figure.
         {"name": "ours SFT LoRA compiled", "kind": "ours", "method": "sft", "lora": True, "packed": False,
          "compile": "on"},
@@ -411,7 +411,7 @@ def flops_per_token(config: dict, n: int) -> float:
 
 def _print_targets(best: dict, names: list[str], *, peak: float, n: int) -> None:
     """The issue's targets for SFT LoRA on a CPU, each with its figures: for a short job (eager, as
-    every job starts) and for a long one (compiled, as compile=auto makes a job with >20 min left)."""
+    every job starts) and for a long one (compiled, as compile=auto makes a job with >5 min left)."""
     trl = {b: best[b] for b in _baseline_for({"method": "sft", "lora": True}, names) if b in best}
     if not trl:
         return

@@ -64,7 +64,8 @@ class Settings(BaseSettings):
                                         "job's folder, so a lost job redoes at most this much of an epoch. 0: none.")
     compile: Literal["auto", "on", "off"] = Field(
         default="auto", description="torch.compile the model: auto when a job's remaining training, timed on its "
-        "first steps, is over 20 minutes (compiling costs a minute or two; ~1.4x faster after); on: always; off: never.")
+        "first steps, is over 5 minutes (compiling each decoder layer costs ~10-50 s; ~1.25x faster after); on: always; "
+        "off: never.")
     cpu_bf16: bool = Field(default=True, description="On a CPU with native bf16 (AVX512-BF16 or AMX), compute jobs "
                            "that ask for bf16 in bf16 (about twice as fast as fp32 there). Off, or on other CPUs: fp32.")
     model_roots: list[Path] = Field(
