@@ -66,6 +66,11 @@ class Compiler:
 
         from posttrain.trainer.forward import plain_head_parts
 
+        if activation_checkpointed(model):
+            self.mode = "off"
+            reporter.log(f"not compiling the model ({reason}): activation checkpointing is on, and torch.compile "
+                         "does not trace through transformers' checkpointed layers; the job trains eagerly")
+            return
         torch._dynamo.config.suppress_errors = True  # a model that will not compile trains eagerly
         layers = decoder_layers(model)
         if layers:
@@ -80,6 +85,12 @@ class Compiler:
         self.compiled = True
         reporter.log(f"compiling the model ({what}) with torch.compile ({reason}); the next step includes the "
                      "compile time (under a minute on a small CPU), the steps after it run faster")
+
+
+def activation_checkpointed(model) -> bool:  # noqa: ANN001
+    """True when any of the model's layers recomputes its activations in the backward. Dynamo
+    captures next to nothing of such a layer (measured: no graph), so compiling it only costs time."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def decoder_layers(model) -> list:  # noqa: ANN001

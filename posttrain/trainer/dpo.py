@@ -247,8 +247,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     else:
         model = modeling.apply_lora(base, dpo.lora)
     if plan.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        modeling.enable_activation_checkpointing(model)
 
     run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
                                         micro_batches=math.ceil(len(train) / plan.batch_size), plan=plan,

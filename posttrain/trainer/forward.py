@@ -76,6 +76,25 @@ def attention_kernel(model, input_ids, *, device: str):
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def same_attention_kernel_on_recompute():
+    """``context_fn`` for ``torch.utils.checkpoint`` (activation checkpointing): the backward
+    recomputes a checkpointed layer outside ``label_logits``' ``attention_kernel`` context, where
+    SDPA would pick another kernel than the forward did (flash instead of math on a CPU), save
+    differently shaped tensors, and checkpoint refuses the step. The recompute re-enters the
+    kernel choice that was in force when the layer ran forward."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flags = {
+        SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+        SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+        SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+        SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+    }
+    in_force = [backend for backend, enabled in flags.items() if enabled()]
+    return contextlib.nullcontext(), sdpa_kernel(in_force)
+
+
 def label_logits(model, batch, *, precision):
     """``(logits, targets, keep)`` at the positions that have a label (next-token prediction):
     logits [n, vocab] in fp32, targets [n], and ``keep`` [batch, length - 1], the mask that picked

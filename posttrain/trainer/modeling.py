@@ -225,6 +225,22 @@ def apply_lora(model, algorithm_config: dict[str, Any]):
     return get_peft_model(model, config)
 
 
+def enable_activation_checkpointing(model) -> None:  # noqa: ANN001
+    """The spec's ``enable_activation_checkpointing``: each decoder layer's activations are
+    recomputed in the backward instead of kept. Non-reentrant checkpoints whose recompute uses the
+    forward's attention kernel (``forward.same_attention_kernel_on_recompute``); the embeddings'
+    output requires grad, so a LoRA model with frozen embeddings still gets gradients through the
+    checkpointed layers."""
+    from posttrain.trainer.forward import same_attention_kernel_on_recompute
+
+    settings = {"use_reentrant": False, "context_fn": same_attention_kernel_on_recompute}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+    model.enable_input_require_grads()
+
+
 def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

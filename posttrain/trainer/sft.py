@@ -185,9 +185,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                                     lora=False, trust_remote_code=trust)
     fake_quantized = qat.prepare(model, algorithm) if quantization_aware else 0
     if plan.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-        if lora:
-            model.enable_input_require_grads()
+        modeling.enable_activation_checkpointing(model)
 
     lengths = [len(e["input_ids"]) for e in train]
     # Packed: rows are packed once (deterministic), and the packs are batched and shuffled like rows.
