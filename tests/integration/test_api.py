@@ -183,6 +183,8 @@ def test_unknown_job_is_404_everywhere(client):
     ("change", "status", "words"),
     [
         (lambda b: b["training_config"]["data_config"].update(dataset_id="missing"), 400, ["dataset_id", "missing"]),
+        (lambda b: b["training_config"]["data_config"].update(validation_dataset_id="gone"), 400,
+         ["validation_dataset_id", "gone"]),
         (lambda b: b.update(model="/etc"), 400, ["model", "outside"]),
         (lambda b: b.update(model="org/not-cached"), 400, ["model", "cache"]),
         (lambda b: b["training_config"].pop("n_epochs"), 400, ["training_config.n_epochs", "required"]),
@@ -223,6 +225,20 @@ def test_qlora_is_accepted_and_reaches_the_trainer(client, services, tiny_model_
     assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
     algorithm = services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=body["job_uuid"]).plan["algorithm_config"]
     assert algorithm["quantize_base"] is True and algorithm["use_dora"] is True
+
+
+def test_a_validation_dataset_is_planned_as_the_jobs_own_copy(client, services, tiny_model_path):
+    register(client)
+    held_out = [{"input_query": "What colour is coal?", "expected_answer": "Coal is black."}]
+    register(client, "held-out", rows=held_out)
+    body = lora_request(str(tiny_model_path), "toy")
+    body["training_config"]["data_config"]["validation_dataset_id"] = "held-out"
+    assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+    plan = services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=body["job_uuid"]).plan
+    # The job's own copy: appending to the dataset later does not change what the job validates on.
+    assert client.post("/v1/datasetio/append-rows/held-out", json={"rows": held_out}).status_code == 200
+    copied = [json.loads(line) for line in Path(plan["validation_rows_path"]).read_text().splitlines()]
+    assert copied == held_out and Path(plan["validation_rows_path"]).parent == Path(plan["train_rows_path"]).parent
 
 
 def test_duplicate_job_uuid_conflicts(client, tiny_model_path):
