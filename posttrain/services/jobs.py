@@ -46,6 +46,7 @@ class JobService:
     def submit_dpo(self, *, tenant: str, request: dict[str, Any]) -> Job:
         logger = recipes.check_common(request)
         training = recipes.check_training_config(request["training_config"])
+        recipes.check_dpo_data(training)
         algorithm = recipes.check_dpo(request["algorithm_config"])
         return self._submit(tenant=tenant, kind=JobKind.DPO, request=request, training=training, algorithm=algorithm,
                             logger=logger,

@@ -144,6 +144,17 @@ DPO_LORA = {"type": "LoRA", "lora_attn_modules": ["q_proj", "k_proj", "v_proj", 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 
 
+def check_dpo_data(training: dict[str, Any]) -> None:
+    """What of a (validated) data_config DPO cannot do: its rows are preference pairs, trained on
+    as whole prompt/answer pairs, so there is nothing to pack and no input to train on."""
+    data = training["data_config"]
+    for flag, why in (("packed", "this server does not pack preference pairs"),
+                      ("train_on_input", "DPO compares the answers' log-probabilities; the prompt is never trained on")):
+        if data.get(flag):
+            raise RecipeInvalid(f"training_config.data_config.{flag}: not supported for preference optimization "
+                                f"({why}); send {flag}: false")
+
+
 def check_dpo(algorithm: dict[str, Any]) -> dict[str, Any]:
     """Validate a DPO algorithm_config. Clients 0.2.x send {reward_scale, reward_clip, epsilon,
     gamma} (an older shape with no DPO meaning); it gets the defaults beta=0.1, loss sigmoid."""

@@ -264,6 +264,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         reporter.log(f"dtype {precision.requested} was requested; computing in {precision.dtype} on {precision.device}",
                      level="warning")
     if plan.packed:
+        # The API refuses packed DPO at submit now; a job queued before it did still runs, and says so.
         reporter.log("packed=true does not apply to DPO; training on length-grouped preference pairs", level="warning")
     if (spec.get("algorithm_config") or {}).get("legacy_config") is not None:
         reporter.log(f"the request's DPO options {sorted(spec['algorithm_config']['legacy_config'])} have no DPO "

@@ -294,6 +294,11 @@ def test_preference_optimize_refusals(client, tiny_model_path):
                                json=dpo_request(str(tiny_model_path), "prefs", beta=-1.0, loss_type="sigmoid")), 400, "beta")
     assert_problem(client.post("/v1/post-training/preference-optimize",
                                json=dpo_request("/nowhere", "prefs")), 400, "finetuned_model")
+    for flag in ("packed", "train_on_input"):
+        body = dpo_request(str(tiny_model_path), "prefs")
+        body["training_config"]["data_config"][flag] = True
+        assert_problem(client.post("/v1/post-training/preference-optimize", json=body), 400, f"data_config.{flag}",
+                       "preference")
     assert client.get("/v1/post-training/jobs").json() == {"data": []}
 
 
