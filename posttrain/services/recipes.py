@@ -56,6 +56,15 @@ def check_logger_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
                         f"or {{}} (no log) is supported (got {described})")
 
 
+#: efficiency_config switches this server refuses when true, and why.
+UNSUPPORTED_EFFICIENCY = {
+    "enable_activation_offloading": "activations stay on the job's device; enable_activation_checkpointing "
+                                    "is how to train with less activation memory",
+    "memory_efficient_fsdp_wrap": "a job runs on one device, without FSDP",
+    "fsdp_cpu_offload": "a job runs on one device, without FSDP",
+}
+
+
 def check_training_config(training: dict[str, Any]) -> dict[str, Any]:
     """Validate the TrainingConfig and return it with this server's defaults filled in."""
     _positive(training.get("n_epochs"), "training_config.n_epochs")
@@ -70,9 +79,10 @@ def check_training_config(training: dict[str, Any]) -> dict[str, Any]:
     if dtype not in SUPPORTED_DTYPES:
         raise RecipeInvalid(f"training_config.dtype: '{dtype}' is not one of {', '.join(SUPPORTED_DTYPES)}")
     efficiency = training.get("efficiency_config") or {}
-    for flag in ("enable_activation_offloading", "memory_efficient_fsdp_wrap", "fsdp_cpu_offload"):
+    for flag, why in UNSUPPORTED_EFFICIENCY.items():
         if efficiency.get(flag):
-            raise RecipeInvalid(f"training_config.efficiency_config.{flag}: not supported by this server (one device per job)")
+            raise RecipeInvalid(f"training_config.efficiency_config.{flag}: not supported by this server ({why}); "
+                                "send false or leave it out")
     optimizer = {**DEFAULT_OPTIMIZER, **(training.get("optimizer_config") or {})}
     if not optimizer["lr"] > 0:
         raise RecipeInvalid(f"training_config.optimizer_config.lr: must be greater than 0, got {optimizer['lr']}")

@@ -199,6 +199,9 @@ def test_unknown_job_is_404_everywhere(client):
         (lambda b: b.update(logger_config={"wandb": True}), 400, ["logger_config"]),
         (lambda b: b.update(checkpoint_dir="/tmp/../etc"), 400, ["checkpoint_dir"]),
         (lambda b: b.update(surprise=1), 400, ["surprise"]),
+        *[(lambda b, flag=flag: b["training_config"].update(efficiency_config={flag: True}), 400,
+           [f"efficiency_config.{flag}", "not supported"])
+          for flag in ("enable_activation_offloading", "memory_efficient_fsdp_wrap", "fsdp_cpu_offload")],
     ],
 )
 def test_invalid_fine_tunes_are_refused_and_leave_nothing(client, tiny_model_path, settings, change, status, words):
