@@ -41,15 +41,16 @@ def encode_rows(rows: list[dict], *, tokenizer, data_format: str, train_on_input
 def length_grouped_batches(
     lengths: list[int], *, batch_size: int, shuffle: bool, rng: random.Random
 ) -> list[list[int]]:
-    """Group row indices into batches of similar length.
+    """Group row indices into batches.
 
-    Without shuffle: one global sort by length, batches in that order (deterministic). With
-    shuffle: rows are shuffled, sorted by length inside windows of ``MEGABATCH_FACTOR`` batches
-    (so batch contents vary between epochs) and the batch order is shuffled.
+    Without shuffle: the dataset's own order, ``batch_size`` consecutive rows per batch, every
+    epoch the same (what ``shuffle: false`` asks for, as Llama Stack's own trainer did; rows of
+    different lengths then share batches, so there is more padding). With shuffle: rows are
+    shuffled, sorted by length inside windows of ``MEGABATCH_FACTOR`` batches (so batches hold rows
+    of similar length, and their contents vary between epochs) and the batch order is shuffled.
     """
     order = list(range(len(lengths)))
     if not shuffle:
-        order.sort(key=lambda i: lengths[i])
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(order)
     window = batch_size * MEGABATCH_FACTOR
@@ -94,13 +95,18 @@ def collate(examples: list[dict], *, pad_id: int):
 # first token. The loss over a packed batch is then exactly the token-weighted loss of its rows.
 
 
-def pack_rows(lengths: list[int], *, max_length: int) -> list[list[int]]:
+def pack_rows(lengths: list[int], *, max_length: int, keep_order: bool = False) -> list[list[int]]:
     """Group row indices into packs of total length <= ``max_length`` (first-fit decreasing).
 
     Rows are taken longest first (ties by index) and each goes into the first pack, in creation
     order, with room left; a segment tree over the packs' free room makes that O(n log n). A row
     longer than ``max_length`` gets a pack of its own. Deterministic for the same lengths.
+
+    ``keep_order`` (for ``shuffle: false``): consecutive rows fill a pack until the next one does
+    not fit, so the packs hold the rows in the dataset's order (more packs, each less full).
     """
+    if keep_order:
+        return _pack_in_order(lengths, max_length=max_length)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     size = 1
     while size < max(1, len(lengths)):
@@ -124,6 +130,19 @@ def pack_rows(lengths: list[int], *, max_length: int) -> list[list[int]]:
         while node:
             room[node] = max(room[2 * node], room[2 * node + 1])
             node //= 2
+    return packs
+
+
+def _pack_in_order(lengths: list[int], *, max_length: int) -> list[list[int]]:
+    packs: list[list[int]] = []
+    used = 0
+    for index, length in enumerate(lengths):
+        if packs and used + length <= max_length:
+            packs[-1].append(index)
+            used += length
+        else:
+            packs.append([index])
+            used = length
     return packs
 
 

@@ -189,7 +189,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
 
     lengths = [len(e["input_ids"]) for e in train]
     # Packed: rows are packed once (deterministic), and the packs are batched and shuffled like rows.
-    packs = pack_rows(lengths, max_length=max_length) if plan.packed else None
+    packs = pack_rows(lengths, max_length=max_length, keep_order=not plan.shuffle) if plan.packed else None
     micro_batches = math.ceil((len(packs) if packs is not None else len(train)) / plan.batch_size)
     run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
                                         micro_batches=micro_batches, plan=plan, precision=precision,
