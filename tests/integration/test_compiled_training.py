@@ -1,18 +1,20 @@
-"""``compile: on``: the same training as eager (within compiled-kernel rounding), same checkpoints."""
+"""``compile: on``: the same training as eager (within compiled-kernel rounding), same checkpoints,
+for SFT and for DPO (whose reference pass runs the compiled layers with the adapter switched off)."""
 
 from __future__ import annotations
 
 import pytest
 
+from tests.integration import test_dpo_trainer as dpo
 from tests.integration.test_trainer_process import kinds, make_spec, run, with_spec_keys
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 
-def _run(tmp_path, model, compile_mode: str) -> list[dict]:
+def _run(tmp_path, model, compile_mode: str, spec_for=make_spec) -> list[dict]:
     tmp_path.mkdir()
-    path = with_spec_keys(make_spec(tmp_path, model, n_epochs=1, max_steps_per_epoch=4), compile=compile_mode)
+    path = with_spec_keys(spec_for(tmp_path, model, n_epochs=1, max_steps_per_epoch=4), compile=compile_mode)
     events, code = run(path, tmp_path)
     assert code == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     return events
@@ -32,3 +34,11 @@ def test_compiled_run_trains_like_the_eager_one(tiny_model_path, tmp_path):
 
     names = [set(load_file(tmp_path / run / "out" / "epoch_1" / "adapter_model.safetensors")) for run in ("eager", "compiled")]
     assert names[0] == names[1], "compiling must not rename what a checkpoint holds"
+
+
+def test_compiled_dpo_trains_like_the_eager_one(tiny_model_path, tmp_path):
+    runs = {mode: _run(tmp_path / mode, tiny_model_path, mode, spec_for=dpo.make_spec) for mode in ("off", "on")}
+    assert kinds(runs["on"]) == kinds(runs["off"])
+    assert any(e["event"] == "log" and "LlamaDecoderLayer layers" in e["message"] for e in runs["on"])
+    losses = {mode: [e["loss"] for e in events if e["event"] == "metric"] for mode, events in runs.items()}
+    assert len(losses["on"]) == 4 and losses["on"] == pytest.approx(losses["off"], rel=2e-2)
