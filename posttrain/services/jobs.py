@@ -158,8 +158,8 @@ class JobService:
             raise InvalidTransition(f"job '{job_uuid}' is {current.status.value} and can no longer be cancelled")
         return self.get(tenant=tenant, job_uuid=job_uuid)
 
-    def events(self, *, tenant: str, job_uuid: str, after: int, limit: int):  # noqa: ANN201
-        job = self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
+    def events(self, job: Job, *, after: int, limit: int):  # noqa: ANN201
+        """A page of the job's event log (the job as ``get`` found it for its tenant)."""
         return self.store.events(job_id=job.id, after=after, limit=limit)
 
     # -- operations -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ STREAM_POLL_SECONDS = 0.5
 
 def _page(jobs: JobService, tenant: str, job_uuid: str, after: int, limit: int) -> JobEventsPublic:
     job = jobs.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
-    events = jobs.events(tenant=tenant, job_uuid=job_uuid, after=after, limit=limit)
+    events = jobs.events(job, after=after, limit=limit)
     return JobEventsPublic(
         job_uuid=job_uuid,
         status=job.status.value,
