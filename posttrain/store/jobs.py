@@ -69,6 +69,11 @@ def _checkpoint(row: RowMapping) -> Checkpoint:
     )
 
 
+def _event(row: RowMapping) -> JobEvent:
+    return JobEvent(seq=row["seq"], job_id=row["job_id"], created_at=_aware(row["created_at"]), type=row["type"],
+                    data=row["data"])
+
+
 def _job(row: RowMapping, ckpts: tuple[Checkpoint, ...] = ()) -> Job:
     return Job(
         id=row["id"],
@@ -161,10 +166,8 @@ class JobStore:
             .limit(1)
         )
         with self.engine.connect() as conn:
-            r = conn.execute(query).mappings().first()
-        if r is None:
-            return None
-        return JobEvent(seq=r["seq"], job_id=r["job_id"], created_at=_aware(r["created_at"]), type=r["type"], data=r["data"])
+            row = conn.execute(query).mappings().first()
+        return _event(row) if row is not None else None
 
     def count_active(self, *, tenant: str) -> int:
         """Scheduled and running jobs of one tenant (for the queued-jobs quota)."""
@@ -187,10 +190,7 @@ class JobStore:
             .limit(limit)
         )
         with self.engine.connect() as conn:
-            return [
-                JobEvent(seq=r["seq"], job_id=r["job_id"], created_at=_aware(r["created_at"]), type=r["type"], data=r["data"])
-                for r in conn.execute(query).mappings()
-            ]
+            return [_event(r) for r in conn.execute(query).mappings()]
 
     # -- submit and cancel (the API side) ------------------------------------------------------
 
