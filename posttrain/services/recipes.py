@@ -79,10 +79,8 @@ def check_training_config(training: dict[str, Any]) -> dict[str, Any]:
     if dtype not in SUPPORTED_DTYPES:
         raise RecipeInvalid(f"training_config.dtype: '{dtype}' is not one of {', '.join(SUPPORTED_DTYPES)}")
     efficiency = training.get("efficiency_config") or {}
-    for flag, why in UNSUPPORTED_EFFICIENCY.items():
-        if efficiency.get(flag):
-            raise RecipeInvalid(f"training_config.efficiency_config.{flag}: not supported by this server ({why}); "
-                                "send false or leave it out")
+    _refuse_switched_on(efficiency, UNSUPPORTED_EFFICIENCY, field="training_config.efficiency_config",
+                        by="by this server")
     optimizer = {**DEFAULT_OPTIMIZER, **(training.get("optimizer_config") or {})}
     if not optimizer["lr"] > 0:
         raise RecipeInvalid(f"training_config.optimizer_config.lr: must be greater than 0, got {optimizer['lr']}")
@@ -154,15 +152,25 @@ DPO_LORA = {"type": "LoRA", "lora_attn_modules": ["q_proj", "k_proj", "v_proj", 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 
 
+#: data_config switches DPO refuses when true, and why.
+UNSUPPORTED_DPO_DATA = {
+    "packed": "this server does not pack preference pairs",
+    "train_on_input": "DPO compares the answers' log-probabilities; the prompt is never trained on",
+}
+
+
+def _refuse_switched_on(section: dict[str, Any], unsupported: dict[str, str], *, field: str, by: str) -> None:
+    """A 400 for the first of ``unsupported``'s switches that ``section`` turns on, saying why."""
+    for flag, why in unsupported.items():
+        if section.get(flag):
+            raise RecipeInvalid(f"{field}.{flag}: not supported {by} ({why}); send {flag}: false or leave it out")
+
+
 def check_dpo_data(training: dict[str, Any]) -> None:
     """What of a (validated) data_config DPO cannot do: its rows are preference pairs, trained on
     as whole prompt/answer pairs, so there is nothing to pack and no input to train on."""
-    data = training["data_config"]
-    for flag, why in (("packed", "this server does not pack preference pairs"),
-                      ("train_on_input", "DPO compares the answers' log-probabilities; the prompt is never trained on")):
-        if data.get(flag):
-            raise RecipeInvalid(f"training_config.data_config.{flag}: not supported for preference optimization "
-                                f"({why}); send {flag}: false")
+    _refuse_switched_on(training["data_config"], UNSUPPORTED_DPO_DATA, field="training_config.data_config",
+                        by="for preference optimization")
 
 
 def check_dpo(algorithm: dict[str, Any]) -> dict[str, Any]:
