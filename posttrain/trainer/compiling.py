@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import statistics
 
+from posttrain.trainer.forward import base_model, plain_head_parts
+
 MODES = ("auto", "on", "off")
 #: ``auto`` compiles when the eager estimate of the remaining training is at least this long: with a
 #: cold cache the ~45 s compile and ~1.25x speed-up break even after about 3.5 min of eager-paced
@@ -64,8 +66,6 @@ class Compiler:
     def _compile(self, model, *, reporter, reason: str) -> None:  # noqa: ANN001
         import torch._dynamo
 
-        from posttrain.trainer.forward import plain_head_parts
-
         if activation_checkpointed(model):
             self.mode = "off"
             reporter.log(f"not compiling the model ({reason}): activation checkpointing is on, and torch.compile "
@@ -79,7 +79,7 @@ class Compiler:
             what = f"its {len(layers)} {type(layers[0]).__name__} layers"
         else:
             parts = plain_head_parts(model)
-            body = parts[0] if parts is not None else (model.get_base_model() if hasattr(model, "get_base_model") else model)
+            body = parts[0] if parts is not None else base_model(model)
             body.compile(dynamic=True)
             what = "its body"
         self.compiled = True
@@ -97,6 +97,6 @@ def decoder_layers(model) -> list:  # noqa: ANN001
     """The model's repeated transformer blocks: the modules of the classes transformers names in
     ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``), found through a peft wrapper; empty when the
     model names none."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names = set(getattr(base, "_no_split_modules", None) or ())
     return [module for module in base.modules() if type(module).__name__ in names]

@@ -28,9 +28,14 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"
 MATH_ATTENTION_MAX_SCORES = 4 * 1024 * 1024
 
 
+def base_model(model):
+    """The transformers model itself, unwrapped from peft's ``PeftModel`` when there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def plain_head_parts(model):
     """``(body, lm_head)`` of a causal LM whose logits are ``lm_head(last_hidden_state)``, else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
     if not type(base).__module__.startswith("transformers.models."):  # remote code: trust only its forward
