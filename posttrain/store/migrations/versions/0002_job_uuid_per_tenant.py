@@ -22,16 +22,37 @@ branch_labels = None
 depends_on = None
 
 
-def upgrade() -> None:
+def _drop_child_keys(column: str) -> None:
+    """The children's foreign keys to ``jobs`` (and the unique constraint and indexes on ``column``)."""
     with op.batch_alter_table("checkpoints") as batch:
-        batch.drop_constraint("fk_checkpoints_job_uuid_jobs", type_="foreignkey")
-        batch.drop_constraint("uq_checkpoints_job_uuid_identifier", type_="unique")
-        batch.drop_index("ix_checkpoints_job_uuid")
-        batch.alter_column("job_uuid", new_column_name="job_id", existing_type=sa.String(255), existing_nullable=False)
+        batch.drop_constraint(f"fk_checkpoints_{column}_jobs", type_="foreignkey")
+        batch.drop_constraint(f"uq_checkpoints_{column}_identifier", type_="unique")
+        batch.drop_index(f"ix_checkpoints_{column}")
     with op.batch_alter_table("job_events") as batch:
-        batch.drop_constraint("fk_job_events_job_uuid_jobs", type_="foreignkey")
-        batch.drop_index("ix_job_events_job_uuid_seq")
-        batch.alter_column("job_uuid", new_column_name="job_id", existing_type=sa.String(255), existing_nullable=False)
+        batch.drop_constraint(f"fk_job_events_{column}_jobs", type_="foreignkey")
+        batch.drop_index(f"ix_job_events_{column}_seq")
+
+
+def _add_child_keys(column: str, parent: str) -> None:
+    """The children's ``column`` referring to ``jobs.<parent>`` again, with its unique constraint and indexes."""
+    with op.batch_alter_table("checkpoints") as batch:
+        batch.create_foreign_key(f"fk_checkpoints_{column}_jobs", "jobs", [column], [parent], ondelete="CASCADE")
+        batch.create_unique_constraint(f"uq_checkpoints_{column}_identifier", [column, "identifier"])
+        batch.create_index(f"ix_checkpoints_{column}", [column])
+    with op.batch_alter_table("job_events") as batch:
+        batch.create_foreign_key(f"fk_job_events_{column}_jobs", "jobs", [column], [parent], ondelete="CASCADE")
+        batch.create_index(f"ix_job_events_{column}_seq", [column, "seq"])
+
+
+def _rename_child_column(old: str, new: str) -> None:
+    for child in ("checkpoints", "job_events"):
+        with op.batch_alter_table(child) as batch:
+            batch.alter_column(old, new_column_name=new, existing_type=sa.String(255), existing_nullable=False)
+
+
+def upgrade() -> None:
+    _drop_child_keys("job_uuid")
+    _rename_child_column("job_uuid", "job_id")
 
     op.add_column("jobs", sa.Column("id", sa.String(255), nullable=True))
     op.execute("UPDATE jobs SET id = job_uuid")
@@ -41,28 +62,15 @@ def upgrade() -> None:
         batch.create_primary_key("pk_jobs", ["id"])
         batch.create_unique_constraint("uq_jobs_tenant_job_uuid", ["tenant", "job_uuid"])
 
-    with op.batch_alter_table("checkpoints") as batch:
-        batch.create_foreign_key("fk_checkpoints_job_id_jobs", "jobs", ["job_id"], ["id"], ondelete="CASCADE")
-        batch.create_unique_constraint("uq_checkpoints_job_id_identifier", ["job_id", "identifier"])
-        batch.create_index("ix_checkpoints_job_id", ["job_id"])
-    with op.batch_alter_table("job_events") as batch:
-        batch.create_foreign_key("fk_job_events_job_id_jobs", "jobs", ["job_id"], ["id"], ondelete="CASCADE")
-        batch.create_index("ix_job_events_job_id_seq", ["job_id", "seq"])
+    _add_child_keys("job_id", "id")
 
 
 def downgrade() -> None:
     """Back to one global job_uuid; fails (unique violation) while two tenants share a job_uuid."""
-    with op.batch_alter_table("checkpoints") as batch:
-        batch.drop_constraint("fk_checkpoints_job_id_jobs", type_="foreignkey")
-        batch.drop_constraint("uq_checkpoints_job_id_identifier", type_="unique")
-        batch.drop_index("ix_checkpoints_job_id")
-    with op.batch_alter_table("job_events") as batch:
-        batch.drop_constraint("fk_job_events_job_id_jobs", type_="foreignkey")
-        batch.drop_index("ix_job_events_job_id_seq")
+    _drop_child_keys("job_id")
     for child in ("checkpoints", "job_events"):
         op.execute(f"UPDATE {child} SET job_id = (SELECT jobs.job_uuid FROM jobs WHERE jobs.id = {child}.job_id)")
-        with op.batch_alter_table(child) as batch:
-            batch.alter_column("job_id", new_column_name="job_uuid", existing_type=sa.String(255), existing_nullable=False)
+    _rename_child_column("job_id", "job_uuid")
 
     with op.batch_alter_table("jobs") as batch:
         batch.drop_constraint("uq_jobs_tenant_job_uuid", type_="unique")
@@ -71,10 +79,4 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("id")
 
-    with op.batch_alter_table("checkpoints") as batch:
-        batch.create_foreign_key("fk_checkpoints_job_uuid_jobs", "jobs", ["job_uuid"], ["job_uuid"], ondelete="CASCADE")
-        batch.create_unique_constraint("uq_checkpoints_job_uuid_identifier", ["job_uuid", "identifier"])
-        batch.create_index("ix_checkpoints_job_uuid", ["job_uuid"])
-    with op.batch_alter_table("job_events") as batch:
-        batch.create_foreign_key("fk_job_events_job_uuid_jobs", "jobs", ["job_uuid"], ["job_uuid"], ondelete="CASCADE")
-        batch.create_index("ix_job_events_job_uuid_seq", ["job_uuid", "seq"])
+    _add_child_keys("job_uuid", "job_uuid")
