@@ -416,15 +416,22 @@ def _print_targets(best: dict, names: list[str], *, peak: float, n: int) -> None
     if not trl:
         return
     fastest = max(trl, key=lambda b: trl[b]["tokens_per_s"])
+    # The "best settings" for TRL on a CPU: fp32, no gradient checkpointing, with or without
+    # packing. Where the CPU has native bf16, TRL in bf16 is faster still: both comparisons are printed.
+    fp32 = [b for b in trl if " fp32" in b]  # "TRL SFT LoRA fp32", "... fp32 packed"
+    best_fp32 = max(fp32, key=lambda b: trl[b]["tokens_per_s"]) if fp32 else None
     memory = min(t["peak_rss_mb"] for t in trl.values())
     print()
     for name in ("ours SFT LoRA", "ours SFT LoRA compiled"):
         ours = best.get(name)
         if not ours:
             continue
-        ratio = ours["tokens_per_s"] / trl[fastest]["tokens_per_s"]
         mfu = 100 * 4 * n * ours["tokens_per_s"] / (peak * 1e9)
-        print(f"target {name} >= 2.5x TRL's fastest ({fastest}): {ratio:.2f}x - {'met' if ratio >= 2.5 else 'missed'}")
+        for label, baseline in (("TRL's best fp32 settings", best_fp32), ("TRL's fastest", fastest)):
+            if baseline is None or (label == "TRL's fastest" and baseline == best_fp32):
+                continue
+            ratio = ours["tokens_per_s"] / trl[baseline]["tokens_per_s"]
+            print(f"target {name} >= 2.5x {label} ({baseline}): {ratio:.2f}x - {'met' if ratio >= 2.5 else 'missed'}")
         print(f"target {name} >= 50% MFU (fp32 peak): {mfu:.1f}% - {'met' if mfu >= 50 else 'missed'}")
         print(f"target {name} peak memory <= TRL's lowest: {ours['peak_rss_mb']:.0f} vs {memory:.0f} MB - "
               f"{'met' if ours['peak_rss_mb'] <= memory else 'missed'}")

@@ -240,12 +240,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     source = resume_source(found=found, points=points)
     resume = source[1] if source else None
     base = _load_base(spec=spec, precision=precision, trust=trust)
-    if resume:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base, resume, is_trainable=True)
-    else:
-        model = modeling.apply_lora(base, dpo.lora)
+    model = modeling.lora_model(base, dpo.lora, resume=resume)
     if plan.activation_checkpointing:
         modeling.enable_activation_checkpointing(model)
 

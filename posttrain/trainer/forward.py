@@ -6,9 +6,12 @@ Why these exist, measured on a 2-core CPU with a ~30M-parameter Llama (``bench/t
   and most positions (prompt, padding) have no label; applying it at label positions only gives the
   same loss for less work.
 - For short sequences, PyTorch's fused CPU flash-attention backward was ~25% of a bf16 LoRA step;
-  the plain "math" attention (one batched matmul, softmax, matmul) is several times faster there and
-  its score matrices are small. Long sequences keep the flash kernel, whose memory does not grow
-  with the square of the length.
+  plain attention (one batched matmul, softmax, matmul) is several times faster there and its score
+  matrices are small. Of the plain ones, transformers' own "eager" attention multiplies in the
+  autocast dtype (bf16), where SDPA's "math" kernel upcasts bf16 to fp32 on a CPU and runs its
+  matmuls at half the speed: eager made a bf16 LoRA step ~10% faster (attention matmuls 114 ->
+  233 GFLOP/s). Long sequences keep SDPA's flash kernel, whose memory does not grow with the
+  square of the length.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from posttrain.trainer.formats import IGNORE_INDEX
 #: apply the head to the label positions only. Any other model goes through its own forward.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "gemma"})
 
-#: Largest attention score tensor (batch x heads x length x length elements, per layer) for which the
-#: math attention kernel is used on a CPU: 16M elements is 32-64 MB per layer kept for the backward.
-MATH_ATTENTION_MAX_SCORES = 4 * 1024 * 1024
+#: Largest attention score tensor (batch x heads x length x length elements, per layer) for which
+#: plain (eager) attention is used on a CPU: 4M elements keep ~24 MB per layer for the backward (the
+#: fp32 softmax and its bf16 copy).
+PLAIN_ATTENTION_MAX_SCORES = 4 * 1024 * 1024
 
 
 def base_model(model):
@@ -65,28 +69,60 @@ def model_inputs(model, batch, *, device: str) -> dict:
     return inputs
 
 
-def attention_kernel(model, input_ids, *, device: str):
-    """The SDPA kernel for this batch: math for short sequences on a CPU; on a GPU any kernel but
-    cuDNN's, which builds a plan for every new batch shape (padded batches change shape each step)."""
+@contextlib.contextmanager
+def attention_for_batch(model, input_ids, *, device: str):
+    """The attention a training forward uses for this batch.
+
+    On a GPU: SDPA with any kernel but cuDNN's, which builds a plan for every new batch shape
+    (padded batches change shape each step). On a CPU, batches whose score matrices are small
+    (``PLAIN_ATTENTION_MAX_SCORES``): transformers' eager attention, switched on for the forward
+    (``set_attn_implementation``) and back off after it; a model that cannot switch (remote code)
+    gets SDPA's math kernel instead. Longer batches on a CPU: SDPA as loaded (its flash kernel).
+    ``model_inputs`` must run inside this context: a packed batch's mask takes the form of the
+    attention in force."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if device == "cuda":
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-    if device != "cpu":
-        return contextlib.nullcontext()
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            yield
+        return
     heads = getattr(model.config, "num_attention_heads", None) or 1
     rows, length = input_ids.shape
-    if rows * heads * length * length > MATH_ATTENTION_MAX_SCORES:
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
+    if device != "cpu" or rows * heads * length * length > PLAIN_ATTENTION_MAX_SCORES:
+        yield
+        return
+    base = base_model(model)
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        yield  # eager already, or an implementation the operator chose
+    elif not base._can_set_attn_implementation():
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    else:
+        with attention_implementation(base, "eager"):
+            yield
 
 
-def same_attention_kernel_on_recompute():
-    """``context_fn`` for ``torch.utils.checkpoint`` (activation checkpointing): the backward
-    recomputes a checkpointed layer outside ``label_logits``' ``attention_kernel`` context, where
-    SDPA would pick another kernel than the forward did (flash instead of math on a CPU), save
-    differently shaped tensors, and checkpoint refuses the step. The recompute re-enters the
-    kernel choice that was in force when the layer ran forward."""
+@contextlib.contextmanager
+def attention_implementation(model, implementation: str):
+    """``model`` (a transformers model) attends with ``implementation`` inside the context."""
+    before = model.config._attn_implementation
+    if before == implementation:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def same_attention_on_recompute(model):
+    """A ``context_fn`` for ``torch.utils.checkpoint`` (activation checkpointing) on ``model``: the
+    backward recomputes a checkpointed layer outside ``label_logits``' ``attention_for_batch``
+    context, where the layer would attend another way than its forward did (SDPA's flash kernel
+    instead of eager attention on a CPU), save differently shaped tensors, and checkpoint refuses
+    the step. The recompute re-enters the attention implementation and SDPA kernels that were in
+    force when the layer ran forward."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -96,8 +132,18 @@ def same_attention_kernel_on_recompute():
         SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
         SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
     }
-    in_force = [backend for backend, enabled in flags.items() if enabled()]
-    return contextlib.nullcontext(), sdpa_kernel(in_force)
+    base = base_model(model)
+
+    @contextlib.contextmanager
+    def recompute(kernels, implementation: str):
+        with sdpa_kernel(kernels), attention_implementation(base, implementation):
+            yield
+
+    def context_fn():
+        in_force = [backend for backend, enabled in flags.items() if enabled()]
+        return contextlib.nullcontext(), recompute(in_force, base.config._attn_implementation)
+
+    return context_fn
 
 
 def label_logits(model, batch, *, precision):
@@ -106,9 +152,9 @@ def label_logits(model, batch, *, precision):
     those positions (DPO finds each label's row from it; SFT needs no more)."""
     labels = batch["labels"].to(precision.device, non_blocking=True)[:, 1:]
     keep = labels != IGNORE_INDEX
-    inputs = model_inputs(model, batch, device=precision.device)
     parts = plain_head_parts(model)
-    with precision.autocast_context(), attention_kernel(model, inputs["input_ids"], device=precision.device):
+    with precision.autocast_context(), attention_for_batch(model, batch["input_ids"], device=precision.device):
+        inputs = model_inputs(model, batch, device=precision.device)
         if parts is not None:
             body, head = parts
             hidden = body(**inputs, use_cache=False).last_hidden_state

@@ -174,12 +174,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     if lora:
         base = modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust,
                                    quantize_base=quantize_base)
-    if lora and resume:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base, resume, is_trainable=True)
-    elif lora:
-        model = modeling.apply_lora(base, algorithm)
+        model = modeling.lora_model(base, algorithm, resume=resume)
     else:
         model = modeling.load_model(path=str(resume) if resume else spec["model"], precision=precision,
                                     lora=False, trust_remote_code=trust)

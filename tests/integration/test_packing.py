@@ -109,12 +109,13 @@ def _loss_and_grads(model, batches, precision):
     ("sdpa", False, False), ("eager", True, False),
 ])
 def test_packed_loss_equals_token_weighted_unpacked_loss(tiny_model_path, monkeypatch, attention, lora, plain_head):
-    """``sdpa`` runs the math kernel on these short CPU batches; ``sdpa-flash`` forces PyTorch's fused one."""
+    """``sdpa`` switches to eager attention for these short CPU batches; ``sdpa-flash`` keeps SDPA with its
+    fused kernel."""
     import torch
     from transformers import AutoTokenizer
 
     if attention == "sdpa-flash":
-        monkeypatch.setattr(forward, "MATH_ATTENTION_MAX_SCORES", 0)
+        monkeypatch.setattr(forward, "PLAIN_ATTENTION_MAX_SCORES", 0)
         attention = "sdpa"
     if not plain_head:  # the model's own forward, full-vocabulary logits
         monkeypatch.setattr(forward, "PLAIN_HEAD_MODEL_TYPES", frozenset())
