@@ -1,8 +1,8 @@
 """Compiling the model with ``torch.compile`` when a run is long enough to pay for it.
 
 Measured on the 2-core CPU with the ~30M-parameter bench model (bf16 LoRA, rows of 20-300 tokens):
-eager ~1470 real tokens/s, compiled ~1800-2100 (inductor fuses the norms, rotary embeddings,
-activations and casts that surround the matmuls). Compiling is not free, and it would wreck the
+eager ~1700 real tokens/s, compiled ~2100-2200 (inductor fuses the norms, rotary embeddings,
+activations, softmax and casts that surround the matmuls). Compiling is not free, and it would wreck the
 time to the first step. So ``auto`` (the default) trains eagerly, times the first steps, and
 compiles only when the training still ahead, at the eager pace, is longer than
 ``AUTO_MIN_REMAINING_SECONDS``. ``on`` compiles before the first step, ``off`` never.
