@@ -128,11 +128,10 @@ class ReferenceLogps:
     """
 
     def __init__(self) -> None:
-        self._chosen: dict[int, float] = {}
-        self._rejected: dict[int, float] = {}
+        self._pairs: dict[int, tuple[float, float]] = {}  # pair index -> (chosen, rejected)
 
     def __len__(self) -> int:
-        return len(self._chosen)
+        return len(self._pairs)
 
     def of(self, model, batch, *, precision, average: bool):
         """``[2B]`` reference log-probs of ``batch`` (chosen then rejected), whose pairs are
@@ -140,13 +139,12 @@ class ReferenceLogps:
         import torch
 
         ids = batch["pair_ids"]
-        if all(i in self._chosen for i in ids):
-            values = [self._chosen[i] for i in ids] + [self._rejected[i] for i in ids]
-            return torch.tensor(values, dtype=torch.float32, device=precision.device)
+        if all(i in self._pairs for i in ids):
+            chosen, rejected = zip(*(self._pairs[i] for i in ids))
+            return torch.tensor(chosen + rejected, dtype=torch.float32, device=precision.device)
         with torch.no_grad(), model.disable_adapter():
             reference = _answer_logps(model, batch, precision=precision, average=average)
-        for i, chosen, rejected in zip(ids, reference[: len(ids)].tolist(), reference[len(ids):].tolist()):
-            self._chosen[i], self._rejected[i] = chosen, rejected
+        self._pairs.update(zip(ids, zip(reference[: len(ids)].tolist(), reference[len(ids):].tolist())))
         return reference
 
 

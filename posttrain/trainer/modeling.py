@@ -214,10 +214,11 @@ def lora_model(base, algorithm_config: dict[str, Any], *, resume=None):
     """``base`` with a trainable adapter: a new one from the LoRA options, or the one saved in
     ``resume`` (a checkpoint or resume point) when the job continues."""
     if resume is None:
-        return apply_lora(base, algorithm_config)
-    from peft import PeftModel
+        model = apply_lora(base, algorithm_config)
+    else:
+        from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, resume, is_trainable=True)
+        model = PeftModel.from_pretrained(base, resume, is_trainable=True)
     _keep_adapter_inputs_as_they_come(model)
     return model
 
@@ -234,9 +235,7 @@ def apply_lora(model, algorithm_config: dict[str, Any]):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
-    _keep_adapter_inputs_as_they_come(model)
-    return model
+    return get_peft_model(model, config)
 
 
 def _keep_adapter_inputs_as_they_come(model) -> None:

@@ -23,7 +23,7 @@ def _policy(path, *, seed: int = 1):
 
     model = modeling.load_model(path=str(path), precision=PRECISION, lora=True, trust_remote_code=False)
     torch.manual_seed(seed)
-    model = modeling.apply_lora(model, LORA)
+    model = modeling.lora_model(model, LORA)
     for name, param in model.named_parameters():  # lora_B starts at zero: make the adapter matter
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
