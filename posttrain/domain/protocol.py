@@ -1,0 +1,174 @@
+"""The launcher <-> trainer protocol, typed: the events a trainer reports and why a job failed.
+
+The trainer (``python -m posttrain.trainer SPEC.json``) writes one JSON object per line on its
+stdout, ``{"event": <kind>, ...fields}`` (docs/trainer-protocol.md). Both ends use the classes
+here: the trainer's reporter encodes them, the launcher decodes them, so a field renamed on one
+side is renamed on the other, and the failure codes a job can end with are declared once.
+The JSON on the wire stays flat, as it always was.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Union
+
+
+class FailureCode(str, enum.Enum):
+    """Why a job failed: the stable token in the job's ``error_code`` and its ``failed`` event.
+
+    The trainer reports the first six; the store assigns the last two when a job runs out of
+    attempts (its trainer, or the worker running it, was lost too often).
+    """
+
+    BAD_ROW = "bad_row"  #: a dataset row fits no known layout (the message names the row)
+    DISK_FULL = "disk_full"  #: a checkpoint could not be written for lack of space
+    OUT_OF_MEMORY = "out_of_memory"  #: the host or the GPU ran out of memory
+    INVALID_CONFIG = "invalid_config"  #: the recipe cannot be applied to this model
+    USAGE = "usage"  #: the trainer was started without a spec file
+    ERROR = "error"  #: anything else (the message says what)
+    TRAINER_LOST = "trainer_lost"  #: the trainer exited without finishing, attempts used up
+    WORKER_LOST = "worker_lost"  #: the worker holding the job stopped renewing its lease, attempts used up
+
+
+class ProtocolError(ValueError):
+    """A stdout line that is not a protocol event (the launcher keeps it as a log line)."""
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities are not JSON: they travel as null rather than break the parser."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True)
+class TrainerEvent:
+    """One line of the protocol. Subclasses name their ``kind``; fields they do not declare travel
+    in ``extra`` (a method's own metrics, such as DPO's rewards) and are flat on the wire."""
+
+    kind: ClassVar[str] = ""
+    extra: Mapping[str, Any] = field(default_factory=dict, kw_only=True)
+
+    def to_line(self) -> str:
+        body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        payload = {"event": self.kind, **_finite(body), **_finite(dict(self.extra))}
+        return json.dumps(payload, allow_nan=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event's fields, flat, as the job's event log stores them (without ``event``)."""
+        line = json.loads(self.to_line())
+        line.pop("event")
+        return line
+
+
+@dataclass(frozen=True)
+class Started(TrainerEvent):
+    """The model and rows are loaded; the first step comes next."""
+
+    kind: ClassVar[str] = "started"
+    resources: Mapping[str, Any]
+    total_steps: int
+    resumed_from: str | None = None
+
+
+@dataclass(frozen=True)
+class StepMetric(TrainerEvent):
+    """One optimizer step. ``tokens_per_s`` counts real (non-padding) tokens."""
+
+    kind: ClassVar[str] = "metric"
+    step: int
+    epoch: int
+    loss: float | None
+    lr: float
+    tokens_per_s: float
+    tokens: int
+    padding_fraction: float
+    step_seconds: float
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class CheckpointWritten(TrainerEvent):
+    """An epoch's checkpoint folder is complete on disk (also re-sent for those found on resume)."""
+
+    kind: ClassVar[str] = "checkpoint"
+    identifier: str
+    epoch: int
+    step: int
+    path: str
+    train_loss: float | None
+    validation_loss: float | None
+    perplexity: float | None
+    write_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class LogLine(TrainerEvent):
+    kind: ClassVar[str] = "log"
+    message: str
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Completed(TrainerEvent):
+    kind: ClassVar[str] = "completed"
+
+
+@dataclass(frozen=True)
+class Cancelled(TrainerEvent):
+    kind: ClassVar[str] = "cancelled"
+
+
+@dataclass(frozen=True)
+class Failed(TrainerEvent):
+    kind: ClassVar[str] = "failed"
+    code: FailureCode
+    message: str
+
+    def to_line(self) -> str:
+        return json.dumps({"event": self.kind, "code": self.code.value, "message": self.message, **self.extra})
+
+
+AnyEvent = Union[Started, StepMetric, CheckpointWritten, LogLine, Completed, Cancelled, Failed]
+TERMINAL_EVENTS = (Completed, Cancelled, Failed)
+_KINDS: dict[str, type[TrainerEvent]] = {
+    cls.kind: cls for cls in (Started, StepMetric, CheckpointWritten, LogLine, Completed, Cancelled, Failed)
+}
+
+
+def parse_line(raw: bytes | str) -> AnyEvent:
+    """One stdout line as its event; ``ProtocolError`` when it is not one (library chatter that
+    escaped, a truncated line, an unknown kind or a missing field)."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("event"), str):
+        raise ProtocolError("not a protocol event (no 'event' name)")
+    cls = _KINDS.get(payload.pop("event"))
+    if cls is None:
+        raise ProtocolError("unknown event kind")
+    declared = {f.name for f in fields(cls)} - {"extra"}
+    known = {name: payload.pop(name) for name in list(payload) if name in declared}
+    try:
+        if cls is Failed:
+            code = known.get("code")
+            known["code"] = FailureCode(code) if code in {c.value for c in FailureCode} else FailureCode.ERROR
+        event = cls(**known, extra=payload)
+    except TypeError as exc:
+        raise ProtocolError(f"bad {cls.kind} event: {exc}") from None
+    return event  # type: ignore[return-value]
+
+
+__all__ = [
+    "AnyEvent", "Cancelled", "CheckpointWritten", "Completed", "Failed", "FailureCode", "LogLine", "ProtocolError",
+    "Started", "StepMetric", "TERMINAL_EVENTS", "TrainerEvent", "parse_line",
+]
