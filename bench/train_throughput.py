@@ -203,7 +203,7 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
     }
     (folder / "spec.json").write_text(json.dumps(spec))
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(folder / "spec.json")], cwd=REPO, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(typed_spec_file(folder / "spec.json"))], cwd=REPO, env=_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(folder / "stderr.txt", "w"),
                             text=True)
     step_ends, tokens, positions, first_step, failure, dtype, gpu_peak = [], [], [], None, None, "fp32", None
@@ -372,7 +372,7 @@ def first_step_latency(work: Path) -> list[float]:
                 "device": "cpu", "threads": None, "seed": 0, "trust_remote_code": False}
         (folder / "spec.json").write_text(json.dumps(spec))
         started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(folder / "spec.json")], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(typed_spec_file(folder / "spec.json"))], cwd=REPO,
                                 env=_env(), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         elapsed = float("nan")

@@ -27,7 +27,25 @@ class InvalidRequest(ServiceError):
 
 
 class RecipeInvalid(InvalidRequest):
-    """The training configuration cannot be run as given."""
+    """The training configuration cannot be run as given.
+
+    ``field`` is the path of the offending field as the recipe spells it (``optimizer.lr``) and
+    ``reason`` what is wrong with it; each API door renames the field to its own spelling
+    (``renamed``) before the client sees the message.
+    """
+
+    def __init__(self, detail: str | None = None, *, field: str | None = None, reason: str | None = None) -> None:
+        if detail is None and reason is not None:
+            detail = f"{field}: {reason}" if field else reason
+        super().__init__(detail)
+        self.field = field
+        self.reason = reason or self.detail
+
+    def renamed(self, names: dict[str, str]) -> RecipeInvalid:
+        """The same refusal with ``field`` spelled as a door names it (unchanged if unknown)."""
+        if self.field is None or self.field not in names:
+            return self
+        return RecipeInvalid(field=names[self.field], reason=self.reason)
 
 
 class DatasetSourceInvalid(InvalidRequest):

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from posttrain.domain.recipes import JobKind, JobPlan
+
+__all__ = ["Checkpoint", "Job", "JobEvent", "JobKind", "JobPlan", "JobStatus", "TERMINAL", "TRANSITIONS",
+           "TrainingMetrics", "sources_of"]
+
 
 class JobStatus(str, enum.Enum):
     SCHEDULED = "scheduled"
@@ -19,11 +24,6 @@ class JobStatus(str, enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-class JobKind(str, enum.Enum):
-    SFT = "sft"
-    DPO = "dpo"
 
 
 TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
@@ -67,8 +67,8 @@ class Checkpoint:
 @dataclass(frozen=True)
 class Job:
     """A training job. ``request`` is the body as the client sent it; ``plan`` is what the
-    service resolved from it at submit time (model folder, the job's own copy of its rows,
-    output folder, training config with defaults filled) and is all a launcher needs.
+    service resolved from it at submit time (the typed recipe, the model folder, the job's own
+    copy of its rows, the output folder) and is all a launcher needs.
 
     ``job_uuid`` is the client's name for the job, unique within its tenant; ``id`` is the
     service's own key (events, checkpoints, the launcher's lease and the job's folder use it)."""
@@ -79,7 +79,8 @@ class Job:
     tenant: str
     status: JobStatus
     request: dict[str, Any]
-    plan: dict[str, Any]
+    #: None when the job was read without its payload (``with_payload=False``).
+    plan: JobPlan | None
     scheduled_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None

@@ -51,14 +51,18 @@ def method_of(job: Job) -> str:
     """``LoRA`` or ``full`` for a fine-tune, ``DPO`` for preference optimisation."""
     if job.kind is JobKind.DPO:
         return "DPO"
-    algorithm = job.request.get("algorithm_config") or {}
-    return str(algorithm.get("type") or "LoRA") if algorithm else "full"
+    recipe = job.plan.recipe if job.plan is not None else None
+    if recipe is None:
+        return "?"
+    return "LoRA" if recipe.adapter is not None else "QAT" if recipe.qat is not None else "full"
 
 
 def model_of(job: Job) -> str | None:
     """The model as the client named it."""
     name = job.request.get("finetuned_model" if job.kind is JobKind.DPO else "model")
-    return str(name) if name is not None else job.plan.get("model")
+    if name is not None:
+        return str(name)
+    return job.plan.model if job.plan is not None else None
 
 
 def _progress(previous: Progress, event_type: str, data: dict[str, Any]) -> Progress:

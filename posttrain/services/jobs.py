@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.domain.jobs import Job, JobKind, JobStatus
+from posttrain.domain.recipes import JobPlan, Submission
 from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound, RateLimited
-from posttrain.services import recipes
 from posttrain.services.models import resolve_model
 from posttrain.services.paths import resolve_inside
 from posttrain.settings import Settings
@@ -35,44 +35,20 @@ class JobService:
 
     # -- submit --------------------------------------------------------------------------------
 
-    def submit_sft(self, *, tenant: str, request: dict[str, Any]) -> Job:
-        logger = recipes.check_common(request)
-        training = recipes.check_training_config(request["training_config"])
-        algorithm = recipes.check_lora(request.get("algorithm_config"))
-        return self._submit(tenant=tenant, kind=JobKind.SFT, request=request, training=training, algorithm=algorithm,
-                            logger=logger,
-                            model_field="model", model_name=request.get("model"))
-
-    def submit_dpo(self, *, tenant: str, request: dict[str, Any]) -> Job:
-        logger = recipes.check_common(request)
-        training = recipes.check_training_config(request["training_config"])
-        recipes.check_dpo_data(training)
-        algorithm = recipes.check_dpo(request["algorithm_config"])
-        return self._submit(tenant=tenant, kind=JobKind.DPO, request=request, training=training, algorithm=algorithm,
-                            logger=logger,
-                            model_field="finetuned_model", model_name=request.get("finetuned_model"))
-
-    def _submit(
-        self,
-        *,
-        tenant: str,
-        kind: JobKind,
-        request: dict[str, Any],
-        training: dict[str, Any],
-        algorithm: dict[str, Any] | None,
-        logger: dict[str, Any] | None,
-        model_field: str,
-        model_name: str | None,
-    ) -> Job:
-        job_uuid = request["job_uuid"]
+    def submit(self, *, tenant: str, submission: Submission, request: dict[str, Any]) -> Job:
+        """Resolve what ``submission`` names and queue the job; ``request`` is the body as the
+        client sent it, kept with the job for the record. Refused requests leave nothing behind."""
+        names, recipe = submission.names, submission.recipe
+        job_uuid = submission.job_uuid
         if self.store.find(tenant=tenant, job_uuid=job_uuid, with_payload=False) is not None:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists")
         quota = self.settings.max_queued_jobs_per_tenant
         if quota is not None and self.store.count_active(tenant=tenant) >= quota:
             raise RateLimited(f"this tenant already has {quota} scheduled or running job(s), the most allowed; "
                               "wait for one to finish or cancel one", retry_after=30)
+        model_name = submission.model
         model_roots = list(self.settings.allowed_model_roots)
-        if kind is JobKind.DPO and model_name:
+        if recipe.method is JobKind.DPO and model_name:
             # DPO may start from one of the caller's own checkpoints, named by identifier or path,
             # wherever this server keeps it (never another tenant's: the lookup is by tenant).
             own = self.store.find_checkpoint(tenant=tenant, reference=model_name.removeprefix("file://"))
@@ -84,18 +60,18 @@ class JobService:
             model_roots=model_roots,
             hf_cache=self.settings.hf_cache,
             trust_remote_code=self.settings.trust_remote_code,
-            field=model_field,
-            allow_adapter=kind is JobKind.DPO,
+            field=names.model,
+            allow_adapter=recipe.method is JobKind.DPO,
         )
-        data = training["data_config"]
-        train = self._dataset(tenant, data["dataset_id"], "training_config.data_config.dataset_id")
+        train = self._dataset(tenant, submission.dataset_id, names.dataset_id)
         validation = None
-        if data.get("validation_dataset_id"):
-            validation = self._dataset(tenant, data["validation_dataset_id"], "training_config.data_config.validation_dataset_id")
+        if submission.validation_dataset_id:
+            validation = self._dataset(tenant, submission.validation_dataset_id, names.validation_dataset_id)
         job_id = new_job_id()
         folder = job_folder(self.settings.jobs_dir, job_id)
-        if request.get("checkpoint_dir"):
-            output_dir = resolve_inside(request["checkpoint_dir"], roots=self.settings.allowed_file_roots, field="checkpoint_dir")
+        if submission.checkpoint_dir:
+            output_dir = resolve_inside(submission.checkpoint_dir, roots=self.settings.allowed_file_roots,
+                                        field=names.checkpoint_dir)
             output_dir = output_dir / folder.name
         else:
             output_dir = folder / "checkpoints"
@@ -109,21 +85,11 @@ class JobService:
             if validation is not None:
                 validation_rows = folder / "validation.jsonl"
                 shutil.copyfile(validation, validation_rows)
-            plan = {
-                "method": kind.value,
-                "model": str(model),
-                "adapter": str(adapter) if adapter else None,
-                "output_dir": str(output_dir),
-                "train_rows_path": str(train_rows),
-                "validation_rows_path": str(validation_rows) if validation_rows else None,
-                "training_config": training,
-                "algorithm_config": algorithm,
-                "logger_config": logger,
-                "seed": 42,
-            }
-            return self.store.create(
-                job_id=job_id, job_uuid=job_uuid, tenant=tenant, kind=kind, request=request, plan=plan, max_attempts=self.settings.max_attempts
-            )
+            plan = JobPlan(recipe=recipe, model=str(model), adapter=str(adapter) if adapter else None,
+                           output_dir=str(output_dir), train_rows_path=str(train_rows),
+                           validation_rows_path=str(validation_rows) if validation_rows else None)
+            return self.store.create(job_id=job_id, job_uuid=job_uuid, tenant=tenant, kind=recipe.method,
+                                     request=request, plan=plan, max_attempts=self.settings.max_attempts)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -29,6 +29,7 @@ from posttrain.domain.jobs import (
     TrainingMetrics,
     sources_of,
 )
+from posttrain.domain.recipes import JobPlan
 from posttrain.errors import DuplicateJob
 from posttrain.store.tables import checkpoints, job_events, jobs
 
@@ -82,7 +83,7 @@ def _job(row: RowMapping, ckpts: tuple[Checkpoint, ...] = ()) -> Job:
         tenant=row["tenant"],
         status=JobStatus(row["status"]),
         request=row.get("request", {}),
-        plan=row.get("plan", {}),
+        plan=JobPlan.model_validate(row["plan"]) if row.get("plan") is not None else None,
         scheduled_at=_aware(row["scheduled_at"]),
         started_at=_aware(row["started_at"]),
         completed_at=_aware(row["completed_at"]),
@@ -112,7 +113,7 @@ class JobStore:
 
     def find(self, *, tenant: str, job_uuid: str, with_payload: bool = True) -> Job | None:
         """The tenant's job that the client named ``job_uuid``. ``with_payload=False`` leaves the
-        request and plan JSON unread (empty dicts): the status endpoint, polled hard, needs neither."""
+        request and plan JSON unread (an empty request, no plan): the status endpoint, polled hard, needs neither."""
         return self._one(and_(jobs.c.tenant == tenant, jobs.c.job_uuid == job_uuid), with_payload=with_payload)
 
     def _one(self, where, *, with_payload: bool = True) -> Job | None:  # noqa: ANN001
@@ -195,7 +196,7 @@ class JobStore:
     # -- submit and cancel (the API side) ------------------------------------------------------
 
     def create(
-        self, *, job_id: str, job_uuid: str, tenant: str, kind: JobKind, request: dict[str, Any], plan: dict[str, Any],
+        self, *, job_id: str, job_uuid: str, tenant: str, kind: JobKind, request: dict[str, Any], plan: JobPlan,
         max_attempts: int,
     ) -> Job:
         """A new scheduled job; ``DuplicateJob`` when the tenant already has one named ``job_uuid``."""
@@ -210,7 +211,7 @@ class JobStore:
                         kind=kind.value,
                         status=JobStatus.SCHEDULED.value,
                         request=request,
-                        plan=plan,
+                        plan=plan.model_dump(mode="json"),
                         scheduled_at=now,
                         attempt=0,
                         max_attempts=max_attempts,

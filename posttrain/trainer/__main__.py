@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         with open(argv[0], encoding="utf-8") as handle:
-            spec = json.load(handle)
+            spec = _spec_dict(handle.read(), reporter=reporter)
         if spec.get("cuda_visible_devices") is not None:  # before torch initialises CUDA
             os.environ["CUDA_VISIBLE_DEVICES"] = str(spec["cuda_visible_devices"])
         _quiet_libraries()
@@ -133,7 +133,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _spec_dict(text: str, *, reporter) -> dict:
+    """The spec as the training loops read it today: the typed ``TrainerSpec``'s recipe spelled
+    out in the Llama Stack-shaped keys they take (a step on the way to loops that read the
+    recipe itself)."""
+    from posttrain.domain.recipes import TrainerSpec
+
+    typed = TrainerSpec.model_validate_json(text)
+    recipe, plan = typed.recipe, typed.plan
+    for note in recipe.notes:
+        reporter.log(note, level="warning")
+    training = {
+        **recipe.schedule.model_dump(),
+        "data_config": recipe.data.model_dump(),
+        "optimizer_config": recipe.optimizer.model_dump(),
+        "efficiency_config": {"enable_activation_checkpointing": recipe.activation_checkpointing},
+        "dtype": recipe.dtype,
+    }
+    algorithm = None
+    if recipe.adapter is not None:
+        lora = recipe.adapter
+        algorithm = {"type": "LoRA", "lora_attn_modules": list(lora.attention) or (
+                         ["q_proj", "k_proj", "v_proj", "output_proj"] if lora.architecture_defaults else []),
+                     "apply_lora_to_mlp": lora.mlp, "apply_lora_to_output": lora.output, "rank": lora.rank,
+                     "alpha": lora.alpha, "use_dora": lora.use_dora, "quantize_base": lora.quantize_base}
+    elif recipe.qat is not None:
+        algorithm = {"type": "QAT", **recipe.qat.model_dump()}
+    if recipe.dpo is not None:
+        algorithm = {**recipe.dpo.model_dump(), "lora": algorithm}
+    return {
+        **typed.model_dump(exclude={"plan"}),
+        **plan.model_dump(exclude={"recipe"}),
+        "method": recipe.method.value,
+        "training_config": training,
+        "algorithm_config": algorithm,
+        "logger_config": {"type": "tensorboard"} if recipe.tensorboard else None,
+        "seed": recipe.seed,
+    }
+
+
 def _failure_code(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):  # a spec the typed TrainerSpec does not accept
+        return "invalid_config"
     from posttrain.trainer.formats import RowFormatError
 
     if isinstance(exc, RowFormatError):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from posttrain.domain.jobs import Job, JobStatus
+from posttrain.domain.recipes import TrainerSpec
 from posttrain.store.jobs import JobStore
 from posttrain.worker.warm import spawn_trainer, trainer_command
 
@@ -93,32 +94,25 @@ class Launcher:
     # -- the work -------------------------------------------------------------------------------
 
     def _spec(self) -> Path:
+        """Write the trainer's input: the job's plan, plus how this worker runs it."""
         plan = self.job.plan
-        folder = Path(plan["train_rows_path"]).parent
-        spec = {
-            "job_uuid": self.job.job_uuid,
-            "method": plan["method"],
-            "model": plan["model"],
-            "adapter": plan.get("adapter"),
-            "output_dir": plan["output_dir"],
-            "train_rows_path": plan["train_rows_path"],
-            "validation_rows_path": plan["validation_rows_path"],
-            "training_config": plan["training_config"],
-            "algorithm_config": plan["algorithm_config"],
-            "logger_config": plan.get("logger_config"),
-            "device": self.config.device,
-            "cuda_visible_devices": self.gpu,
-            "cpu_bf16": self.config.cpu_bf16,
-            "compile": self.config.compile,
-            "resume_dir": str(folder / "resume"),
-            "resume_every_seconds": self.config.resume_point_seconds or None,
-            "threads": self.config.threads,
-            "seed": plan.get("seed", 42),
-            "trust_remote_code": self.config.trust_remote_code,
-            "save_merged": self.config.save_merged,
-        }
+        assert plan is not None, "a claimed job is read with its plan"
+        folder = Path(plan.train_rows_path).parent
+        spec = TrainerSpec(
+            job_uuid=self.job.job_uuid,
+            plan=plan,
+            device=self.config.device,
+            cuda_visible_devices=self.gpu,
+            cpu_bf16=self.config.cpu_bf16,
+            compile=self.config.compile,
+            resume_dir=str(folder / "resume"),
+            resume_every_seconds=self.config.resume_point_seconds or None,
+            threads=self.config.threads,
+            trust_remote_code=self.config.trust_remote_code,
+            save_merged=self.config.save_merged,
+        )
         path = folder / f"spec-attempt-{self.attempt}.json"
-        path.write_text(json.dumps(spec, indent=2))
+        path.write_text(spec.model_dump_json(indent=2))
         return path
 
     def _run(self) -> None:

@@ -226,8 +226,8 @@ def test_qlora_is_accepted_and_reaches_the_trainer(client, services, tiny_model_
     body = lora_request(str(tiny_model_path), "toy")
     body["algorithm_config"].update(quantize_base=True, use_dora=True)
     assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
-    algorithm = services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=body["job_uuid"]).plan["algorithm_config"]
-    assert algorithm["quantize_base"] is True and algorithm["use_dora"] is True
+    adapter = services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=body["job_uuid"]).plan.recipe.adapter
+    assert adapter.quantize_base is True and adapter.use_dora is True
 
 
 def test_a_validation_dataset_is_planned_as_the_jobs_own_copy(client, services, tiny_model_path):
@@ -240,8 +240,8 @@ def test_a_validation_dataset_is_planned_as_the_jobs_own_copy(client, services, 
     plan = services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=body["job_uuid"]).plan
     # The job's own copy: appending to the dataset later does not change what the job validates on.
     assert client.post("/v1/datasetio/append-rows/held-out", json={"rows": held_out}).status_code == 200
-    copied = [json.loads(line) for line in Path(plan["validation_rows_path"]).read_text().splitlines()]
-    assert copied == held_out and Path(plan["validation_rows_path"]).parent == Path(plan["train_rows_path"]).parent
+    copied = [json.loads(line) for line in Path(plan.validation_rows_path).read_text().splitlines()]
+    assert copied == held_out and Path(plan.validation_rows_path).parent == Path(plan.train_rows_path).parent
 
 
 def test_duplicate_job_uuid_conflicts(client, tiny_model_path):

@@ -13,7 +13,9 @@ DPO = "/v1/post-training/preference-optimize"
 
 
 def planned_logger(services, job_uuid: str):
-    return services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=job_uuid).plan["logger_config"]
+    """The logger the job's recipe asks for, in the one normalized form the trainer reads."""
+    recipe = services.jobs.store.find(tenant=DEFAULT_TENANT, job_uuid=job_uuid).plan.recipe
+    return {"type": "tensorboard"} if recipe.tensorboard else None
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.trainer_specs import typed_spec_file
+
 from tests.integration.test_api import lora_request
 from tests.integration.test_trainer_process import kinds, make_spec, run
 
@@ -175,9 +177,15 @@ def test_a_trainer_run_logs_every_step_and_checkpoint_and_a_resume_appends(tiny_
 
 @pytest.mark.slow
 def test_a_trainer_asked_for_another_logger_fails_as_invalid_config(tiny_model_path, tmp_path):
-    events, code = run(with_tensorboard(make_spec(tmp_path, tiny_model_path), {"type": "wandb"}), tmp_path)
+    """A hand-written spec whose recipe asks for a logger the recipe has no field for: the trainer
+    refuses the whole spec (invalid_config, naming the field) before it trains anything."""
+    typed = typed_spec_file(with_tensorboard(make_spec(tmp_path, tiny_model_path)))
+    spec = json.loads(typed.read_text())
+    spec["plan"]["recipe"]["wandb"] = True
+    typed.write_text(json.dumps(spec))
+    events, code = run(typed, tmp_path)
     assert code == 1 and events[-1]["event"] == "failed" and events[-1]["code"] == "invalid_config"
-    assert "logger_config" in events[-1]["message"]
+    assert "wandb" in events[-1]["message"]
     assert not (tmp_path / "out" / "tensorboard").exists()
 
 

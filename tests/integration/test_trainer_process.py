@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.trainer_specs import typed_spec_file
+
 from tests.conftest import cpu_dtype_for_bf16
 from tests.fixtures_tiny import build_tiny_model
 
@@ -79,7 +81,7 @@ def start(spec: Path, tmp_path: Path) -> subprocess.Popen:
     """Launch like the worker does: stdin is a pipe we hold open, stderr goes to a file."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     stderr = open(tmp_path / "stderr.txt", "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(spec)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(typed_spec_file(spec))], cwd=REPO, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
     stderr.close()
     return proc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
+from posttrain.api import llama_stack_recipes
 from posttrain.api.deps import JobServiceDep, TenantDep
 from posttrain.errors import InvalidRequest
 from posttrain.api.schemas import (
@@ -26,13 +27,15 @@ JobUUIDQuery = Query(description="The UUID of the job.")
 
 def supervised_fine_tune(body: SupervisedFineTuneRequest, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJob:
     """Run supervised fine-tuning (LoRA, or a full fine-tune without algorithm_config)."""
-    job = jobs.submit_sft(tenant=tenant, request=body.model_dump(mode="json", exclude_unset=True))
+    job = jobs.submit(tenant=tenant, submission=llama_stack_recipes.sft_submission(body),
+                      request=body.model_dump(mode="json", exclude_unset=True))
     return PostTrainingJob(job_uuid=job.job_uuid)
 
 
 def preference_optimize(body: PreferenceOptimizeRequest, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJob:
     """Run preference optimization (DPO)."""
-    job = jobs.submit_dpo(tenant=tenant, request=body.model_dump(mode="json", exclude_unset=True))
+    job = jobs.submit(tenant=tenant, submission=llama_stack_recipes.dpo_submission(body),
+                      request=body.model_dump(mode="json", exclude_unset=True))
     return PostTrainingJob(job_uuid=job.job_uuid)
 
 

@@ -1,0 +1,273 @@
+"""The recipe: how a job trains, typed, with one home for each default and each check.
+
+Every API door translates its request into a ``Recipe`` once (the Llama Stack door in
+``api/llama_stack_recipes.py``; OpenAI's and a reinforcement method's will do the same); the service
+stores it in the job's plan (``JobPlan``), the launcher hands it to the trainer inside a
+``TrainerSpec``, and the trainer reads it back. Nothing below the API knows which door a job came
+in by.
+
+The models are frozen pydantic models: the JSON in the store and in the spec file is their
+``model_dump``, read back with ``model_validate``. A check that fails raises ``RecipeInvalid``
+naming the recipe's own field (``optimizer.lr``); each door renames the field to its own
+spelling before the client sees it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from posttrain.errors import RecipeInvalid
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+AttentionModule = Literal["q_proj", "k_proj", "v_proj", "output_proj"]
+DPOLossType = Literal["sigmoid", "hinge", "ipo", "kto_pair"]
+
+#: The learning rate of a job that names none (the Llama Stack spec has no default).
+DEFAULT_LEARNING_RATE = 1e-4
+#: The seed every job trains with (the Llama Stack request has no seed field).
+DEFAULT_SEED = 42
+
+
+class JobKind(str, enum.Enum):
+    """The training method: which trainer runs the recipe."""
+
+    SFT = "sft"
+    DPO = "dpo"
+
+
+class RecipePart(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Schedule(RecipePart):
+    """How many steps, in what groups, and how much validation."""
+
+    n_epochs: int = Field(1, ge=1, description="passes over the training rows")
+    max_steps_per_epoch: int = Field(1, ge=1, description="optimizer steps an epoch at most")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches summed into one optimizer step")
+    max_validation_steps: int = Field(1, ge=1, description="validation batches at each epoch's end")
+
+
+class Data(RecipePart):
+    """How rows become batches."""
+
+    batch_size: int = Field(1, ge=1, description="rows (or packs) a micro-batch")
+    shuffle: bool = Field(True, description="length-grouped shuffled batches; false: the dataset's order")
+    data_format: Literal["instruct", "dialog"] = Field("instruct", description="which row layouts are tried first")
+    packed: bool = Field(False, description="pack rows into sequences of the model's max length")
+    train_on_input: bool = Field(False, description="also train on the prompt tokens, not only the answers")
+
+
+class Optimizer(RecipePart):
+    optimizer_type: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(DEFAULT_LEARNING_RATE, gt=0, description="peak learning rate (linear warmup, linear decay)")
+    weight_decay: float = Field(0.0, ge=0)
+    num_warmup_steps: int = Field(0, ge=0)
+
+
+class LoRA(RecipePart):
+    """A LoRA (or DoRA) adapter on a frozen base. ``attention`` uses Llama Stack's (torchtune's)
+    module names, which the trainer maps onto each architecture's own; ``architecture_defaults``
+    takes peft's default targets for the model's type instead (GPT-2's ``c_attn``, ...)."""
+
+    attention: tuple[AttentionModule, ...] = ()
+    architecture_defaults: bool = False
+    mlp: bool = False
+    output: bool = False
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    use_dora: bool = False
+    quantize_base: bool = Field(False, description="QLoRA: the base's linear layers load as 4-bit NF4")
+
+    @model_validator(mode="after")
+    def _has_a_target(self) -> LoRA:
+        if not (self.attention or self.architecture_defaults or self.mlp or self.output):
+            raise _at("", "LoRA needs at least one target: attention modules, mlp or output")
+        return self
+
+
+#: QAT quantizers this server runs: torchao's class name as torchtune's QAT recipe names it, and its short name.
+QAT_QUANTIZERS = ("Int8DynActInt4WeightQATQuantizer", "8da4w")
+
+
+class QAT(RecipePart):
+    """A full fine-tune whose linear layers compute with torchao's fake quantization."""
+
+    quantizer_name: str = Field(description=" or ".join(QAT_QUANTIZERS))
+    group_size: int = Field(ge=1, description="a power of two that divides the layers' input sizes")
+
+    @model_validator(mode="after")
+    def _known_quantizer_power_of_two(self) -> QAT:
+        if self.quantizer_name not in QAT_QUANTIZERS:
+            raise _at("quantizer_name", f"QAT supports {' or '.join(QAT_QUANTIZERS)} (int8 dynamic activations, "
+                      f"int4 grouped weights), not {self.quantizer_name!r}")
+        if self.group_size & (self.group_size - 1):
+            raise _at("group_size", f"must be a power of two (e.g. 32 or 256), got {self.group_size}")
+        return self
+
+
+class DPOLoss(RecipePart):
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference model")
+    loss_type: DPOLossType = "sigmoid"
+
+
+#: The adapter a DPO job trains when its door offers no LoRA options (Llama Stack's DPO request has
+#: none): the architecture's default attention targets, so the reference model is the same weights
+#: with the adapter switched off and never a second copy in memory.
+DPO_ADAPTER = LoRA(architecture_defaults=True, rank=8, alpha=16)
+
+
+class Recipe(RecipePart):
+    """Everything that decides what a job computes, for every method."""
+
+    method: JobKind
+    schedule: Schedule = Schedule()
+    data: Data = Data()
+    optimizer: Optimizer = Optimizer()
+    dtype: Dtype = Field("bf16", description="compute dtype asked for (a CPU without native bf16 computes fp32)")
+    activation_checkpointing: bool = False
+    adapter: LoRA | None = Field(None, description="None: every weight trains (a full fine-tune)")
+    qat: QAT | None = None
+    dpo: DPOLoss | None = None
+    tensorboard: bool = Field(False, description="write TensorBoard event files next to the checkpoints")
+    seed: int = DEFAULT_SEED
+    #: What the door accepted but could not honour as asked, for the job's log (e.g. the DPO
+    #: options of an older client, which have no DPO meaning).
+    notes: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> Recipe:
+        if self.adapter is not None and self.qat is not None:
+            raise _at("qat", "a QAT job is a full fine-tune and takes no LoRA adapter")
+        if self.method is JobKind.SFT and self.dpo is not None:
+            raise _at("dpo", "only a DPO job takes DPO options")
+        if self.method is JobKind.DPO:
+            if self.dpo is None:
+                raise _at("dpo", "a DPO job needs its DPO options (beta, loss_type)")
+            if self.adapter is None:
+                raise _at("adapter", "DPO trains a LoRA adapter (its reference is the base without it)")
+            if self.qat is not None:
+                raise _at("qat", "not supported for preference optimization")
+            if self.data.packed:
+                raise _at("data.packed", "not supported for preference optimization (this server does not pack "
+                          "preference pairs); send packed: false or leave it out")
+            if self.data.train_on_input:
+                raise _at("data.train_on_input", "not supported for preference optimization (DPO compares the "
+                          "answers' log-probabilities; the prompt is never trained on); send train_on_input: false "
+                          "or leave it out")
+        return self
+
+    @property
+    def is_lora(self) -> bool:
+        return self.adapter is not None
+
+
+class _FieldError(ValueError):
+    """A check about one field (its path within the model being validated, "" for the model
+    itself), raised inside a validator so the message can name the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _at(field: str, message: str) -> _FieldError:
+    return _FieldError(field, message)
+
+
+def build_recipe(data: Mapping[str, Any]) -> Recipe:
+    """A ``Recipe`` from plain data, or ``RecipeInvalid`` whose ``field`` is the recipe path of the
+    first thing wrong (``optimizer.lr``) and whose message says how to fix it."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise recipe_error(exc) from None
+
+
+def recipe_error(exc: ValidationError) -> RecipeInvalid:
+    """The first error of a recipe's validation, as a ``RecipeInvalid`` naming its field."""
+    first = exc.errors()[0]
+    cause = (first.get("ctx") or {}).get("error")
+    location = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
+    if isinstance(cause, _FieldError):
+        field, message = ".".join(part for part in (location, cause.field) if part), str(cause)
+    elif cause is not None:
+        field, message = location, str(cause)
+    else:
+        field, message = location, first["msg"]
+        if "input" in first and first["type"] not in ("missing", "extra_forbidden"):
+            message = f"{message}, got {first['input']!r}"
+    return RecipeInvalid(field=field or None, reason=message)
+
+
+class SubmissionNames(RecipePart):
+    """How the door that took a submission spells its fields, so the service's refusals name
+    them as the client wrote them."""
+
+    model: str = "model"
+    dataset_id: str = "dataset_id"
+    validation_dataset_id: str = "validation_dataset_id"
+    checkpoint_dir: str = "checkpoint_dir"
+
+
+class Submission(RecipePart):
+    """A training request as every door hands it to the service: the recipe, and the model and
+    datasets it names (still unresolved: the service finds them and refuses what it cannot)."""
+
+    job_uuid: str
+    model: str | None
+    dataset_id: str
+    validation_dataset_id: str | None = None
+    checkpoint_dir: str | None = None
+    recipe: Recipe
+    names: SubmissionNames = SubmissionNames()
+
+    @model_validator(mode="after")
+    def _printable_job_uuid(self) -> Submission:
+        if not self.job_uuid or len(self.job_uuid) > 255 or any(ord(c) < 32 for c in self.job_uuid):
+            raise _at("job_uuid", "must be 1 to 255 printable characters")
+        return self
+
+
+def build_submission(data: Mapping[str, Any]) -> Submission:
+    """A ``Submission`` from plain data, or ``RecipeInvalid`` naming the first field wrong."""
+    try:
+        return Submission.model_validate(data)
+    except ValidationError as exc:
+        raise recipe_error(exc) from None
+
+
+class JobPlan(RecipePart):
+    """What the service resolved at submit time: all a launcher needs to run the job."""
+
+    recipe: Recipe
+    model: str = Field(description="absolute folder of the base model")
+    adapter: str | None = Field(None, description="a LoRA adapter folder merged into the model before training")
+    output_dir: str = Field(description="where the checkpoints go")
+    train_rows_path: str = Field(description="the job's own copy of its training rows (JSON lines)")
+    validation_rows_path: str | None = None
+
+
+class TrainerSpec(RecipePart):
+    """The trainer's input (``python -m posttrain.trainer SPEC.json``): the plan, plus how this
+    worker runs it (docs/trainer-protocol.md)."""
+
+    job_uuid: str
+    plan: JobPlan
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cuda_visible_devices: str | None = None
+    cpu_bf16: bool = True
+    compile: Literal["auto", "on", "off"] = "auto"
+    resume_dir: str | None = None
+    resume_every_seconds: float | None = None
+    threads: int | None = None
+    trust_remote_code: bool = False
+    save_merged: bool = False
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.plan.recipe

@@ -1,0 +1,60 @@
+"""Trainer specs for tests and benchmarks, written the way a person reads them: in the Llama Stack
+request's terms (``training_config``, ``algorithm_config``, ``logger_config``) beside the plan's
+paths and the worker's switches, a "draft". ``typed_spec_file`` turns a draft into the real
+``TrainerSpec`` file through the real Llama Stack door (``api/llama_stack_recipes.py``), so a
+trainer test also checks that what a client sends becomes the recipe the trainer reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from posttrain.api.llama_stack_recipes import dpo_submission, sft_submission
+from posttrain.api.schemas import PreferenceOptimizeRequest, SupervisedFineTuneRequest
+from posttrain.domain.recipes import JobPlan, TrainerSpec
+
+PLAN_KEYS = ("model", "adapter", "output_dir", "train_rows_path", "validation_rows_path")
+WORKER_KEYS = ("device", "cuda_visible_devices", "cpu_bf16", "compile", "resume_dir", "resume_every_seconds",
+               "threads", "trust_remote_code", "save_merged")
+
+
+def _lora(algorithm: dict[str, Any]) -> dict[str, Any]:
+    return {"apply_lora_to_mlp": False, "apply_lora_to_output": False, **algorithm}
+
+
+def typed_spec(draft: dict[str, Any]) -> TrainerSpec:
+    """The ``TrainerSpec`` a draft describes."""
+    common = {"job_uuid": draft["job_uuid"], "training_config": draft["training_config"],
+              "hyperparam_search_config": {}, "logger_config": draft.get("logger_config") or {}}
+    algorithm = draft.get("algorithm_config")
+    if draft["method"] == "dpo":
+        dpo = {key: algorithm[key] for key in ("beta", "loss_type")} if algorithm else {"beta": 0.1}
+        body = {**common, "finetuned_model": draft["model"], "algorithm_config": dpo}
+        recipe = dpo_submission(PreferenceOptimizeRequest.model_validate_json(json.dumps(body))).recipe
+        if algorithm and algorithm.get("lora"):  # a draft may name the DPO adapter's own options
+            sft = {**common, "algorithm_config": _lora(algorithm["lora"])}
+            adapter = sft_submission(SupervisedFineTuneRequest.model_validate_json(json.dumps(sft))).recipe.adapter
+            recipe = recipe.model_copy(update={"adapter": adapter})
+    else:
+        if algorithm is not None and algorithm.get("type", "LoRA") == "LoRA":
+            algorithm = _lora(algorithm)
+        body = {**common, "model": draft["model"], "algorithm_config": algorithm}
+        recipe = sft_submission(SupervisedFineTuneRequest.model_validate_json(json.dumps(body))).recipe
+    if "seed" in draft:
+        recipe = recipe.model_copy(update={"seed": draft["seed"]})
+    plan = JobPlan(recipe=recipe, **{key: draft.get(key) for key in PLAN_KEYS})
+    return TrainerSpec(job_uuid=draft["job_uuid"], plan=plan,
+                       **{key: draft[key] for key in WORKER_KEYS if draft.get(key) is not None})
+
+
+def typed_spec_file(draft_path: Path) -> Path:
+    """Write the typed spec of the draft at ``draft_path`` beside it; return its path. A file that
+    already is a typed spec (it has a ``plan``) is returned as it is."""
+    draft = json.loads(draft_path.read_text())
+    if "plan" in draft:
+        return draft_path
+    typed = draft_path.with_name(draft_path.stem + ".typed.json")
+    typed.write_text(typed_spec(draft).model_dump_json(indent=2))
+    return typed
