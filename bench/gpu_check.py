@@ -1,6 +1,6 @@
 """The GPU path end to end, as one short script for a machine with a GPU (issue 3's device check).
 
-    .venv/bin/python bench/gpu_check.py                 # POSTTRAIN_DEVICE=cuda, ~2 minutes
+    .venv/bin/python bench/gpu_check.py                 # POSTTRAIN_DEVICE=cuda (run time: bench/README.md)
     .venv/bin/python bench/gpu_check.py --device cpu    # the same checks on a CPU (to try the script)
 
 It starts a real ``posttrain serve`` on the device, builds the tiny test model, and runs a bf16 SFT

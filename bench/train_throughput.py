@@ -1,7 +1,9 @@
 """Training throughput on this CPU: our trainer against plain TRL, on the same model and data.
 
-    .venv/bin/python bench/train_throughput.py            # ~8 minutes
-    .venv/bin/python bench/train_throughput.py --quick    # ~2 minutes, fewer steps, one round
+    .venv/bin/python bench/train_throughput.py            # every configuration, two rounds
+    .venv/bin/python bench/train_throughput.py --quick    # fewer steps, one round
+
+(How long a run takes, and the figures measured with it, are in bench/README.md.)
 
 One model (random-init Llama: hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 8192: ~34M
 parameters) and one set of rows (20-300 tokens each, generated here) for every configuration.

@@ -1,4 +1,8 @@
-"""Validating response bodies against the Llama Stack spec file itself (never a copy of its schemas)."""
+"""Validating response bodies against the Llama Stack spec file itself (never a copy of its schemas).
+
+The file is ``spec/llama-stack-post-training-v1.openapi.yaml`` in this repository (see spec/README.md);
+``POSTTRAIN_SPEC`` points the tests at another copy.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC_PATH = Path(os.environ.get("POSTTRAIN_SPEC", REPO.parent / "shared" / "spec" / "llama-stack-post-training-v1.openapi.yaml"))
+SPEC_PATH = Path(os.environ.get("POSTTRAIN_SPEC", REPO / "spec" / "llama-stack-post-training-v1.openapi.yaml"))
 SPEC_URI = "urn:llama-stack-spec"
 
 

@@ -7,9 +7,13 @@ background threads and every job trains in a child process of its own.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.staticfiles import StaticFiles
+from starlette.responses import HTMLResponse
 
 from posttrain import __version__
 from posttrain.api.gate import Gate
@@ -50,6 +54,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         version=__version__,
         description="Fine-tuning server behind the Llama Stack Post-Training API.",
         lifespan=lifespan,
+        docs_url=None,  # served by _install_docs from local files, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.jobs = services.jobs
@@ -68,7 +74,39 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(metrics.router)
     app.include_router(dashboard_router, responses=PROBLEM_RESPONSES)
     app.openapi = lambda: _openapi(app)
+    _install_docs(app)
     return app
+
+
+#: Where the Swagger UI and ReDoc files are served; the gate lets this prefix through like /docs.
+DOCS_STATIC = "/docs/static"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their JavaScript, CSS and icon served by this server.
+
+    FastAPI's own pages load them from a CDN, so on a machine without internet (where this server
+    is meant to run) /docs was a blank page. The files come from the fastapi-offline package.
+    """
+    app.mount(DOCS_STATIC, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-static")
+    oauth2_redirect_url = app.swagger_ui_oauth2_redirect_url
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI", oauth2_redirect_url=oauth2_redirect_url,
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png")
+
+    @app.get(oauth2_redirect_url, include_in_schema=False)
+    async def swagger_ui_oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_STATIC}/favicon.png", with_google_fonts=False)
 
 
 def _openapi(app: FastAPI) -> dict:

@@ -17,11 +17,12 @@ from posttrain.dashboard.routes import KEY_COOKIE
 from posttrain.errors import RateLimited, ServiceError, Unauthorized
 from posttrain.services.access import DEFAULT_TENANT, AccessControl
 
-#: Answered without an API key: liveness for load balancers, metrics, the API's own description,
-#: and the dashboard's sign-in page and its static files (which hold no data).
+#: Answered without an API key: liveness for load balancers, metrics, the API's own description
+#: (/docs, /redoc and their static files), and the dashboard's sign-in page and its static files
+#: (which hold no data).
 OPEN_PATHS = frozenset({"/v1/health", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
-                        "/ui/login", "/ui/logout"})
-OPEN_PREFIXES = ("/ui/static/",)
+                        "/redoc", "/ui/login", "/ui/logout"})
+OPEN_PREFIXES = ("/ui/static/", "/docs/static/")
 
 Observer = Callable[[str, str, int, float], None]
 
