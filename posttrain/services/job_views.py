@@ -1,6 +1,6 @@
 """Read-only views of jobs for the dashboard: one summary per job with its latest progress.
 
-A job's progress (step, total steps, epoch, latest train loss) lives in its event log, which
+A job's progress (step, total steps, epoch, the last step's loss) lives in its event log, which
 only grows. ``JobViews`` remembers, per job, the last event it has read and the progress seen
 so far, so refreshing the jobs table reads only the events appended since the last refresh.
 The memory is per process and rebuilt from the store, so several API servers agree. It reads
@@ -28,7 +28,7 @@ class Progress:
     step: int | None = None
     total_steps: int | None = None
     epoch: int | None = None
-    loss: float | None = None
+    loss: float | None = None  # the last step's loss (an epoch's mean is on its checkpoint)
     checkpoints: int = 0
 
 
