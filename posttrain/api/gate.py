@@ -13,9 +13,8 @@ from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from posttrain.api.problems import problem
-from posttrain.dashboard.routes import KEY_COOKIE
 from posttrain.errors import RateLimited, ServiceError, Unauthorized
-from posttrain.services.access import DEFAULT_TENANT, AccessControl
+from posttrain.services.access import DEFAULT_TENANT, KEY_COOKIE, AccessControl
 
 #: Answered without an API key: liveness for load balancers, metrics, the API's own description
 #: (/docs, /redoc and their static files), and the dashboard's sign-in page and its static files

@@ -22,7 +22,7 @@ from jinja2 import Environment, FileSystemLoader
 from pydantic import BaseModel
 
 from posttrain.domain.jobs import Job
-from posttrain.services.access import AccessControl
+from posttrain.services.access import KEY_COOKIE, AccessControl
 from posttrain.services.datasets import DatasetService
 from posttrain.services.job_views import JobSummary, JobViews
 
@@ -88,12 +88,6 @@ def list_job_summaries(request: Request, limit: int = Query(default=200, ge=1, l
 
 
 # -- HTML -----------------------------------------------------------------------------------------
-
-
-#: The dashboard's sign-in cookie. A browser sends no Authorization header when it opens a page, so
-#: with API keys on, the sign-in page keeps the key in an HttpOnly, SameSite=Strict cookie (never
-#: readable by scripts, never sent along by another site's page) and the API's gate accepts it.
-KEY_COOKIE = "posttrain_key"
 
 
 def _page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:

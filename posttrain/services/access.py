@@ -19,6 +19,12 @@ from posttrain.errors import RateLimited, Unauthorized
 
 DEFAULT_TENANT = "default"
 
+#: The dashboard's sign-in cookie. A browser sends no Authorization header when it opens a page, so
+#: with API keys on, the sign-in page keeps the key in an HttpOnly, SameSite=Strict cookie (never
+#: readable by scripts, never sent along by another site's page) and the API's gate accepts it.
+#: Named here, with the keys, so the gate and the dashboard share it without importing each other.
+KEY_COOKIE = "posttrain_key"
+
 
 def digest(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()

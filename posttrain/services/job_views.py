@@ -1,9 +1,10 @@
 """Read-only views of jobs for the dashboard: one summary per job with its latest progress.
 
-A job's progress (step, total steps, epoch, latest train loss) lives in its event log, which
+A job's progress (step, total steps, epoch, the last step's loss) lives in its event log, which
 only grows. ``JobViews`` remembers, per job, the last event it has read and the progress seen
 so far, so refreshing the jobs table reads only the events appended since the last refresh.
-The memory is per process and rebuilt from the store, so several API servers agree.
+The memory is per process and rebuilt from the store, so several API servers agree. It reads
+jobs only through ``JobService``, never its store.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Progress:
     step: int | None = None
     total_steps: int | None = None
     epoch: int | None = None
-    loss: float | None = None
+    loss: float | None = None  # the last step's loss (an epoch's mean is on its checkpoint)
     checkpoints: int = 0
 
 
@@ -98,10 +99,10 @@ class JobViews:
 
     def find(self, *, tenant: str, job_uuid: str) -> Job | None:
         """The job, or None when the tenant has no job with this id."""
-        return self.jobs.store.find(tenant=tenant, job_uuid=job_uuid)
+        return self.jobs.find(tenant=tenant, job_uuid=job_uuid)
 
     def summaries(self, *, tenant: str, limit: int = 200) -> list[JobSummary]:
-        listed = self.jobs.store.list(tenant=tenant)
+        listed = self.jobs.list_jobs(tenant=tenant)
         newest = sorted(listed, key=lambda j: (j.scheduled_at, j.job_uuid), reverse=True)[:limit]
         return [self.summary(job) for job in newest]
 
@@ -127,7 +128,7 @@ class JobViews:
         if final:
             return progress
         while True:
-            events = self.jobs.store.events(job_id=job.id, after=cursor, limit=EVENT_PAGE)
+            events = self.jobs.events(job, after=cursor, limit=EVENT_PAGE)
             for event in events:
                 progress = _progress(progress, event.type, event.data)
             if events:

@@ -143,3 +143,14 @@ class JobService:
                 "checkpoint": checkpoint.data if checkpoint else {},
             })
         return {"by_status": self.store.count_by_status(), "running": running}
+
+    # -- views (read-only, for the dashboard and the jobs summary endpoint) ----------------------
+
+    def find(self, *, tenant: str, job_uuid: str) -> Job | None:
+        """The tenant's job, or None when it has none with this id (a page answers "not found"
+        itself, where ``get`` raises for the Llama Stack endpoints)."""
+        return self.store.find(tenant=tenant, job_uuid=job_uuid)
+
+    def list_jobs(self, *, tenant: str) -> list[Job]:
+        """All of the tenant's jobs, oldest first (``list`` gives only their ids)."""
+        return self.store.list(tenant=tenant)

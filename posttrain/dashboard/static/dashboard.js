@@ -77,7 +77,7 @@ function jobRow(job) {
     progress.textContent = "–";
   }
   row.append(progress);
-  row.append(el("td", {}, fmt(job.loss)));
+  row.append(el("td", {}, fmt(job.loss))); // the last step's loss
   row.append(el("td", { class: "age", "data-time": job.scheduled_at }, age(job.scheduled_at)));
   return row;
 }
@@ -213,7 +213,7 @@ function startJobPage() {
   function renderCheckpoints() {
     const rows = [...checkpoints.values()].sort((a, b) => a.epoch - b.epoch || a.step - b.step).map((c) => {
       const row = el("tr", { "data-identifier": c.identifier });
-      row.append(el("td", {}, c.epoch), el("td", {}, c.step), el("td", {}, fmt(c.train_loss)),
+      row.append(el("td", {}, c.epoch), el("td", {}, c.step), el("td", {}, fmt(c.train_loss)), // the mean over the epoch's steps
         el("td", {}, fmt(c.validation_loss)), el("td", {}, fmt(c.perplexity, 3)));
       const path = el("td");
       path.append(el("code", { title: c.identifier }, c.path));
@@ -261,7 +261,7 @@ function startJobPage() {
     $("validation-points").textContent = plural([...validation.values()].filter((v) => v.loss != null).length);
     if (latest) {
       $("progress").textContent = `step ${latest.step} of ${totalSteps || "?"}, epoch ${latest.epoch}`;
-      $("latest-loss").textContent = fmt(latest.loss);
+      $("last-step-loss").textContent = fmt(latest.loss); // the latest metric event: one step's loss
     } else if (totalSteps) {
       $("progress").textContent = `step 0 of ${totalSteps}`;
     }
