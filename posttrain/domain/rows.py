@@ -164,7 +164,7 @@ def normalize_preference_row(row: dict, *, row_index: int) -> tuple[list[dict], 
 
 
 def _shown_columns(row: dict) -> str:
-    names = sorted(row)
+    names = sorted(str(name) for name in row)
     shown = ", ".join(repr(name if len(name) <= 40 else name[:40] + "…") for name in names[:_SHOWN_COLUMNS])
     more = f", … ({len(names) - _SHOWN_COLUMNS} more)" if len(names) > _SHOWN_COLUMNS else ""
     return f"[{shown}{more}]"
@@ -183,14 +183,49 @@ def _sft_fits(row: dict, row_index: int) -> str | None:
             return first.reason
 
 
+def _fits_plainly(row: dict) -> bool:
+    """True when the row is one of the plain, common shapes that certainly parse (all text, no JSON
+    inside a string): checked by looking, so a large dataset of them costs a few lookups a row.
+
+    False means only "look closer": each test mirrors which columns the parsers above pick first.
+    """
+    get = row.get
+    for prompt_col, answer_col in INSTRUCT_PAIRS:
+        question, answer = get(prompt_col), get(answer_col)
+        if question is not None and answer is not None:
+            if isinstance(question, str) and isinstance(answer, str):
+                return True  # even chat_completion_input: a string that is not messages is the question
+            break
+    for column in DIALOG_COLUMNS:
+        chat = get(column)
+        if chat is not None:
+            if isinstance(chat, list) and chat and all(
+                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in chat
+            ):
+                return True
+            break
+    chosen, rejected, prompt = get("chosen"), get("rejected"), get("prompt")
+    # A string answer is read as JSON only when it holds a list, which must start with "[".
+    return (
+        isinstance(prompt, str)
+        and isinstance(chosen, str)
+        and isinstance(rejected, str)
+        and not chosen.lstrip().startswith("[")
+        and not rejected.lstrip().startswith("[")
+    )
+
+
 def layout_problem(row: Any, *, row_index: int) -> str | None:
     """Why ``row`` fits no known layout, or None when one fits.
 
-    The columns are looked at first, so a well-formed row of any layout is parsed once and raises
-    nothing; the trainer's own checks (an assistant turn to learn, token limits) are left to it.
+    Plain rows are recognised by looking (``_fits_plainly``); any other row is parsed as the trainer
+    parses it, choosing by its columns which layout to try first, so a well-formed row raises
+    nothing. The trainer's own further checks (an assistant turn to learn, token limits) are left to it.
     """
     if not isinstance(row, dict):
         return f"is a {type(row).__name__}, not a JSON object"
+    if _fits_plainly(row):
+        return None
     preference = _present(row, "chosen") and _present(row, "rejected")
     supervised = any(_present(row, c) for c in DIALOG_COLUMNS) or any(
         _present(row, p) and _present(row, a) for p, a in INSTRUCT_PAIRS

@@ -103,7 +103,8 @@ def test_a_row_with_many_or_long_columns_gets_a_short_message():
 
 # -- never stricter than the trainer, and strict where it must be --------------------------------
 
-_TEXT = st.one_of(st.text(max_size=5), st.integers(), st.none(), st.booleans())
+_TEXT = st.one_of(st.text(max_size=5), st.sampled_from(["[", " [1]", "[]", "{}", "null", '"x"']), st.integers(),
+                  st.none(), st.booleans())  # fmt: skip
 _MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": _TEXT})
 _VALUE = st.one_of(
     _TEXT,
