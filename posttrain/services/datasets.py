@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from posttrain.domain.datasets import Dataset
+from posttrain.domain.rows import RowFormatError, require_known_layouts
 from posttrain.errors import DatasetNotFound, DatasetSourceInvalid, DuplicateDataset, InvalidRequest
 from posttrain.services.dataset_sources import load_uri_rows, validate_rows
 from posttrain.services.http_sources import HttpPolicy
@@ -47,6 +48,7 @@ class DatasetService:
                     timeout_seconds=self.settings.http_dataset_timeout_seconds,
                 ),
             )
+        _refuse_unknown_layouts(rows)
         return self.store.create(
             tenant=tenant, identifier=identifier, purpose=purpose, source=source, metadata=metadata or {}, rows=rows
         )
@@ -83,6 +85,19 @@ class DatasetService:
         dataset = self.get(tenant=tenant, dataset_id=dataset_id)
         limit = self.settings.max_dataset_rows
         checked = validate_rows(rows, max_rows=None)
+        _refuse_unknown_layouts(checked)
         if limit is not None and dataset.row_count + len(checked) > limit:
             raise DatasetSourceInvalid(f"rows: the dataset would hold more than {limit} rows, the most this server keeps")
         self.store.append(tenant=tenant, identifier=dataset_id, rows=checked)
+
+
+def _refuse_unknown_layouts(rows: list[dict[str, Any]]) -> None:
+    """Refuse, before anything is written, rows that fit no layout the trainer reads.
+
+    Without this a dataset of such rows registers and the job fails at its first second; the
+    trainer still checks again. Rows are numbered from 0 as sent (for an append: in the request).
+    """
+    try:
+        require_known_layouts(rows)
+    except RowFormatError as exc:
+        raise DatasetSourceInvalid(str(exc)) from exc

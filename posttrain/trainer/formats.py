@@ -1,117 +1,28 @@
-"""Turn dataset rows, in the layouts Llama Stack users already have, into chats and token ids.
+"""Turn dataset rows into token ids, with labels that cover exactly the assistant's answers.
 
-Rows arrive as whatever the user registered: instruct rows (``chat_completion_input`` +
-``expected_answer``, ``input_query``/``expected_answer``, ``prompt``/``completion``,
-``input``/``output``, ``question``/``answer``) or dialog rows (``messages``, or ``dialog`` as a JSON
-string). We accept every layout under either ``data_format`` (the format only sets which layouts
-are tried first) and fail, naming the row and the columns we expected, only when nothing fits:
-a user can then fix the dataset rather than guess.
+Which columns a row may have, and how each layout becomes a chat, is ``posttrain.domain.rows``
+(the server checks rows against the same layouts when they are registered); this module adds what
+needs a tokenizer. Its names are re-exported here so the trainer reads rows from one place.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from posttrain.domain.rows import (  # the layouts live in domain, where the server checks rows too
+    DIALOG_COLUMNS,
+    EXPECTED_PREFERENCE,
+    EXPECTED_SFT,
+    INSTRUCT_PAIRS,
+    RowFormatError,
+    normalize_preference_row,
+    normalize_sft_row,
+)
+
+__all__ = [
+    "DIALOG_COLUMNS", "EXPECTED_PREFERENCE", "EXPECTED_SFT", "IGNORE_INDEX", "INSTRUCT_PAIRS", "RowFormatError",
+    "chat_segments", "normalize_preference_row", "normalize_sft_row", "tokenize_sft_row",
+]  # fmt: skip
 
 IGNORE_INDEX = -100
-
-INSTRUCT_PAIRS = (
-    ("chat_completion_input", "expected_answer"),
-    ("input_query", "expected_answer"),
-    ("prompt", "completion"),
-    ("input", "output"),
-    ("question", "answer"),
-)
-DIALOG_COLUMNS = ("messages", "dialog")
-EXPECTED_SFT = " | ".join([*DIALOG_COLUMNS, *(f"{a}+{b}" for a, b in INSTRUCT_PAIRS)])
-EXPECTED_PREFERENCE = "prompt+chosen+rejected (or chosen+rejected as message lists)"
-
-
-class RowFormatError(ValueError):
-    """A dataset row fits none of the layouts we know."""
-
-    def __init__(self, message: str, *, row_index: int) -> None:
-        self.row_index = row_index
-        super().__init__(f"row {row_index}: {message}")
-
-
-def _present(row: dict, key: str) -> bool:
-    return key in row and row[key] is not None
-
-
-def _text(value: Any, *, row_index: int, column: str) -> str:
-    """Content as text: a string, a Llama Stack content item, or a list of them."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float, bool)):
-        return str(value)
-    if isinstance(value, dict) and isinstance(value.get("text"), str):
-        return value["text"]
-    if isinstance(value, list) and all(isinstance(item, (str, dict)) for item in value):
-        return "".join(_text(item, row_index=row_index, column=column) for item in value)
-    raise RowFormatError(f"column {column!r} holds {type(value).__name__}, expected text", row_index=row_index)
-
-
-def _messages(value: Any, *, row_index: int, column: str) -> list[dict]:
-    """A list of {role, content} from a list, or from a JSON string holding one."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise RowFormatError(f"column {column!r} is not valid JSON ({exc.msg})", row_index=row_index) from exc
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise RowFormatError(f"column {column!r} must be a non-empty list of messages", row_index=row_index)
-    chat = []
-    for message in value:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RowFormatError(
-                f"column {column!r} must hold messages with 'role' and 'content'", row_index=row_index
-            )
-        chat.append({"role": str(message["role"]), "content": _text(message["content"], row_index=row_index, column=column)})
-    return chat
-
-
-def _instruct_chat(row: dict, *, prompt_col: str, answer_col: str, row_index: int) -> list[dict]:
-    answer = {"role": "assistant", "content": _text(row[answer_col], row_index=row_index, column=answer_col)}
-    if prompt_col == "chat_completion_input":
-        value = row[prompt_col]
-        try:
-            prompt = _messages(value, row_index=row_index, column=prompt_col)
-        except RowFormatError:
-            if not isinstance(value, str):
-                raise
-            prompt = [{"role": "user", "content": value}]  # a bare question, not JSON: be lenient
-    else:
-        prompt = [{"role": "user", "content": _text(row[prompt_col], row_index=row_index, column=prompt_col)}]
-    return [*prompt, answer]
-
-
-def normalize_sft_row(row: dict, *, data_format: str, row_index: int) -> list[dict]:
-    """Return the row as a chat (list of {role, content}) ending in at least one assistant turn."""
-    if not isinstance(row, dict):
-        raise RowFormatError(f"expected a JSON object with columns {EXPECTED_SFT}", row_index=row_index)
-    dialog_first = data_format == "dialog"
-    chat = None
-    for attempt in ("dialog", "instruct") if dialog_first else ("instruct", "dialog"):
-        if attempt == "dialog":
-            column = next((c for c in DIALOG_COLUMNS if _present(row, c)), None)
-            if column is not None:
-                chat = _messages(row[column], row_index=row_index, column=column)
-        else:
-            pair = next(((p, a) for p, a in INSTRUCT_PAIRS if _present(row, p) and _present(row, a)), None)
-            if pair is not None:
-                chat = _instruct_chat(row, prompt_col=pair[0], answer_col=pair[1], row_index=row_index)
-        if chat is not None:
-            break
-    if chat is None:
-        raise RowFormatError(
-            f"no known layout fits; expected columns {EXPECTED_SFT}; found {sorted(row)}", row_index=row_index
-        )
-    if not any(m["role"] == "assistant" for m in chat):
-        raise RowFormatError("the conversation has no assistant message to learn from", row_index=row_index)
-    return chat
 
 
 def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
@@ -195,44 +106,3 @@ def tokenize_sft_row(
         raise RowFormatError("the answer is empty; there is nothing to learn from this row",
                              row_index=row_index)
     return {"input_ids": input_ids, "labels": labels}
-
-
-def normalize_preference_row(row: dict, *, row_index: int) -> tuple[list[dict], str, str]:
-    """Return ``(prompt_messages, chosen_text, rejected_text)`` for a DPO row.
-
-    ``prompt`` may be a string or messages; ``chosen``/``rejected`` a string, messages (the last
-    assistant message is the answer) or, with no ``prompt``, whole conversations whose leading
-    messages are the prompt (TRL's implicit-prompt layout).
-    """
-    if not isinstance(row, dict) or not (_present(row, "chosen") and _present(row, "rejected")):
-        found = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise RowFormatError(f"expected columns {EXPECTED_PREFERENCE}; found {found}", row_index=row_index)
-
-    def answer(column: str) -> tuple[list[dict], str]:
-        value = row[column]
-        if isinstance(value, str):
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError:
-                return [], value
-            if not isinstance(parsed, list):
-                return [], value
-            value = parsed
-        if isinstance(value, (list, dict)):
-            messages = _messages(value, row_index=row_index, column=column)
-            return messages[:-1], messages[-1]["content"]
-        return [], _text(value, row_index=row_index, column=column)
-
-    implicit_prompt, chosen = answer("chosen")
-    _, rejected = answer("rejected")
-    if _present(row, "prompt"):
-        value = row["prompt"]
-        if isinstance(value, (list, dict)):
-            prompt = _messages(value, row_index=row_index, column="prompt")
-        else:
-            prompt = [{"role": "user", "content": _text(value, row_index=row_index, column="prompt")}]
-    elif implicit_prompt:
-        prompt = implicit_prompt
-    else:
-        raise RowFormatError(f"no prompt found; expected columns {EXPECTED_PREFERENCE}", row_index=row_index)
-    return prompt, chosen, rejected

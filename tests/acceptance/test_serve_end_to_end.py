@@ -139,8 +139,13 @@ def test_cancel_running_job_stops_its_trainer(live_server, colours):
 
 
 def test_a_bad_row_fails_the_job_with_a_reason(live_server):
-    rows = colour_rows(repeat=1) + [{"nothing": "useful"}]
     dataset_id = f"bad-{uuid.uuid4().hex[:6]}"
+    # A row in no known layout is refused where it is sent ...
+    refused = live_server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": dataset_id,
+                                                     "source": {"type": "rows", "rows": colour_rows(repeat=1) + [{"nothing": "useful"}]}})
+    assert refused.status_code == 400 and refused.json()["detail"].startswith("row 8: no known layout"), refused.text
+    # ... one in a layout but with nothing to learn (no assistant turn) registers, and the job says why it fails.
+    rows = colour_rows(repeat=1) + [{"messages": [{"role": "user", "content": "no answer"}]}]
     assert live_server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": dataset_id,
                                                   "source": {"type": "rows", "rows": rows}}).status_code == 200
     body = lora_request(str(live_server.tiny_model_path), dataset_id)
@@ -150,7 +155,7 @@ def test_a_bad_row_fails_the_job_with_a_reason(live_server):
     # The reason, naming the row, is in the job's event log; the server stays up.
     events = live_server.get("/v1/post-training/job/events", params={"job_uuid": body["job_uuid"]}).json()
     (failure,) = [e["data"] for e in events["data"] if e["type"] == "state" and e["data"]["status"] == "failed"]
-    assert failure["code"] == "bad_row" and "row 8" in failure["message"], failure
+    assert failure["code"] == "bad_row" and "row 8" in failure["message"] and "no assistant" in failure["message"], failure
     assert live_server.get("/v1/health").json() == {"status": "OK"}
 
 

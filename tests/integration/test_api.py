@@ -309,7 +309,7 @@ def test_shapes_newer_clients_send(client, tiny_model_path):
     """Clients 0.5/0.6 repeat dataset_id in append-rows, send null for options left out, may omit
     the LoRA type tag, and can only name the job to cancel in the query string."""
     register(client)
-    assert client.post("/v1beta/datasetio/append-rows/toy", json={"dataset_id": "toy", "rows": [{"a": "b"}]}).status_code == 200
+    assert client.post("/v1beta/datasetio/append-rows/toy", json={"dataset_id": "toy", "rows": [{"question": "a", "answer": "b"}]}).status_code == 200
     assert_problem(client.post("/v1beta/datasetio/append-rows/toy", json={"dataset_id": "other", "rows": []}), 400, "dataset_id")
     body = lora_request(str(tiny_model_path), "toy")
     body["algorithm_config"].pop("type")
