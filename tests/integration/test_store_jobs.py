@@ -8,6 +8,8 @@ from datetime import timedelta
 
 import pytest
 
+from tests.plans import a_plan
+
 from posttrain.domain.jobs import JobKind, JobStatus
 from posttrain.errors import DuplicateJob
 from posttrain.store.engine import make_engine, migrate
@@ -24,7 +26,7 @@ def store(database_url):
 
 def _submit(store: JobStore, job_uuid: str, *, max_attempts: int = 2, tenant: str = "t"):
     return store.create(job_id=new_job_id(), job_uuid=job_uuid, tenant=tenant, kind=JobKind.SFT,
-                        request={"job_uuid": job_uuid}, plan={"method": "sft"}, max_attempts=max_attempts)
+                        request={"job_uuid": job_uuid}, plan=a_plan(), max_attempts=max_attempts)
 
 
 def test_created_job_is_scheduled_and_duplicates_conflict(store):
