@@ -53,6 +53,7 @@ def _scheduler(settings: Settings):  # noqa: ANN202
 def _prepare_demo(settings: Settings, services) -> None:  # noqa: ANN001
     """Build the tiny demo model and register the demo dataset, unless they already exist."""
     from posttrain.demo import DEMO_DATASET_ID, DEMO_MODEL_NAME, colour_rows
+    from posttrain.errors import DuplicateDataset
 
     model_dir = settings.resolved_home / "models" / DEMO_MODEL_NAME
     if not (model_dir / "config.json").is_file():
@@ -60,10 +61,12 @@ def _prepare_demo(settings: Settings, services) -> None:  # noqa: ANN001
 
         console.print(f"building the demo model in {model_dir} …")
         create_tiny_model(model_dir)
-    if services.datasets.store.get(tenant="default", identifier=DEMO_DATASET_ID) is None:
+    try:
         services.datasets.register(tenant="default", purpose="post-training/messages",
                                    source={"type": "rows", "rows": colour_rows()}, metadata={"description": "demo"},
                                    dataset_id=DEMO_DATASET_ID)
+    except DuplicateDataset:
+        pass  # registered by an earlier start
     console.print(f"[bold]demo model:[/bold] {model_dir}\n[bold]demo dataset:[/bold] {DEMO_DATASET_ID}")
 
 
