@@ -37,15 +37,22 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.trainer import checkpoints, forward, modeling
+from posttrain.trainer import checkpoints, forward
+from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import length_grouped_batches, read_rows
 from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
+from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_preference_row
+from posttrain.trainer.loading import load_merge_base, load_model
+from posttrain.trainer.loop_plan import LoopPlan
+from posttrain.trainer.optimization import apply_gradients, prepare_optimization
+from posttrain.trainer.precision import Precision
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
-from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, write_epoch_checkpoint
+from posttrain.trainer.run_setup import base_resources, set_up_run
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 
@@ -62,17 +69,17 @@ class DPOConfig:
         try:
             beta = float(algorithm.get("beta", 0.1))
         except (TypeError, ValueError):
-            raise modeling.TrainerConfigError(
+            raise TrainerConfigError(
                 f"algorithm_config.beta must be a number, not {algorithm.get('beta')!r}") from None
         if not beta > 0:
-            raise modeling.TrainerConfigError(f"algorithm_config.beta must be greater than 0, not {beta}")
+            raise TrainerConfigError(f"algorithm_config.beta must be greater than 0, not {beta}")
         loss_type = algorithm.get("loss_type") or "sigmoid"
         if loss_type not in LOSS_TYPES:
-            raise modeling.TrainerConfigError(f"algorithm_config.loss_type must be one of {', '.join(LOSS_TYPES)}, "
-                                              f"not {loss_type!r}")
+            raise TrainerConfigError(f"algorithm_config.loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                                     f"not {loss_type!r}")
         lora = algorithm.get("lora")
         if not isinstance(lora, dict) or lora.get("type", "LoRA") != "LoRA":
-            raise modeling.TrainerConfigError("algorithm_config.lora must be a LoRA config: DPO trains a LoRA adapter")
+            raise TrainerConfigError("algorithm_config.lora must be a LoRA config: DPO trains a LoRA adapter")
         return cls(beta=beta, loss_type=loss_type, lora=lora)
 
 
@@ -103,7 +110,7 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def _answer_logps(model, batch, *, precision: modeling.Precision, average: bool):
+def _answer_logps(model, batch, *, precision: Precision, average: bool):
     """Summed (or, with ``average``, mean) log-prob of each row's label tokens: shape [2B]."""
     import torch
 
@@ -188,8 +195,6 @@ class _Totals:
 def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, precision, stop: StopFlag,
                 reference_logps: ReferenceLogps):
     """One optimizer step; returns the step's mean metrics, or None when stopped between micro-batches."""
-    import torch
-
     model.train()
     total_pairs = sum(b["pairs"] for b in micro_batches)
     totals = _Totals()
@@ -202,20 +207,11 @@ def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, p
         loss = losses.mean() * (batch["pairs"] / total_pairs)
         (scaler.scale(loss) if scaler else loss).backward()
         totals.add(losses, chosen, rejected)
-    if scaler:
-        scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_gradients(model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     return totals.means()
 
 
-def _evaluate(model, examples, *, config, plan: SFTPlan, pad_id: int, seed: int, precision,
+def _evaluate(model, examples, *, config, plan: LoopPlan, pad_id: int, seed: int, precision,
               reference_logps: ReferenceLogps) -> dict[str, float]:
     """Pair-mean DPO loss and rewards over a fixed random sample of validation batches."""
     import torch
@@ -237,11 +233,11 @@ def _evaluate(model, examples, *, config, plan: SFTPlan, pad_id: int, seed: int,
 def _load_base(*, spec: dict[str, Any], precision, trust: bool):
     """The starting policy (and reference): the model, with ``spec["adapter"]`` merged in if set."""
     if not spec.get("adapter"):
-        return modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
+        return load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
     from peft import PeftModel
 
     # Merge in fp32, then drop to the compute dtype the frozen base uses.
-    base = modeling.load_model(path=spec["model"], precision=precision, lora=False, trust_remote_code=trust)
+    base = load_model(path=spec["model"], precision=precision, lora=False, trust_remote_code=trust)
     merged = PeftModel.from_pretrained(base, spec["adapter"]).merge_and_unload()
     return merged.to(precision.torch_dtype())
 
@@ -255,7 +251,7 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     metric schema requires the field.
     """
     config = spec["training_config"]
-    plan = SFTPlan.from_training_config(config)
+    plan = LoopPlan.from_training_config(config)
     dpo = DPOConfig.from_algorithm_config(spec.get("algorithm_config"))
     # Check every row's layout before the slow imports and model load: a bad row fails in a second.
     train_rows = read_rows(spec["train_rows_path"])
@@ -264,9 +260,9 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         for index, row in enumerate(rows):
             normalize_preference_row(row, row_index=index)
     if not train_rows:
-        raise modeling.TrainerConfigError("the training dataset has no rows")
+        raise TrainerConfigError("the training dataset has no rows")
 
-    run_setup = modeling.set_up_run(spec, requested_dtype=config.get("dtype"))
+    run_setup = set_up_run(spec, requested_dtype=config.get("dtype"))
     trust, seed, job_uuid = run_setup.trust_remote_code, run_setup.seed, run_setup.job_uuid
     output_dir, threads, precision = run_setup.output_dir, run_setup.threads, run_setup.precision
     tokenizer, max_length = run_setup.tokenizer, run_setup.max_length
@@ -276,22 +272,22 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     found = checkpoints.find_checkpoints(output_dir=output_dir)
     if found and (not (found[-1][1] / "adapter_config.json").is_file()
                   or checkpoints.read_trainer_state(folder=found[-1][1]).get("method") != "dpo"):
-        raise modeling.TrainerConfigError(f"{found[-1][1]} is not a DPO checkpoint; use a new output_dir")
+        raise TrainerConfigError(f"{found[-1][1]} is not a DPO checkpoint; use a new output_dir")
     points = ResumePoints(spec.get("resume_dir"), every_seconds=spec.get("resume_every_seconds"))
     source = resume_source(found=found, points=points)
     resume = source[1] if source else None
     base = _load_base(spec=spec, precision=precision, trust=trust)
-    model = modeling.lora_model(base, dpo.lora, resume=resume)
+    model = lora_model(base, dpo.lora, resume=resume)
     if plan.activation_checkpointing:
-        modeling.enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)
 
-    run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
-                                        micro_batches=math.ceil(len(train) / plan.batch_size), plan=plan,
-                                        precision=precision, resume_folder=resume)
+    run = prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
+                               micro_batches=math.ceil(len(train) / plan.batch_size), plan=plan,
+                               precision=precision, resume_folder=resume)
 
     reporter.emit(
         "started",
-        resources={**modeling.base_resources(model, precision=precision, threads=threads), "method": "dpo",
+        resources={**base_resources(model, precision=precision, threads=threads), "method": "dpo",
                    "loss_type": dpo.loss_type, "beta": dpo.beta, "merged_adapter": spec.get("adapter")},
         total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
@@ -309,10 +305,10 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         reporter.log(f"merged the adapter {spec['adapter']} into the model; it is the starting policy and the "
                      "reference, and the checkpoints hold the DPO adapter to apply on top of it")
     for epoch, folder in found:
-        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
+        emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
 
     pad_id = tokenizer.pad_token_id
-    merge_base = functools.partial(modeling.load_merge_base, path=spec["model"], adapter=spec.get("adapter"),
+    merge_base = functools.partial(load_merge_base, path=spec["model"], adapter=spec.get("adapter"),
                                    trust_remote_code=trust)
 
     # The validation pairs are the training pairs when the job names no validation dataset.

@@ -118,7 +118,7 @@ def _margins(model, tokenizer) -> list[float]:
     import torch
 
     from posttrain.trainer.dpo import _answer_logps
-    from posttrain.trainer.modeling import Precision
+    from posttrain.trainer.precision import Precision
     from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows
 
     examples = encode_preference_rows(preference_rows(), tokenizer=tokenizer, max_length=512)
