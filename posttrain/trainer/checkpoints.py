@@ -81,6 +81,7 @@ def write_checkpoint(
     training_state: dict[str, Any],
     trainer_state: dict[str, Any],
     merge_base: Callable[[], Any] | None = None,
+    save_model: Callable[[Path, Path], None] | None = None,
 ) -> Path:
     """Save model (or peft adapter) + tokenizer + training state, then rename into place.
 
@@ -90,16 +91,20 @@ def write_checkpoint(
     bf16), so the merged model gives the logits of base + adapter. It costs one more model in
     memory while it is written.
 
+    ``save_model(staging, final)``, when given, writes the model (or adapter) files into the
+    staging folder instead of ``model.save_pretrained``; ``final`` is where they will end up.
+
     Every file is fsynced before the rename and the folder after it, so a checkpoint that exists
     under its final name is complete on disk even after a power loss.
     """
     final = checkpoint_dir(output_dir=output_dir, epoch=epoch)
     return write_folder(final, model=model, tokenizer=tokenizer, training_state=training_state,
-                        trainer_state=trainer_state, merge_base=merge_base)
+                        trainer_state=trainer_state, merge_base=merge_base, save_model=save_model)
 
 
 def write_folder(final: Path, *, model, tokenizer, training_state: dict[str, Any], trainer_state: dict[str, Any],
-                 merge_base: Callable[[], Any] | None = None) -> Path:
+                 merge_base: Callable[[], Any] | None = None,
+                 save_model: Callable[[Path, Path], None] | None = None) -> Path:
     """Write a checkpoint-shaped folder atomically at ``final`` (see ``write_checkpoint``);
     without a tokenizer when ``tokenizer`` is None (a resume point's model comes with its job)."""
     import torch
@@ -110,7 +115,10 @@ def write_folder(final: Path, *, model, tokenizer, training_state: dict[str, Any
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        model.save_pretrained(staging)
+        if save_model is None:
+            model.save_pretrained(staging)
+        else:
+            save_model(staging, final)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if merge_base is not None and hasattr(model, "merge_and_unload"):

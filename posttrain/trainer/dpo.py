@@ -4,7 +4,8 @@ The same loop shape as SFT (``sft.py``: events, checkpoints, resume, stop), on p
 DPO always trains a LoRA adapter (``algorithm_config["lora"]``); the reference model is the same
 weights with that adapter switched off (``model.disable_adapter()``, no grad), so there is never a
 second copy of the model in memory. With ``spec["adapter"]`` (an SFT LoRA checkpoint), that adapter
-is merged into the base first: the merged model is both the starting policy and the reference.
+is merged into the base first: the merged model is both the starting policy and the reference,
+and the checkpoints hold the two adapters stacked into one for the base (``dpo_checkpoint_layout``).
 
 Each micro-batch puts its B chosen and B rejected sequences through the model as ONE batch of 2B
 rows, padded to the longest; the summed log-probability of each answer's tokens gives
@@ -31,7 +32,6 @@ The reference log-probs of a pair are computed the first time it is met and cach
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from dataclasses import dataclass
@@ -41,11 +41,12 @@ from posttrain.trainer import checkpoints, forward
 from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import length_grouped_batches, read_rows
 from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.dpo_checkpoint_layout import adapter_layout, resume_adapter
 from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_preference_row
-from posttrain.trainer.loading import load_merge_base, load_model
+from posttrain.trainer.loading import load_model
 from posttrain.trainer.loop_plan import LoopPlan
 from posttrain.trainer.optimization import apply_gradients, prepare_optimization
 from posttrain.trainer.precision import Precision
@@ -53,6 +54,7 @@ from posttrain.trainer.preference_data import collate_pairs, encode_preference_r
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.run_setup import base_resources, set_up_run
+from posttrain.trainer.stacked_adapters import LoraWeights, capture
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 
@@ -112,14 +114,18 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
 
 def _answer_logps(model, batch, *, precision: Precision, average: bool):
     """Summed (or, with ``average``, mean) log-prob of each row's label tokens: shape [2B]."""
+    summed, tokens = _answer_logp_sums(model, batch, precision=precision)
+    return summed / tokens.clamp(min=1) if average else summed
+
+
+def _answer_logp_sums(model, batch, *, precision: Precision):
+    """Summed log-prob of each row's label tokens and how many there are: two tensors of shape [2B]."""
     import torch
 
     log_probs, rows = forward.token_log_probs(model, batch, precision=precision)
     count = batch["input_ids"].shape[0]
     summed = torch.zeros(count, device=log_probs.device).index_add(0, rows, log_probs)
-    if not average:
-        return summed
-    return summed / torch.bincount(rows, minlength=count).clamp(min=1)
+    return summed, torch.bincount(rows, minlength=count)
 
 
 class ReferenceLogps:
@@ -160,14 +166,36 @@ def _pair_batch(examples: list[dict], indices: list[int], *, pad_id: int) -> dic
     return {**collate_pairs([examples[i] for i in indices], pad_id=pad_id), "pair_ids": list(indices)}
 
 
-def _pair_losses(model, batch, *, config: DPOConfig, precision, reference_logps: ReferenceLogps):
-    """Reference log-probs (adapter off, no grad; cached per pair), then the policy's, then TRL's loss."""
+def _pair_losses(model, batch, *, config: DPOConfig, precision, reference_logps: ReferenceLogps,
+                 chosen_nll: ChosenNLL | None = None):
+    """Reference log-probs (adapter off, no grad; cached per pair), then the policy's, then TRL's loss.
+    With ``chosen_nll``, the policy's log-probs of the chosen answers are added to it too."""
     average = config.loss_type == "ipo"
     pairs = batch["pairs"]
     reference = reference_logps.of(model, batch, precision=precision, average=average)
-    policy = _answer_logps(model, batch, precision=precision, average=average)
+    summed, tokens = _answer_logp_sums(model, batch, precision=precision)
+    policy = summed / tokens.clamp(min=1) if average else summed
+    if chosen_nll is not None:
+        chosen_nll.add(summed[:pairs], tokens[:pairs])
     return dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=config.beta,
                     loss_type=config.loss_type)
+
+
+class ChosenNLL:
+    """The policy's negative log-likelihood of the chosen answers' tokens, summed over a validation
+    pass: ``mean`` per token is what a DPO checkpoint's ``perplexity`` is exp of (the language-model
+    perplexity of the answers the job teaches the model to prefer)."""
+
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.tokens = 0
+
+    def add(self, summed_logps, tokens) -> None:
+        self.nll -= float(summed_logps.detach().sum())
+        self.tokens += int(tokens.sum())
+
+    def mean(self) -> float:
+        return self.nll / self.tokens if self.tokens else math.nan
 
 
 class _Totals:
@@ -213,7 +241,8 @@ def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, p
 
 def _evaluate(model, examples, *, config, plan: LoopPlan, pad_id: int, seed: int, precision,
               reference_logps: ReferenceLogps) -> dict[str, float]:
-    """Pair-mean DPO loss and rewards over a fixed random sample of validation batches."""
+    """Pair-mean DPO loss and rewards over a fixed random sample of validation batches, and the
+    policy's per-token NLL of those pairs' chosen answers (``chosen_nll``)."""
     import torch
 
     model.eval()
@@ -221,34 +250,38 @@ def _evaluate(model, examples, *, config, plan: LoopPlan, pad_id: int, seed: int
                                      shuffle=True, rng=random.Random(f"{seed}:validation"))
     if plan.max_validation_steps > 0:
         batches = batches[: plan.max_validation_steps]
-    totals = _Totals()
+    totals, chosen_nll = _Totals(), ChosenNLL()
     with torch.no_grad():
         for indices in batches:
             batch = _pair_batch(examples, indices, pad_id=pad_id)
             totals.add(*_pair_losses(model, batch, config=config, precision=precision,
-                                     reference_logps=reference_logps))
-    return totals.means() if totals.pairs else {"loss": math.nan}
+                                     reference_logps=reference_logps, chosen_nll=chosen_nll))
+    if not totals.pairs:
+        return {"loss": math.nan, "chosen_nll": math.nan}
+    return {**totals.means(), "chosen_nll": chosen_nll.mean()}
 
 
-def _load_base(*, spec: dict[str, Any], precision, trust: bool):
-    """The starting policy (and reference): the model, with ``spec["adapter"]`` merged in if set."""
+def _load_base(*, spec: dict[str, Any], precision, trust: bool) -> tuple[Any, LoraWeights | None]:
+    """The starting policy (and reference): the model, with ``spec["adapter"]`` merged in if set;
+    and that adapter's weights (to stack with the DPO adapter in the checkpoints), or None."""
     if not spec.get("adapter"):
-        return load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
+        return load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust), None
     from peft import PeftModel
 
     # Merge in fp32, then drop to the compute dtype the frozen base uses.
     base = load_model(path=spec["model"], precision=precision, lora=False, trust_remote_code=trust)
-    merged = PeftModel.from_pretrained(base, spec["adapter"]).merge_and_unload()
-    return merged.to(precision.torch_dtype())
+    starting = PeftModel.from_pretrained(base, spec["adapter"])
+    weights = capture(starting)
+    return starting.merge_and_unload().to(precision.torch_dtype()), weights
 
 
 def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     """Train as the spec says, reporting events; returns "completed" or "cancelled".
 
-    Checkpoints carry ``train_loss``, ``validation_loss`` (the DPO loss) and ``perplexity`` =
-    exp(validation_loss), as the protocol says. For DPO that "perplexity" is exp of the DPO
-    validation loss, not a language-model perplexity: it is kept because the Llama Stack checkpoint
-    metric schema requires the field.
+    Checkpoints carry ``train_loss`` and ``validation_loss`` (the DPO loss) and ``perplexity``, the
+    policy's language-model perplexity on the validation pairs' chosen answers (exp of the mean
+    per-token NLL of those tokens; exp of a DPO loss would be no perplexity). Their adapter loads on
+    the base into the trained model, also after a start from an SFT adapter (``dpo_checkpoint_layout``).
     """
     config = spec["training_config"]
     plan = LoopPlan.from_training_config(config)
@@ -276,8 +309,8 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     points = ResumePoints(spec.get("resume_dir"), every_seconds=spec.get("resume_every_seconds"))
     source = resume_source(found=found, points=points)
     resume = source[1] if source else None
-    base = _load_base(spec=spec, precision=precision, trust=trust)
-    model = lora_model(base, dpo.lora, resume=resume)
+    base, starting_adapter = _load_base(spec=spec, precision=precision, trust=trust)
+    model = lora_model(base, dpo.lora, resume=resume_adapter(resume) if resume is not None else None)
     if plan.activation_checkpointing:
         enable_activation_checkpointing(model)
 
@@ -301,15 +334,17 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     if (spec.get("algorithm_config") or {}).get("legacy_config") is not None:
         reporter.log(f"the request's DPO options {sorted(spec['algorithm_config']['legacy_config'])} have no DPO "
                      f"meaning; training with beta={dpo.beta}, loss_type={dpo.loss_type}", level="warning")
+    layout = adapter_layout(spec, model=model, tokenizer=tokenizer, starting=starting_adapter, trust_remote_code=trust)
     if spec.get("adapter"):
         reporter.log(f"merged the adapter {spec['adapter']} into the model; it is the starting policy and the "
-                     "reference, and the checkpoints hold the DPO adapter to apply on top of it")
+                     "reference" + ("" if layout.warning else "; the checkpoints hold it and the DPO adapter stacked, "
+                                    "one adapter for the base"))
+    if layout.warning:
+        reporter.log(layout.warning, level="warning")
     for epoch, folder in found:
         emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
 
     pad_id = tokenizer.pad_token_id
-    merge_base = functools.partial(load_merge_base, path=spec["model"], adapter=spec.get("adapter"),
-                                   trust_remote_code=trust)
 
     # The validation pairs are the training pairs when the job names no validation dataset.
     train_reference = ReferenceLogps()
@@ -328,15 +363,14 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
         evaluation = _evaluate(model, validation, config=dpo, plan=plan, pad_id=pad_id, seed=seed,
                                precision=precision, reference_logps=validation_reference)
-        # A DPO adapter trained on a merged SFT adapter does not load on the plain base alone: such a
-        # checkpoint always carries the merged model too.
         write_epoch_checkpoint(
             reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer, run=run,
             epoch=epoch, global_step=global_step, losses=losses, validation_loss=evaluation["loss"],
+            nll_for_perplexity=evaluation["chosen_nll"],
             state={"lora": True, "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
-                   "merged_adapter": spec.get("adapter"),
+                   "merged_adapter": spec.get("adapter"), **layout.state,
                    "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}},
-            merge_base=merge_base if spec.get("save_merged") or spec.get("adapter") else None)
+            merge_base=layout.merge_base, save_model=layout.save_model)
 
     loop = EpochLoop(model=model, run=run, plan=plan, unit_lengths=[pair_length(e) for e in train], seed=seed,
                      precision=precision, compiler=Compiler(spec.get("compile")), points=points, reporter=reporter,

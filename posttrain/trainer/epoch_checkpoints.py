@@ -27,12 +27,18 @@ def perplexity(loss: float) -> float:
 
 def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Path, model, tokenizer,  # noqa: ANN001
                            run: Optimization, epoch: int, global_step: int, losses: list[float],
-                           validation_loss: float, state: dict[str, Any], merge_base) -> None:  # noqa: ANN001
+                           validation_loss: float, state: dict[str, Any], merge_base,  # noqa: ANN001
+                           nll_for_perplexity: float | None = None, save_model=None) -> None:  # noqa: ANN001
     """An epoch's checkpoint, SFT's or DPO's: the train/validation metrics, the method's own
     ``state`` in trainer_state.json, the optimizer/scheduler/RNG state to resume from, and its
-    ``checkpoint`` event with the time the write took."""
+    ``checkpoint`` event with the time the write took.
+
+    ``perplexity`` is exp of ``nll_for_perplexity``, a mean per-token negative log-likelihood: by default
+    the validation loss (SFT's loss is one); DPO passes its policy's NLL of the chosen answers, since
+    exp of a DPO loss is no perplexity. ``save_model`` as in ``checkpoints.write_checkpoint``."""
+    nll = validation_loss if nll_for_perplexity is None else nll_for_perplexity
     metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
-               "perplexity": perplexity(validation_loss)}
+               "perplexity": perplexity(nll)}
     trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": run.total_steps, **state,
                      "metrics": metrics}
     training_state = checkpoints.training_state(optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
@@ -40,7 +46,7 @@ def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Pat
     writing = time.perf_counter()
     folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
                                           training_state=training_state, trainer_state=trainer_state,
-                                          merge_base=merge_base)
+                                          merge_base=merge_base, save_model=save_model)
     emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
                     write_seconds=time.perf_counter() - writing)
 
