@@ -484,7 +484,7 @@ def main() -> None:
               f"{warmup} warm-up + {steps} measured steps, {rounds} round(s); DPO: {'yes' if dpo else 'no (no dpo.py)'}",
               flush=True)
 
-        from posttrain.trainer.modeling import cpu_has_native_bf16
+        from posttrain.trainer.precision import cpu_has_native_bf16
 
         import torch
 

@@ -84,7 +84,7 @@ def client(services):
 def cpu_dtype_for_bf16() -> str:
     """What the trainer computes in on this machine's CPU when a job asks for bf16 (the spec's
     default): bf16 where the CPU has it natively (AVX512-BF16/AMX), fp32 elsewhere."""
-    from posttrain.trainer.modeling import cpu_has_native_bf16
+    from posttrain.trainer.precision import cpu_has_native_bf16
 
     return "bf16" if cpu_has_native_bf16() else "fp32"
 

@@ -13,6 +13,8 @@ import os
 import sys
 import traceback
 
+from posttrain.domain.protocol import FailureCode
+
 
 def _take_stdout():
     """Return a private text stream on the real stdout; route everything else to stderr."""
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     if len(argv) != 1:
-        reporter.emit("failed", code="usage", message="usage: python -m posttrain.trainer SPEC.json")
+        reporter.emit("failed", code=FailureCode.USAGE.value, message="usage: python -m posttrain.trainer SPEC.json")
         return 1
     try:
         with open(argv[0], encoding="utf-8") as handle:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = "cancelled"
     except Exception as exc:  # every failure becomes one protocol event
         traceback.print_exc(file=sys.stderr)
-        reporter.emit("failed", code=_failure_code(exc), message=str(exc) or type(exc).__name__)
+        reporter.emit("failed", code=_failure_code(exc).value, message=str(exc) or type(exc).__name__)
         return 1
     if outcome == "cancelled":
         reporter.emit("cancelled")
@@ -172,24 +174,26 @@ def _spec_dict(text: str, *, reporter) -> dict:
     }
 
 
-def _failure_code(exc: Exception) -> str:
+def _failure_code(exc: Exception) -> FailureCode:
+    """The ``FailureCode`` a failure reports: the trainer's own errors name theirs."""
     from pydantic import ValidationError
 
+    from posttrain.trainer.errors import TrainerError
+
     if isinstance(exc, ValidationError):  # a spec the typed TrainerSpec does not accept
-        return "invalid_config"
+        return FailureCode.INVALID_CONFIG
     from posttrain.trainer.formats import RowFormatError
 
+    if isinstance(exc, TrainerError):
+        return exc.code
     if isinstance(exc, RowFormatError):
-        return "bad_row"
-    if type(exc).__name__ == "CheckpointWriteError":
-        return "disk_full"
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return "out_of_memory"
-    if type(exc).__name__ in ("TrainerConfigError", "LoggerConfigError"):
-        return "invalid_config"
-    if isinstance(exc, ModuleNotFoundError) and exc.name == "posttrain.trainer.dpo":
-        return "unsupported_method"
-    return "error"
+        return FailureCode.BAD_ROW
+    # torch's (CUDA or CPU allocator) OOM; a failure before torch was imported is none. Not imported
+    # here: a bad row fails before the slow imports, and its failed event should not wait for them.
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
+        return FailureCode.OUT_OF_MEMORY
+    return FailureCode.ERROR
 
 
 if __name__ == "__main__":

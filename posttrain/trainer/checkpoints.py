@@ -18,6 +18,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from posttrain.trainer.errors import CheckpointWriteError
+
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
 _FOLDER = re.compile(r"^epoch_(\d+)$")
@@ -64,10 +66,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (the disk is full, say); the earlier ones are untouched."""
-
-
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -83,6 +81,7 @@ def write_checkpoint(
     training_state: dict[str, Any],
     trainer_state: dict[str, Any],
     merge_base: Callable[[], Any] | None = None,
+    save_model: Callable[[Path, Path], None] | None = None,
 ) -> Path:
     """Save model (or peft adapter) + tokenizer + training state, then rename into place.
 
@@ -92,16 +91,20 @@ def write_checkpoint(
     bf16), so the merged model gives the logits of base + adapter. It costs one more model in
     memory while it is written.
 
+    ``save_model(staging, final)``, when given, writes the model (or adapter) files into the
+    staging folder instead of ``model.save_pretrained``; ``final`` is where they will end up.
+
     Every file is fsynced before the rename and the folder after it, so a checkpoint that exists
     under its final name is complete on disk even after a power loss.
     """
     final = checkpoint_dir(output_dir=output_dir, epoch=epoch)
     return write_folder(final, model=model, tokenizer=tokenizer, training_state=training_state,
-                        trainer_state=trainer_state, merge_base=merge_base)
+                        trainer_state=trainer_state, merge_base=merge_base, save_model=save_model)
 
 
 def write_folder(final: Path, *, model, tokenizer, training_state: dict[str, Any], trainer_state: dict[str, Any],
-                 merge_base: Callable[[], Any] | None = None) -> Path:
+                 merge_base: Callable[[], Any] | None = None,
+                 save_model: Callable[[Path, Path], None] | None = None) -> Path:
     """Write a checkpoint-shaped folder atomically at ``final`` (see ``write_checkpoint``);
     without a tokenizer when ``tokenizer`` is None (a resume point's model comes with its job)."""
     import torch
@@ -112,7 +115,10 @@ def write_folder(final: Path, *, model, tokenizer, training_state: dict[str, Any
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        model.save_pretrained(staging)
+        if save_model is None:
+            model.save_pretrained(staging)
+        else:
+            save_model(staging, final)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if merge_base is not None and hasattr(model, "merge_and_unload"):
@@ -171,7 +177,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def training_state(*, optimizer, scheduler, epoch: int, global_step: int, **position: Any) -> dict[str, Any]:
-    """What ``resume_training`` restores: optimizer, scheduler and RNG state, where the count stands,
+    """What ``optimization.resume_training`` restores: optimizer, scheduler and RNG state, where the count stands,
     and for a resume point its position in the epoch (``steps_done_in_epoch``, ``losses``)."""
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
             "epoch": epoch, "global_step": global_step, **position}
@@ -182,23 +188,3 @@ def load_training_state(*, folder: Path) -> dict[str, Any]:
 
     # Our own file (optimizer, scheduler and RNG states hold numpy/python objects).
     return torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
-
-
-def resume_training(*, folder: Path, optimizer, scheduler) -> tuple[int, int, int, list[float]]:
-    """Restore optimizer, scheduler and RNG from a checkpoint or a resume point; return the global
-    step, the epoch to train next, the optimizer steps of that epoch already done (their batches are
-    skipped) and those steps' losses (for the epoch's train loss).
-
-    The learning rates are then set from *this* run's plan (it may have more epochs than the
-    interrupted one), not from the saved schedule.
-    """
-    from posttrain.trainer.modeling import replan_scheduler
-
-    state = load_training_state(folder=folder)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    replan_scheduler(optimizer, scheduler)
-    restore_rng_state(state["rng"])
-    if "steps_done_in_epoch" in state:  # a resume point, mid-epoch
-        return int(state["global_step"]), int(state["epoch"]), int(state["steps_done_in_epoch"]), list(state["losses"])
-    return int(state["global_step"]), int(state["epoch"]) + 1, 0, []

@@ -4,7 +4,8 @@ The same loop shape as SFT (``sft.py``: events, checkpoints, resume, stop), on p
 DPO always trains a LoRA adapter (``algorithm_config["lora"]``); the reference model is the same
 weights with that adapter switched off (``model.disable_adapter()``, no grad), so there is never a
 second copy of the model in memory. With ``spec["adapter"]`` (an SFT LoRA checkpoint), that adapter
-is merged into the base first: the merged model is both the starting policy and the reference.
+is merged into the base first: the merged model is both the starting policy and the reference,
+and the checkpoints hold the two adapters stacked into one for the base (``dpo_checkpoint_layout``).
 
 Each micro-batch puts its B chosen and B rejected sequences through the model as ONE batch of 2B
 rows, padded to the longest; the summed log-probability of each answer's tokens gives
@@ -31,21 +32,29 @@ The reference log-probs of a pair are computed the first time it is met and cach
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.trainer import checkpoints, forward, modeling
+from posttrain.trainer import checkpoints, forward
+from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import length_grouped_batches, read_rows
 from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.dpo_checkpoint_layout import adapter_layout, resume_adapter
+from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
+from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_preference_row
+from posttrain.trainer.loading import load_model
+from posttrain.trainer.loop_plan import LoopPlan
+from posttrain.trainer.optimization import apply_gradients, prepare_optimization
+from posttrain.trainer.precision import Precision
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
-from posttrain.trainer.sft import MAX_GRAD_NORM, SFTPlan, _emit_checkpoint, write_epoch_checkpoint
+from posttrain.trainer.run_setup import base_resources, set_up_run
+from posttrain.trainer.stacked_adapters import LoraWeights, capture
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 
@@ -62,17 +71,17 @@ class DPOConfig:
         try:
             beta = float(algorithm.get("beta", 0.1))
         except (TypeError, ValueError):
-            raise modeling.TrainerConfigError(
+            raise TrainerConfigError(
                 f"algorithm_config.beta must be a number, not {algorithm.get('beta')!r}") from None
         if not beta > 0:
-            raise modeling.TrainerConfigError(f"algorithm_config.beta must be greater than 0, not {beta}")
+            raise TrainerConfigError(f"algorithm_config.beta must be greater than 0, not {beta}")
         loss_type = algorithm.get("loss_type") or "sigmoid"
         if loss_type not in LOSS_TYPES:
-            raise modeling.TrainerConfigError(f"algorithm_config.loss_type must be one of {', '.join(LOSS_TYPES)}, "
-                                              f"not {loss_type!r}")
+            raise TrainerConfigError(f"algorithm_config.loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                                     f"not {loss_type!r}")
         lora = algorithm.get("lora")
         if not isinstance(lora, dict) or lora.get("type", "LoRA") != "LoRA":
-            raise modeling.TrainerConfigError("algorithm_config.lora must be a LoRA config: DPO trains a LoRA adapter")
+            raise TrainerConfigError("algorithm_config.lora must be a LoRA config: DPO trains a LoRA adapter")
         return cls(beta=beta, loss_type=loss_type, lora=lora)
 
 
@@ -103,16 +112,20 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def _answer_logps(model, batch, *, precision: modeling.Precision, average: bool):
+def _answer_logps(model, batch, *, precision: Precision, average: bool):
     """Summed (or, with ``average``, mean) log-prob of each row's label tokens: shape [2B]."""
+    summed, tokens = _answer_logp_sums(model, batch, precision=precision)
+    return summed / tokens.clamp(min=1) if average else summed
+
+
+def _answer_logp_sums(model, batch, *, precision: Precision):
+    """Summed log-prob of each row's label tokens and how many there are: two tensors of shape [2B]."""
     import torch
 
     log_probs, rows = forward.token_log_probs(model, batch, precision=precision)
     count = batch["input_ids"].shape[0]
     summed = torch.zeros(count, device=log_probs.device).index_add(0, rows, log_probs)
-    if not average:
-        return summed
-    return summed / torch.bincount(rows, minlength=count).clamp(min=1)
+    return summed, torch.bincount(rows, minlength=count)
 
 
 class ReferenceLogps:
@@ -153,14 +166,36 @@ def _pair_batch(examples: list[dict], indices: list[int], *, pad_id: int) -> dic
     return {**collate_pairs([examples[i] for i in indices], pad_id=pad_id), "pair_ids": list(indices)}
 
 
-def _pair_losses(model, batch, *, config: DPOConfig, precision, reference_logps: ReferenceLogps):
-    """Reference log-probs (adapter off, no grad; cached per pair), then the policy's, then TRL's loss."""
+def _pair_losses(model, batch, *, config: DPOConfig, precision, reference_logps: ReferenceLogps,
+                 chosen_nll: ChosenNLL | None = None):
+    """Reference log-probs (adapter off, no grad; cached per pair), then the policy's, then TRL's loss.
+    With ``chosen_nll``, the policy's log-probs of the chosen answers are added to it too."""
     average = config.loss_type == "ipo"
     pairs = batch["pairs"]
     reference = reference_logps.of(model, batch, precision=precision, average=average)
-    policy = _answer_logps(model, batch, precision=precision, average=average)
+    summed, tokens = _answer_logp_sums(model, batch, precision=precision)
+    policy = summed / tokens.clamp(min=1) if average else summed
+    if chosen_nll is not None:
+        chosen_nll.add(summed[:pairs], tokens[:pairs])
     return dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=config.beta,
                     loss_type=config.loss_type)
+
+
+class ChosenNLL:
+    """The policy's negative log-likelihood of the chosen answers' tokens, summed over a validation
+    pass: ``mean`` per token is what a DPO checkpoint's ``perplexity`` is exp of (the language-model
+    perplexity of the answers the job teaches the model to prefer)."""
+
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.tokens = 0
+
+    def add(self, summed_logps, tokens) -> None:
+        self.nll -= float(summed_logps.detach().sum())
+        self.tokens += int(tokens.sum())
+
+    def mean(self) -> float:
+        return self.nll / self.tokens if self.tokens else math.nan
 
 
 class _Totals:
@@ -188,8 +223,6 @@ class _Totals:
 def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, precision, stop: StopFlag,
                 reference_logps: ReferenceLogps):
     """One optimizer step; returns the step's mean metrics, or None when stopped between micro-batches."""
-    import torch
-
     model.train()
     total_pairs = sum(b["pairs"] for b in micro_batches)
     totals = _Totals()
@@ -202,22 +235,14 @@ def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, p
         loss = losses.mean() * (batch["pairs"] / total_pairs)
         (scaler.scale(loss) if scaler else loss).backward()
         totals.add(losses, chosen, rejected)
-    if scaler:
-        scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_gradients(model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     return totals.means()
 
 
-def _evaluate(model, examples, *, config, plan: SFTPlan, pad_id: int, seed: int, precision,
+def _evaluate(model, examples, *, config, plan: LoopPlan, pad_id: int, seed: int, precision,
               reference_logps: ReferenceLogps) -> dict[str, float]:
-    """Pair-mean DPO loss and rewards over a fixed random sample of validation batches."""
+    """Pair-mean DPO loss and rewards over a fixed random sample of validation batches, and the
+    policy's per-token NLL of those pairs' chosen answers (``chosen_nll``)."""
     import torch
 
     model.eval()
@@ -225,37 +250,41 @@ def _evaluate(model, examples, *, config, plan: SFTPlan, pad_id: int, seed: int,
                                      shuffle=True, rng=random.Random(f"{seed}:validation"))
     if plan.max_validation_steps > 0:
         batches = batches[: plan.max_validation_steps]
-    totals = _Totals()
+    totals, chosen_nll = _Totals(), ChosenNLL()
     with torch.no_grad():
         for indices in batches:
             batch = _pair_batch(examples, indices, pad_id=pad_id)
             totals.add(*_pair_losses(model, batch, config=config, precision=precision,
-                                     reference_logps=reference_logps))
-    return totals.means() if totals.pairs else {"loss": math.nan}
+                                     reference_logps=reference_logps, chosen_nll=chosen_nll))
+    if not totals.pairs:
+        return {"loss": math.nan, "chosen_nll": math.nan}
+    return {**totals.means(), "chosen_nll": chosen_nll.mean()}
 
 
-def _load_base(*, spec: dict[str, Any], precision, trust: bool):
-    """The starting policy (and reference): the model, with ``spec["adapter"]`` merged in if set."""
+def _load_base(*, spec: dict[str, Any], precision, trust: bool) -> tuple[Any, LoraWeights | None]:
+    """The starting policy (and reference): the model, with ``spec["adapter"]`` merged in if set;
+    and that adapter's weights (to stack with the DPO adapter in the checkpoints), or None."""
     if not spec.get("adapter"):
-        return modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust)
+        return load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust), None
     from peft import PeftModel
 
     # Merge in fp32, then drop to the compute dtype the frozen base uses.
-    base = modeling.load_model(path=spec["model"], precision=precision, lora=False, trust_remote_code=trust)
-    merged = PeftModel.from_pretrained(base, spec["adapter"]).merge_and_unload()
-    return merged.to(precision.torch_dtype())
+    base = load_model(path=spec["model"], precision=precision, lora=False, trust_remote_code=trust)
+    starting = PeftModel.from_pretrained(base, spec["adapter"])
+    weights = capture(starting)
+    return starting.merge_and_unload().to(precision.torch_dtype()), weights
 
 
 def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     """Train as the spec says, reporting events; returns "completed" or "cancelled".
 
-    Checkpoints carry ``train_loss``, ``validation_loss`` (the DPO loss) and ``perplexity`` =
-    exp(validation_loss), as the protocol says. For DPO that "perplexity" is exp of the DPO
-    validation loss, not a language-model perplexity: it is kept because the Llama Stack checkpoint
-    metric schema requires the field.
+    Checkpoints carry ``train_loss`` and ``validation_loss`` (the DPO loss) and ``perplexity``, the
+    policy's language-model perplexity on the validation pairs' chosen answers (exp of the mean
+    per-token NLL of those tokens; exp of a DPO loss would be no perplexity). Their adapter loads on
+    the base into the trained model, also after a start from an SFT adapter (``dpo_checkpoint_layout``).
     """
     config = spec["training_config"]
-    plan = SFTPlan.from_training_config(config)
+    plan = LoopPlan.from_training_config(config)
     dpo = DPOConfig.from_algorithm_config(spec.get("algorithm_config"))
     # Check every row's layout before the slow imports and model load: a bad row fails in a second.
     train_rows = read_rows(spec["train_rows_path"])
@@ -264,9 +293,9 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         for index, row in enumerate(rows):
             normalize_preference_row(row, row_index=index)
     if not train_rows:
-        raise modeling.TrainerConfigError("the training dataset has no rows")
+        raise TrainerConfigError("the training dataset has no rows")
 
-    run_setup = modeling.set_up_run(spec, requested_dtype=config.get("dtype"))
+    run_setup = set_up_run(spec, requested_dtype=config.get("dtype"))
     trust, seed, job_uuid = run_setup.trust_remote_code, run_setup.seed, run_setup.job_uuid
     output_dir, threads, precision = run_setup.output_dir, run_setup.threads, run_setup.precision
     tokenizer, max_length = run_setup.tokenizer, run_setup.max_length
@@ -276,22 +305,22 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     found = checkpoints.find_checkpoints(output_dir=output_dir)
     if found and (not (found[-1][1] / "adapter_config.json").is_file()
                   or checkpoints.read_trainer_state(folder=found[-1][1]).get("method") != "dpo"):
-        raise modeling.TrainerConfigError(f"{found[-1][1]} is not a DPO checkpoint; use a new output_dir")
+        raise TrainerConfigError(f"{found[-1][1]} is not a DPO checkpoint; use a new output_dir")
     points = ResumePoints(spec.get("resume_dir"), every_seconds=spec.get("resume_every_seconds"))
     source = resume_source(found=found, points=points)
     resume = source[1] if source else None
-    base = _load_base(spec=spec, precision=precision, trust=trust)
-    model = modeling.lora_model(base, dpo.lora, resume=resume)
+    base, starting_adapter = _load_base(spec=spec, precision=precision, trust=trust)
+    model = lora_model(base, dpo.lora, resume=resume_adapter(resume) if resume is not None else None)
     if plan.activation_checkpointing:
-        modeling.enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)
 
-    run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
-                                        micro_batches=math.ceil(len(train) / plan.batch_size), plan=plan,
-                                        precision=precision, resume_folder=resume)
+    run = prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
+                               micro_batches=math.ceil(len(train) / plan.batch_size), plan=plan,
+                               precision=precision, resume_folder=resume)
 
     reporter.emit(
         "started",
-        resources={**modeling.base_resources(model, precision=precision, threads=threads), "method": "dpo",
+        resources={**base_resources(model, precision=precision, threads=threads), "method": "dpo",
                    "loss_type": dpo.loss_type, "beta": dpo.beta, "merged_adapter": spec.get("adapter")},
         total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
@@ -305,15 +334,17 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     if (spec.get("algorithm_config") or {}).get("legacy_config") is not None:
         reporter.log(f"the request's DPO options {sorted(spec['algorithm_config']['legacy_config'])} have no DPO "
                      f"meaning; training with beta={dpo.beta}, loss_type={dpo.loss_type}", level="warning")
+    layout = adapter_layout(spec, model=model, tokenizer=tokenizer, starting=starting_adapter, trust_remote_code=trust)
     if spec.get("adapter"):
         reporter.log(f"merged the adapter {spec['adapter']} into the model; it is the starting policy and the "
-                     "reference, and the checkpoints hold the DPO adapter to apply on top of it")
+                     "reference" + ("" if layout.warning else "; the checkpoints hold it and the DPO adapter stacked, "
+                                    "one adapter for the base"))
+    if layout.warning:
+        reporter.log(layout.warning, level="warning")
     for epoch, folder in found:
-        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
+        emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
 
     pad_id = tokenizer.pad_token_id
-    merge_base = functools.partial(modeling.load_merge_base, path=spec["model"], adapter=spec.get("adapter"),
-                                   trust_remote_code=trust)
 
     # The validation pairs are the training pairs when the job names no validation dataset.
     train_reference = ReferenceLogps()
@@ -332,15 +363,14 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
         evaluation = _evaluate(model, validation, config=dpo, plan=plan, pad_id=pad_id, seed=seed,
                                precision=precision, reference_logps=validation_reference)
-        # A DPO adapter trained on a merged SFT adapter does not load on the plain base alone: such a
-        # checkpoint always carries the merged model too.
         write_epoch_checkpoint(
             reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer, run=run,
             epoch=epoch, global_step=global_step, losses=losses, validation_loss=evaluation["loss"],
+            nll_for_perplexity=evaluation["chosen_nll"],
             state={"lora": True, "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
-                   "merged_adapter": spec.get("adapter"),
+                   "merged_adapter": spec.get("adapter"), **layout.state,
                    "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}},
-            merge_base=merge_base if spec.get("save_merged") or spec.get("adapter") else None)
+            merge_base=layout.merge_base, save_model=layout.save_model)
 
     loop = EpochLoop(model=model, run=run, plan=plan, unit_lengths=[pair_length(e) for e in train], seed=seed,
                      precision=precision, compiler=Compiler(spec.get("compile")), points=points, reporter=reporter,

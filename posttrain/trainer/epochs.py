@@ -17,7 +17,9 @@ from typing import Any
 
 from posttrain.trainer.batching import length_grouped_batches
 from posttrain.trainer.compiling import Compiler
-from posttrain.trainer.modeling import Optimization, Precision
+from posttrain.trainer.loop_plan import LoopPlan
+from posttrain.trainer.optimization import Optimization
+from posttrain.trainer.precision import Precision
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints
 
@@ -44,7 +46,7 @@ EpochEnd = Callable[[int, int, list[float]], None]
 class EpochLoop:
     model: Any
     run: Optimization
-    plan: Any  # sft.SFTPlan (DPO uses it too): n_epochs, batch_size, shuffle, gradient_accumulation_steps
+    plan: LoopPlan
     unit_lengths: list[int]  # length of each example (or pack) in tokens, for length-grouped batches
     seed: int
     precision: Precision

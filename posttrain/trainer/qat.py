@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.trainer.modeling import TrainerConfigError
+from posttrain.trainer.errors import TrainerConfigError
 
 #: quantizer_name values accepted (torchao/torchtune class name, and torchtune's short name).
 QUANTIZERS = ("Int8DynActInt4WeightQATQuantizer", "8da4w")

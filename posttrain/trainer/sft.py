@@ -16,12 +16,10 @@ from __future__ import annotations
 import functools
 import math
 import random
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from posttrain.trainer import checkpoints, forward, modeling, qat
+from posttrain.trainer import checkpoints, forward, qat
+from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import (
     collate,
     collate_packed,
@@ -31,51 +29,20 @@ from posttrain.trainer.batching import (
     read_rows,
 )
 from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
+from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_sft_row
+from posttrain.trainer.loading import BASE_QUANTIZATION, load_merge_base, load_model, quantized_layers
+from posttrain.trainer.loop_plan import LoopPlan
+from posttrain.trainer.optimization import apply_gradients, prepare_optimization
+from posttrain.trainer.precision import Precision
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
-
-MAX_GRAD_NORM = 1.0  # as HF Trainer does by default
-
-
-@dataclass(frozen=True)
-class SFTPlan:
-    """The parts of the Llama Stack ``TrainingConfig`` the loop uses, with spec defaults."""
-
-    n_epochs: int
-    max_steps_per_epoch: int
-    gradient_accumulation_steps: int
-    max_validation_steps: int
-    batch_size: int
-    shuffle: bool
-    data_format: str
-    train_on_input: bool
-    packed: bool
-    warmup_steps: int
-    activation_checkpointing: bool
-
-    @classmethod
-    def from_training_config(cls, config: dict[str, Any]) -> SFTPlan:
-        data = config.get("data_config") or {}
-        optimizer = config.get("optimizer_config") or {}
-        efficiency = config.get("efficiency_config") or {}
-        return cls(
-            n_epochs=int(config.get("n_epochs") or 1),
-            max_steps_per_epoch=int(config.get("max_steps_per_epoch") or 1),
-            gradient_accumulation_steps=max(1, int(config.get("gradient_accumulation_steps") or 1)),
-            max_validation_steps=int(config.get("max_validation_steps") or 1),
-            batch_size=max(1, int(data.get("batch_size") or 1)),
-            shuffle=bool(data.get("shuffle", True)),
-            data_format=str(data.get("data_format") or "instruct"),
-            train_on_input=bool(data.get("train_on_input")),
-            packed=bool(data.get("packed")),
-            warmup_steps=int(optimizer.get("num_warmup_steps") or 0),
-            activation_checkpointing=bool(efficiency.get("enable_activation_checkpointing")),
-        )
+from posttrain.trainer.run_setup import base_resources, set_up_run
 
 
-def _loss_sum(model, batch, *, precision: modeling.Precision):
+def _loss_sum(model, batch, *, precision: Precision):
     """Summed next-token cross-entropy over the label tokens of one (padded or packed) batch
     (the output head runs at those positions only: see ``forward.label_logits``)."""
     import torch.nn.functional as F
@@ -86,8 +53,6 @@ def _loss_sum(model, batch, *, precision: modeling.Precision):
 
 def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision, stop: StopFlag):
     """One optimizer step over the micro-batches; None when stopped between micro-batches."""
-    import torch
-
     model.train()
     label_tokens = max(1, sum(b["label_tokens"] for b in micro_batches))
     total = 0.0
@@ -99,20 +64,11 @@ def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision
         loss = loss_sum / label_tokens
         (scaler.scale(loss) if scaler else loss).backward()
         total += float(loss_sum.detach())
-    if scaler:
-        scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_gradients(model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     return total / label_tokens
 
 
-def _evaluate(model, examples, *, plan: SFTPlan, pad_id: int, seed: int, precision) -> float:
+def _evaluate(model, examples, *, plan: LoopPlan, pad_id: int, seed: int, precision) -> float:
     """Token-mean loss over a fixed random sample of validation batches (the same every epoch)."""
     import torch
 
@@ -130,17 +86,10 @@ def _evaluate(model, examples, *, plan: SFTPlan, pad_id: int, seed: int, precisi
     return total / tokens if tokens else math.nan
 
 
-def _perplexity(loss: float) -> float:
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
-
-
 def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     """Train as the spec says, reporting events; returns "completed" or "cancelled"."""
     config = spec["training_config"]
-    plan = SFTPlan.from_training_config(config)
+    plan = LoopPlan.from_training_config(config)
     # Check every row's layout before the slow imports and model load: a bad row fails in a second.
     train_rows = read_rows(spec["train_rows_path"])
     validation_rows = read_rows(spec["validation_rows_path"]) if spec.get("validation_rows_path") else []
@@ -148,14 +97,14 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         for index, row in enumerate(rows):
             normalize_sft_row(row, data_format=plan.data_format, row_index=index)
     if not train_rows:
-        raise modeling.TrainerConfigError("the training dataset has no rows")
+        raise TrainerConfigError("the training dataset has no rows")
 
     algorithm = spec.get("algorithm_config")
     if algorithm is not None and algorithm.get("type", "LoRA") not in ("LoRA", "QAT"):
-        raise modeling.TrainerConfigError(f"method sft takes a LoRA or QAT algorithm_config or null, not {algorithm.get('type')!r}")
+        raise TrainerConfigError(f"method sft takes a LoRA or QAT algorithm_config or null, not {algorithm.get('type')!r}")
     quantization_aware = algorithm is not None and algorithm.get("type") == "QAT"
     lora = algorithm is not None and not quantization_aware
-    run_setup = modeling.set_up_run(spec, requested_dtype=config.get("dtype"))
+    run_setup = set_up_run(spec, requested_dtype=config.get("dtype"))
     trust, seed, job_uuid = run_setup.trust_remote_code, run_setup.seed, run_setup.job_uuid
     output_dir, threads, precision = run_setup.output_dir, run_setup.threads, run_setup.precision
     tokenizer, max_length = run_setup.tokenizer, run_setup.max_length
@@ -169,33 +118,33 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     source = resume_source(found=found, points=points)
     resume = source[1] if source else None
     if resume and lora != (resume / "adapter_config.json").is_file():
-        raise modeling.TrainerConfigError(f"{resume} is not a {'LoRA' if lora else 'full'} checkpoint; use a new output_dir")
+        raise TrainerConfigError(f"{resume} is not a {'LoRA' if lora else 'full'} checkpoint; use a new output_dir")
     quantize_base = bool(lora and algorithm.get("quantize_base"))
     if lora:
-        base = modeling.load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust,
-                                   quantize_base=quantize_base)
-        model = modeling.lora_model(base, algorithm, resume=resume)
+        base = load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust,
+                          quantize_base=quantize_base)
+        model = lora_model(base, algorithm, resume=resume)
     else:
-        model = modeling.load_model(path=str(resume) if resume else spec["model"], precision=precision,
-                                    lora=False, trust_remote_code=trust)
+        model = load_model(path=str(resume) if resume else spec["model"], precision=precision,
+                           lora=False, trust_remote_code=trust)
     fake_quantized = qat.prepare(model, algorithm) if quantization_aware else 0
     if plan.activation_checkpointing:
-        modeling.enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)
 
     lengths = [len(e["input_ids"]) for e in train]
     # Packed: rows are packed once (deterministic), and the packs are batched and shuffled like rows.
     packs = pack_rows(lengths, max_length=max_length, keep_order=not plan.shuffle) if plan.packed else None
     micro_batches = math.ceil((len(packs) if packs is not None else len(train)) / plan.batch_size)
-    run = modeling.prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
-                                        micro_batches=micro_batches, plan=plan, precision=precision,
-                                        resume_folder=resume)
+    run = prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
+                               micro_batches=micro_batches, plan=plan, precision=precision,
+                               resume_folder=resume)
 
     reporter.emit(
         "started",
-        resources={**modeling.base_resources(model, precision=precision, threads=threads),
+        resources={**base_resources(model, precision=precision, threads=threads),
                    **({"qat": {**algorithm, "fake_quantized_layers": fake_quantized}} if quantization_aware else {}),
-                   **({"base_quantization": {"scheme": modeling.BASE_QUANTIZATION,
-                                             "layers": modeling.quantized_layers(model)}} if quantize_base else {})},
+                   **({"base_quantization": {"scheme": BASE_QUANTIZATION,
+                                             "layers": quantized_layers(model)}} if quantize_base else {})},
         total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
     )
@@ -212,10 +161,10 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                      "Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup("
                      f"{algorithm['group_size']})))")
     if quantize_base:
-        reporter.log(f"quantize_base: the base model's linear layers are {modeling.BASE_QUANTIZATION}; the LoRA "
+        reporter.log(f"quantize_base: the base model's linear layers are {BASE_QUANTIZATION}; the LoRA "
                      "adapters train in full precision; compiling is off for this job")
     for epoch, folder in found:
-        _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
+        emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
 
     def make_batch(indices: list[int]):
         if packs is None:
@@ -223,7 +172,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         return collate_packed([[train[i] for i in packs[p]] for p in indices], pad_id=tokenizer.pad_token_id)
 
     unit_lengths = [sum(lengths[i] for i in pack) for pack in packs] if packs is not None else lengths
-    merge_base = functools.partial(modeling.load_merge_base, path=spec["model"], trust_remote_code=trust)
+    merge_base = functools.partial(load_merge_base, path=spec["model"], trust_remote_code=trust)
 
     def step(group: list[list[int]]) -> StepResult | None:
         micro = [make_batch(indices) for indices in group]
@@ -248,31 +197,3 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                      compiler=Compiler("off" if quantize_base else spec.get("compile")), points=points,
                      reporter=reporter, stop=stop)
     return loop.train(step=step, end_epoch=end_epoch)
-
-
-def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Path, model, tokenizer,  # noqa: ANN001
-                           run: modeling.Optimization, epoch: int, global_step: int, losses: list[float],
-                           validation_loss: float, state: dict[str, Any], merge_base) -> None:  # noqa: ANN001
-    """An epoch's checkpoint, SFT's or DPO's: the train/validation metrics, the method's own
-    ``state`` in trainer_state.json, the optimizer/scheduler/RNG state to resume from, and its
-    ``checkpoint`` event with the time the write took."""
-    metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
-               "perplexity": _perplexity(validation_loss)}
-    trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": run.total_steps, **state,
-                     "metrics": metrics}
-    training_state = checkpoints.training_state(optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
-                                                global_step=global_step)
-    writing = time.perf_counter()
-    folder = checkpoints.write_checkpoint(output_dir=output_dir, epoch=epoch, model=model, tokenizer=tokenizer,
-                                          training_state=training_state, trainer_state=trainer_state,
-                                          merge_base=merge_base)
-    _emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
-                     write_seconds=time.perf_counter() - writing)
-
-
-def _emit_checkpoint(reporter: Reporter, *, job_uuid: str, folder: Path, state: dict[str, Any],
-                     write_seconds: float | None = None) -> None:
-    epoch = int(state["epoch"])
-    extra = {"write_seconds": write_seconds} if write_seconds is not None else {}
-    reporter.emit("checkpoint", identifier=f"{job_uuid}-epoch-{epoch}", epoch=epoch, step=int(state["global_step"]),
-                  path=str(folder.resolve()), **state["metrics"], **extra)

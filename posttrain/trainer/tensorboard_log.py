@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from posttrain.trainer.errors import LoggerConfigError
+
 FOLDER = "tensorboard"
 
 #: Metric fields that are not measurements: the x axis, and the run's plan.
@@ -23,10 +25,6 @@ _NOT_SCALARS = {"step", "total_steps"}
 #: (DPO's reward margin and accuracy) become ``validation/<rest>``.
 _CHECKPOINT_TAGS = {"validation_loss": "validation/loss", "perplexity": "validation/perplexity",
                     "train_loss": "train/epoch_loss"}
-
-
-class LoggerConfigError(ValueError):
-    """The spec asks for a logger this trainer does not write (failure code ``invalid_config``)."""
 
 
 def wanted(logger_config: dict[str, Any] | None) -> bool:

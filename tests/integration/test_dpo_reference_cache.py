@@ -6,24 +6,25 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain.trainer import dpo, modeling
+from posttrain.trainer import adapters, dpo, loading, optimization
 from posttrain.trainer.forward import base_model
+from posttrain.trainer.precision import Precision
 from posttrain.trainer.preference_data import encode_preference_rows
 from posttrain.trainer.reporting import StopFlag
 from tests.integration.test_dpo_trainer import LORA, preference_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
-PRECISION = modeling.Precision(device="cpu", dtype="fp32", requested="fp32")
+PRECISION = Precision(device="cpu", dtype="fp32", requested="fp32")
 CONFIG = dpo.DPOConfig(beta=0.1, loss_type="sigmoid", lora=LORA)
 
 
 def _policy(path, *, seed: int = 1):
     import torch
 
-    model = modeling.load_model(path=str(path), precision=PRECISION, lora=True, trust_remote_code=False)
+    model = loading.load_model(path=str(path), precision=PRECISION, lora=True, trust_remote_code=False)
     torch.manual_seed(seed)
-    model = modeling.lora_model(model, LORA)
+    model = adapters.lora_model(model, LORA)
     for name, param in model.named_parameters():  # lora_B starts at zero: make the adapter matter
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
@@ -31,7 +32,7 @@ def _policy(path, *, seed: int = 1):
 
 
 def _examples(path):
-    tokenizer = modeling.load_tokenizer(path=str(path), trust_remote_code=False)
+    tokenizer = loading.load_tokenizer(path=str(path), trust_remote_code=False)
     return encode_preference_rows(preference_rows(), tokenizer=tokenizer, max_length=512), tokenizer.pad_token_id
 
 
@@ -69,8 +70,8 @@ def _train(path, steps: list[list[int]], *, cached: bool) -> list[float]:
     """Three epochs of the same steps; one cache for the run, or a new (empty) one every step."""
     model = _policy(path)
     examples, pad_id = _examples(path)
-    optimizer = modeling.build_optimizer(model, {"optimizer_type": "adamw", "lr": 1e-2})
-    scheduler = modeling.build_scheduler(optimizer, warmup_steps=0, total_steps=3 * len(steps))
+    optimizer = optimization.build_optimizer(model, {"optimizer_type": "adamw", "lr": 1e-2})
+    scheduler = optimization.build_scheduler(optimizer, warmup_steps=0, total_steps=3 * len(steps))
     cache = dpo.ReferenceLogps()
     losses = []
     for _ in range(3):

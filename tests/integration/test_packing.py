@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from posttrain.trainer import forward, modeling, sft
+from posttrain.trainer import adapters, forward, sft
 from posttrain.trainer.batching import (
     collate,
     collate_packed,
@@ -21,6 +21,7 @@ from posttrain.trainer.batching import (
     packed_attention_mask,
 )
 from posttrain.trainer.formats import IGNORE_INDEX
+from posttrain.trainer.precision import resolve_precision
 from tests.fixtures_tiny import build_tiny_model
 from tests.integration.test_trainer_process import make_spec, run
 
@@ -85,7 +86,7 @@ def _model(path, *, attention: str, lora: bool):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
     if lora:
         torch.manual_seed(1)
-        model = modeling.apply_lora(model, LORA)
+        model = adapters.apply_lora(model, LORA)
         for name, param in model.named_parameters():  # lora_B starts at zero: make the adapter matter
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
@@ -125,7 +126,7 @@ def test_packed_loss_equals_token_weighted_unpacked_loss(tiny_model_path, monkey
                            max_length=512)
     lengths = [len(e["input_ids"]) for e in examples]
     assert max(lengths) > 2 * min(lengths)
-    precision = modeling.resolve_precision(device="cpu", requested_dtype="fp32")
+    precision = resolve_precision(device="cpu", requested_dtype="fp32")
     model = _model(tiny_model_path, attention=attention, lora=lora)
 
     unpacked = [collate(examples[i : i + 4], pad_id=tokenizer.pad_token_id) for i in range(0, len(examples), 4)]
@@ -154,7 +155,7 @@ def test_plain_head_gives_the_models_own_loss(tiny_model_path):
     batch = collate(examples, pad_id=tokenizer.pad_token_id)
     model = _model(tiny_model_path, attention="sdpa", lora=True)
     assert forward.plain_head_parts(model) is not None
-    precision = modeling.resolve_precision(device="cpu", requested_dtype="fp32")
+    precision = resolve_precision(device="cpu", requested_dtype="fp32")
     labels = batch["labels"].clone()
     labels[batch["attention_mask"] == 0] = IGNORE_INDEX
     with torch.no_grad():

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain.trainer import forward
 from posttrain.trainer.forward import PLAIN_ATTENTION_MAX_SCORES, attention_for_batch
-from posttrain.trainer.modeling import Precision
+from posttrain.trainer.precision import Precision
 
 
 def _llama(cls=LlamaForCausalLM):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain.trainer.modeling import cpu_has_native_bf16, resolve_precision
+from posttrain.trainer.precision import cpu_has_native_bf16, resolve_precision
 
 
 @pytest.mark.parametrize("requested", ["fp32", "fp16"])
@@ -26,7 +26,7 @@ def test_a_request_without_dtype_means_bf16():
 
 
 def test_unknown_dtype_is_refused():
-    from posttrain.trainer.modeling import TrainerConfigError
+    from posttrain.trainer.errors import TrainerConfigError
 
     with pytest.raises(TrainerConfigError, match="bf16, fp16 or fp32"):
         resolve_precision(device="cpu", requested_dtype="int8")

@@ -1,0 +1,37 @@
+"""The trainer's own exceptions, one root, each carrying the failure code its ``failed`` event reports.
+
+``__main__`` turns any exception into exactly one ``failed`` event; an exception raised on purpose
+here says which ``FailureCode`` it stands for, so the mapping is declared where the error is, not
+guessed from class names at the top.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from posttrain.domain.protocol import FailureCode
+
+
+class TrainerError(Exception):
+    """A failure the trainer recognises; ``code`` is the token its ``failed`` event carries."""
+
+    code: ClassVar[FailureCode] = FailureCode.ERROR
+
+
+class TrainerConfigError(TrainerError, ValueError):
+    """The training or algorithm config cannot be applied to this model."""
+
+    code: ClassVar[FailureCode] = FailureCode.INVALID_CONFIG
+
+
+class LoggerConfigError(TrainerError, ValueError):
+    """The spec asks for a logger this trainer does not write."""
+
+    code: ClassVar[FailureCode] = FailureCode.INVALID_CONFIG
+
+
+class CheckpointWriteError(TrainerError, OSError):
+    """A checkpoint could not be written (the disk is full, say); the earlier ones are untouched.
+    An ``OSError`` too, with the errno of the write that failed."""
+
+    code: ClassVar[FailureCode] = FailureCode.DISK_FULL

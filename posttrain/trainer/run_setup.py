@@ -1,0 +1,81 @@
+"""What every training method settles before it reads a batch: output folder, threads, seeds,
+precision, tokenizer and max sequence length, and what the ``started`` event reports about them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.trainer.loading import load_tokenizer, model_max_length
+from posttrain.trainer.precision import Precision, resolve_precision
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    count = int(threads or os.cpu_count() or 1)
+    torch.set_num_threads(count)
+    return count
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def base_resources(model, *, precision: Precision, threads: int) -> dict[str, Any]:  # noqa: ANN001
+    """What the ``started`` event reports about the job's device and model, for every method."""
+    import torch
+
+    parameters, trainable = count_parameters(model)
+    return {"device": precision.device, "dtype": precision.dtype, "requested_dtype": precision.requested,
+            "threads": threads, "parameters": parameters, "trainable_parameters": trainable,
+            "torch": torch.__version__,
+            **({"cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]} if "CUDA_VISIBLE_DEVICES" in os.environ else {})}
+
+
+@dataclass
+class RunSetup:
+    """What every training method settles before it reads a batch."""
+
+    job_uuid: str
+    seed: int
+    trust_remote_code: bool
+    output_dir: Path
+    threads: int
+    precision: Precision
+    tokenizer: Any
+    max_length: int
+
+
+def set_up_run(spec: dict[str, Any], *, requested_dtype: str | None) -> RunSetup:
+    """Output folder, threads, seeds, precision, tokenizer and max sequence length, from the spec."""
+    trust = bool(spec.get("trust_remote_code"))
+    seed = int(spec.get("seed") or 0)
+    output_dir = Path(spec["output_dir"]).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    threads = set_threads(spec.get("threads"))
+    seed_everything(seed)
+    precision = resolve_precision(device=spec.get("device") or "auto", requested_dtype=requested_dtype,
+                                  cpu_bf16=bool(spec.get("cpu_bf16", True)))
+    tokenizer = load_tokenizer(path=spec["model"], trust_remote_code=trust)
+    max_length = model_max_length(model_path=spec["model"], tokenizer=tokenizer, trust_remote_code=trust)
+    return RunSetup(job_uuid=spec["job_uuid"], seed=seed, trust_remote_code=trust, output_dir=output_dir,
+                    threads=threads, precision=precision, tokenizer=tokenizer, max_length=max_length)
