@@ -13,7 +13,7 @@ from typing import Any
 
 from posttrain.api.llama_stack_recipes import dpo_submission, sft_submission
 from posttrain.api.schemas import PreferenceOptimizeRequest, SupervisedFineTuneRequest
-from posttrain.domain.recipes import JobPlan, TrainerSpec
+from posttrain.domain.recipes import LoRA, JobPlan, TrainerSpec
 
 PLAN_KEYS = ("model", "adapter", "output_dir", "train_rows_path", "validation_rows_path")
 WORKER_KEYS = ("device", "cuda_visible_devices", "cpu_bf16", "compile", "resume_dir", "resume_every_seconds",
@@ -24,9 +24,30 @@ def _lora(algorithm: dict[str, Any]) -> dict[str, Any]:
     return {"apply_lora_to_mlp": False, "apply_lora_to_output": False, **algorithm}
 
 
+def lora_recipe(algorithm: dict[str, Any]) -> LoRA:
+    """The recipe's ``LoRA`` for a Llama Stack ``LoraFinetuningConfig`` dict, through the door."""
+    body = {"job_uuid": "x", "model": "/m", "hyperparam_search_config": {}, "logger_config": {},
+            "training_config": {"n_epochs": 1, "data_config": {"dataset_id": "d", "batch_size": 1, "shuffle": True,
+                                                               "data_format": "instruct"}},
+            "algorithm_config": {"type": "LoRA", "rank": 8, "alpha": 16, **_lora(algorithm)}}
+    adapter = sft_submission(SupervisedFineTuneRequest.model_validate_json(json.dumps(body))).recipe.adapter
+    assert adapter is not None
+    return adapter
+
+
+def _complete(training: dict[str, Any]) -> dict[str, Any]:
+    """A draft's training_config with what the spec requires of a request and a draft may leave
+    out (the old hand-written specs did): shuffle, data_format and the optimizer's fields."""
+    data = {"shuffle": True, "data_format": "instruct", **(training.get("data_config") or {})}
+    optimizer = training.get("optimizer_config")
+    if optimizer is not None:
+        optimizer = {"optimizer_type": "adamw", "weight_decay": 0.0, "num_warmup_steps": 0, **optimizer}
+    return {**training, "data_config": data, **({"optimizer_config": optimizer} if optimizer is not None else {})}
+
+
 def typed_spec(draft: dict[str, Any]) -> TrainerSpec:
     """The ``TrainerSpec`` a draft describes."""
-    common = {"job_uuid": draft["job_uuid"], "training_config": draft["training_config"],
+    common = {"job_uuid": draft["job_uuid"], "training_config": _complete(draft["training_config"]),
               "hyperparam_search_config": {}, "logger_config": draft.get("logger_config") or {}}
     algorithm = draft.get("algorithm_config")
     if draft["method"] == "dpo":

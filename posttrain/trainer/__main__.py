@@ -13,7 +13,12 @@ import os
 import sys
 import traceback
 
+from typing import TYPE_CHECKING
+
 from posttrain.domain.protocol import FailureCode
+
+if TYPE_CHECKING:  # pydantic is a library too: imported once stdout is the protocol's alone
+    from posttrain.domain.recipes import TrainerSpec
 
 
 def _take_stdout():
@@ -74,22 +79,24 @@ def _wait_warm() -> str | None:
     return job["spec"]
 
 
-def _run(spec: dict, *, reporter, stop) -> str:
-    method = spec.get("method")
-    if method == "sft":
-        from posttrain.trainer.sft import run_sft
+def _run(spec: TrainerSpec, *, reporter, stop) -> str:  # noqa: ANN001 - reporting.Reporter, StopFlag
+    """The method's trainer, imported only now (the imports are the slow part of a start)."""
+    from posttrain.domain.recipes import JobKind
 
-        return run_sft(spec=spec, reporter=reporter, stop=stop)
-    if method == "dpo":
-        from posttrain.trainer.dpo import run_dpo  # written alongside; absent until then
+    for note in spec.recipe.notes:
+        reporter.log(note, level="warning")
+    if spec.recipe.method is JobKind.DPO:
+        from posttrain.trainer.dpo import run_dpo
 
         return run_dpo(spec=spec, reporter=reporter, stop=stop)
-    raise ValueError(f"method must be 'sft' or 'dpo', not {method!r}")
+    from posttrain.trainer.sft import run_sft
+
+    return run_sft(spec=spec, reporter=reporter, stop=stop)
 
 
-def _run_logged(spec: dict, *, reporter, stop) -> str:
-    """Run, with the job's TensorBoard log when the spec's logger_config asks for one. The log is
-    closed on every way out (done, cancelled, failed), so what it holds is on disk to look at."""
+def _run_logged(spec: TrainerSpec, *, reporter, stop) -> str:  # noqa: ANN001
+    """Run, with the job's TensorBoard log when the recipe asks for one. The log is closed on
+    every way out (done, cancelled, failed), so what it holds is on disk to look at."""
     from posttrain.trainer.tensorboard_log import reporter_for
 
     run_reporter = reporter_for(spec, reporter)
@@ -116,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         reporter.emit("failed", code=FailureCode.USAGE.value, message="usage: python -m posttrain.trainer SPEC.json")
         return 1
     try:
-        with open(argv[0], encoding="utf-8") as handle:
-            spec = _spec_dict(handle.read(), reporter=reporter)
-        if spec.get("cuda_visible_devices") is not None:  # before torch initialises CUDA
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(spec["cuda_visible_devices"])
+        spec = _read_spec(argv[0])
+        if spec.cuda_visible_devices is not None:  # before torch initialises CUDA
+            os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         _quiet_libraries()
         outcome = _run_logged(spec, reporter=reporter, stop=stop)
     except StopRequested:
@@ -135,53 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _spec_dict(text: str, *, reporter) -> dict:
-    """The spec as the training loops read it today: the typed ``TrainerSpec``'s recipe spelled
-    out in the Llama Stack-shaped keys they take (a step on the way to loops that read the
-    recipe itself)."""
-    from posttrain.domain.recipes import TrainerSpec
+def _read_spec(path: str) -> TrainerSpec:
+    """The typed spec in ``path``; a spec it does not accept fails as ``invalid_config``, naming the
+    first field wrong."""
+    from pydantic import ValidationError
 
-    typed = TrainerSpec.model_validate_json(text)
-    recipe, plan = typed.recipe, typed.plan
-    for note in recipe.notes:
-        reporter.log(note, level="warning")
-    training = {
-        **recipe.schedule.model_dump(),
-        "data_config": recipe.data.model_dump(),
-        "optimizer_config": recipe.optimizer.model_dump(),
-        "efficiency_config": {"enable_activation_checkpointing": recipe.activation_checkpointing},
-        "dtype": recipe.dtype,
-    }
-    algorithm = None
-    if recipe.adapter is not None:
-        lora = recipe.adapter
-        algorithm = {"type": "LoRA", "lora_attn_modules": list(lora.attention) or (
-                         ["q_proj", "k_proj", "v_proj", "output_proj"] if lora.architecture_defaults else []),
-                     "apply_lora_to_mlp": lora.mlp, "apply_lora_to_output": lora.output, "rank": lora.rank,
-                     "alpha": lora.alpha, "use_dora": lora.use_dora, "quantize_base": lora.quantize_base}
-    elif recipe.qat is not None:
-        algorithm = {"type": "QAT", **recipe.qat.model_dump()}
-    if recipe.dpo is not None:
-        algorithm = {**recipe.dpo.model_dump(), "lora": algorithm}
-    return {
-        **typed.model_dump(exclude={"plan"}),
-        **plan.model_dump(exclude={"recipe"}),
-        "method": recipe.method.value,
-        "training_config": training,
-        "algorithm_config": algorithm,
-        "logger_config": {"type": "tensorboard"} if recipe.tensorboard else None,
-        "seed": recipe.seed,
-    }
+    from posttrain.domain.recipes import TrainerSpec, recipe_error
+    from posttrain.trainer.errors import TrainerConfigError
+
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        return TrainerSpec.model_validate_json(text)
+    except ValidationError as exc:
+        raise TrainerConfigError(f"the spec file {path} is not a trainer spec: {recipe_error(exc).detail}") from None
 
 
 def _failure_code(exc: Exception) -> FailureCode:
     """The ``FailureCode`` a failure reports: the trainer's own errors name theirs."""
-    from pydantic import ValidationError
-
     from posttrain.trainer.errors import TrainerError
-
-    if isinstance(exc, ValidationError):  # a spec the typed TrainerSpec does not accept
-        return FailureCode.INVALID_CONFIG
     from posttrain.trainer.formats import RowFormatError
 
     if isinstance(exc, TrainerError):

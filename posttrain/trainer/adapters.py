@@ -1,11 +1,10 @@
-"""LoRA adapters: the Llama Stack LoRA options as peft target modules, a new or resumed adapter,
-and activation checkpointing (which a LoRA model needs its input gradients for).
+"""LoRA adapters: the recipe's ``LoRA`` as peft target modules, a new or resumed adapter, and
+activation checkpointing (which a LoRA model needs its input gradients for).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from posttrain.domain.recipes import LoRA
 from posttrain.trainer.errors import TrainerConfigError
 
 # Llama Stack names LoRA targets after torchtune's modules; map them to the Hugging Face names,
@@ -18,16 +17,14 @@ ATTENTION_ALIASES = {
 }
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
-
-
-def lora_target_modules(model, algorithm_config: dict[str, Any]) -> list[str]:
-    """Hugging Face module names for the Llama Stack LoRA options, checked against the model."""
+def lora_target_modules(model, lora: LoRA) -> list[str]:
+    """Hugging Face module names for the recipe's LoRA targets, checked against the model."""
     import torch
 
     linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                     if isinstance(module, torch.nn.Linear)}
-    targets = []
-    for name in algorithm_config.get("lora_attn_modules") or []:
+    targets = architecture_default_targets(model, linear_names) if lora.architecture_defaults else []
+    for name in lora.attention:
         aliases = ATTENTION_ALIASES.get(name, (name,))
         found = next((alias for alias in aliases if alias in linear_names), None)
         if found is None:
@@ -35,23 +32,40 @@ def lora_target_modules(model, algorithm_config: dict[str, Any]) -> list[str]:
                 f"lora_attn_modules: {name!r} matches no linear layer of this model (tried {', '.join(aliases)})"
             )
         targets.append(found)
-    if algorithm_config.get("apply_lora_to_mlp"):
+    if lora.mlp:
         mlp = [name for name in MLP_MODULES if name in linear_names]
         if not mlp:
             raise TrainerConfigError(f"apply_lora_to_mlp: the model has none of {', '.join(MLP_MODULES)}")
         targets += mlp
-    if algorithm_config.get("apply_lora_to_output"):
+    if lora.output:
         targets.append("lm_head")
     if not targets:
         raise TrainerConfigError("the LoRA config selects no modules; set lora_attn_modules or apply_lora_to_mlp")
     return list(dict.fromkeys(targets))
 
 
-def lora_model(base, algorithm_config: dict[str, Any], *, resume=None):
+def architecture_default_targets(model, linear_names: set[str]) -> list[str]:
+    """The attention modules an adapter targets when the recipe leaves the choice to the
+    architecture: every attention projection the Llama-family aliases find (q, k, v, output), else
+    peft's defaults for the model's type (GPT-2's ``c_attn``, ...)."""
+    found = [next((alias for alias in aliases if alias in linear_names), None) for aliases in ATTENTION_ALIASES.values()]
+    if any(found):
+        return [name for name in found if name]
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(model.config, "model_type", None)
+    defaults = DEFAULTS.get(model_type)
+    if not defaults:
+        raise TrainerConfigError(f"this model ({model_type}) has no attention projections under the names "
+                                 "q_proj/k_proj/v_proj/o_proj and peft knows no default LoRA targets for it")
+    return list(defaults)
+
+
+def lora_model(base, lora: LoRA, *, resume=None):  # noqa: ANN001 - a transformers model
     """``base`` with a trainable adapter: a new one from the LoRA options, or the one saved in
     ``resume`` (a checkpoint or resume point) when the job continues."""
     if resume is None:
-        model = apply_lora(base, algorithm_config)
+        model = apply_lora(base, lora)
     else:
         from peft import PeftModel
 
@@ -60,14 +74,21 @@ def lora_model(base, algorithm_config: dict[str, Any], *, resume=None):
     return model
 
 
-def apply_lora(model, algorithm_config: dict[str, Any]):
+def apply_lora(model, lora: LoRA):  # noqa: ANN001 - a transformers model
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    targets = lora_target_modules(model, lora)
+    # GPT-2-style models keep their projections as Conv1D (weights stored transposed): peft needs
+    # to be told, or it says so in a warning and fixes it itself.
+    conv1d = any(isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets
+                 for name, module in model.named_modules())
     config = LoraConfig(
-        r=int(algorithm_config.get("rank") or 8),
-        lora_alpha=int(algorithm_config.get("alpha") or 16),
-        target_modules=lora_target_modules(model, algorithm_config),
-        use_dora=bool(algorithm_config.get("use_dora")),
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        target_modules=targets,
+        use_dora=lora.use_dora,
+        fan_in_fan_out=conv1d,
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",

@@ -1,9 +1,9 @@
 """Direct preference optimization: our own torch loop on a LoRA adapter, one checkpoint per epoch.
 
 The same loop shape as SFT (``sft.py``: events, checkpoints, resume, stop), on preference rows.
-DPO always trains a LoRA adapter (``algorithm_config["lora"]``); the reference model is the same
+DPO always trains a LoRA adapter (the recipe's ``adapter``); the reference model is the same
 weights with that adapter switched off (``model.disable_adapter()``, no grad), so there is never a
-second copy of the model in memory. With ``spec["adapter"]`` (an SFT LoRA checkpoint), that adapter
+second copy of the model in memory. With the plan's ``adapter`` (an SFT LoRA checkpoint), that adapter
 is merged into the base first: the merged model is both the starting policy and the reference,
 and the checkpoints hold the two adapters stacked into one for the base (``dpo_checkpoint_layout``).
 
@@ -47,7 +47,7 @@ from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_preference_row
 from posttrain.trainer.loading import load_model
-from posttrain.trainer.loop_plan import LoopPlan
+from posttrain.domain.recipes import DPOLoss, JobPlan, Recipe, TrainerSpec
 from posttrain.trainer.optimization import apply_gradients, prepare_optimization
 from posttrain.trainer.precision import Precision
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
@@ -55,35 +55,6 @@ from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.run_setup import base_resources, set_up_run
 from posttrain.trainer.stacked_adapters import LoraWeights, capture
-
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    beta: float
-    loss_type: str
-    lora: dict[str, Any]
-
-    @classmethod
-    def from_algorithm_config(cls, algorithm: dict[str, Any] | None) -> DPOConfig:
-        algorithm = algorithm or {}
-        try:
-            beta = float(algorithm.get("beta", 0.1))
-        except (TypeError, ValueError):
-            raise TrainerConfigError(
-                f"algorithm_config.beta must be a number, not {algorithm.get('beta')!r}") from None
-        if not beta > 0:
-            raise TrainerConfigError(f"algorithm_config.beta must be greater than 0, not {beta}")
-        loss_type = algorithm.get("loss_type") or "sigmoid"
-        if loss_type not in LOSS_TYPES:
-            raise TrainerConfigError(f"algorithm_config.loss_type must be one of {', '.join(LOSS_TYPES)}, "
-                                     f"not {loss_type!r}")
-        lora = algorithm.get("lora")
-        if not isinstance(lora, dict) or lora.get("type", "LoRA") != "LoRA":
-            raise TrainerConfigError("algorithm_config.lora must be a LoRA config: DPO trains a LoRA adapter")
-        return cls(beta=beta, loss_type=loss_type, lora=lora)
-
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, beta: float, loss_type: str):
     """Per-example losses and the chosen/rejected rewards, as TRL's ``DPOTrainer.dpo_loss``.
@@ -166,7 +137,7 @@ def _pair_batch(examples: list[dict], indices: list[int], *, pad_id: int) -> dic
     return {**collate_pairs([examples[i] for i in indices], pad_id=pad_id), "pair_ids": list(indices)}
 
 
-def _pair_losses(model, batch, *, config: DPOConfig, precision, reference_logps: ReferenceLogps,
+def _pair_losses(model, batch, *, config: DPOLoss, precision, reference_logps: ReferenceLogps,
                  chosen_nll: ChosenNLL | None = None):
     """Reference log-probs (adapter off, no grad; cached per pair), then the policy's, then TRL's loss.
     With ``chosen_nll``, the policy's log-probs of the chosen answers are added to it too."""
@@ -239,17 +210,16 @@ def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, p
     return totals.means()
 
 
-def _evaluate(model, examples, *, config, plan: LoopPlan, pad_id: int, seed: int, precision,
+def _evaluate(model, examples, *, config: DPOLoss, recipe: Recipe, pad_id: int, seed: int, precision,
               reference_logps: ReferenceLogps) -> dict[str, float]:
     """Pair-mean DPO loss and rewards over a fixed random sample of validation batches, and the
     policy's per-token NLL of those pairs' chosen answers (``chosen_nll``)."""
     import torch
 
     model.eval()
-    batches = length_grouped_batches([pair_length(e) for e in examples], batch_size=plan.batch_size,
+    batches = length_grouped_batches([pair_length(e) for e in examples], batch_size=recipe.data.batch_size,
                                      shuffle=True, rng=random.Random(f"{seed}:validation"))
-    if plan.max_validation_steps > 0:
-        batches = batches[: plan.max_validation_steps]
+    batches = batches[: recipe.schedule.max_validation_steps]
     totals, chosen_nll = _Totals(), ChosenNLL()
     with torch.no_grad():
         for indices in batches:
@@ -261,21 +231,21 @@ def _evaluate(model, examples, *, config, plan: LoopPlan, pad_id: int, seed: int
     return {**totals.means(), "chosen_nll": chosen_nll.mean()}
 
 
-def _load_base(*, spec: dict[str, Any], precision, trust: bool) -> tuple[Any, LoraWeights | None]:
-    """The starting policy (and reference): the model, with ``spec["adapter"]`` merged in if set;
+def _load_base(*, plan: JobPlan, precision, trust: bool) -> tuple[Any, LoraWeights | None]:
+    """The starting policy (and reference): the model, with the plan's ``adapter`` merged in if set;
     and that adapter's weights (to stack with the DPO adapter in the checkpoints), or None."""
-    if not spec.get("adapter"):
-        return load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust), None
+    if not plan.adapter:
+        return load_model(path=plan.model, precision=precision, lora=True, trust_remote_code=trust), None
     from peft import PeftModel
 
     # Merge in fp32, then drop to the compute dtype the frozen base uses.
-    base = load_model(path=spec["model"], precision=precision, lora=False, trust_remote_code=trust)
-    starting = PeftModel.from_pretrained(base, spec["adapter"])
+    base = load_model(path=plan.model, precision=precision, lora=False, trust_remote_code=trust)
+    starting = PeftModel.from_pretrained(base, plan.adapter)
     weights = capture(starting)
     return starting.merge_and_unload().to(precision.torch_dtype()), weights
 
 
-def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
+def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     """Train as the spec says, reporting events; returns "completed" or "cancelled".
 
     Checkpoints carry ``train_loss`` and ``validation_loss`` (the DPO loss) and ``perplexity``, the
@@ -283,19 +253,20 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     per-token NLL of those tokens; exp of a DPO loss would be no perplexity). Their adapter loads on
     the base into the trained model, also after a start from an SFT adapter (``dpo_checkpoint_layout``).
     """
-    config = spec["training_config"]
-    plan = LoopPlan.from_training_config(config)
-    dpo = DPOConfig.from_algorithm_config(spec.get("algorithm_config"))
+    recipe, plan = spec.recipe, spec.plan
+    if recipe.dpo is None or recipe.adapter is None:
+        raise TrainerConfigError("a DPO recipe needs its dpo options and the adapter it trains")
+    dpo, adapter = recipe.dpo, recipe.adapter
     # Check every row's layout before the slow imports and model load: a bad row fails in a second.
-    train_rows = read_rows(spec["train_rows_path"])
-    validation_rows = read_rows(spec["validation_rows_path"]) if spec.get("validation_rows_path") else []
+    train_rows = read_rows(plan.train_rows_path)
+    validation_rows = read_rows(plan.validation_rows_path) if plan.validation_rows_path else []
     for rows in (train_rows, validation_rows):
         for index, row in enumerate(rows):
             normalize_preference_row(row, row_index=index)
     if not train_rows:
         raise TrainerConfigError("the training dataset has no rows")
 
-    run_setup = set_up_run(spec, requested_dtype=config.get("dtype"))
+    run_setup = set_up_run(spec)
     trust, seed, job_uuid = run_setup.trust_remote_code, run_setup.seed, run_setup.job_uuid
     output_dir, threads, precision = run_setup.output_dir, run_setup.threads, run_setup.precision
     tokenizer, max_length = run_setup.tokenizer, run_setup.max_length
@@ -306,37 +277,30 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
     if found and (not (found[-1][1] / "adapter_config.json").is_file()
                   or checkpoints.read_trainer_state(folder=found[-1][1]).get("method") != "dpo"):
         raise TrainerConfigError(f"{found[-1][1]} is not a DPO checkpoint; use a new output_dir")
-    points = ResumePoints(spec.get("resume_dir"), every_seconds=spec.get("resume_every_seconds"))
+    points = ResumePoints(spec.resume_dir, every_seconds=spec.resume_every_seconds)
     source = resume_source(found=found, points=points)
     resume = source[1] if source else None
-    base, starting_adapter = _load_base(spec=spec, precision=precision, trust=trust)
-    model = lora_model(base, dpo.lora, resume=resume_adapter(resume) if resume is not None else None)
-    if plan.activation_checkpointing:
+    base, starting_adapter = _load_base(plan=plan, precision=precision, trust=trust)
+    model = lora_model(base, adapter, resume=resume_adapter(resume) if resume is not None else None)
+    if recipe.activation_checkpointing:
         enable_activation_checkpointing(model)
 
-    run = prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
-                               micro_batches=math.ceil(len(train) / plan.batch_size), plan=plan,
+    run = prepare_optimization(model, recipe=recipe, micro_batches=math.ceil(len(train) / recipe.data.batch_size),
                                precision=precision, resume_folder=resume)
 
     reporter.emit(
         "started",
         resources={**base_resources(model, precision=precision, threads=threads), "method": "dpo",
-                   "loss_type": dpo.loss_type, "beta": dpo.beta, "merged_adapter": spec.get("adapter")},
+                   "loss_type": dpo.loss_type, "beta": dpo.beta, "merged_adapter": plan.adapter},
         total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
     )
     if precision.dtype != precision.requested:
         reporter.log(f"dtype {precision.requested} was requested; computing in {precision.dtype} on {precision.device}",
                      level="warning")
-    if plan.packed:
-        # The API refuses packed DPO at submit now; a job queued before it did still runs, and says so.
-        reporter.log("packed=true does not apply to DPO; training on length-grouped preference pairs", level="warning")
-    if (spec.get("algorithm_config") or {}).get("legacy_config") is not None:
-        reporter.log(f"the request's DPO options {sorted(spec['algorithm_config']['legacy_config'])} have no DPO "
-                     f"meaning; training with beta={dpo.beta}, loss_type={dpo.loss_type}", level="warning")
     layout = adapter_layout(spec, model=model, tokenizer=tokenizer, starting=starting_adapter, trust_remote_code=trust)
-    if spec.get("adapter"):
-        reporter.log(f"merged the adapter {spec['adapter']} into the model; it is the starting policy and the "
+    if plan.adapter:
+        reporter.log(f"merged the adapter {plan.adapter} into the model; it is the starting policy and the "
                      "reference" + ("" if layout.warning else "; the checkpoints hold it and the DPO adapter stacked, "
                                     "one adapter for the base"))
     if layout.warning:
@@ -361,18 +325,18 @@ def run_dpo(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                           total_tokens=sum(b["total_tokens"] for b in micro), metrics=means)
 
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
-        evaluation = _evaluate(model, validation, config=dpo, plan=plan, pad_id=pad_id, seed=seed,
+        evaluation = _evaluate(model, validation, config=dpo, recipe=recipe, pad_id=pad_id, seed=seed,
                                precision=precision, reference_logps=validation_reference)
         write_epoch_checkpoint(
             reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer, run=run,
             epoch=epoch, global_step=global_step, losses=losses, validation_loss=evaluation["loss"],
             nll_for_perplexity=evaluation["chosen_nll"],
             state={"lora": True, "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
-                   "merged_adapter": spec.get("adapter"), **layout.state,
+                   "merged_adapter": plan.adapter, **layout.state,
                    "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}},
             merge_base=layout.merge_base, save_model=layout.save_model)
 
-    loop = EpochLoop(model=model, run=run, plan=plan, unit_lengths=[pair_length(e) for e in train], seed=seed,
-                     precision=precision, compiler=Compiler(spec.get("compile")), points=points, reporter=reporter,
+    loop = EpochLoop(model=model, run=run, recipe=recipe, unit_lengths=[pair_length(e) for e in train], seed=seed,
+                     precision=precision, compiler=Compiler(spec.compile), points=points, reporter=reporter,
                      stop=stop)
     return loop.train(step=step, end_epoch=end_epoch)

@@ -1,7 +1,7 @@
 """How a DPO checkpoint holds its adapter so that it loads into the model that was trained.
 
 A DPO job on the plain base writes its adapter, as SFT does. A job started from an SFT adapter
-(``spec["adapter"]``) trained its adapter on base + SFT merged; its checkpoints hold:
+(the plan's ``adapter``) trained its adapter on base + SFT merged; its checkpoints hold:
 
 - stacked (plain LoRA adapters, the usual case): at the top, one adapter that is the SFT and the
   DPO adapters stacked (``stacked_adapters``), naming the raw base: the README's recipe
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.domain.recipes import TrainerSpec
 from posttrain.trainer.loading import load_merge_base
 from posttrain.trainer.stacked_adapters import LoraWeights, capture, save_stacked, set_adapter_base, why_not_stackable
 
@@ -41,22 +42,23 @@ class AdapterLayout:
     warning: str | None = None
 
 
-def adapter_layout(spec: dict[str, Any], *, model, tokenizer, starting: LoraWeights | None,  # noqa: ANN001
+def adapter_layout(spec: TrainerSpec, *, model, tokenizer, starting: LoraWeights | None,  # noqa: ANN001
                    trust_remote_code: bool) -> AdapterLayout:
     """The layout of this job's checkpoints; ``starting`` is the SFT adapter merged at the start."""
-    raw_base = functools.partial(load_merge_base, path=spec["model"], trust_remote_code=trust_remote_code)
+    base_model, starting_adapter = spec.plan.model, spec.plan.adapter
+    raw_base = functools.partial(load_merge_base, path=base_model, trust_remote_code=trust_remote_code)
     if starting is None:
-        return AdapterLayout(save_model=None, merge_base=raw_base if spec.get("save_merged") else None)
+        return AdapterLayout(save_model=None, merge_base=raw_base if spec.save_merged else None)
     why = why_not_stackable(starting, capture(model))
     if why is None:
         def save_stacked_adapter(staging: Path, final: Path) -> None:
-            save_stacked(staging, starting, capture(model), base_model_name_or_path=spec["model"])
+            save_stacked(staging, starting, capture(model), base_model_name_or_path=base_model)
             model.save_pretrained(staging / DPO_ADAPTER)
 
         return AdapterLayout(save_model=save_stacked_adapter, merge_base=raw_base,
                              state={"adapter_layout": "stacked", "resume_adapter": DPO_ADAPTER})
 
-    starting_model = functools.partial(load_merge_base, path=spec["model"], adapter=spec["adapter"],
+    starting_model = functools.partial(load_merge_base, path=base_model, adapter=starting_adapter,
                                        trust_remote_code=trust_remote_code)
 
     def save_on_starting_model(staging: Path, final: Path) -> None:
@@ -70,9 +72,9 @@ def adapter_layout(spec: dict[str, Any], *, model, tokenizer, starting: LoraWeig
     return AdapterLayout(
         save_model=save_on_starting_model, merge_base=starting_model,
         state={"adapter_layout": "on_starting_model", "adapter_base": STARTING_MODEL},
-        warning=(f"the adapter {spec['adapter']} and the DPO adapter cannot be stacked into one adapter for the "
+        warning=(f"the adapter {starting_adapter} and the DPO adapter cannot be stacked into one adapter for the "
                  f"base ({why}); each checkpoint holds the DPO adapter for its {STARTING_MODEL}/ folder (the base "
-                 f"with {spec['adapter']} merged, which its adapter_config.json names), and merged/"),
+                 f"with {starting_adapter} merged, which its adapter_config.json names), and merged/"),
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from posttrain.trainer.batching import length_grouped_batches
 from posttrain.trainer.compiling import Compiler
-from posttrain.trainer.loop_plan import LoopPlan
+from posttrain.domain.recipes import Recipe
 from posttrain.trainer.optimization import Optimization
 from posttrain.trainer.precision import Precision
 from posttrain.trainer.reporting import Reporter, StopFlag
@@ -46,7 +46,7 @@ EpochEnd = Callable[[int, int, list[float]], None]
 class EpochLoop:
     model: Any
     run: Optimization
-    plan: LoopPlan
+    recipe: Recipe
     unit_lengths: list[int]  # length of each example (or pack) in tokens, for length-grouped batches
     seed: int
     precision: Precision
@@ -58,9 +58,9 @@ class EpochLoop:
     def step_groups(self, epoch: int) -> list[list[list[int]]]:
         """The epoch's optimizer steps, each a group of ``gradient_accumulation_steps`` batches.
         Seeded by (seed, epoch), so a resumed run sees the same order as the lost one."""
-        batches = length_grouped_batches(self.unit_lengths, batch_size=self.plan.batch_size,
-                                         shuffle=self.plan.shuffle, rng=random.Random(f"{self.seed}:{epoch}"))
-        accumulate = self.plan.gradient_accumulation_steps
+        batches = length_grouped_batches(self.unit_lengths, batch_size=self.recipe.data.batch_size,
+                                         shuffle=self.recipe.data.shuffle, rng=random.Random(f"{self.seed}:{epoch}"))
+        accumulate = self.recipe.schedule.gradient_accumulation_steps
         groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)]
         return groups[: self.run.steps_per_epoch]
 
@@ -70,7 +70,7 @@ class EpochLoop:
         global_step = run.global_step
         self.compiler.start(self.model, reporter=reporter)
         self.stop.arm()
-        for epoch in range(run.start_epoch, self.plan.n_epochs + 1):
+        for epoch in range(run.start_epoch, self.recipe.schedule.n_epochs + 1):
             groups = self.step_groups(epoch)
             resumed = epoch == run.start_epoch
             done = run.steps_done_in_epoch if resumed else 0  # resumed mid-epoch: skip those steps

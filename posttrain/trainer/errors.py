@@ -24,12 +24,6 @@ class TrainerConfigError(TrainerError, ValueError):
     code: ClassVar[FailureCode] = FailureCode.INVALID_CONFIG
 
 
-class LoggerConfigError(TrainerError, ValueError):
-    """The spec asks for a logger this trainer does not write."""
-
-    code: ClassVar[FailureCode] = FailureCode.INVALID_CONFIG
-
-
 class CheckpointWriteError(TrainerError, OSError):
     """A checkpoint could not be written (the disk is full, say); the earlier ones are untouched.
     An ``OSError`` too, with the errno of the write that failed."""

@@ -10,18 +10,16 @@ from typing import Any
 
 from posttrain.trainer.checkpoints import load_training_state, restore_rng_state
 from posttrain.trainer.errors import TrainerConfigError
-from posttrain.trainer.loop_plan import LoopPlan
+from posttrain.domain.recipes import Optimizer, Recipe
 from posttrain.trainer.precision import Precision
 
 MAX_GRAD_NORM = 1.0  # as HF Trainer does by default
 
 
-def build_optimizer(model, optimizer_config: dict[str, Any]):
+def build_optimizer(model, optimizer: Optimizer):  # noqa: ANN001 - a torch module
     import torch
 
-    kind = (optimizer_config.get("optimizer_type") or "adamw").lower()
-    lr = float(optimizer_config.get("lr") or 2e-5)
-    weight_decay = float(optimizer_config.get("weight_decay") or 0.0)
+    kind, lr, weight_decay = optimizer.optimizer_type, optimizer.lr, optimizer.weight_decay
     params = [p for p in model.parameters() if p.requires_grad]
     if kind in ("adamw", "adam"):
         adam = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
@@ -73,18 +71,20 @@ class Optimization:
     epoch_losses: list[float] = field(default_factory=list)
 
 
-def prepare_optimization(model, *, optimizer_config: dict[str, Any], micro_batches: int, plan: LoopPlan,
-                         precision: Precision, resume_folder: Path | None = None) -> Optimization:
+def prepare_optimization(model, *, recipe: Recipe, micro_batches: int, precision: Precision,  # noqa: ANN001
+                         resume_folder: Path | None = None) -> Optimization:
     """Plan the steps (``max_steps_per_epoch`` optimizer steps an epoch at most), build the optimizer,
     the warmup+decay schedule and, for fp16 on CUDA, a grad scaler; restore them from a checkpoint."""
     import math
 
     import torch
 
-    steps_per_epoch = max(1, min(plan.max_steps_per_epoch, math.ceil(micro_batches / plan.gradient_accumulation_steps)))
-    total_steps = plan.n_epochs * steps_per_epoch
-    optimizer = build_optimizer(model, optimizer_config)
-    scheduler = build_scheduler(optimizer, warmup_steps=plan.warmup_steps, total_steps=total_steps)
+    schedule = recipe.schedule
+    steps_per_epoch = max(1, min(schedule.max_steps_per_epoch,
+                                 math.ceil(micro_batches / schedule.gradient_accumulation_steps)))
+    total_steps = schedule.n_epochs * steps_per_epoch
+    optimizer = build_optimizer(model, recipe.optimizer)
+    scheduler = build_scheduler(optimizer, warmup_steps=recipe.optimizer.num_warmup_steps, total_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda") if precision.autocast and precision.dtype == "fp16" else None
     run = Optimization(optimizer=optimizer, scheduler=scheduler, scaler=scaler, total_steps=total_steps,
                        steps_per_epoch=steps_per_epoch)

@@ -14,24 +14,27 @@ deprecated ``Int8DynActInt4WeightQATQuantizer``, whose fake and real forward pas
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from posttrain.domain.recipes import QAT
 from posttrain.trainer.errors import TrainerConfigError
 
-#: quantizer_name values accepted (torchao/torchtune class name, and torchtune's short name).
-QUANTIZERS = ("Int8DynActInt4WeightQATQuantizer", "8da4w")
+
+def _qat(config: QAT | Mapping[str, Any]) -> QAT:
+    """The recipe's QAT options; a Llama Stack ``algorithm_config`` dict (``{type, quantizer_name,
+    group_size}``, what a user has at hand for ``convert``) is read as one."""
+    if isinstance(config, QAT):
+        return config
+    return QAT(quantizer_name=config["quantizer_name"], group_size=config["group_size"])
 
 
-def _base_config(config: dict[str, Any]):
+def _base_config(config: QAT):
     """torchao's post-training config that QAT simulates and ``convert`` applies."""
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup
 
-    if config.get("quantizer_name") not in QUANTIZERS:
-        raise TrainerConfigError(f"algorithm_config.quantizer_name must be one of {', '.join(QUANTIZERS)}, "
-                                 f"not {config.get('quantizer_name')!r}")
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                 weight_granularity=PerGroup(int(config["group_size"])))
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(config.group_size))
 
 
 def _eligible(model, group_size: int):  # noqa: ANN001
@@ -48,25 +51,26 @@ def _eligible(model, group_size: int):  # noqa: ANN001
     return eligible
 
 
-def prepare(model, config: dict[str, Any]) -> int:  # noqa: ANN001 - a transformers model
+def prepare(model, config: QAT | Mapping[str, Any]) -> int:  # noqa: ANN001 - a transformers model
     """Swap the model's eligible linear layers for fake-quantized ones in place; return how many."""
-    from torchao.quantization.qat import FakeQuantizedLinear
-
     from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
 
-    quantize_(model, QATConfig(_base_config(config), step="prepare"), filter_fn=_eligible(model, int(config["group_size"])))
+    config = _qat(config)
+    quantize_(model, QATConfig(_base_config(config), step="prepare"), filter_fn=_eligible(model, config.group_size))
     swapped = sum(1 for module in model.modules() if isinstance(module, FakeQuantizedLinear))
     if swapped == 0:
-        raise TrainerConfigError(f"algorithm_config.group_size {config['group_size']} divides the input size of "
+        raise TrainerConfigError(f"algorithm_config.group_size {config.group_size} divides the input size of "
                                  "no linear layer of this model: nothing would be quantization-aware")
     return swapped
 
 
-def convert(model, config: dict[str, Any]):  # noqa: ANN001
+def convert(model, config: QAT | Mapping[str, Any]):  # noqa: ANN001
     """Quantize a QAT-trained model (loaded from its checkpoint, plain linear layers) for real, as
-    training simulated: torchao's post-training quantization with the same config."""
+    training simulated: torchao's post-training quantization with the same config (the recipe's
+    ``QAT``, or the job's Llama Stack ``algorithm_config``)."""
     from torchao.quantization import quantize_
 
-    quantize_(model, _base_config(config), filter_fn=_eligible(model, int(config["group_size"])))
+    config = _qat(config)
+    quantize_(model, _base_config(config), filter_fn=_eligible(model, config.group_size))
     return model

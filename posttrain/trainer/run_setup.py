@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.domain.recipes import TrainerSpec
 from posttrain.trainer.loading import load_tokenizer, model_max_length
 from posttrain.trainer.precision import Precision, resolve_precision
 
@@ -65,17 +66,15 @@ class RunSetup:
     max_length: int
 
 
-def set_up_run(spec: dict[str, Any], *, requested_dtype: str | None) -> RunSetup:
+def set_up_run(spec: TrainerSpec) -> RunSetup:
     """Output folder, threads, seeds, precision, tokenizer and max sequence length, from the spec."""
-    trust = bool(spec.get("trust_remote_code"))
-    seed = int(spec.get("seed") or 0)
-    output_dir = Path(spec["output_dir"]).resolve()
+    trust, seed, model = spec.trust_remote_code, spec.recipe.seed, spec.plan.model
+    output_dir = Path(spec.plan.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    threads = set_threads(spec.get("threads"))
+    threads = set_threads(spec.threads)
     seed_everything(seed)
-    precision = resolve_precision(device=spec.get("device") or "auto", requested_dtype=requested_dtype,
-                                  cpu_bf16=bool(spec.get("cpu_bf16", True)))
-    tokenizer = load_tokenizer(path=spec["model"], trust_remote_code=trust)
-    max_length = model_max_length(model_path=spec["model"], tokenizer=tokenizer, trust_remote_code=trust)
-    return RunSetup(job_uuid=spec["job_uuid"], seed=seed, trust_remote_code=trust, output_dir=output_dir,
+    precision = resolve_precision(device=spec.device, requested_dtype=spec.recipe.dtype, cpu_bf16=spec.cpu_bf16)
+    tokenizer = load_tokenizer(path=model, trust_remote_code=trust)
+    max_length = model_max_length(model_path=model, tokenizer=tokenizer, trust_remote_code=trust)
+    return RunSetup(job_uuid=spec.job_uuid, seed=seed, trust_remote_code=trust, output_dir=output_dir,
                     threads=threads, precision=precision, tokenizer=tokenizer, max_length=max_length)

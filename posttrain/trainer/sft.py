@@ -34,7 +34,7 @@ from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_sft_row
 from posttrain.trainer.loading import BASE_QUANTIZATION, load_merge_base, load_model, quantized_layers
-from posttrain.trainer.loop_plan import LoopPlan
+from posttrain.domain.recipes import Recipe, TrainerSpec
 from posttrain.trainer.optimization import apply_gradients, prepare_optimization
 from posttrain.trainer.precision import Precision
 from posttrain.trainer.reporting import Reporter, StopFlag
@@ -68,15 +68,14 @@ def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision
     return total / label_tokens
 
 
-def _evaluate(model, examples, *, plan: LoopPlan, pad_id: int, seed: int, precision) -> float:
+def _evaluate(model, examples, *, recipe: Recipe, pad_id: int, seed: int, precision) -> float:
     """Token-mean loss over a fixed random sample of validation batches (the same every epoch)."""
     import torch
 
     model.eval()
-    batches = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size=plan.batch_size,
+    batches = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size=recipe.data.batch_size,
                                      shuffle=True, rng=random.Random(f"{seed}:validation"))
-    if plan.max_validation_steps > 0:
-        batches = batches[: plan.max_validation_steps]
+    batches = batches[: recipe.schedule.max_validation_steps]
     total, tokens = 0.0, 0
     with torch.no_grad():
         for indices in batches:
@@ -86,63 +85,60 @@ def _evaluate(model, examples, *, plan: LoopPlan, pad_id: int, seed: int, precis
     return total / tokens if tokens else math.nan
 
 
-def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
-    """Train as the spec says, reporting events; returns "completed" or "cancelled"."""
-    config = spec["training_config"]
-    plan = LoopPlan.from_training_config(config)
+def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
+    """Train as the spec's recipe says, reporting events; returns "completed" or "cancelled"."""
+    recipe, plan = spec.recipe, spec.plan
+    data = recipe.data
     # Check every row's layout before the slow imports and model load: a bad row fails in a second.
-    train_rows = read_rows(spec["train_rows_path"])
-    validation_rows = read_rows(spec["validation_rows_path"]) if spec.get("validation_rows_path") else []
+    train_rows = read_rows(plan.train_rows_path)
+    validation_rows = read_rows(plan.validation_rows_path) if plan.validation_rows_path else []
     for rows in (train_rows, validation_rows):
         for index, row in enumerate(rows):
-            normalize_sft_row(row, data_format=plan.data_format, row_index=index)
+            normalize_sft_row(row, data_format=data.data_format, row_index=index)
     if not train_rows:
         raise TrainerConfigError("the training dataset has no rows")
 
-    algorithm = spec.get("algorithm_config")
-    if algorithm is not None and algorithm.get("type", "LoRA") not in ("LoRA", "QAT"):
-        raise TrainerConfigError(f"method sft takes a LoRA or QAT algorithm_config or null, not {algorithm.get('type')!r}")
-    quantization_aware = algorithm is not None and algorithm.get("type") == "QAT"
-    lora = algorithm is not None and not quantization_aware
-    run_setup = set_up_run(spec, requested_dtype=config.get("dtype"))
+    adapter, quantization = recipe.adapter, recipe.qat
+    lora = adapter is not None
+    run_setup = set_up_run(spec)
     trust, seed, job_uuid = run_setup.trust_remote_code, run_setup.seed, run_setup.job_uuid
     output_dir, threads, precision = run_setup.output_dir, run_setup.threads, run_setup.precision
     tokenizer, max_length = run_setup.tokenizer, run_setup.max_length
-    encode = dict(tokenizer=tokenizer, data_format=plan.data_format, train_on_input=plan.train_on_input,
+    encode = dict(tokenizer=tokenizer, data_format=data.data_format, train_on_input=data.train_on_input,
                   max_length=max_length)
     train = encode_rows(train_rows, **encode)
     validation = encode_rows(validation_rows, **encode) or train
 
     found = checkpoints.find_checkpoints(output_dir=output_dir)
-    points = ResumePoints(spec.get("resume_dir"), every_seconds=spec.get("resume_every_seconds"))
+    points = ResumePoints(spec.resume_dir, every_seconds=spec.resume_every_seconds)
     source = resume_source(found=found, points=points)
     resume = source[1] if source else None
     if resume and lora != (resume / "adapter_config.json").is_file():
         raise TrainerConfigError(f"{resume} is not a {'LoRA' if lora else 'full'} checkpoint; use a new output_dir")
-    quantize_base = bool(lora and algorithm.get("quantize_base"))
-    if lora:
-        base = load_model(path=spec["model"], precision=precision, lora=True, trust_remote_code=trust,
+    quantize_base = adapter is not None and adapter.quantize_base
+    if adapter is not None:
+        base = load_model(path=plan.model, precision=precision, lora=True, trust_remote_code=trust,
                           quantize_base=quantize_base)
-        model = lora_model(base, algorithm, resume=resume)
+        model = lora_model(base, adapter, resume=resume)
     else:
-        model = load_model(path=str(resume) if resume else spec["model"], precision=precision,
+        model = load_model(path=str(resume) if resume else plan.model, precision=precision,
                            lora=False, trust_remote_code=trust)
-    fake_quantized = qat.prepare(model, algorithm) if quantization_aware else 0
-    if plan.activation_checkpointing:
+    fake_quantized = qat.prepare(model, quantization) if quantization is not None else 0
+    if recipe.activation_checkpointing:
         enable_activation_checkpointing(model)
 
     lengths = [len(e["input_ids"]) for e in train]
     # Packed: rows are packed once (deterministic), and the packs are batched and shuffled like rows.
-    packs = pack_rows(lengths, max_length=max_length, keep_order=not plan.shuffle) if plan.packed else None
-    micro_batches = math.ceil((len(packs) if packs is not None else len(train)) / plan.batch_size)
-    run = prepare_optimization(model, optimizer_config=config.get("optimizer_config") or {},
-                               micro_batches=micro_batches, plan=plan, precision=precision,
+    packs = pack_rows(lengths, max_length=max_length, keep_order=not data.shuffle) if data.packed else None
+    micro_batches = math.ceil((len(packs) if packs is not None else len(train)) / data.batch_size)
+    run = prepare_optimization(model, recipe=recipe, micro_batches=micro_batches, precision=precision,
                                resume_folder=resume)
 
     reporter.emit(
         "started",
         resources={**base_resources(model, precision=precision, threads=threads),
-                   **({"qat": {**algorithm, "fake_quantized_layers": fake_quantized}} if quantization_aware else {}),
+                   **({"qat": {"type": "QAT", **quantization.model_dump(), "fake_quantized_layers": fake_quantized}}
+                      if quantization is not None else {}),
                    **({"base_quantization": {"scheme": BASE_QUANTIZATION,
                                              "layers": quantized_layers(model)}} if quantize_base else {})},
         total_steps=run.total_steps,
@@ -153,13 +149,13 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                      level="warning")
     if packs is not None:
         reporter.log(f"packed=true: {len(train)} rows in {len(packs)} sequences of up to {max_length} tokens")
-    if quantization_aware:
+    if quantization is not None:
         reporter.log(f"quantization-aware training: {fake_quantized} linear layers fake-quantized (int8 dynamic "
-                     f"activations, int4 weights in groups of {algorithm['group_size']}); checkpoints hold the "
+                     f"activations, int4 weights in groups of {quantization.group_size}); checkpoints hold the "
                      "trained full-precision weights; quantize one for serving with torchao: "
                      "posttrain.trainer.qat.convert(model, algorithm_config), i.e. quantize_(model, "
                      "Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup("
-                     f"{algorithm['group_size']})))")
+                     f"{quantization.group_size})))")
     if quantize_base:
         reporter.log(f"quantize_base: the base model's linear layers are {BASE_QUANTIZATION}; the LoRA "
                      "adapters train in full precision; compiling is off for this job")
@@ -172,7 +168,7 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
         return collate_packed([[train[i] for i in packs[p]] for p in indices], pad_id=tokenizer.pad_token_id)
 
     unit_lengths = [sum(lengths[i] for i in pack) for pack in packs] if packs is not None else lengths
-    merge_base = functools.partial(load_merge_base, path=spec["model"], trust_remote_code=trust)
+    merge_base = functools.partial(load_merge_base, path=plan.model, trust_remote_code=trust)
 
     def step(group: list[list[int]]) -> StepResult | None:
         micro = [make_batch(indices) for indices in group]
@@ -184,16 +180,16 @@ def run_sft(*, spec: dict[str, Any], reporter: Reporter, stop: StopFlag) -> str:
                           total_tokens=sum(b["total_tokens"] for b in micro), metrics={})
 
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
-        validation_loss = _evaluate(model, validation, plan=plan, pad_id=tokenizer.pad_token_id, seed=seed,
+        validation_loss = _evaluate(model, validation, recipe=recipe, pad_id=tokenizer.pad_token_id, seed=seed,
                                     precision=precision)
         write_epoch_checkpoint(reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer,
                                run=run, epoch=epoch, global_step=global_step, losses=losses,
                                validation_loss=validation_loss, state={"lora": lora},
-                               merge_base=merge_base if spec.get("save_merged") and lora else None)
+                               merge_base=merge_base if spec.save_merged and lora else None)
 
     # Not compiled over bitsandbytes' 4-bit layers: never tried here, and a failed compile would cost
     # minutes of a job for nothing.
-    loop = EpochLoop(model=model, run=run, plan=plan, unit_lengths=unit_lengths, seed=seed, precision=precision,
-                     compiler=Compiler("off" if quantize_base else spec.get("compile")), points=points,
+    loop = EpochLoop(model=model, run=run, recipe=recipe, unit_lengths=unit_lengths, seed=seed, precision=precision,
+                     compiler=Compiler("off" if quantize_base else spec.compile), points=points,
                      reporter=reporter, stop=stop)
     return loop.train(step=step, end_epoch=end_epoch)

@@ -1,6 +1,6 @@
 """The job's TensorBoard log: the trainer's own metric and checkpoint events, as event files.
 
-A request's ``logger_config`` ``{"type": "tensorboard"}`` asks for it. Rather than thread a second
+The recipe's ``tensorboard`` (a request's ``logger_config`` ``{"type": "tensorboard"}``) asks for it. Rather than thread a second
 logger through the SFT and DPO loops, it wraps the Reporter: every protocol event is forwarded
 unchanged, and the ones that carry numbers (``metric`` per optimizer step, ``checkpoint`` per
 epoch) are also written as TensorBoard scalars, so the log and the job's events never disagree.
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from posttrain.trainer.errors import LoggerConfigError
+from posttrain.domain.recipes import TrainerSpec
 
 FOLDER = "tensorboard"
 
@@ -25,20 +25,6 @@ _NOT_SCALARS = {"step", "total_steps"}
 #: (DPO's reward margin and accuracy) become ``validation/<rest>``.
 _CHECKPOINT_TAGS = {"validation_loss": "validation/loss", "perplexity": "validation/perplexity",
                     "train_loss": "train/epoch_loss"}
-
-
-def wanted(logger_config: dict[str, Any] | None) -> bool:
-    """Whether the spec asks for a TensorBoard log; anything else it asks for is an error.
-
-    The server refuses other loggers at submit time and writes only ``{"type": "tensorboard"}``;
-    checking again here keeps a hand-written spec from being half obeyed.
-    """
-    if not logger_config:
-        return False
-    kind = logger_config.get("type")
-    if set(logger_config) == {"type"} and isinstance(kind, str) and kind.lower() == "tensorboard":
-        return True
-    raise LoggerConfigError(f'logger_config must be {{"type": "tensorboard"}} or {{}}, not {logger_config!r}')
 
 
 def _number(value: Any) -> float | None:
@@ -156,9 +142,9 @@ class TensorBoardReporter:
                                f"from here: {exc}", level="warning")
 
 
-def reporter_for(spec: dict[str, Any], reporter: Any) -> Any:
+def reporter_for(spec: TrainerSpec, reporter: Any) -> Any:
     """The reporter a run should use: ``reporter`` itself, or wrapped in a TensorBoard log when the
-    spec's ``logger_config`` asks for one."""
-    if not wanted(spec.get("logger_config")):
+    recipe asks for one."""
+    if not spec.recipe.tensorboard:
         return reporter
-    return TensorBoardReporter(reporter, logdir=Path(spec["output_dir"]).resolve() / FOLDER)
+    return TensorBoardReporter(reporter, logdir=Path(spec.plan.output_dir).resolve() / FOLDER)

@@ -34,8 +34,10 @@ def _sft_then_dpo(tmp_path_factory, model: Path, sft_lora: dict) -> tuple[list[d
         "train_rows_path": str(sft_dir / "train.jsonl"), "validation_rows_path": None,
         "training_config": {"n_epochs": 1, "max_steps_per_epoch": 3, "gradient_accumulation_steps": 1,
                             "max_validation_steps": 1, "dtype": "fp32",
-                            "data_config": {"dataset_id": "toy", "batch_size": 4, "data_format": "instruct"},
-                            "optimizer_config": {"optimizer_type": "adamw", "lr": 2e-2, "num_warmup_steps": 0}},
+                            "data_config": {"dataset_id": "toy", "batch_size": 4, "shuffle": True,
+                                            "data_format": "instruct"},
+                            "optimizer_config": {"optimizer_type": "adamw", "lr": 2e-2, "weight_decay": 0.0,
+                                                 "num_warmup_steps": 0}},
         "algorithm_config": sft_lora, "device": "cpu", "threads": 1, "seed": 0, "trust_remote_code": False,
     }
     (sft_dir / "spec.json").write_text(json.dumps(sft_spec))

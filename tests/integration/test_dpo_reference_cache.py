@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import pytest
 
+from posttrain.domain.recipes import DPOLoss, Optimizer
 from posttrain.trainer import adapters, dpo, loading, optimization
 from posttrain.trainer.forward import base_model
 from posttrain.trainer.precision import Precision
 from posttrain.trainer.preference_data import encode_preference_rows
 from posttrain.trainer.reporting import StopFlag
 from tests.integration.test_dpo_trainer import LORA, preference_rows
+from tests.trainer_specs import lora_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 PRECISION = Precision(device="cpu", dtype="fp32", requested="fp32")
-CONFIG = dpo.DPOConfig(beta=0.1, loss_type="sigmoid", lora=LORA)
+CONFIG = DPOLoss(beta=0.1, loss_type="sigmoid")
 
 
 def _policy(path, *, seed: int = 1):
@@ -24,7 +26,7 @@ def _policy(path, *, seed: int = 1):
 
     model = loading.load_model(path=str(path), precision=PRECISION, lora=True, trust_remote_code=False)
     torch.manual_seed(seed)
-    model = adapters.lora_model(model, LORA)
+    model = adapters.lora_model(model, lora_recipe(LORA))
     for name, param in model.named_parameters():  # lora_B starts at zero: make the adapter matter
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
@@ -70,7 +72,7 @@ def _train(path, steps: list[list[int]], *, cached: bool) -> list[float]:
     """Three epochs of the same steps; one cache for the run, or a new (empty) one every step."""
     model = _policy(path)
     examples, pad_id = _examples(path)
-    optimizer = optimization.build_optimizer(model, {"optimizer_type": "adamw", "lr": 1e-2})
+    optimizer = optimization.build_optimizer(model, Optimizer(optimizer_type="adamw", lr=1e-2))
     scheduler = optimization.build_scheduler(optimizer, warmup_steps=0, total_steps=3 * len(steps))
     cache = dpo.ReferenceLogps()
     losses = []

@@ -24,6 +24,7 @@ from posttrain.trainer.formats import IGNORE_INDEX
 from posttrain.trainer.precision import resolve_precision
 from tests.fixtures_tiny import build_tiny_model
 from tests.integration.test_trainer_process import make_spec, run
+from tests.trainer_specs import lora_recipe
 
 pytestmark = [pytest.mark.slow]
 
@@ -86,7 +87,7 @@ def _model(path, *, attention: str, lora: bool):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
     if lora:
         torch.manual_seed(1)
-        model = adapters.apply_lora(model, LORA)
+        model = adapters.apply_lora(model, lora_recipe(LORA))
         for name, param in model.named_parameters():  # lora_B starts at zero: make the adapter matter
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)

@@ -9,6 +9,7 @@ import pytest
 from posttrain.trainer.adapters import lora_model
 from posttrain.trainer.stacked_adapters import capture, save_stacked, why_not_stackable
 from tests.fixtures_tiny import build_tiny_model
+from tests.trainer_specs import lora_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -39,10 +40,10 @@ def test_stacked_adapter_on_the_raw_base_is_the_trained_model(tiny_model_path, t
     from transformers import AutoModelForCausalLM
 
     load = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_path)  # noqa: E731
-    _randomized(lora_model(load(), SFT_LORA), seed=1).save_pretrained(tmp_path / "sft")
+    _randomized(lora_model(load(), lora_recipe(SFT_LORA)), seed=1).save_pretrained(tmp_path / "sft")
     starting = PeftModel.from_pretrained(load(), tmp_path / "sft")
     first = capture(starting)
-    trained = _randomized(lora_model(starting.merge_and_unload(), DPO_LORA), seed=2).eval()
+    trained = _randomized(lora_model(starting.merge_and_unload(), lora_recipe(DPO_LORA)), seed=2).eval()
     second = capture(trained)
     assert why_not_stackable(first, second) is None
     save_stacked(tmp_path / "stacked", first, second, base_model_name_or_path=str(tiny_model_path))
@@ -59,7 +60,7 @@ def test_stacked_adapter_on_the_raw_base_is_the_trained_model(tiny_model_path, t
 def test_dora_adapters_are_not_stacked(tiny_model_path):
     from transformers import AutoModelForCausalLM
 
-    dora = capture(lora_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), {**SFT_LORA, "use_dora": True}))
-    plain = capture(lora_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), DPO_LORA))
+    dora = capture(lora_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), lora_recipe({**SFT_LORA, "use_dora": True})))
+    plain = capture(lora_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), lora_recipe(DPO_LORA)))
     assert "DoRA" in why_not_stackable(dora, plain)
     assert why_not_stackable(plain, plain) is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_specs import typed_spec_file
+from tests.trainer_specs import typed_spec, typed_spec_file
 
 from tests.integration.test_api import lora_request
 from tests.integration.test_trainer_process import kinds, make_spec, run
@@ -118,14 +118,17 @@ def test_nothing_is_written_before_the_first_step(tmp_path):
     assert (tmp_path / "tensorboard").is_dir() and list((tmp_path / "tensorboard").iterdir()) == []
 
 
-@pytest.mark.parametrize("config", [{"type": "wandb"}, {"type": "tensorboard", "log_dir": "/x"}, {"tensorboard": True}])
-def test_a_spec_asking_for_another_logger_is_an_error(config):
-    from posttrain.trainer.tensorboard_log import LoggerConfigError, reporter_for
+def test_the_log_is_written_only_when_the_recipe_asks_for_it(tiny_model_path, tmp_path):
+    from posttrain.trainer.tensorboard_log import TensorBoardReporter, reporter_for
 
-    with pytest.raises(LoggerConfigError, match="logger_config"):
-        reporter_for({"logger_config": config, "output_dir": "/tmp/x"}, Recorder())
+    spec = typed_spec(json.loads(make_spec(tmp_path, tiny_model_path).read_text()))
     inner = Recorder()
-    assert reporter_for({"logger_config": {}, "output_dir": "/tmp/x"}, inner) is inner
+    assert reporter_for(spec, inner) is inner
+    logged = spec.model_copy(update={"plan": spec.plan.model_copy(update={
+        "recipe": spec.recipe.model_copy(update={"tensorboard": True})})})
+    wrapped = reporter_for(logged, inner)
+    assert isinstance(wrapped, TensorBoardReporter) and wrapped.logdir == (tmp_path / "out" / "tensorboard").resolve()
+    wrapped.close()
 
 
 # -- a real trainer -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from posttrain.domain.protocol import FailureCode
 from posttrain.trainer.__main__ import _failure_code
-from posttrain.trainer.errors import CheckpointWriteError, LoggerConfigError, TrainerConfigError, TrainerError
+from posttrain.trainer.errors import CheckpointWriteError, TrainerConfigError, TrainerError
 from posttrain.trainer.formats import RowFormatError
 
 
@@ -16,7 +16,6 @@ from posttrain.trainer.formats import RowFormatError
     ("exc", "code"),
     [
         (TrainerConfigError("bad dtype"), FailureCode.INVALID_CONFIG),
-        (LoggerConfigError("bad logger"), FailureCode.INVALID_CONFIG),
         (CheckpointWriteError(errno.ENOSPC, "no space"), FailureCode.DISK_FULL),
         (RowFormatError("no columns", row_index=3), FailureCode.BAD_ROW),
         (MemoryError(), FailureCode.OUT_OF_MEMORY),
@@ -39,4 +38,4 @@ def test_error_classes_keep_their_standard_bases():
     """Code that catches OSError (a failed resume point) or ValueError still catches them."""
     full = CheckpointWriteError(errno.ENOSPC, "no space left")
     assert isinstance(full, OSError) and isinstance(full, TrainerError) and full.errno == errno.ENOSPC
-    assert isinstance(TrainerConfigError("x"), ValueError) and isinstance(LoggerConfigError("x"), ValueError)
+    assert isinstance(TrainerConfigError("x"), ValueError)
