@@ -12,7 +12,8 @@ from posttrain.trainer.preference_data import encode_preference_rows
 from posttrain.trainer.reporting import StopFlag
 from tests.integration.test_dpo_trainer import LORA, preference_rows
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 PRECISION = modeling.Precision(device="cpu", dtype="fp32", requested="fp32")
 CONFIG = dpo.DPOConfig(beta=0.1, loss_type="sigmoid", lora=LORA)
