@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from posttrain.domain.jobs import (
     LEASED,
+    TERMINAL,
     Checkpoint,
     Job,
     JobEvent,
@@ -174,10 +175,9 @@ class JobStore:
 
     def count_active(self, *, tenant: str) -> int:
         """Scheduled and running jobs of one tenant (for the queued-jobs quota)."""
-        active = [JobStatus.SCHEDULED.value, JobStatus.IN_PROGRESS.value]
         with self.engine.connect() as conn:
             return conn.execute(
-                select(func.count()).select_from(jobs).where(jobs.c.tenant == tenant, jobs.c.status.in_(active))
+                select(func.count()).select_from(jobs).where(jobs.c.tenant == tenant, _in(frozenset(JobStatus) - TERMINAL))
             ).scalar_one()
 
     def count_by_status(self) -> dict[str, int]:
