@@ -104,6 +104,25 @@ class InvalidTransition(Conflict):
     """The job is not in a state that allows this."""
 
 
+class TransitionRefused(InvalidTransition):
+    """The job's status does not allow this move.
+
+    Raised by the store when a guarded write changed no row, with the job's status as it found
+    it then (``None`` when there is no such job), so the caller need not read the job again to
+    learn what happened."""
+
+    def __init__(self, detail: str | None = None, *, move: str, status: str | None) -> None:
+        super().__init__(detail)
+        self.move = move
+        self.status = status
+
+
+class LeaseLost(TransitionRefused):
+    """This launcher no longer holds the job: it was cancelled, requeued or claimed again.
+
+    Whatever the launcher wanted to write was dropped; it should stop the trainer and let go."""
+
+
 class PayloadTooLarge(ServiceError):
     """The request body is too large."""
 

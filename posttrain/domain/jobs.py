@@ -45,6 +45,39 @@ def sources_of(target: JobStatus) -> frozenset[JobStatus]:
     return frozenset(src for src, targets in TRANSITIONS.items() if target in targets)
 
 
+class Move(str, enum.Enum):
+    """The table's moves by name, so each write in the store says which one it makes. A move
+    ends in one status and may start from any status the table lets reach it."""
+
+    CLAIM = "claim"  # a launcher takes a scheduled job under its lease
+    COMPLETE = "complete"  # the trainer finished
+    FAIL = "fail"  # the trainer failed, or the job ran out of attempts
+    CANCEL = "cancel"  # the user's word, final whether the job was queued or running
+    REQUEUE = "requeue"  # back to the queue: the trainer or its worker was lost, or the worker stopped
+
+    @property
+    def target(self) -> JobStatus:
+        return MOVE_TARGETS[self]
+
+    @property
+    def sources(self) -> frozenset[JobStatus]:
+        return sources_of(self.target)
+
+
+MOVE_TARGETS: dict[Move, JobStatus] = {
+    Move.CLAIM: JobStatus.IN_PROGRESS,
+    Move.COMPLETE: JobStatus.COMPLETED,
+    Move.FAIL: JobStatus.FAILED,
+    Move.CANCEL: JobStatus.CANCELLED,
+    Move.REQUEUE: JobStatus.SCHEDULED,
+}
+
+#: The status in which a launcher's lease means anything: the one a claim moves to. Every write a
+#: launcher makes (lease renewal, resources, checkpoints, the trainer's events) needs the job
+#: still in it under that launcher's (owner, attempt).
+LEASED: JobStatus = MOVE_TARGETS[Move.CLAIM]
+
+
 @dataclass(frozen=True)
 class TrainingMetrics:
     epoch: int

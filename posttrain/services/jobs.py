@@ -13,7 +13,7 @@ from typing import Any
 
 from posttrain.domain.jobs import Job, JobKind, JobStatus
 from posttrain.domain.recipes import JobPlan, Submission
-from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound, RateLimited
+from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound, RateLimited, TransitionRefused
 from posttrain.services.models import resolve_model
 from posttrain.services.paths import resolve_inside
 from posttrain.settings import Settings
@@ -114,14 +114,15 @@ class JobService:
         return self.store.list_uuids(tenant=tenant)
 
     def cancel(self, *, tenant: str, job_uuid: str) -> Job:
-        job = self.get(tenant=tenant, job_uuid=job_uuid)
-        if job.status == JobStatus.CANCELLED:
-            return job
-        if job.is_terminal or not self.store.cancel(job_id=job.id):
-            current = self.get(tenant=tenant, job_uuid=job_uuid)
-            if current.status == JobStatus.CANCELLED:
-                return current
-            raise InvalidTransition(f"job '{job_uuid}' is {current.status.value} and can no longer be cancelled")
+        """Cancel the job; cancelling a cancelled job again is a success (the client's retry),
+        cancelling a completed or failed one is a 409 naming its status."""
+        job = self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
+        try:
+            self.store.cancel(job_id=job.id)
+        except TransitionRefused as refused:
+            if refused.status != JobStatus.CANCELLED.value:
+                raise InvalidTransition(
+                    f"job '{job_uuid}' is {refused.status} and can no longer be cancelled") from refused
         return self.get(tenant=tenant, job_uuid=job_uuid)
 
     def events(self, job: Job, *, after: int, limit: int):  # noqa: ANN201

@@ -1,9 +1,12 @@
 """Jobs, their checkpoints and their event log.
 
-Every state change is one ``UPDATE … WHERE status IN (allowed sources)``: when no row changes the
-move was illegal (or someone else made it first) and the caller learns so. Launcher writes are
-also guarded by the lease (owner + attempt), so a launcher that lost its job — requeued, claimed
-again, cancelled — can no longer change it.
+Every state change is a named ``Move`` of the table in ``posttrain.domain.jobs``, made by
+``JobStore._transition`` as one ``UPDATE … WHERE status IN (the move's sources in the table)``:
+when no row changes the move was illegal (or someone else made it first) and the caller gets a
+``TransitionRefused`` carrying the job's status. Launcher writes are also guarded by the lease
+(owner + attempt, with the job still in progress), and a launcher that lost its job — requeued,
+claimed again, cancelled — gets ``LeaseLost`` and changes nothing: not the job, not its
+checkpoints, not its event log.
 
 The API side finds a job by (tenant, job_uuid), the client's name for it; everything after the
 submit (scheduler, launcher, events, checkpoints) uses the service's own key ``jobs.id``.
@@ -15,22 +18,23 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, insert, select, update
+from sqlalchemy import Engine, Insert, Table, Update, and_, exists, func, insert, literal, select, update
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from posttrain.domain.jobs import (
+    LEASED,
     TERMINAL,
     Checkpoint,
     Job,
     JobEvent,
     JobKind,
     JobStatus,
+    Move,
     TrainingMetrics,
-    sources_of,
 )
 from posttrain.domain.recipes import JobPlan
-from posttrain.errors import DuplicateJob
+from posttrain.errors import DuplicateJob, LeaseLost, TransitionRefused
 from posttrain.store.tables import checkpoints, job_events, jobs
 
 
@@ -172,10 +176,9 @@ class JobStore:
 
     def count_active(self, *, tenant: str) -> int:
         """Scheduled and running jobs of one tenant (for the queued-jobs quota)."""
-        active = [JobStatus.SCHEDULED.value, JobStatus.IN_PROGRESS.value]
         with self.engine.connect() as conn:
             return conn.execute(
-                select(func.count()).select_from(jobs).where(jobs.c.tenant == tenant, jobs.c.status.in_(active))
+                select(func.count()).select_from(jobs).where(jobs.c.tenant == tenant, _in(frozenset(JobStatus) - TERMINAL))
             ).scalar_one()
 
     def count_by_status(self) -> dict[str, int]:
@@ -226,37 +229,31 @@ class JobStore:
         assert job is not None
         return job
 
-    def cancel(self, *, job_id: str, reason: str = "cancelled by the user") -> bool:
-        """Cancel a scheduled or running job; True when this call moved it to ``cancelled``.
+    def cancel(self, *, job_id: str, reason: str = "cancelled by the user") -> None:
+        """Cancel a scheduled or running job (``TransitionRefused`` with its status otherwise).
 
         A running job is marked cancelled at once (the user's word is final); its launcher sees
-        that at its next lease renewal and stops the trainer.
+        that at its next lease renewal and stops the trainer, and nothing the trainer still
+        reports is recorded.
         """
-        now = utcnow()
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status.in_([s.value for s in sources_of(JobStatus.CANCELLED)]))
-                .values(status=JobStatus.CANCELLED.value, cancel_requested=True, completed_at=now, error_message=None)
-            )
-            if result.rowcount == 1:
-                self._append(conn, job_id, "state", {"status": JobStatus.CANCELLED.value, "reason": reason})
-                return True
-            return False
+            self._transition(conn, Move.CANCEL, job_id=job_id, event={"reason": reason},
+                             values=dict(cancel_requested=True, completed_at=utcnow(), error_message=None))
 
     # -- the scheduler and launcher side -------------------------------------------------------
 
     def claim_next(self, *, owner: str, lease_seconds: float) -> Job | None:
-        """Atomically move the oldest scheduled job to in_progress under ``owner``'s lease.
+        """Atomically move the oldest scheduled job to in_progress under ``owner``'s lease; None
+        when there is none to claim.
 
         PostgreSQL locks the candidate row with ``FOR UPDATE SKIP LOCKED`` so concurrent
         schedulers pick different jobs; SQLite serialises writers, and the status guard in the
-        UPDATE makes a lost race change nothing.
+        UPDATE makes a lost race change nothing (and claim nothing: not an error here).
         """
         now = utcnow()
         candidate = (
             select(jobs.c.id)
-            .where(jobs.c.status == JobStatus.SCHEDULED.value)
+            .where(_in(Move.CLAIM.sources))
             .order_by(jobs.c.scheduled_at, jobs.c.id)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -264,10 +261,7 @@ class JobStore:
         )
         with self.engine.begin() as conn:
             row = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == candidate, jobs.c.status == JobStatus.SCHEDULED.value)
-                .values(
-                    status=JobStatus.IN_PROGRESS.value,
+                _move(Move.CLAIM, jobs.c.id == candidate).values(
                     lease_owner=owner,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
                     attempt=jobs.c.attempt + 1,
@@ -278,30 +272,19 @@ class JobStore:
             ).first()
             if row is None:
                 return None
-            self._append(conn, row.id, "state", {"status": JobStatus.IN_PROGRESS.value, "attempt": row.attempt, "worker": owner})
+            self._append(conn, row.id, "state", {"status": Move.CLAIM.target.value, "attempt": row.attempt, "worker": owner})
         return self.get(job_id=row.id)
 
-    def _lease_guard(self, job_id: str, owner: str, attempt: int):  # noqa: ANN202
-        return and_(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.attempt == attempt)
-
-    def renew_lease(self, *, job_id: str, owner: str, attempt: int, lease_seconds: float) -> bool:
-        """Extend the lease; False when the job moved on (cancelled, requeued, claimed again)."""
+    def renew_lease(self, *, job_id: str, owner: str, attempt: int, lease_seconds: float) -> None:
+        """Extend the lease; ``LeaseLost`` when the job moved on (cancelled, requeued, claimed again)."""
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(self._lease_guard(job_id, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
-                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-            )
-            return result.rowcount == 1
+            self._leased_update(conn, job_id, owner, attempt, "renew the lease",
+                                lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
 
-    def set_resources(self, *, job_id: str, owner: str, attempt: int, resources: dict[str, Any]) -> bool:
+    def set_resources(self, *, job_id: str, owner: str, attempt: int, resources: dict[str, Any]) -> None:
+        """What the trainer runs on, as it reported at start; ``LeaseLost`` when the job moved on."""
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(self._lease_guard(job_id, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
-                .values(resources=resources)
-            )
-            return result.rowcount == 1
+            self._leased_update(conn, job_id, owner, attempt, "record resources", resources=resources)
 
     def finish(
         self,
@@ -312,82 +295,69 @@ class JobStore:
         status: JobStatus,
         error_code: str | None = None,
         error_message: str | None = None,
-    ) -> bool:
-        """Move a running job to a terminal state, if this launcher still holds it."""
-        assert status in TERMINAL
+    ) -> None:
+        """Complete or fail a running job, if this launcher still holds it (``LeaseLost`` if not)."""
+        move = {JobStatus.COMPLETED: Move.COMPLETE, JobStatus.FAILED: Move.FAIL}[status]
+        event = dict(code=error_code, message=error_message) if error_message else {}
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(self._lease_guard(job_id, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
-                .values(status=status.value, completed_at=utcnow(), error_code=error_code, error_message=error_message)
-            )
-            if result.rowcount != 1:
-                return False
-            data: dict[str, Any] = {"status": status.value}
-            if error_message:
-                data.update(code=error_code, message=error_message)
-            self._append(conn, job_id, "state", data)
-            return True
+            self._transition(conn, move, job_id=job_id, lease=(owner, attempt), event=event,
+                             values=dict(completed_at=utcnow(), error_code=error_code, error_message=error_message))
 
-    def release(self, *, job_id: str, owner: str, attempt: int, reason: str, count_attempt: bool = True) -> JobStatus | None:
-        """Give a running job back to the queue after its trainer stopped without finishing.
+    def release(self, *, job_id: str, owner: str, attempt: int, reason: str, count_attempt: bool = True) -> JobStatus:
+        """Give a running job back to the queue after its trainer stopped without finishing; the
+        status it ends in (``LeaseLost`` when this launcher no longer holds it).
 
         The job resumes from its newest checkpoint on the next claim. With ``count_attempt`` off
         (a graceful shutdown of this worker) the attempt is not charged; otherwise a job that has
         used all its attempts is failed with the reason.
         """
-        now = utcnow()
-        guard = and_(self._lease_guard(job_id, owner, attempt), jobs.c.status == JobStatus.IN_PROGRESS.value)
         with self.engine.begin() as conn:
-            row = conn.execute(select(jobs.c.max_attempts).where(guard)).first()
-            if row is None:
-                return None
-            if count_attempt and attempt >= row.max_attempts:
-                message = f"{reason}; no attempts left ({attempt} of {row.max_attempts} used)"
-                values: dict[str, Any] = dict(status=JobStatus.FAILED.value, completed_at=now, error_code="trainer_lost", error_message=message)
-                data = {"status": JobStatus.FAILED.value, "code": "trainer_lost", "message": message}
-                target = JobStatus.FAILED
-            else:
-                values = dict(status=JobStatus.SCHEDULED.value, lease_owner=None, lease_expires_at=None)
-                if not count_attempt:
-                    values["attempt"] = jobs.c.attempt - 1
-                data = {"status": JobStatus.SCHEDULED.value, "reason": reason}
-                target = JobStatus.SCHEDULED
-            if conn.execute(update(jobs).where(guard).values(**values)).rowcount != 1:
-                return None
-            self._append(conn, job_id, "state", data)
-            return target
+            max_attempts = conn.execute(
+                select(jobs.c.max_attempts).where(_held(job_id, owner, attempt))
+            ).scalar_one_or_none()
+            if max_attempts is None:
+                raise self._refusal(conn, Move.REQUEUE, job_id, (owner, attempt))
+            if count_attempt and attempt >= max_attempts:
+                message = f"{reason}; no attempts left ({attempt} of {max_attempts} used)"
+                self._transition(conn, Move.FAIL, job_id=job_id, lease=(owner, attempt),
+                                 event={"code": "trainer_lost", "message": message},
+                                 values=dict(completed_at=utcnow(), error_code="trainer_lost", error_message=message))
+                return Move.FAIL.target
+            values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
+            if not count_attempt:
+                values["attempt"] = jobs.c.attempt - 1
+            self._transition(conn, Move.REQUEUE, job_id=job_id, lease=(owner, attempt), event={"reason": reason},
+                             values=values)
+            return Move.REQUEUE.target
 
     def requeue_expired(self, *, now: datetime | None = None) -> list[tuple[str, JobStatus]]:
-        """Requeue (or fail, when out of attempts) running jobs whose lease expired."""
+        """Requeue (or fail, when out of attempts) running jobs whose lease expired. A job that
+        moved on meanwhile (its launcher renewed, the user cancelled) is left alone."""
         now = now or utcnow()
         moved: list[tuple[str, JobStatus]] = []
         with self.engine.connect() as conn:
             expired = conn.execute(
                 select(jobs.c.id, jobs.c.attempt, jobs.c.max_attempts, jobs.c.lease_owner).where(
-                    jobs.c.status == JobStatus.IN_PROGRESS.value, jobs.c.lease_expires_at < now
+                    jobs.c.status == LEASED.value, jobs.c.lease_expires_at < now
                 )
             ).all()
         for job_id, attempt, max_attempts, owner in expired:
-            guard = and_(
-                jobs.c.id == job_id,
-                jobs.c.status == JobStatus.IN_PROGRESS.value,
-                jobs.c.attempt == attempt,
-                jobs.c.lease_expires_at < now,
-            )
-            with self.engine.begin() as conn:
-                if attempt < max_attempts:
-                    values: dict[str, Any] = dict(status=JobStatus.SCHEDULED.value, lease_owner=None, lease_expires_at=None)
-                    target = JobStatus.SCHEDULED
-                    data = {"status": target.value, "reason": "worker_lost", "lost_worker": owner, "attempt": attempt}
-                else:
-                    message = f"the worker running this job was lost {attempt} time(s); no attempts left"
-                    values = dict(status=JobStatus.FAILED.value, completed_at=now, error_code="worker_lost", error_message=message)
-                    target = JobStatus.FAILED
-                    data = {"status": target.value, "code": "worker_lost", "message": message}
-                if conn.execute(update(jobs).where(guard).values(**values)).rowcount == 1:
-                    self._append(conn, job_id, "state", data)
-                    moved.append((job_id, target))
+            guard = (jobs.c.attempt == attempt, jobs.c.lease_expires_at < now)
+            if attempt < max_attempts:
+                move = Move.REQUEUE
+                values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
+                event: dict[str, Any] = {"reason": "worker_lost", "lost_worker": owner, "attempt": attempt}
+            else:
+                move = Move.FAIL
+                message = f"the worker running this job was lost {attempt} time(s); no attempts left"
+                values = dict(completed_at=now, error_code="worker_lost", error_message=message)
+                event = {"code": "worker_lost", "message": message}
+            try:
+                with self.engine.begin() as conn:
+                    self._transition(conn, move, job_id=job_id, guard=guard, event=event, values=values)
+            except TransitionRefused:
+                continue
+            moved.append((job_id, move.target))
         return moved
 
     def record_checkpoint(
@@ -403,50 +373,122 @@ class JobStore:
         train_loss: float | None,
         validation_loss: float | None,
         perplexity: float | None,
-    ) -> bool:
-        """Record a checkpoint that is complete on disk; idempotent per identifier."""
-        with self.engine.begin() as conn:
-            holder = conn.execute(select(jobs.c.id).where(self._lease_guard(job_id, owner, attempt))).first()
-            if holder is None:
-                return False
-            exists = conn.execute(
-                select(checkpoints.c.id).where(checkpoints.c.job_id == job_id, checkpoints.c.identifier == identifier)
-            ).first()
-            if exists is not None:
-                return True
-            conn.execute(
-                insert(checkpoints).values(
-                    job_id=job_id,
-                    identifier=identifier,
-                    epoch=epoch,
-                    step=step,
-                    path=path,
-                    created_at=utcnow(),
-                    train_loss=train_loss,
-                    validation_loss=validation_loss,
-                    perplexity=perplexity,
-                )
-            )
-            self._append(
-                conn,
-                job_id,
-                "checkpoint",
-                {"identifier": identifier, "epoch": epoch, "step": step, "path": path,
-                 "train_loss": train_loss, "validation_loss": validation_loss, "perplexity": perplexity},
-            )
-            return True
+    ) -> None:
+        """Record a checkpoint that is complete on disk; idempotent per identifier.
 
-    def append_event(self, *, job_id: str, type: str, data: dict[str, Any]) -> None:  # noqa: A002
+        Only while this launcher holds the job in progress: a checkpoint reported after the job
+        was cancelled or requeued is dropped with ``LeaseLost``. The row goes in with one
+        ``INSERT … SELECT … WHERE`` the lease holds, which also locks the job row (PostgreSQL) or
+        the database (SQLite) until the checkpoint's event is written beside it.
+        """
+        row = dict(job_id=job_id, identifier=identifier, epoch=epoch, step=step, path=path, created_at=utcnow(),
+                   train_loss=train_loss, validation_loss=validation_loss, perplexity=perplexity)
+        recorded = exists(select(checkpoints.c.id).where(checkpoints.c.job_id == job_id,
+                                                         checkpoints.c.identifier == identifier))
         with self.engine.begin() as conn:
-            self._append(conn, job_id, type, data)
+            if conn.execute(_insert_if_held(checkpoints, row, owner, attempt, ~recorded)).first() is not None:
+                self._append(conn, job_id, "checkpoint",
+                             {"identifier": identifier, "epoch": epoch, "step": step, "path": path,
+                              "train_loss": train_loss, "validation_loss": validation_loss, "perplexity": perplexity})
+            elif conn.execute(select(jobs.c.id).where(_held(job_id, owner, attempt))).first() is None:
+                raise self._refusal(conn, None, job_id, (owner, attempt), doing="record a checkpoint")
 
-    def append_events(self, *, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+    def append_events(self, *, job_id: str, owner: str, attempt: int, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """The trainer's reports (metrics, logs, its start), in order, all or none: only while
+        this launcher holds the job in progress, else ``LeaseLost`` and nothing is written.
+
+        The first goes in with one guarded ``INSERT … SELECT`` that also locks the job row
+        (PostgreSQL) or the database (SQLite), so the rest, inserted in the same transaction,
+        cannot land after a cancel either."""
         if not events:
             return
         now = utcnow()
+        rows = [dict(job_id=job_id, created_at=now, type=t, data=d) for t, d in events]
         with self.engine.begin() as conn:
-            conn.execute(insert(job_events), [dict(job_id=job_id, created_at=now, type=t, data=d) for t, d in events])
+            if conn.execute(_insert_if_held(job_events, rows[0], owner, attempt)).first() is None:
+                raise self._refusal(conn, None, job_id, (owner, attempt), doing=f"record {events[0][0]} events")
+            if rows[1:]:
+                conn.execute(insert(job_events), rows[1:])
+
+    def append_event(self, *, job_id: str, owner: str, attempt: int, type: str, data: dict[str, Any]) -> None:  # noqa: A002
+        """One report from the trainer, guarded like ``append_events``."""
+        self.append_events(job_id=job_id, owner=owner, attempt=attempt, events=[(type, data)])
+
+    # -- the guarded writes ----------------------------------------------------------------------
+
+    def _transition(
+        self,
+        conn: Connection,
+        move: Move,
+        *,
+        job_id: str,
+        values: dict[str, Any],
+        event: dict[str, Any],
+        guard: tuple[Any, ...] = (),
+        lease: tuple[str, int] | None = None,
+    ) -> None:
+        """Make ``move`` on one job and log its state event: one UPDATE whose WHERE is the table's
+        sources for the move (plus ``guard``, plus the launcher's ``lease`` when it is one making
+        it). No row changed: ``TransitionRefused`` (``LeaseLost`` under a lease) with the status
+        the job is in, and nothing is written."""
+        where = [jobs.c.id == job_id, *guard]
+        if lease is not None:
+            where += [jobs.c.lease_owner == lease[0], jobs.c.attempt == lease[1]]
+        if conn.execute(_move(move, *where).values(**values)).rowcount != 1:
+            raise self._refusal(conn, move, job_id, lease)
+        self._append(conn, job_id, "state", {"status": move.target.value, **event})
+
+    def _leased_update(self, conn: Connection, job_id: str, owner: str, attempt: int, doing: str, **values: Any) -> None:
+        """An UPDATE of a running job that changes no status, made only under its lease."""
+        if conn.execute(update(jobs).where(_held(job_id, owner, attempt)).values(**values)).rowcount != 1:
+            raise self._refusal(conn, None, job_id, (owner, attempt), doing=doing)
+
+    @staticmethod
+    def _refusal(conn: Connection, move: Move | None, job_id: str, lease: tuple[str, int] | None,
+                 *, doing: str | None = None) -> TransitionRefused:
+        """The error for a guarded write that changed nothing, naming the job's status now."""
+        row = conn.execute(select(jobs.c.status, jobs.c.lease_owner, jobs.c.attempt).where(jobs.c.id == job_id)).first()
+        status = row.status if row is not None else None
+        what = doing or f"{move.value} it"
+        if lease is not None:
+            now = "no such job" if row is None else f"it is {status} (attempt {row.attempt}, worker {row.lease_owner})"
+            return LeaseLost(f"job {job_id}: cannot {what} under worker {lease[0]}'s attempt {lease[1]}: {now}",
+                             move=move.value if move else doing or "", status=status)
+        assert move is not None
+        needs = " or ".join(sorted(s.value for s in move.sources))
+        now = "there is no such job" if row is None else f"it is {status}"
+        return TransitionRefused(f"job {job_id}: cannot {what}: {now}, and {move.value} needs {needs}",
+                                 move=move.value, status=status)
 
     @staticmethod
     def _append(conn: Connection, job_id: str, type_: str, data: dict[str, Any]) -> None:
         conn.execute(insert(job_events).values(job_id=job_id, created_at=utcnow(), type=type_, data=data))
+
+
+def _in(statuses: frozenset[JobStatus]):  # noqa: ANN202
+    return jobs.c.status.in_(sorted(s.value for s in statuses))
+
+
+def _move(move: Move, *where: Any) -> Update:
+    """The UPDATE that makes ``move``: the job must be in one of the statuses the table lets
+    reach the move's target, and ends in that target."""
+    return update(jobs).where(_in(move.sources), *where).values(status=move.target.value)
+
+
+def _held(job_id: str, owner: str, attempt: int):  # noqa: ANN202
+    """The job is running under this launcher's lease (owner and attempt)."""
+    return and_(jobs.c.id == job_id, jobs.c.status == LEASED.value, jobs.c.lease_owner == owner,
+                jobs.c.attempt == attempt)
+
+
+def _insert_if_held(table: Table, row: dict[str, Any], owner: str, attempt: int, *also: Any) -> Insert:
+    """``INSERT INTO table SELECT row WHERE`` the job is held under this lease (and ``also``),
+    returning the new row's key (none when the guard failed: an INSERT's rowcount is not kept).
+
+    PostgreSQL: the guard locks the job row ``FOR SHARE`` until commit, so a cancel waits for
+    this transaction or is seen by it. SQLite: the statement is a write, so it takes the one
+    write lock before it reads the guard."""
+    held = select(jobs.c.id).where(_held(row["job_id"], owner, attempt)).with_for_update(read=True)
+    columns = list(row)
+    values = select(*(literal(row[c], type_=table.c[c].type) for c in columns)).where(exists(held), *also)
+    return insert(table).from_select(columns, values).returning(*table.primary_key.columns)

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from posttrain.domain.jobs import Job, JobStatus
 from posttrain.domain.recipes import TrainerSpec
+from posttrain.errors import LeaseLost
 from posttrain.store.jobs import JobStore
 from posttrain.worker.warm import spawn_trainer, trainer_command
 
@@ -44,6 +45,9 @@ class LaunchConfig:
     trust_remote_code: bool = False
     save_merged: bool = False
     python: str = sys.executable
+    #: What ``python -m`` runs: the trainer, or in tests a stand-in speaking its protocol
+    #: (docs/trainer-protocol.md) without the training stack.
+    trainer_module: str = "posttrain.trainer"
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Launcher:
         self.config = config
         self.attempt = job.attempt
         self._shutdown = threading.Event()
+        self._lost = threading.Event()  # the store refused a write: the job moved on without us
         self._outcome = _Outcome()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -88,8 +93,11 @@ class Launcher:
         except Exception as exc:  # noqa: BLE001 - a launcher failure must not kill the scheduler
             log.exception("launcher failed for %s", self.job.job_uuid, extra={"action": "launcher_failed"})
             self._kill()
-            self.store.release(job_id=self.job.id, owner=self.owner, attempt=self.attempt,
-                               reason=f"launcher error: {exc}")
+            try:
+                self.store.release(job_id=self.job.id, owner=self.owner, attempt=self.attempt,
+                                   reason=f"launcher error: {exc}")
+            except LeaseLost:
+                log.info("job %s moved on", self.job.job_uuid, extra={"action": "trainer_stopped", "job_id": self.job.id})
 
     # -- the work -------------------------------------------------------------------------------
 
@@ -127,7 +135,8 @@ class Launcher:
             warm.stdin.write(json.dumps({"spec": str(spec), "stderr": str(stderr_path)}).encode() + b"\n")
             warm.stdin.flush()
         else:
-            self._process = spawn_trainer(trainer_command(self.config.python, self.config.nice, str(spec)), stderr_path)
+            command = trainer_command(self.config.python, self.config.nice, str(spec), module=self.config.trainer_module)
+            self._process = spawn_trainer(command, stderr_path)
         log.info("trainer started for %s (pid %s, %s)", self.job.job_uuid, self._process.pid,
                  "warm" if self._process is warm else "cold",
                  extra={"action": "trainer_started", "job_id": self.job.id})
@@ -149,12 +158,13 @@ class Launcher:
             if stop_sent_at is None:
                 if self._shutdown.is_set():
                     self._outcome.stop_reason = "shutdown"
-                elif now - last_renewal >= interval:
-                    still_ours = self.store.renew_lease(job_id=self.job.id, owner=self.owner,
-                                                        attempt=self.attempt, lease_seconds=self.config.lease_seconds)
+                elif now - last_renewal >= interval and not self._lost.is_set():
                     last_renewal = now
-                    if not still_ours:
-                        self._outcome.stop_reason = "lease_lost"
+                    try:
+                        self.store.renew_lease(job_id=self.job.id, owner=self.owner,
+                                               attempt=self.attempt, lease_seconds=self.config.lease_seconds)
+                    except LeaseLost:
+                        self._moved_on()
                 if self._outcome.stop_reason:
                     self._terminate()
                     stop_sent_at = now
@@ -206,12 +216,30 @@ class Launcher:
                 last_flush = time.monotonic()
         self._flush(buffered)
 
+    def _moved_on(self) -> None:
+        """The store refused a write under our lease: the job was cancelled, requeued or claimed
+        again. Drop everything the trainer still says and stop it (``_supervise`` does)."""
+        self._lost.set()
+        self._outcome.stop_reason = self._outcome.stop_reason or "lease_lost"
+
     def _flush(self, events: list[tuple[str, dict[str, Any]]]) -> None:
-        if events:
-            self.store.append_events(job_id=self.job.id, events=events)
+        if events and not self._lost.is_set():
+            try:
+                self.store.append_events(job_id=self.job.id, owner=self.owner, attempt=self.attempt, events=events)
+            except LeaseLost:
+                self._moved_on()
 
     def _handle(self, kind: str, event: dict[str, Any]) -> None:
-        job_id = self.job.id
+        if kind in ("completed", "cancelled", "failed"):
+            self._outcome.terminal = {"event": kind, **event}
+        elif not self._lost.is_set():
+            try:
+                self._record(kind, event)
+            except LeaseLost:
+                self._moved_on()
+
+    def _record(self, kind: str, event: dict[str, Any]) -> None:
+        job_id, lease = self.job.id, dict(owner=self.owner, attempt=self.attempt)
         if kind == "started":
             resources = {
                 **event.get("resources", {}),
@@ -220,29 +248,36 @@ class Launcher:
                 "pid": self._process.pid if self._process else None,
                 "memory_total_bytes": _memory_total_bytes(),
             }
-            self.store.set_resources(job_id=job_id, owner=self.owner, attempt=self.attempt, resources=resources)
-            self.store.append_event(job_id=job_id, type="started", data={**event, "resources": resources})
+            self.store.set_resources(job_id=job_id, **lease, resources=resources)
+            self.store.append_event(job_id=job_id, **lease, type="started", data={**event, "resources": resources})
         elif kind == "checkpoint":
             self.store.record_checkpoint(
-                job_id=job_id, owner=self.owner, attempt=self.attempt,
+                job_id=job_id, **lease,
                 identifier=event["identifier"], epoch=int(event["epoch"]), step=int(event.get("step", 0)),
                 path=event["path"], train_loss=event.get("train_loss"),
                 validation_loss=event.get("validation_loss"), perplexity=event.get("perplexity"),
             )
-        elif kind in ("completed", "cancelled", "failed"):
-            self._outcome.terminal = {"event": kind, **event}
         else:
-            self.store.append_event(job_id=job_id, type=kind, data=event)
+            self.store.append_event(job_id=job_id, **lease, type=kind, data=event)
 
     def _finish(self, stderr_path: Path) -> None:
         """Write the job's end, unless it has already moved on without us."""
-        job_uuid, job_id, outcome = self.job.job_uuid, self.job.id, self._outcome
+        job_uuid, job_id = self.job.job_uuid, self.job.id
         code = self._process.returncode if self._process else None
-        terminal = outcome.terminal or {}
-        common = dict(job_id=job_id, owner=self.owner, attempt=self.attempt)
-        if outcome.stop_reason == "lease_lost":
+        if self._outcome.stop_reason != "lease_lost":
+            try:
+                self._end(code, stderr_path)
+            except LeaseLost:
+                self._outcome.stop_reason = "lease_lost"
+        if self._outcome.stop_reason == "lease_lost":
             log.info("job %s moved on; trainer stopped", job_uuid, extra={"action": "trainer_stopped", "job_id": job_id})
-        elif outcome.stop_reason == "shutdown":
+        log.info("job %s trainer exited with %s", job_uuid, code, extra={"action": "trainer_exited", "job_id": job_id})
+
+    def _end(self, code: int | None, stderr_path: Path) -> None:
+        """The move that ends this attempt: complete, fail, or give the job back to the queue."""
+        outcome, terminal = self._outcome, self._outcome.terminal or {}
+        common = dict(job_id=self.job.id, owner=self.owner, attempt=self.attempt)
+        if outcome.stop_reason == "shutdown":
             self.store.release(**common, reason="worker shut down", count_attempt=False)
         elif terminal.get("event") == "completed":
             self.store.finish(**common, status=JobStatus.COMPLETED)
@@ -252,7 +287,6 @@ class Launcher:
         else:
             tail = _tail(stderr_path)
             self.store.release(**common, reason=f"trainer exited with code {code} before finishing" + (f": {tail}" if tail else ""))
-        log.info("job %s trainer exited with %s", job_uuid, code, extra={"action": "trainer_exited", "job_id": job_id})
 
 
 def _tail(path: Path, lines: int = 3) -> str:

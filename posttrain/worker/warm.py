@@ -17,8 +17,10 @@ from pathlib import Path
 log = logging.getLogger("posttrain.worker")
 
 
-def trainer_command(python: str, nice: int, *args: str) -> list[str]:
-    command = [python, "-m", "posttrain.trainer", *args]
+def trainer_command(python: str, nice: int, *args: str, module: str = "posttrain.trainer") -> list[str]:
+    """``python -m module args``; ``module`` is the trainer unless a test stands another program
+    speaking the trainer protocol in its place."""
+    command = [python, "-m", module, *args]
     nice_bin = shutil.which("nice")
     if nice and nice_bin:
         # Lower the trainer's priority so the API stays responsive on a busy CPU.

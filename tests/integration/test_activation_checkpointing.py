@@ -9,7 +9,8 @@ import pytest
 from tests.integration import test_dpo_trainer as dpo
 from tests.integration import test_trainer_process as sft
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 CHECKPOINTING = {"enable_activation_checkpointing": True}
 

@@ -15,7 +15,8 @@ from posttrain.trainer.reporting import StopFlag
 from tests.integration.test_dpo_trainer import LORA, preference_rows
 from tests.trainer_specs import lora_recipe
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 PRECISION = Precision(device="cpu", dtype="fp32", requested="fp32")
 CONFIG = DPOLoss(beta=0.1, loss_type="sigmoid")

@@ -130,6 +130,7 @@ def _margins(model, tokenizer) -> list[float]:
     return (logps[: len(examples)] - logps[len(examples):]).tolist()
 
 
+@pytest.mark.slow
 def test_loss_formulas_match_trl():
     """Hand-computed values of TRL's formulas (policy/reference summed log-probs of two pairs)."""
     import torch

@@ -11,7 +11,7 @@ import pytest
 from tests.plans import a_plan
 
 from posttrain.domain.jobs import JobKind, JobStatus
-from posttrain.errors import DuplicateJob
+from posttrain.errors import DuplicateJob, LeaseLost, TransitionRefused
 from posttrain.store.engine import make_engine, migrate
 from posttrain.store.jobs import JobStore, new_job_id, utcnow
 
@@ -69,20 +69,24 @@ def test_concurrent_claims_never_share_a_job(store):
 
 def test_cancel_scheduled_is_final(store):
     submitted = _submit(store, "c")
-    assert store.cancel(job_id=submitted.id) is True
+    store.cancel(job_id=submitted.id)
     job = store.find(tenant="t", job_uuid="c")
     assert job.status is JobStatus.CANCELLED and job.completed_at is not None
     assert store.claim_next(owner="w", lease_seconds=30) is None
-    assert store.cancel(job_id=submitted.id) is False
+    with pytest.raises(TransitionRefused) as refused:
+        store.cancel(job_id=submitted.id)
+    assert refused.value.status == "cancelled"
 
 
 def test_late_reports_from_a_lost_launcher_change_nothing(store):
     _submit(store, "j")
     job = store.claim_next(owner="w1", lease_seconds=30)
-    assert store.cancel(job_id=job.id)
+    store.cancel(job_id=job.id)
     # The launcher still thinks it runs the job: every guarded write is refused.
-    assert not store.renew_lease(job_id=job.id, owner="w1", attempt=job.attempt, lease_seconds=30)
-    assert not store.finish(job_id=job.id, owner="w1", attempt=job.attempt, status=JobStatus.COMPLETED)
+    with pytest.raises(LeaseLost):
+        store.renew_lease(job_id=job.id, owner="w1", attempt=job.attempt, lease_seconds=30)
+    with pytest.raises(LeaseLost):
+        store.finish(job_id=job.id, owner="w1", attempt=job.attempt, status=JobStatus.COMPLETED)
     assert store.get(job_id=job.id).status is JobStatus.CANCELLED
 
 
@@ -92,7 +96,8 @@ def test_expired_lease_requeues_then_fails_when_attempts_run_out(store):
     later = utcnow() + timedelta(seconds=60)
     assert store.requeue_expired(now=later) == [(job_id, JobStatus.SCHEDULED)]
     # The lost launcher cannot finish the job it no longer holds.
-    assert not store.finish(job_id=job_id, owner="w1", attempt=first.attempt, status=JobStatus.COMPLETED)
+    with pytest.raises(LeaseLost):
+        store.finish(job_id=job_id, owner="w1", attempt=first.attempt, status=JobStatus.COMPLETED)
     second = store.claim_next(owner="w2", lease_seconds=30)
     assert second.attempt == 2 and second.lease_owner == "w2"
     assert store.requeue_expired(now=later + timedelta(seconds=120)) == [(job_id, JobStatus.FAILED)]
@@ -114,12 +119,13 @@ def test_checkpoints_are_recorded_once_and_only_by_the_lease_holder(store):
     job = store.claim_next(owner="w1", lease_seconds=30)
     common = dict(job_id=job.id, identifier="k-epoch-1", epoch=1, step=4, path="/x",
                   train_loss=1.5, validation_loss=1.2, perplexity=3.32)
-    assert not store.record_checkpoint(owner="intruder", attempt=job.attempt, **common)
-    assert store.record_checkpoint(owner="w1", attempt=job.attempt, **common)
-    assert store.record_checkpoint(owner="w1", attempt=job.attempt, **common)
+    with pytest.raises(LeaseLost):
+        store.record_checkpoint(owner="intruder", attempt=job.attempt, **common)
+    store.record_checkpoint(owner="w1", attempt=job.attempt, **common)
+    store.record_checkpoint(owner="w1", attempt=job.attempt, **common)
     (ckpt,) = store.get(job_id=job.id).checkpoints
     assert ckpt.step == 4 and ckpt.metrics.validation_loss == 1.2 and ckpt.job_uuid == "k"
-    assert store.finish(job_id=job.id, owner="w1", attempt=job.attempt, status=JobStatus.COMPLETED)
+    store.finish(job_id=job.id, owner="w1", attempt=job.attempt, status=JobStatus.COMPLETED)
     types = [e.type for e in store.events(job_id=job.id)]
     assert types == ["state", "state", "checkpoint", "state"]
 
@@ -142,10 +148,10 @@ def test_two_tenants_may_use_the_same_job_uuid(store):
         _submit(store, "sft-1", tenant="bob")
     claimed = store.claim_next(owner="w1", lease_seconds=30)
     assert claimed.id == alice.id and claimed.tenant == "alice"
-    assert store.record_checkpoint(owner="w1", attempt=claimed.attempt, job_id=alice.id, identifier="sft-1-epoch-1",
-                                   epoch=1, step=2, path="/data/alice", train_loss=1.0, validation_loss=1.0,
-                                   perplexity=2.7)
-    assert store.cancel(job_id=bob.id)
+    store.record_checkpoint(owner="w1", attempt=claimed.attempt, job_id=alice.id, identifier="sft-1-epoch-1",
+                            epoch=1, step=2, path="/data/alice", train_loss=1.0, validation_loss=1.0,
+                            perplexity=2.7)
+    store.cancel(job_id=bob.id)
     assert store.find(tenant="alice", job_uuid="sft-1").status is JobStatus.IN_PROGRESS
     assert store.find(tenant="bob", job_uuid="sft-1").status is JobStatus.CANCELLED
     assert store.find(tenant="bob", job_uuid="sft-1").checkpoints == ()
@@ -157,8 +163,8 @@ def test_two_tenants_may_use_the_same_job_uuid(store):
 def test_a_checkpoint_is_found_by_its_tenant_only(store):
     _submit(store, "k")  # tenant "t"
     job = store.claim_next(owner="w1", lease_seconds=30)
-    assert store.record_checkpoint(owner="w1", attempt=job.attempt, job_id=job.id, identifier="k-epoch-1", epoch=1,
-                                   step=4, path="/data/k/epoch_1", train_loss=1.0, validation_loss=1.0, perplexity=2.7)
+    store.record_checkpoint(owner="w1", attempt=job.attempt, job_id=job.id, identifier="k-epoch-1", epoch=1,
+                            step=4, path="/data/k/epoch_1", train_loss=1.0, validation_loss=1.0, perplexity=2.7)
     by_id = store.find_checkpoint(tenant="t", reference="k-epoch-1")
     assert by_id is not None and by_id.path == "/data/k/epoch_1"
     assert store.find_checkpoint(tenant="t", reference="/data/k/epoch_1/") == by_id

@@ -13,7 +13,8 @@ import pytest
 from tests.integration import test_dpo_trainer as dpo
 from tests.integration import test_trainer_process as sft
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 
 def _validation_losses(spec: Path, tmp_path: Path, validation_rows: list | str | None) -> list[float]:
