@@ -14,7 +14,7 @@ from typing import Any
 from posttrain.domain.jobs import Job, JobKind, JobStatus
 from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound, RateLimited
 from posttrain.services import recipes
-from posttrain.services.models import resolve_model
+from posttrain.services.models import check_default_lora_targets, resolve_model
 from posttrain.services.paths import resolve_inside
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
@@ -87,6 +87,7 @@ class JobService:
             field=model_field,
             allow_adapter=kind is JobKind.DPO,
         )
+        check_default_lora_targets(model, (algorithm or {}).get("lora"), field=model_field)
         data = training["data_config"]
         train = self._dataset(tenant, data["dataset_id"], "training_config.data_config.dataset_id")
         validation = None

@@ -146,9 +146,12 @@ def check_common(request: dict[str, Any]) -> dict[str, Any] | None:
 #: The adapter a DPO job trains. The request has no LoRA options (the spec's DPOAlignmentConfig
 #: holds only beta and loss_type), so DPO always trains this adapter: the reference model is then
 #: the same weights with the adapter switched off, with no second copy in memory.
+#: ``default_targets``: the attention layers are a preference; a model without them (GPT-2's
+#: ``c_attn``) gets peft's default LoRA targets for its model type (the trainer's
+#: ``lora_target_modules``); ``models.check_default_lora_targets`` refuses at submit what has neither.
 DPO_LORA = {"type": "LoRA", "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
             "apply_lora_to_mlp": False, "apply_lora_to_output": False, "rank": 8, "alpha": 16,
-            "use_dora": False, "quantize_base": False}
+            "use_dora": False, "quantize_base": False, "default_targets": True}
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "kto_pair")
 
 

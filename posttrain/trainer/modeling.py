@@ -184,20 +184,24 @@ def load_tokenizer(*, path: str, trust_remote_code: bool):
 
 
 def lora_target_modules(model, algorithm_config: dict[str, Any]) -> list[str]:
-    """Hugging Face module names for the Llama Stack LoRA options, checked against the model."""
-    import torch
+    """Hugging Face module names for the Llama Stack LoRA options, checked against the model.
 
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                    if isinstance(module, torch.nn.Linear)}
-    targets = []
-    for name in algorithm_config.get("lora_attn_modules") or []:
-        aliases = ATTENTION_ALIASES.get(name, (name,))
-        found = next((alias for alias in aliases if alias in linear_names), None)
-        if found is None:
-            raise TrainerConfigError(
-                f"lora_attn_modules: {name!r} matches no linear layer of this model (tried {', '.join(aliases)})"
-            )
-        targets.append(found)
+    ``default_targets`` (set by the DPO recipe, whose request names no layers) makes
+    ``lora_attn_modules`` a preference: a model that lacks any of them (GPT-2's fused ``c_attn``)
+    gets peft's default LoRA targets for its ``model_type`` instead."""
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _linear_like(module)}
+    wanted = algorithm_config.get("lora_attn_modules") or []
+    found = {name: next((a for a in ATTENTION_ALIASES.get(name, (name,)) if a in linear_names), None) for name in wanted}
+    missing = [name for name, alias in found.items() if alias is None]
+    if missing and algorithm_config.get("default_targets"):
+        targets = _architecture_default_targets(model, linear_names, missing)
+    elif missing:
+        aliases = ATTENTION_ALIASES.get(missing[0], (missing[0],))
+        raise TrainerConfigError(
+            f"lora_attn_modules: {missing[0]!r} matches no linear layer of this model (tried {', '.join(aliases)})"
+        )
+    else:
+        targets = list(found.values())
     if algorithm_config.get("apply_lora_to_mlp"):
         mlp = [name for name in MLP_MODULES if name in linear_names]
         if not mlp:
@@ -208,6 +212,30 @@ def lora_target_modules(model, algorithm_config: dict[str, Any]) -> list[str]:
     if not targets:
         raise TrainerConfigError("the LoRA config selects no modules; set lora_attn_modules or apply_lora_to_mlp")
     return list(dict.fromkeys(targets))
+
+
+def _linear_like(module) -> bool:
+    """A layer LoRA can adapt as a linear one: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's
+    transposed linear layer, which peft adapts with ``fan_in_fan_out``)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def _architecture_default_targets(model, linear_names: set[str], missing: list[str]) -> list[str]:
+    """peft's default LoRA targets for the model's ``model_type`` that the model has."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    defaults = DEFAULTS.get(model_type)
+    present = [name for name in defaults if name in linear_names] if isinstance(defaults, list) else []
+    if not present:
+        raise TrainerConfigError(
+            f"lora_attn_modules: this {model_type!r} model has no {', '.join(missing)} layer and peft names no "
+            f"default LoRA targets for model type {model_type!r} that it has"
+        )
+    return present
 
 
 def lora_model(base, algorithm_config: dict[str, Any], *, resume=None):
@@ -224,12 +252,18 @@ def lora_model(base, algorithm_config: dict[str, Any], *, resume=None):
 
 
 def apply_lora(model, algorithm_config: dict[str, Any]):
+    """A new adapter on ``model``. ``fan_in_fan_out`` when the targets are ``Conv1D`` layers, whose
+    weights are stored transposed (peft would otherwise warn and switch it on itself)."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    targets = lora_target_modules(model, algorithm_config)
+    targeted = [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
     config = LoraConfig(
         r=int(algorithm_config.get("rank") or 8),
         lora_alpha=int(algorithm_config.get("alpha") or 16),
-        target_modules=lora_target_modules(model, algorithm_config),
+        target_modules=targets,
+        fan_in_fan_out=bool(targeted) and all(isinstance(module, Conv1D) for module in targeted),
         use_dora=bool(algorithm_config.get("use_dora")),
         lora_dropout=0.0,
         bias="none",
