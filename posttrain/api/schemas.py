@@ -267,6 +267,15 @@ class PostTrainingJobArtifactsResponse(SpecModel):
         return cls(job_uuid=job.job_uuid, checkpoints=[CheckpointPublic.from_checkpoint(c) for c in job.checkpoints])
 
 
+def dataset_provider_id(source: dict[str, Any]) -> str:
+    """The datasetio provider a Llama Stack distribution would have registered this source with:
+    ``huggingface`` for ``huggingface://`` URIs, ``localfs`` for everything else (rows, files,
+    ``data:`` and ``http(s)://`` URIs). Clients, and Llama Stack's own tests, filter on it. Derived
+    from the stored source, so datasets registered before this answer the same way."""
+    uri = source.get("uri") if source.get("type") == "uri" else None
+    return "huggingface" if isinstance(uri, str) and uri[:12].lower() == "huggingface:" else "localfs"
+
+
 class DatasetPublic(SpecModel):
     identifier: str
     provider_resource_id: str
@@ -282,7 +291,7 @@ class DatasetPublic(SpecModel):
             {
                 "identifier": dataset.identifier,
                 "provider_resource_id": dataset.identifier,
-                "provider_id": "posttrain",
+                "provider_id": dataset_provider_id(dataset.source),
                 "type": "dataset",
                 "purpose": dataset.purpose,
                 "source": dataset.source,

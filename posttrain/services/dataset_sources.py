@@ -87,8 +87,8 @@ def load_uri_rows(
     else:
         raise DatasetSourceInvalid(
             f"URI scheme {scheme!r} is not supported by this server; use an absolute path or file:// URI "
-            "under the server's file roots, a data: URI, a huggingface://<repo_id> dataset already in the "
-            "local cache, or send the rows inline with a 'rows' source"
+            "under the server's file roots, a data: URI, a huggingface://datasets/<owner>/<name> dataset "
+            "already in the local cache, or send the rows inline with a 'rows' source"
         )
     return _checked(rows, max_rows, convert=True)
 
@@ -240,11 +240,14 @@ def _parse_parquet(data: bytes, where: str) -> list:
 def _load_huggingface(uri: str, hf_cache: Path | None, max_rows: int | None) -> list:
     """Read only from the local cache: the offline switch is forced on for the call, whatever the env says."""
     location, _, query_text = uri.partition("?")
-    repo_id = location[len("huggingface:") :].strip("/")
+    repo_id = _hf_repo_id(location[len("huggingface:") :])
     query = parse_qs(query_text)
     split, name = query.get("split", ["train"])[-1], query.get("name", [None])[-1]
     if not _HF_REPO_ID.match(repo_id) or ".." in repo_id:
-        raise DatasetSourceInvalid(f"{uri!r} names no dataset; write huggingface://<owner>/<name>?split=train")
+        raise DatasetSourceInvalid(
+            f"{uri!r} names no dataset; write huggingface://datasets/<owner>/<name>?split=train "
+            "(or huggingface://<owner>/<name>?split=train)"
+        )
     cache = hf_cache.parent / "datasets" if hf_cache is not None and hf_cache.name == "hub" else hf_cache
     cache_dir = None if cache is None else str(cache)
     import datasets  # lazily: the API process must not pay for it at startup
@@ -274,6 +277,18 @@ def _load_huggingface(uri: str, hf_cache: Path | None, max_rows: int | None) -> 
     if max_rows is not None and loaded.num_rows > max_rows:  # before to_list(), which holds it all in memory
         raise DatasetSourceInvalid(f"the dataset has {loaded.num_rows} rows, more than the limit of {max_rows}")
     return loaded.to_list()
+
+
+def _hf_repo_id(path: str) -> str:
+    """The repo id of ``//datasets/<owner>/<name>`` (the form Llama Stack's docs, tests and
+    distributions write: its reader drops the URI's host, ``datasets``, and loads the path) or of
+    ``//<owner>/<name>``."""
+    repo_id = path.strip("/")
+    if repo_id == "datasets":  # the host alone: no repo named
+        return ""
+    if repo_id.startswith("datasets/") and _HF_REPO_ID.match(repo_id.removeprefix("datasets/")):
+        return repo_id.removeprefix("datasets/")
+    return repo_id
 
 
 def _checked(rows: object, max_rows: int | None, *, convert: bool) -> list[dict]:

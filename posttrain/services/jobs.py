@@ -14,7 +14,7 @@ from typing import Any
 from posttrain.domain.jobs import Job, JobKind, JobStatus
 from posttrain.domain.recipes import JobPlan, Submission
 from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound, RateLimited, TransitionRefused
-from posttrain.services.models import resolve_model
+from posttrain.services.models import check_default_lora_targets, resolve_model
 from posttrain.services.paths import resolve_inside
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
@@ -63,6 +63,7 @@ class JobService:
             field=names.model,
             allow_adapter=recipe.method is JobKind.DPO,
         )
+        check_default_lora_targets(model, recipe.adapter, field=names.model)
         train = self._dataset(tenant, submission.dataset_id, names.dataset_id)
         validation = None
         if submission.validation_dataset_id:

@@ -6,9 +6,15 @@ minutes later in the trainer.
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import json
+import struct
 from pathlib import Path
+from typing import Any
 
+from posttrain.domain.recipes import LoRA
 from posttrain.errors import InvalidRequest
 from posttrain.services.paths import resolve_inside
 
@@ -72,3 +78,74 @@ def resolve_model(
             "operator sets POSTTRAIN_TRUST_REMOTE_CODE=true"
         )
     return folder, None
+
+
+#: What the trainer's ``ATTENTION_ALIASES`` accept for ``q_proj``: a model with one of these
+#: layers takes the DPO adapter on its own attention names.
+_QUERY_LAYER_NAMES = ("q_proj", "query", "wq")
+
+
+def check_default_lora_targets(folder: Path, lora: LoRA | None, *, field: str) -> None:
+    """Refuse at submit an adapter asking for the architecture's default targets (DPO's) on a model
+    that has no q_proj-style attention layer and whose ``model_type`` peft names no default LoRA
+    targets for: the trainer would fail on it at its first step. Reads config.json and the
+    safetensors headers only; a model whose layer names cannot be read that way is left to the trainer."""
+    if lora is None or not lora.architecture_defaults:
+        return
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    defaults = peft_default_lora_targets()
+    if defaults is None or model_type in defaults:
+        return
+    names = _weight_layer_names(folder)
+    if names is None or names & set(_QUERY_LAYER_NAMES):
+        return
+    raise InvalidRequest(
+        f"{field}: model type {model_type!r} has no q_proj-style attention layer and peft names no default "
+        f"LoRA targets for it, so this server cannot place the preference-optimization adapter; "
+        f"model types it can: {', '.join(sorted(defaults))} and any model with q_proj/k_proj/v_proj layers"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def peft_default_lora_targets() -> dict[str, Any] | None:
+    """peft's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, read from the installed
+    peft's source rather than imported: importing peft imports torch and transformers, which the
+    request path never loads. None when peft or the table cannot be found."""
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "utils" / "constants.py"
+    try:
+        tree = ast.parse(source.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
+                                                    for t in node.targets):
+                table = ast.literal_eval(node.value)
+                return table if isinstance(table, dict) else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return None
+
+
+def _weight_layer_names(folder: Path) -> set[str] | None:
+    """The layer names (``...self_attn.q_proj.weight`` -> ``q_proj``) of a model's safetensors
+    weights, from the files' JSON headers; None when the model keeps no safetensors."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            keys = list(json.loads(index.read_text())["weight_map"])
+        else:
+            keys = []
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                return None
+            for path in files:
+                with path.open("rb") as handle:
+                    (size,) = struct.unpack("<Q", handle.read(8))
+                    keys += [k for k in json.loads(handle.read(size)) if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return {parts[-2] for parts in (key.split(".") for key in keys) if len(parts) >= 2}

@@ -20,9 +20,11 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 def lora_target_modules(model, lora: LoRA) -> list[str]:
     """Hugging Face module names for the recipe's LoRA targets, checked against the model."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
+    # GPT-2-style models keep their projections as Conv1D, a linear layer with its weight transposed.
     linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                    if isinstance(module, torch.nn.Linear)}
+                    if isinstance(module, (torch.nn.Linear, Conv1D))}
     targets = architecture_default_targets(model, linear_names) if lora.architecture_defaults else []
     for name in lora.attention:
         aliases = ATTENTION_ALIASES.get(name, (name,))
@@ -46,10 +48,11 @@ def lora_target_modules(model, lora: LoRA) -> list[str]:
 
 def architecture_default_targets(model, linear_names: set[str]) -> list[str]:
     """The attention modules an adapter targets when the recipe leaves the choice to the
-    architecture: every attention projection the Llama-family aliases find (q, k, v, output), else
-    peft's defaults for the model's type (GPT-2's ``c_attn``, ...)."""
+    architecture: every attention projection the Llama-family aliases find (q, k, v, output) when
+    the model has a query projection under one of them, else peft's defaults for the model's type
+    (GPT-2's fused ``c_attn``, GPT-NeoX's ``query_key_value``, ...)."""
     found = [next((alias for alias in aliases if alias in linear_names), None) for aliases in ATTENTION_ALIASES.values()]
-    if any(found):
+    if found[0] is not None:
         return [name for name in found if name]
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 

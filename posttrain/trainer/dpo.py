@@ -245,6 +245,17 @@ def _load_base(*, plan: JobPlan, precision, trust: bool) -> tuple[Any, LoraWeigh
     return starting.merge_and_unload().to(precision.torch_dtype()), weights
 
 
+def _disable_dropout(model) -> None:  # noqa: ANN001 - a peft model
+    """Dropout off in every layer, as TRL's DPOTrainer does by default (``disable_dropout``): the
+    policy and the reference (the same weights, adapter off) must see the same network, or their
+    log-ratios differ by noise and a fresh adapter does not start at the loss of equal models."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     """Train as the spec says, reporting events; returns "completed" or "cancelled".
 
@@ -282,6 +293,7 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     resume = source[1] if source else None
     base, starting_adapter = _load_base(plan=plan, precision=precision, trust=trust)
     model = lora_model(base, adapter, resume=resume_adapter(resume) if resume is not None else None)
+    _disable_dropout(model)
     if recipe.activation_checkpointing:
         enable_activation_checkpointing(model)
 

@@ -297,6 +297,36 @@ def test_huggingface_cached_dataset_is_read(root: Path, tmp_path: Path, cache: s
         load("huggingface://llamastack/simpleqa?split=test", root, hf_cache=tmp_path / given)
 
 
+SIMPLEQA = [{"input_query": f"Question {i}?", "expected_answer": f"Answer {i}"} for i in range(12)]
+
+
+@pytest.mark.parametrize("uri", [
+    "huggingface://datasets/llamastack/simpleqa?split=train",  # Llama Stack's docs, tests and distributions
+    "huggingface://datasets/llamastack/simpleqa/?split=train",
+    "huggingface://llamastack/simpleqa?split=train",  # this server's first form, still read
+])
+def test_huggingface_uri_forms_name_the_same_repo(root: Path, tmp_path: Path, uri: str) -> None:
+    from tests.hub_standins import cache_dataset
+
+    cache_dataset(tmp_path / "hf" / "datasets", "llamastack/simpleqa", SIMPLEQA)
+    assert load(uri, root, hf_cache=tmp_path / "hf" / "hub") == SIMPLEQA
+
+
+def test_huggingface_split_slice_is_read(root: Path, tmp_path: Path) -> None:
+    """``split=train[:20]``, as Llama Stack's DPO test asks: load_dataset's slice syntax, from the cache."""
+    from tests.hub_standins import cache_dataset
+
+    cache_dataset(tmp_path / "hf" / "datasets", "trl-internal-testing/hh-rlhf-helpful-base-trl-style", SIMPLEQA)
+    uri = "huggingface://datasets/trl-internal-testing/hh-rlhf-helpful-base-trl-style?split=train[:5]"
+    assert load(uri, root, hf_cache=tmp_path / "hf" / "hub") == SIMPLEQA[:5]
+
+
+@pytest.mark.parametrize("uri", ["huggingface://datasets/", "huggingface://datasets/../etc", "huggingface://"])
+def test_huggingface_datasets_prefix_alone_names_no_dataset(root: Path, uri: str) -> None:
+    with pytest.raises(DatasetSourceInvalid, match="names no dataset.*huggingface://datasets/<owner>/<name>"):
+        load(uri, root)
+
+
 def test_module_import_does_not_load_datasets_or_pyarrow() -> None:
     code = "import sys, posttrain.services.dataset_sources as m; print([n for n in ('datasets', 'pyarrow') if n in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
