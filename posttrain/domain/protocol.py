@@ -55,10 +55,13 @@ class TrainerEvent:
     in ``extra`` (a method's own metrics, such as DPO's rewards) and are flat on the wire."""
 
     kind: ClassVar[str] = ""
+    #: Fields left off the wire when they are None (their absence means something).
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset()
     extra: Mapping[str, Any] = field(default_factory=dict, kw_only=True)
 
     def to_line(self) -> str:
-        body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        body = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "extra" and not (f.name in self.omitted_when_none and getattr(self, f.name) is None)}
         payload = {"event": self.kind, **_finite(body), **_finite(dict(self.extra))}
         return json.dumps(payload, allow_nan=False)
 
@@ -97,9 +100,11 @@ class StepMetric(TrainerEvent):
 
 @dataclass(frozen=True)
 class CheckpointWritten(TrainerEvent):
-    """An epoch's checkpoint folder is complete on disk (also re-sent for those found on resume)."""
+    """An epoch's checkpoint folder is complete on disk (also re-sent for those found on resume,
+    without ``write_seconds``: nothing was written)."""
 
     kind: ClassVar[str] = "checkpoint"
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"write_seconds"})
     identifier: str
     epoch: int
     step: int

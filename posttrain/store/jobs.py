@@ -33,6 +33,7 @@ from posttrain.domain.jobs import (
     Move,
     TrainingMetrics,
 )
+from posttrain.domain.protocol import FailureCode
 from posttrain.domain.recipes import JobPlan
 from posttrain.errors import DuplicateJob, LeaseLost, TransitionRefused
 from posttrain.store.tables import checkpoints, job_events, jobs
@@ -320,8 +321,8 @@ class JobStore:
             if count_attempt and attempt >= max_attempts:
                 message = f"{reason}; no attempts left ({attempt} of {max_attempts} used)"
                 self._transition(conn, Move.FAIL, job_id=job_id, lease=(owner, attempt),
-                                 event={"code": "trainer_lost", "message": message},
-                                 values=dict(completed_at=utcnow(), error_code="trainer_lost", error_message=message))
+                                 event={"code": FailureCode.TRAINER_LOST.value, "message": message},
+                                 values=dict(completed_at=utcnow(), error_code=FailureCode.TRAINER_LOST.value, error_message=message))
                 return Move.FAIL.target
             values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
             if not count_attempt:
@@ -350,8 +351,8 @@ class JobStore:
             else:
                 move = Move.FAIL
                 message = f"the worker running this job was lost {attempt} time(s); no attempts left"
-                values = dict(completed_at=now, error_code="worker_lost", error_message=message)
-                event = {"code": "worker_lost", "message": message}
+                values = dict(completed_at=now, error_code=FailureCode.WORKER_LOST.value, error_message=message)
+                event = {"code": FailureCode.WORKER_LOST.value, "message": message}
             try:
                 with self.engine.begin() as conn:
                     self._transition(conn, move, job_id=job_id, guard=guard, event=event, values=values)

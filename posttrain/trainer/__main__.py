@@ -15,7 +15,7 @@ import traceback
 
 from typing import TYPE_CHECKING
 
-from posttrain.domain.protocol import FailureCode
+from posttrain.domain.protocol import Cancelled, Completed, Failed, FailureCode
 
 if TYPE_CHECKING:  # pydantic is a library too: imported once stdout is the protocol's alone
     from posttrain.domain.recipes import TrainerSpec
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     if len(argv) != 1:
-        reporter.emit("failed", code=FailureCode.USAGE.value, message="usage: python -m posttrain.trainer SPEC.json")
+        reporter.emit(Failed(code=FailureCode.USAGE, message="usage: python -m posttrain.trainer SPEC.json"))
         return 1
     try:
         spec = _read_spec(argv[0])
@@ -132,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         outcome = "cancelled"
     except Exception as exc:  # every failure becomes one protocol event
         traceback.print_exc(file=sys.stderr)
-        reporter.emit("failed", code=_failure_code(exc).value, message=str(exc) or type(exc).__name__)
+        reporter.emit(Failed(code=_failure_code(exc), message=str(exc) or type(exc).__name__))
         return 1
     if outcome == "cancelled":
-        reporter.emit("cancelled")
+        reporter.emit(Cancelled())
     else:
-        reporter.emit("completed")
+        reporter.emit(Completed())
     return 0
 
 

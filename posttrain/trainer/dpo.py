@@ -47,6 +47,7 @@ from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_preference_row
 from posttrain.trainer.loading import load_model
+from posttrain.domain.protocol import Started
 from posttrain.domain.recipes import DPOLoss, JobPlan, Recipe, TrainerSpec
 from posttrain.trainer.optimization import apply_gradients, prepare_optimization
 from posttrain.trainer.precision import Precision
@@ -300,13 +301,12 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     run = prepare_optimization(model, recipe=recipe, micro_batches=math.ceil(len(train) / recipe.data.batch_size),
                                precision=precision, resume_folder=resume)
 
-    reporter.emit(
-        "started",
+    reporter.emit(Started(
         resources={**base_resources(model, precision=precision, threads=threads), "method": "dpo",
                    "loss_type": dpo.loss_type, "beta": dpo.beta, "merged_adapter": plan.adapter},
         total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
-    )
+    ))
     if precision.dtype != precision.requested:
         reporter.log(f"dtype {precision.requested} was requested; computing in {precision.dtype} on {precision.device}",
                      level="warning")

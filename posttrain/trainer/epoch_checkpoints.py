@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from posttrain.domain.protocol import CheckpointWritten
 from posttrain.trainer import checkpoints
 from posttrain.trainer.optimization import Optimization
 from posttrain.trainer.reporting import Reporter
@@ -55,7 +56,8 @@ def emit_checkpoint(reporter: Reporter, *, job_uuid: str, folder: Path, state: d
                     write_seconds: float | None = None) -> None:
     """The ``checkpoint`` event of a folder whose ``trainer_state.json`` is ``state``; without
     ``write_seconds`` for one found on resume (nothing was written)."""
-    epoch = int(state["epoch"])
-    extra = {"write_seconds": write_seconds} if write_seconds is not None else {}
-    reporter.emit("checkpoint", identifier=f"{job_uuid}-epoch-{epoch}", epoch=epoch, step=int(state["global_step"]),
-                  path=str(folder.resolve()), **state["metrics"], **extra)
+    epoch, metrics = int(state["epoch"]), state["metrics"]
+    reporter.emit(CheckpointWritten(
+        identifier=f"{job_uuid}-epoch-{epoch}", epoch=epoch, step=int(state["global_step"]), path=str(folder.resolve()),
+        train_loss=metrics["train_loss"], validation_loss=metrics["validation_loss"], perplexity=metrics["perplexity"],
+        write_seconds=write_seconds))

@@ -17,6 +17,7 @@ from typing import Any
 
 from posttrain.trainer.batching import length_grouped_batches
 from posttrain.trainer.compiling import Compiler
+from posttrain.domain.protocol import StepMetric
 from posttrain.domain.recipes import Recipe
 from posttrain.trainer.optimization import Optimization
 from posttrain.trainer.precision import Precision
@@ -86,11 +87,11 @@ class EpochLoop:
                 global_step += 1
                 losses.append(result.loss)
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                reporter.emit("metric", step=global_step, epoch=epoch, loss=result.loss, **result.metrics, lr=lr,
-                              tokens_per_s=result.real_tokens / elapsed, total_steps=run.total_steps,
-                              tokens=result.real_tokens,
-                              padding_fraction=1 - result.real_tokens / max(result.total_tokens, 1),
-                              step_seconds=elapsed, **self.precision.memory_fields())
+                reporter.emit(StepMetric(
+                    step=global_step, epoch=epoch, loss=result.loss, lr=lr, tokens_per_s=result.real_tokens / elapsed,
+                    tokens=result.real_tokens, padding_fraction=1 - result.real_tokens / max(result.total_tokens, 1),
+                    step_seconds=elapsed, total_steps=run.total_steps,
+                    extra={**result.metrics, **self.precision.memory_fields()}))
                 self.compiler.after_step(self.model, step_seconds=elapsed, steps_left=run.total_steps - global_step,
                                          reporter=reporter)
                 if index < len(groups) and self.points.due():

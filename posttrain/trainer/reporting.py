@@ -8,42 +8,31 @@ safe points, so a checkpoint is never half-written by a signal handler.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import stat
 import sys
 import threading
-from typing import Any, TextIO
+from typing import TextIO
 
-
-def _jsonable(value: Any) -> Any:
-    """NaN/inf are not JSON: send them as null rather than break the launcher's parser."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return value
+from posttrain.domain.protocol import LogLine, TrainerEvent
 
 
 class Reporter:
-    """Writes protocol events (``{"event": name, ...}``) as JSON lines to one stream."""
+    """Writes protocol events (``domain.protocol``) as JSON lines to one stream."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps(_jsonable({"event": event, **fields}), allow_nan=False)
+    def emit(self, event: TrainerEvent) -> None:
+        line = event.to_line()
         with self._lock:
             self._stream.write(line + "\n")
             self._stream.flush()
 
     def log(self, message: str, *, level: str = "info") -> None:
-        self.emit("log", level=level, message=message)
+        self.emit(LogLine(message=message, level=level))
 
 
 class StopRequested(BaseException):

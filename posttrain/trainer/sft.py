@@ -34,6 +34,7 @@ from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_sft_row
 from posttrain.trainer.loading import BASE_QUANTIZATION, load_merge_base, load_model, quantized_layers
+from posttrain.domain.protocol import Started
 from posttrain.domain.recipes import Recipe, TrainerSpec
 from posttrain.trainer.optimization import apply_gradients, prepare_optimization
 from posttrain.trainer.precision import Precision
@@ -134,8 +135,7 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     run = prepare_optimization(model, recipe=recipe, micro_batches=micro_batches, precision=precision,
                                resume_folder=resume)
 
-    reporter.emit(
-        "started",
+    reporter.emit(Started(
         resources={**base_resources(model, precision=precision, threads=threads),
                    **({"qat": {"type": "QAT", **quantization.model_dump(), "fake_quantized_layers": fake_quantized}}
                       if quantization is not None else {}),
@@ -143,7 +143,7 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
                                              "layers": quantized_layers(model)}} if quantize_base else {})},
         total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
-    )
+    ))
     if precision.dtype != precision.requested:
         reporter.log(f"dtype {precision.requested} was requested; computing in {precision.dtype} on {precision.device}",
                      level="warning")

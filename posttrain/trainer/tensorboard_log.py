@@ -10,10 +10,12 @@ The files go into ``<output_dir>/tensorboard``, next to the checkpoints, where
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
+from posttrain.domain.protocol import CheckpointWritten, LogLine, Started, StepMetric, TrainerEvent
 from posttrain.domain.recipes import TrainerSpec
 
 FOLDER = "tensorboard"
@@ -77,19 +79,19 @@ class TensorBoardReporter:
 
     # -- the Reporter interface ----------------------------------------------------------------
 
-    def emit(self, event: str, **fields: Any) -> None:
-        if event == "started":
-            fields = self._on_started(fields)
-        self._reporter.emit(event, **fields)
-        if event == "metric":
-            self._write(metric_scalars(fields), step=fields.get("step"))
-        elif event == "checkpoint" and fields.get("write_seconds") is not None:
+    def emit(self, event: TrainerEvent) -> None:
+        if isinstance(event, Started):
+            event = self._on_started(event)
+        self._reporter.emit(event)
+        if isinstance(event, StepMetric):
+            self._write(metric_scalars(event.to_dict()), step=event.step)
+        elif isinstance(event, CheckpointWritten) and event.write_seconds is not None:
             # Without write_seconds it is a checkpoint an earlier attempt wrote, re-sent on resume;
             # that attempt logged it already.
-            self._write(checkpoint_scalars(fields), step=fields.get("step"), flush=True)
+            self._write(checkpoint_scalars(event.to_dict()), step=event.step, flush=True)
 
     def log(self, message: str, *, level: str = "info") -> None:
-        self.emit("log", level=level, message=message)
+        self.emit(LogLine(message=message, level=level))
 
     def close(self) -> None:
         """Flush and close the event file; called on every way out of the run (done, cancelled,
@@ -103,13 +105,13 @@ class TensorBoardReporter:
 
     # -- the log ---------------------------------------------------------------------------------
 
-    def _on_started(self, fields: dict[str, Any]) -> dict[str, Any]:
+    def _on_started(self, event: Started) -> Started:
         """Name the folder in the job's resources, where users look for what the job holds."""
         try:
             self.logdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             self._give_up(exc)
-        return {**fields, "resources": {**(fields.get("resources") or {}), "tensorboard_dir": str(self.logdir)}}
+        return dataclasses.replace(event, resources={**event.resources, "tensorboard_dir": str(self.logdir)})
 
     def _write(self, scalars: dict[str, float], *, step: Any, flush: bool = False) -> None:
         if self._broken or not scalars or _number(step) is None:

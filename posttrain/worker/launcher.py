@@ -20,6 +20,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from posttrain.domain.jobs import Job, JobStatus
+from posttrain.domain.protocol import (
+    TERMINAL_EVENTS,
+    AnyEvent,
+    Cancelled,
+    CheckpointWritten,
+    Completed,
+    Failed,
+    ProtocolError,
+    Started,
+    StepMetric,
+    parse_line,
+)
 from posttrain.domain.recipes import TrainerSpec
 from posttrain.errors import LeaseLost
 from posttrain.store.jobs import JobStore
@@ -52,7 +64,7 @@ class LaunchConfig:
 
 @dataclass
 class _Outcome:
-    terminal: dict[str, Any] | None = None
+    terminal: Completed | Cancelled | Failed | None = None
     stop_reason: str | None = None  # why we asked the trainer to stop: "lease_lost" | "shutdown"
     stderr_tail: list[str] = field(default_factory=list)
 
@@ -195,21 +207,22 @@ class Launcher:
     # -- reports --------------------------------------------------------------------------------
 
     def _read(self, stream: IO[bytes]) -> None:
+        """Record the trainer's events as they come; per-step metrics in batches. A line that is
+        not a protocol event is kept as a warning in the job's log."""
         buffered: list[tuple[str, dict[str, Any]]] = []
         last_flush = time.monotonic()
         for raw in stream:
             try:
-                event = json.loads(raw)
-                kind = event.pop("event")
-            except (ValueError, KeyError, TypeError, AttributeError):
+                event = parse_line(raw)
+            except ProtocolError:
                 buffered.append(("log", {"level": "warning", "message": raw.decode("utf-8", "replace").rstrip()}))
                 continue
-            if kind == "metric":
-                buffered.append(("metric", {**event, "attempt": self.attempt}))
+            if isinstance(event, StepMetric):
+                buffered.append((event.kind, {**event.to_dict(), "attempt": self.attempt}))
             else:
                 self._flush(buffered)
                 buffered = []
-                self._handle(kind, event)
+                self._handle(event)
             if time.monotonic() - last_flush > METRIC_FLUSH_SECONDS:
                 self._flush(buffered)
                 buffered = []
@@ -229,36 +242,36 @@ class Launcher:
             except LeaseLost:
                 self._moved_on()
 
-    def _handle(self, kind: str, event: dict[str, Any]) -> None:
-        if kind in ("completed", "cancelled", "failed"):
-            self._outcome.terminal = {"event": kind, **event}
+    def _handle(self, event: AnyEvent) -> None:
+        if isinstance(event, TERMINAL_EVENTS):
+            self._outcome.terminal = event
         elif not self._lost.is_set():
             try:
-                self._record(kind, event)
+                self._record(event)
             except LeaseLost:
                 self._moved_on()
 
-    def _record(self, kind: str, event: dict[str, Any]) -> None:
+    def _record(self, event: AnyEvent) -> None:
         job_id, lease = self.job.id, dict(owner=self.owner, attempt=self.attempt)
-        if kind == "started":
+        if isinstance(event, Started):
             resources = {
-                **event.get("resources", {}),
+                **event.resources,
                 "worker": self.owner,
                 "attempt": self.attempt,
                 "pid": self._process.pid if self._process else None,
                 "memory_total_bytes": _memory_total_bytes(),
             }
             self.store.set_resources(job_id=job_id, **lease, resources=resources)
-            self.store.append_event(job_id=job_id, **lease, type="started", data={**event, "resources": resources})
-        elif kind == "checkpoint":
+            self.store.append_event(job_id=job_id, **lease, type=event.kind,
+                                    data={**event.to_dict(), "resources": resources})
+        elif isinstance(event, CheckpointWritten):
             self.store.record_checkpoint(
                 job_id=job_id, **lease,
-                identifier=event["identifier"], epoch=int(event["epoch"]), step=int(event.get("step", 0)),
-                path=event["path"], train_loss=event.get("train_loss"),
-                validation_loss=event.get("validation_loss"), perplexity=event.get("perplexity"),
+                identifier=event.identifier, epoch=event.epoch, step=event.step, path=event.path,
+                train_loss=event.train_loss, validation_loss=event.validation_loss, perplexity=event.perplexity,
             )
         else:
-            self.store.append_event(job_id=job_id, **lease, type=kind, data=event)
+            self.store.append_event(job_id=job_id, **lease, type=event.kind, data=event.to_dict())
 
     def _finish(self, stderr_path: Path) -> None:
         """Write the job's end, unless it has already moved on without us."""
@@ -275,15 +288,15 @@ class Launcher:
 
     def _end(self, code: int | None, stderr_path: Path) -> None:
         """The move that ends this attempt: complete, fail, or give the job back to the queue."""
-        outcome, terminal = self._outcome, self._outcome.terminal or {}
+        outcome, terminal = self._outcome, self._outcome.terminal
         common = dict(job_id=self.job.id, owner=self.owner, attempt=self.attempt)
         if outcome.stop_reason == "shutdown":
             self.store.release(**common, reason="worker shut down", count_attempt=False)
-        elif terminal.get("event") == "completed":
+        elif isinstance(terminal, Completed):
             self.store.finish(**common, status=JobStatus.COMPLETED)
-        elif terminal.get("event") == "failed":
-            self.store.finish(**common, status=JobStatus.FAILED, error_code=terminal.get("code", "error"),
-                              error_message=terminal.get("message", "training failed"))
+        elif isinstance(terminal, Failed):
+            self.store.finish(**common, status=JobStatus.FAILED, error_code=terminal.code.value,
+                              error_message=terminal.message or "training failed")
         else:
             tail = _tail(stderr_path)
             self.store.release(**common, reason=f"trainer exited with code {code} before finishing" + (f": {tail}" if tail else ""))

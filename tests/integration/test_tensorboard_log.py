@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.domain.protocol import CheckpointWritten, LogLine, Started, StepMetric
+
 from tests.trainer_specs import typed_spec, typed_spec_file
 
 from tests.integration.test_api import lora_request
@@ -69,15 +71,20 @@ def with_tensorboard(spec: Path, logger_config: dict | None = None) -> Path:
 # -- the wrapper, in process ------------------------------------------------------------------
 
 
+def step_metric(*, step: int, loss: float, lr: float, tokens_per_s: float, **extra: float) -> StepMetric:
+    return StepMetric(step=step, epoch=1, loss=loss, lr=lr, tokens_per_s=tokens_per_s, tokens=10, padding_fraction=0.0,
+                      step_seconds=0.1, total_steps=2, extra=extra)
+
+
 class Recorder:
     def __init__(self) -> None:
         self.events: list[dict] = []
 
-    def emit(self, event: str, **fields) -> None:
-        self.events.append({"event": event, **fields})
+    def emit(self, event) -> None:
+        self.events.append(json.loads(event.to_line()))
 
     def log(self, message: str, *, level: str = "info") -> None:
-        self.emit("log", level=level, message=message)
+        self.emit(LogLine(message=message, level=level))
 
 
 def test_the_wrapper_forwards_every_event_and_logs_the_numbers(tmp_path):
@@ -85,35 +92,35 @@ def test_the_wrapper_forwards_every_event_and_logs_the_numbers(tmp_path):
 
     inner, logdir = Recorder(), tmp_path / "out" / "tensorboard"
     reporter = TensorBoardReporter(inner, logdir=logdir)
-    reporter.emit("started", resources={"device": "cpu"}, total_steps=2, resumed_from=None)
+    reporter.emit(Started(resources={"device": "cpu"}, total_steps=2, resumed_from=None))
     reporter.log("hello")
-    reporter.emit("metric", step=1, epoch=1, loss=2.5, lr=1e-3, tokens_per_s=100.0, total_steps=2,
-                  reward_margin=0.25, reward_accuracy=0.5)
-    reporter.emit("metric", step=2, epoch=1, loss=2.0, lr=5e-4, tokens_per_s=120.0, total_steps=2,
-                  reward_margin=0.5, reward_accuracy=1.0)
-    reporter.emit("checkpoint", identifier="j-epoch-1", epoch=1, step=2, path="/x", train_loss=2.25,
-                  validation_loss=1.5, perplexity=4.48, validation_reward_margin=0.75, write_seconds=0.1)
+    reporter.emit(step_metric(step=1, loss=2.5, lr=1e-3, tokens_per_s=100.0, reward_margin=0.25, reward_accuracy=0.5))
+    reporter.emit(step_metric(step=2, loss=2.0, lr=5e-4, tokens_per_s=120.0, reward_margin=0.5, reward_accuracy=1.0))
+    reporter.emit(CheckpointWritten(identifier="j-epoch-1", epoch=1, step=2, path="/x", train_loss=2.25,
+                                    validation_loss=1.5, perplexity=4.48, write_seconds=0.1,
+                                    extra={"validation_reward_margin": 0.75}))
     reporter.close()
 
     assert inner.events[0]["resources"] == {"device": "cpu", "tensorboard_dir": str(logdir)}
     assert [e["event"] for e in inner.events] == ["started", "log", "metric", "metric", "checkpoint"]
     assert inner.events[2] == {"event": "metric", "step": 1, "epoch": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 100.0,
-                               "total_steps": 2, "reward_margin": 0.25, "reward_accuracy": 0.5}
+                               "tokens": 10, "padding_fraction": 0.0, "step_seconds": 0.1, "total_steps": 2,
+                               "reward_margin": 0.25, "reward_accuracy": 0.5}
     shown = merged_scalars(logdir)
     assert shown["train/loss"] == {1: 2.5, 2: 2.0}
     assert shown["train/reward_margin"] == {1: 0.25, 2: 0.5} and shown["train/lr"][2] == pytest.approx(5e-4)
     assert shown["validation/loss"] == {2: 1.5} and shown["validation/perplexity"] == {2: pytest.approx(4.48)}
     assert shown["train/epoch_loss"] == {2: 2.25} and shown["validation/reward_margin"] == {2: 0.75}
-    assert "train/step" not in shown and "train/total_steps" not in shown
+    assert "train/step" not in shown and "train/total_steps" not in shown and shown["train/tokens"] == {1: 10, 2: 10}
 
 
 def test_nothing_is_written_before_the_first_step(tmp_path):
     from posttrain.trainer.tensorboard_log import TensorBoardReporter
 
     reporter = TensorBoardReporter(Recorder(), logdir=tmp_path / "tensorboard")
-    reporter.emit("started", resources={}, total_steps=2, resumed_from="j-epoch-1")
-    reporter.emit("checkpoint", identifier="j-epoch-1", epoch=1, step=2, path="/x", train_loss=1.0,
-                  validation_loss=1.0, perplexity=2.7)  # re-sent on resume: no write_seconds
+    reporter.emit(Started(resources={}, total_steps=2, resumed_from="j-epoch-1"))
+    reporter.emit(CheckpointWritten(identifier="j-epoch-1", epoch=1, step=2, path="/x", train_loss=1.0,
+                                    validation_loss=1.0, perplexity=2.7))  # re-sent on resume: no write_seconds
     reporter.close()
     assert (tmp_path / "tensorboard").is_dir() and list((tmp_path / "tensorboard").iterdir()) == []
 
