@@ -484,9 +484,9 @@ def main() -> None:
               f"{warmup} warm-up + {steps} measured steps, {rounds} round(s); DPO: {'yes' if dpo else 'no (no dpo.py)'}",
               flush=True)
 
-        from posttrain.trainer.precision import cpu_has_native_bf16
-
         import torch
+
+        from posttrain.trainer.precision import cpu_has_native_bf16
 
         native_bf16 = cpu_has_native_bf16() if DEVICE == "cpu" else torch.cuda.is_bf16_supported()
         configs = [c for c in configurations(dpo=dpo, native_bf16=native_bf16)

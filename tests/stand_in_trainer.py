@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 
-def _say(event: str, **fields) -> None:  # noqa: ANN003
+def _say(event: str, **fields) -> None:
     sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
 

@@ -6,9 +6,10 @@ background threads and every job trains in a child process of its own.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
@@ -18,9 +19,9 @@ from starlette.responses import HTMLResponse
 from posttrain import __version__
 from posttrain.api.gate import Gate
 from posttrain.api.problems import install_problem_handlers
+from posttrain.api.routes import datasets, events, health, metrics, post_training
 from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.dashboard.routes import router as dashboard_router
-from posttrain.api.routes import datasets, events, health, metrics, post_training
 from posttrain.services.container import Services, build_services
 from posttrain.settings import Settings
 

@@ -169,6 +169,17 @@ def parse_line(raw: bytes | str) -> AnyEvent:
 
 
 __all__ = [
-    "AnyEvent", "Cancelled", "CheckpointWritten", "Completed", "Failed", "FailureCode", "LogLine", "ProtocolError",
-    "Started", "StepMetric", "TERMINAL_EVENTS", "TrainerEvent", "parse_line",
+    "TERMINAL_EVENTS",
+    "AnyEvent",
+    "Cancelled",
+    "CheckpointWritten",
+    "Completed",
+    "Failed",
+    "FailureCode",
+    "LogLine",
+    "ProtocolError",
+    "Started",
+    "StepMetric",
+    "TrainerEvent",
+    "parse_line",
 ]

@@ -17,7 +17,8 @@ Pure functions on JSON values: no tokenizer, no I/O.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 INSTRUCT_PAIRS = (
     ("chat_completion_input", "expected_answer"),

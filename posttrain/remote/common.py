@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -50,9 +50,9 @@ class RemoteGroup(TyperGroup):
             err.print("[red]error:[/red] " + escape(cause_chain(exc)))
             raise typer.Exit(1) from None
 
-UrlOption = Annotated[Optional[str], typer.Option(
+UrlOption = Annotated[str | None, typer.Option(
     "--url", help="Server URL (env POSTTRAIN_URL; default http://127.0.0.1:8321).", show_default=False)]
-ApiKeyOption = Annotated[Optional[str], typer.Option(
+ApiKeyOption = Annotated[str | None, typer.Option(
     "--api-key", help="API key, sent as 'Authorization: Bearer …' (env POSTTRAIN_API_KEY).", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSON answer instead of a table.")]
 

@@ -13,7 +13,14 @@ from typing import Any
 
 from posttrain.domain.jobs import Job, JobKind, JobStatus
 from posttrain.domain.recipes import JobPlan, Submission
-from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound, RateLimited, TransitionRefused
+from posttrain.errors import (
+    DuplicateJob,
+    InvalidRequest,
+    InvalidTransition,
+    JobNotFound,
+    RateLimited,
+    TransitionRefused,
+)
 from posttrain.services.models import check_default_lora_targets, resolve_model
 from posttrain.services.paths import resolve_inside
 from posttrain.settings import Settings

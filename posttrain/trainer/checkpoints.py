@@ -14,8 +14,8 @@ import os
 import random
 import re
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from posttrain.trainer.errors import CheckpointWriteError

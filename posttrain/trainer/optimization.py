@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.domain.recipes import Optimizer, Recipe
 from posttrain.trainer.checkpoints import load_training_state, restore_rng_state
 from posttrain.trainer.errors import TrainerConfigError
-from posttrain.domain.recipes import Optimizer, Recipe
 from posttrain.trainer.precision import Precision
 
 MAX_GRAD_NORM = 1.0  # as HF Trainer does by default

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_specs import typed_spec_file
-
 from tests.conftest import cpu_dtype_for_bf16
 from tests.fixtures_tiny import build_tiny_model
+from tests.trainer_specs import typed_spec_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

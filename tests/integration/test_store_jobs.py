@@ -8,12 +8,11 @@ from datetime import timedelta
 
 import pytest
 
-from tests.plans import a_plan
-
 from posttrain.domain.jobs import JobKind, JobStatus
 from posttrain.errors import DuplicateJob, LeaseLost, TransitionRefused
 from posttrain.store.engine import make_engine, migrate
 from posttrain.store.jobs import JobStore, new_job_id, utcnow
+from tests.plans import a_plan
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server spelling
+    def do_GET(self) -> None:
         Handler.hosts.append(self.headers.get("Host", ""))
         path = self.path.split("?")[0]
         if path == "/d.jsonl":

@@ -20,7 +20,7 @@ class _JobCollector:
     def __init__(self, jobs: JobService) -> None:
         self.jobs = jobs
 
-    def collect(self):  # noqa: ANN201 - the prometheus_client collector protocol
+    def collect(self):
         snapshot = self.jobs.operational_snapshot()
         by_status = GaugeMetricFamily("posttrain_jobs", "Jobs in the store by status.", labels=["status"])
         for status in JobStatus:
