@@ -64,7 +64,7 @@ class TrainerEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """The event's fields, flat, as the job's event log stores them (without ``event``)."""
-        line = json.loads(self.to_line())
+        line: dict[str, Any] = json.loads(self.to_line())
         line.pop("event")
         return line
 

@@ -3,6 +3,7 @@ this module owns both, so the file and its record are written and removed togeth
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -114,7 +115,7 @@ class DatasetStore:
         Path(found.rows_path).unlink(missing_ok=True)
         return True
 
-    def append(self, *, tenant: str, identifier: str, rows: list[dict[str, Any]]) -> Dataset | None:
+    def append(self, *, tenant: str, identifier: str, rows: builtins.list[dict[str, Any]]) -> Dataset | None:
         found = self.get(tenant=tenant, identifier=identifier)
         if found is None:
             return None

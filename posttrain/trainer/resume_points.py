@@ -45,6 +45,8 @@ class ResumePoints:
     def save(self, *, model, optimizer, scheduler, epoch: int, steps_done_in_epoch: int, global_step: int,
              losses: list[float], reporter) -> None:  # noqa: ANN001 - reporter: reporting.Reporter
         """Write a resume point after ``global_step``, then drop the older ones."""
+        if self.folder is None:
+            return  # never due: the job has no resume folder
         self._last = time.monotonic()
         training_state = checkpoints.training_state(optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                                                     global_step=global_step, steps_done_in_epoch=steps_done_in_epoch,
