@@ -162,7 +162,8 @@ def main() -> None:
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - print the cause chain in one line, exit non-zero
-        chain, current = [], exc
+        chain: list[str] = []
+        current: BaseException | None = exc
         while current is not None:
             chain.append(f"{type(current).__name__}: {current}")
             current = current.__cause__ or current.__context__

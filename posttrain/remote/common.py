@@ -22,7 +22,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # errors, on stderr
 
 def cause_chain(exc: BaseException) -> str:
     """``Type: message <- Cause: message …`` on one line, each distinct message once."""
-    links, seen, current = [], set(), exc
+    links: list[str] = []
+    seen: set[str] = set()
+    current: BaseException | None = exc
     while current is not None and len(links) < 8:
         message = " ".join(str(current).split())
         if message not in seen:
@@ -34,14 +36,14 @@ def cause_chain(exc: BaseException) -> str:
 
 # Usage errors, exits and aborts stay with click (usage message, exit 2, …); the base class of
 # typer's usage errors is looked up, since typer ships its own copy of click.
-_CLICK_OWN = (typer.Exit, typer.Abort,
+_CLICK_OWN: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort,
               next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
 
 
 class RemoteGroup(TyperGroup):
     """A command group whose failures print as one line on stderr and exit 1 (no traceback)."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]  # the base names typer's private click copy
         try:
             return super().invoke(ctx)
         except _CLICK_OWN:

@@ -210,7 +210,7 @@ class Client:
 
     def _sse(self, job_uuid: str, after: int) -> Iterator[dict[str, Any] | None]:
         headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
-        params = {"job_uuid": job_uuid, "after": after}
+        params: dict[str, str | int] = {"job_uuid": job_uuid, "after": after}
         timeout = httpx.Timeout(self.timeout, read=60.0)  # the server sends a keep-alive every 0.5 s
         try:
             with self._http.stream("GET", self.EVENTS, params=params, headers=headers, timeout=timeout) as response:
@@ -220,7 +220,8 @@ class Client:
                 if "text/event-stream" not in response.headers.get("content-type", ""):
                     yield None
                     return
-                name, data = "message", []
+                name = "message"
+                data: list[str] = []
                 for line in response.iter_lines():
                     if line.startswith(":"):
                         continue

@@ -7,6 +7,7 @@ accepted can run; a refused request leaves nothing behind.
 
 from __future__ import annotations
 
+import builtins
 import shutil
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,6 @@ class JobService:
         itself, where ``get`` raises for the Llama Stack endpoints)."""
         return self.store.find(tenant=tenant, job_uuid=job_uuid)
 
-    def list_jobs(self, *, tenant: str) -> list[Job]:
+    def list_jobs(self, *, tenant: str) -> builtins.list[Job]:
         """All of the tenant's jobs, oldest first (``list`` gives only their ids)."""
         return self.store.list(tenant=tenant)
