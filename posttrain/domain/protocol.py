@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 
 class FailureCode(str, enum.Enum):
@@ -137,7 +137,7 @@ class Failed(TrainerEvent):
         return json.dumps({"event": self.kind, "code": self.code.value, "message": self.message, **self.extra})
 
 
-AnyEvent = Union[Started, StepMetric, CheckpointWritten, LogLine, Completed, Cancelled, Failed]
+AnyEvent = Started | StepMetric | CheckpointWritten | LogLine | Completed | Cancelled | Failed
 TERMINAL_EVENTS = (Completed, Cancelled, Failed)
 _KINDS: dict[str, type[TrainerEvent]] = {
     cls.kind: cls for cls in (Started, StepMetric, CheckpointWritten, LogLine, Completed, Cancelled, Failed)

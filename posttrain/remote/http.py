@@ -199,8 +199,7 @@ class Client:
                 time.sleep(min(0.2 * 2**drops, 5.0))
         while True:
             page = self.events_page(job_uuid, after=cursor)
-            for event in page["data"]:
-                yield event
+            yield from page["data"]
             cursor = page["next_cursor"]
             if page["status"] in TERMINAL and not page["data"]:
                 yield {"type": "end", "data": {"status": page["status"]}}

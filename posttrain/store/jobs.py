@@ -188,8 +188,7 @@ class JobStore:
 
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
-            return {status: count for status, count in rows}
+            return dict(conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).tuples())
 
     def events(self, *, job_id: str, after: int = 0, limit: int = 1000) -> builtins.list[JobEvent]:
         query = (

@@ -63,8 +63,8 @@ def typed_plan(old: dict[str, Any]) -> dict[str, Any]:
         recipe["dpo"] = {"beta": algorithm["beta"], "loss_type": algorithm["loss_type"]}
         recipe["adapter"] = _adapter(algorithm["lora"])
         if algorithm.get("legacy_config") is not None:
-            recipe["notes"] = [f"the request's DPO options {sorted(algorithm['legacy_config'])} have no DPO meaning; "
-                               f"training with beta={algorithm['beta']}, loss_type={algorithm['loss_type']}"]
+            recipe["notes"] = [(f"the request's DPO options {sorted(algorithm['legacy_config'])} have no DPO meaning; "
+                                f"training with beta={algorithm['beta']}, loss_type={algorithm['loss_type']}")]
     elif algorithm is not None and algorithm.get("type") == "QAT":
         recipe["qat"] = {"quantizer_name": algorithm["quantizer_name"], "group_size": algorithm["group_size"]}
     elif algorithm is not None:
