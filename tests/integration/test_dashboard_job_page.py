@@ -16,8 +16,9 @@ STEP_LOSSES = (2.5, 1.25)  # epoch mean 1.875
 
 
 def _running_job(client, services, tiny_model_path) -> str:
-    assert client.post("/v1/datasets", json={
-        "purpose": "post-training/messages", "dataset_id": "colours", "source": {"type": "rows", "rows": ROWS}}).status_code == 200
+    registered = client.post("/v1/datasets", json={
+        "purpose": "post-training/messages", "dataset_id": "colours", "source": {"type": "rows", "rows": ROWS}})
+    assert registered.status_code == 200
     body = lora_request(str(tiny_model_path), "colours")
     assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
     store = services.jobs.store
