@@ -188,7 +188,9 @@ class JobStore:
 
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            return dict(conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).tuples())
+            rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
+            # A Result has keys(): dict(rows) would read it as a mapping of column names.
+            return {status: count for status, count in rows}  # noqa: C416
 
     def events(self, *, job_id: str, after: int = 0, limit: int = 1000) -> builtins.list[JobEvent]:
         query = (
