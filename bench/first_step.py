@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from posttrain.demo import colour_rows  # noqa: E402
-from posttrain.trainer.tiny_model import create_tiny_model  # noqa: E402
-from tests.conftest import start_server, stop_server  # noqa: E402
-from tests.integration.test_api import lora_request  # noqa: E402
+from posttrain.demo import colour_rows
+from posttrain.trainer.tiny_model import create_tiny_model
+from tests.conftest import start_server, stop_server
+from tests.integration.test_api import lora_request
 
 
 def first_step_seconds(server, model: Path) -> float:

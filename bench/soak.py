@@ -14,9 +14,10 @@ its own jobs unfinished, and poll the status of their jobs (one call every ``--p
 some jobs are cancelled right after submit, some once they are seen ``in_progress``; about 1 in 20
 is submitted a second time with the same ``job_uuid`` (expects 409, not counted) and about 1 in 20
 extra bodies are invalid (expects 400, not counted). Meanwhile a chaos thread SIGKILLs a random
-worker every ``--kill-every`` s (+-50 %; one restarted less than half that ago is spared), checks that its trainer children (the job's, and an idle warm spare's) stop by
-themselves within ``--orphan-grace`` s (they watch their stdin, which closes with their launcher;
-a warm spare notices only once its imports are done), and restarts it ``--pause`` s later.
+worker every ``--kill-every`` s (+-50 %; one restarted less than half that ago is spared), checks
+that its trainer children (the job's, and an idle warm spare's) stop by themselves within
+``--orphan-grace`` s (they watch their stdin, which closes with their launcher; a warm spare notices
+only once its imports are done), and restarts it ``--pause`` s later.
 Every status call made during the storm is timed.
 
 When the clients are done (every one of their jobs terminal) or ``--storm-timeout`` has passed, the
@@ -43,6 +44,7 @@ and the data folder removed unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -523,7 +525,7 @@ def store_audit(database_url: str, uuids: set[str]) -> dict:
     for job_uuid, states in history.items():
         if sum(s in TERMINAL for s in states) > 1:
             two_terminal.append(f"{job_uuid}: {' > '.join(states)}")
-        elif states[0] != "scheduled" or any(b not in legal.get(a, set()) for a, b in zip(states, states[1:])):
+        elif states[0] != "scheduled" or any(b not in legal.get(a, set()) for a, b in itertools.pairwise(states)):
             bad_history.append(f"{job_uuid}: {' > '.join(states)}")
     completed = [r for r in rows if r.status == "completed"]
     return {
@@ -696,8 +698,9 @@ def main() -> int:
             "machine": f"{os.cpu_count()} cores, {platform.machine()}, load {load_at_start} at start, "
                        f"{Path('/proc/loadavg').read_text().split()[0]} at end (1-min average)",
             "store": store_name,
-            "setup": f"{args.clients} clients (outstanding {args.outstanding}, poll {args.poll} s), {args.workers} workers x 1 slot, "
-                     f"lease 4 s, max attempts 10, kill every ~{args.kill_every:.0f} s, down {args.pause:.0f} s",
+            "setup": f"{args.clients} clients (outstanding {args.outstanding}, poll {args.poll} s), "
+                     f"{args.workers} workers x 1 slot, lease 4 s, max attempts 10, "
+                     f"kill every ~{args.kill_every:.0f} s, down {args.pause:.0f} s",
             "storm": f"{storm_s:.0f} s" + (" (storm timeout reached)" if storm_s >= args.storm_timeout else ""),
         }
         for key, value in facts.items():
@@ -707,29 +710,29 @@ def main() -> int:
         rows = [
             ("jobs submitted (accepted)", len(accepted)),
             ("refused", f"{refused} ({', '.join(f'{k}: {v}' for k, v in sorted(tally.refused.items())) or '-'})"),
-            ("accounted for (terminal)", f"{accounted} ("
-             + ", ".join(f"{s} {by_status[s]}" for s in TERMINAL) + ")"),
+            ("accounted for (terminal)", f"{accounted} (" + ", ".join(f"{s} {by_status[s]}" for s in TERMINAL) + ")"),
             ("  failed by reason", ", ".join(f"{k}: {v}" for k, v in sorted(audit["failed_by_code"].items())) or "-"),
             ("jobs listed twice", len(twice)),
             ("listed but not submitted", len(listed_unknown)),
             ("submitted but not listed", len(missing)),
             ("not terminal at the deadline", len(not_terminal)),
-            ("worker kills", f"{chaos.kills} (their trainer children: {chaos.trainers_hit['cold']} started cold, "
-             f"{chaos.trainers_hit['warm']} started warm)"),
+            ("worker kills", (f"{chaos.kills} (their trainer children: {chaos.trainers_hit['cold']} started cold, "
+                              f"{chaos.trainers_hit['warm']} started warm)")),
             (f"orphans (alive > {args.orphan_grace:.0f} s)", len(chaos.orphans)),
-            *[(f"  {kind} ones stopped after", f"median {pct(v, 0.5):.1f} s, max {max(v):.1f} s, "
-               f"{sum(x > 5 for x in v)} of {len(v)} took > 5 s") for kind, v in chaos.stop_s.items() if v],
+            *[(f"  {kind} ones stopped after", (f"median {pct(v, 0.5):.1f} s, max {max(v):.1f} s, "
+                                                f"{sum(x > 5 for x in v)} of {len(v)} took > 5 s"))
+              for kind, v in chaos.stop_s.items() if v],
             ("requeues / attempts", f"{audit['requeues']} requeues; attempts per job "
              + ", ".join(f"{k}: {v}" for k, v in sorted(audit["attempts"].items()))),
             ("cancels sent (when answer)", ", ".join(f"{k}: {v}" for k, v in sorted(tally.cancels.items())) or "-"),
             ("status calls in the storm", f"{len(lat)} ({len(lat) / storm_s:.1f}/s), errors "
              + (", ".join(f"{k}: {v}" for k, v in tally.status_errors.items()) or "0")),
-            ("status latency in the storm", f"p50 {pct(lat, 0.5):.1f} ms, p99 {pct(lat, 0.99):.1f} ms, "
-             f"max {max(lat, default=float('nan')):.1f} ms"),
-            ("store audit", f"{audit['stored']} jobs stored; {len(audit['two_terminal'])} with two terminal states, "
-             f"{len(audit['bad_history'])} with an illegal history, {len(audit['status_mismatch'])} row/history "
-             f"mismatches, {len(audit['completed_wrong_checkpoints'])} completed without exactly 1 checkpoint, "
-             f"{len(audit['stored_not_submitted'])} stored but not accepted"),
+            ("status latency in the storm", (f"p50 {pct(lat, 0.5):.1f} ms, p99 {pct(lat, 0.99):.1f} ms, "
+                                             f"max {max(lat, default=float('nan')):.1f} ms")),
+            ("store audit", (f"{audit['stored']} jobs stored; {len(audit['two_terminal'])} with two terminal states, "
+                             f"{len(audit['bad_history'])} with an illegal history, {len(audit['status_mismatch'])} "
+                             f"row/history mismatches, {len(audit['completed_wrong_checkpoints'])} completed without "
+                             f"exactly 1 checkpoint, {len(audit['stored_not_submitted'])} stored but not accepted")),
             ("logs", "; ".join(f"{k}: " + ", ".join(f"{n} {c}" for n, c in v.items()) for k, v in logs.items()) or "clean"),
         ]
         for key, value in rows:

@@ -97,8 +97,9 @@ def fill_store(database_url: str, home: Path, model: str, count: int) -> list[st
         n_ckpts = 2 if status == "completed" else 1
         for epoch in range(1, n_ckpts + 1):
             loss = 3.0 / epoch
-            ckpt_rows.append(dict(job_uuid=job_uuid, identifier=f"{job_uuid}-epoch-{epoch}", epoch=epoch, step=12 * epoch,
-                                  path=str(folder / "output" / f"epoch-{epoch}"), created_at=started + timedelta(seconds=40 * epoch),
+            ckpt_rows.append(dict(job_uuid=job_uuid, identifier=f"{job_uuid}-epoch-{epoch}", epoch=epoch,
+                                  step=12 * epoch, path=str(folder / "output" / f"epoch-{epoch}"),
+                                  created_at=started + timedelta(seconds=40 * epoch),
                                   train_loss=loss, validation_loss=loss * 1.1, perplexity=2.718 ** (loss * 1.1)))
         for when, data in ((scheduled, {"status": "scheduled"}), (started, {"status": "in_progress", "attempt": 1}),
                            (completed, {"status": status})):
@@ -172,7 +173,7 @@ def process_cpu_seconds(pid: int) -> float:
 
 def machine_busy_seconds() -> float:
     """CPU seconds all cores spent not idle since boot, from /proc/stat (steal excluded)."""
-    user, nice_, system, idle, iowait, irq, softirq = (int(x) for x in Path("/proc/stat").read_text().split()[1:8])
+    user, nice_, system, _idle, _iowait, irq, softirq = (int(x) for x in Path("/proc/stat").read_text().split()[1:8])
     return (user + nice_ + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
@@ -242,13 +243,14 @@ def measure(name: str, base_url: str, uuids: list[str], *, requests: int, concur
     for thread in threads:
         thread.start()
     pids = [server_pid] + ([trainer_pid] if trainer_pid else [])
-    cpu_before, client_before, machine_before = [process_cpu_seconds(p) for p in pids], time.process_time(), machine_busy_seconds()
+    cpu_before = [process_cpu_seconds(p) for p in pids]
+    client_before, machine_before = time.process_time(), machine_busy_seconds()
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    cpu = [process_cpu_seconds(p) - b for p, b in zip(pids, cpu_before)]
+    cpu = [process_cpu_seconds(p) - b for p, b in zip(pids, cpu_before, strict=True)]
     client_cpu = time.process_time() - client_before
     machine_cpu = machine_busy_seconds() - machine_before
     for client in clients:
@@ -378,7 +380,8 @@ def main() -> int:
         time.sleep(0.6)  # metric events are flushed every 0.5 s
         steps_during = metric_events(db_path, job_uuid) - steps_before
         training_valid = after["status"] == "in_progress" and steps_during > 0
-        print(f"training: {training.rps:.0f} req/s, p99 {training.pct(0.99):.2f} ms; job {after['status']} afterwards", flush=True)
+        print(f"training: {training.rps:.0f} req/s, p99 {training.pct(0.99):.2f} ms; job {after['status']} afterwards",
+              flush=True)
 
         facts = {
             "machine": f"{os.cpu_count()} cores, {platform.machine()}, {platform.system()} {platform.release()}",

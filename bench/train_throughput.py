@@ -205,8 +205,11 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
     }
     (folder / "spec.json").write_text(json.dumps(spec))
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(typed_spec_file(folder / "spec.json"))], cwd=REPO, env=_env(),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(folder / "stderr.txt", "w"),
+    from tests.trainer_specs import typed_spec_file
+
+    command = [sys.executable, "-m", "posttrain.trainer", str(typed_spec_file(folder / "spec.json"))]
+    stderr = open(folder / "stderr.txt", "w")  # noqa: SIM115 - the trainer's, open while it runs
+    proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                             text=True)
     step_ends, tokens, positions, first_step, failure, dtype, gpu_peak = [], [], [], None, None, "fp32", None
     for line in proc.stdout:
@@ -239,10 +242,11 @@ def run_ours(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: 
 def run_trl(config: dict, *, work: Path, model: Path, rows_path: Path, warmup: int, steps: int,
             threads: int | None) -> dict:
     folder = Path(tempfile.mkdtemp(dir=work, prefix="trl-"))
-    job = {**config, "device": DEVICE, "model": str(model), "rows": str(rows_path), "out": str(folder), "max_steps": warmup + steps,
-           "threads": threads}
+    job = {**config, "device": DEVICE, "model": str(model), "rows": str(rows_path), "out": str(folder),
+           "max_steps": warmup + steps, "threads": threads}
+    stderr = open(folder / "stderr.txt", "w")  # noqa: SIM115 - the worker's, open while it runs
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--trl-worker", json.dumps(job)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=open(folder / "stderr.txt", "w"), text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
     out = proc.stdout.read()
     proc.stdout.close()
     code, rss = _wait(proc)
@@ -264,7 +268,7 @@ def trl_worker(job: dict) -> None:
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    rows = [json.loads(line) for line in open(job["rows"], encoding="utf-8")]
+    rows = [json.loads(line) for line in Path(job["rows"]).read_text(encoding="utf-8").splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
     peft_config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0,
@@ -357,7 +361,8 @@ def first_step_latency(work: Path) -> list[float]:
     tiny = create_tiny_model(work / "tiny")
     rows = work / "tiny-rows.jsonl"
     rows.write_text("".join(json.dumps({"question": f"What is the colour of the {t}?", "answer": f"It is {c}."}) + "\n"
-                            for t, c in zip(["sky", "sea", "sun", "snow"] * 4, ["blue", "blue", "yellow", "white"] * 4)))
+                            for t, c in zip(["sky", "sea", "sun", "snow"] * 4, ["blue", "blue", "yellow", "white"] * 4,
+                                            strict=True)))
     times = []
     for attempt in range(2):
         folder = work / f"first-{attempt}"
@@ -374,8 +379,10 @@ def first_step_latency(work: Path) -> list[float]:
                 "device": "cpu", "threads": None, "seed": 0, "trust_remote_code": False}
         (folder / "spec.json").write_text(json.dumps(spec))
         started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "posttrain.trainer", str(typed_spec_file(folder / "spec.json"))], cwd=REPO,
-                                env=_env(), stdin=subprocess.PIPE,
+        from tests.trainer_specs import typed_spec_file
+
+        command = [sys.executable, "-m", "posttrain.trainer", str(typed_spec_file(folder / "spec.json"))]
+        proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         elapsed = float("nan")
         for line in proc.stdout:
@@ -484,9 +491,9 @@ def main() -> None:
               f"{warmup} warm-up + {steps} measured steps, {rounds} round(s); DPO: {'yes' if dpo else 'no (no dpo.py)'}",
               flush=True)
 
-        from posttrain.trainer.precision import cpu_has_native_bf16
-
         import torch
+
+        from posttrain.trainer.precision import cpu_has_native_bf16
 
         native_bf16 = cpu_has_native_bf16() if DEVICE == "cpu" else torch.cuda.is_bf16_supported()
         configs = [c for c in configurations(dpo=dpo, native_bf16=native_bf16)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -72,8 +72,8 @@ def _prepare_demo(settings: Settings, services) -> None:  # noqa: ANN001
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default 8321).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8321).")] = None,
     worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Run the scheduler in this process.")] = True,
     demo: Annotated[bool, typer.Option(help="Build the tiny demo model and register the demo dataset first.")] = False,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
@@ -139,7 +139,7 @@ def create_tiny(path: Annotated[Path, typer.Argument(help="Folder to write the m
 @keys_app.command("create")
 def create_key(
     tenant: Annotated[str, typer.Argument(help="The tenant the key acts for.")],
-    keys_file: Annotated[Optional[Path], typer.Option(help="Keys file (default: POSTTRAIN_API_KEYS_FILE).")] = None,
+    keys_file: Annotated[Path | None, typer.Option(help="Keys file (default: POSTTRAIN_API_KEYS_FILE).")] = None,
 ) -> None:
     """Make a new API key for TENANT: print it once, and store only its digest in the keys file."""
     from posttrain.services.access import digest, new_key
@@ -162,7 +162,8 @@ def main() -> None:
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - print the cause chain in one line, exit non-zero
-        chain, current = [], exc
+        chain: list[str] = []
+        current: BaseException | None = exc
         while current is not None:
             chain.append(f"{type(current).__name__}: {current}")
             current = current.__cause__ or current.__context__

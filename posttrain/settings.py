@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0, description="A running job whose lease is older than this is requeued.")
     heartbeat_seconds: float = Field(default=5.0, gt=0, description="How often a launcher renews its job's lease.")
     poll_seconds: float = Field(default=0.5, gt=0, description="How often the scheduler looks for work.")
-    cancel_grace_seconds: float = Field(default=10.0, ge=0, description="Time a cancelled trainer gets to stop before it is killed.")
+    cancel_grace_seconds: float = Field(default=10.0, ge=0,
+                                        description="Time a cancelled trainer gets to stop before it is killed.")
     max_attempts: int = Field(default=3, ge=1, description="Tries a job gets before a lost worker fails it for good.")
     trainer_threads: int | None = Field(default=None, ge=1, description="CPU threads per trainer; default: all cores.")
     warm_trainers: int = Field(default=1, ge=0, description="Trainer processes kept started, with torch imported, "
@@ -126,5 +127,6 @@ class Settings(BaseSettings):
         return [Path(r).expanduser().resolve() for r in roots]
 
     def ensure_dirs(self) -> None:
-        for path in (self.resolved_home, self.datasets_dir, self.jobs_dir, self.resolved_home / "models", self.resolved_home / "files"):
+        home = self.resolved_home
+        for path in (home, self.datasets_dir, self.jobs_dir, home / "models", home / "files"):
             path.mkdir(parents=True, exist_ok=True)

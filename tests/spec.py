@@ -53,7 +53,7 @@ def response_schema(path: str, method: str, status: int) -> str | None:
     return content["schema"]["$ref"].rsplit("/", 1)[-1]
 
 
-def validate_response(response, spec_path: str) -> None:  # noqa: ANN001 - httpx/starlette responses
+def validate_response(response, spec_path: str) -> None:
     """Validate an HTTP response against what the spec says ``spec_path`` answers with its status."""
     name = response_schema(spec_path, response.request.method, response.status_code)
     if name is None:

@@ -25,8 +25,13 @@ import sys
 import time
 from pathlib import Path
 
+#: What every metric event carries besides its step, loss and plan (docs/trainer-protocol.md).
+STEP = {"lr": 1e-4, "tokens_per_s": 100.0, "tokens": 50, "padding_fraction": 0.0, "step_seconds": 0.5}
 
-def _say(event: str, **fields) -> None:  # noqa: ANN003
+
+def _say(event: str, **fields) -> None:
+    if event == "metric":
+        fields = {**STEP, **fields}
     sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
 
@@ -52,14 +57,14 @@ def main(spec_path: str) -> int:
         for step in (1, 2):
             if behaviour == "slow":
                 time.sleep(0.5)
-            _say("metric", step=step, epoch=1, loss=2.0 / step, lr=1e-4, tokens_per_s=100.0, tokens=50, padding_fraction=0.0, step_seconds=0.5, total_steps=2)
+            _say("metric", step=step, epoch=1, loss=2.0 / step, total_steps=2)
         _checkpoint(spec, output, epoch=1, step=2)
         _say("completed")
     elif behaviour == "fails":
         _say("failed", code="bad_row", message="row 2: messages is empty")
         code = 1
     elif behaviour == "crashes":
-        _say("metric", step=1, epoch=1, loss=2.0, lr=1e-4, tokens_per_s=100.0, tokens=50, padding_fraction=0.0, step_seconds=0.5, total_steps=2)
+        _say("metric", step=1, epoch=1, loss=2.0, total_steps=2)
         sys.stderr.write("simulated crash in the trainer\n")
         code = 3
     elif behaviour == "runs":
@@ -67,12 +72,12 @@ def main(spec_path: str) -> int:
         deadline = time.monotonic() + 60
         while not stopping and time.monotonic() < deadline:
             step += 1
-            _say("metric", step=step, epoch=1, loss=1.0, lr=1e-4, tokens_per_s=100.0, tokens=50, padding_fraction=0.0, step_seconds=0.5, total_steps=10_000)
+            _say("metric", step=step, epoch=1, loss=1.0, total_steps=10_000)
             time.sleep(0.05)
         if stopping:
             (output / "sigterm").write_text(str(stopping[0]))
         _checkpoint(spec, output, epoch=1, step=step)
-        _say("metric", step=step + 1, epoch=1, loss=1.0, lr=1e-4, tokens_per_s=100.0, tokens=50, padding_fraction=0.0, step_seconds=0.5, total_steps=10_000)
+        _say("metric", step=step + 1, epoch=1, loss=1.0, total_steps=10_000)
         _say("cancelled")
     else:
         _say("failed", code="error", message=f"the stand-in trainer has no behaviour {behaviour!r}")

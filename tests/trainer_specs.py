@@ -13,7 +13,7 @@ from typing import Any
 
 from posttrain.api.llama_stack_recipes import dpo_submission, sft_submission
 from posttrain.api.schemas import PreferenceOptimizeRequest, SupervisedFineTuneRequest
-from posttrain.domain.recipes import LoRA, JobPlan, TrainerSpec
+from posttrain.domain.recipes import JobPlan, LoRA, TrainerSpec
 
 PLAN_KEYS = ("model", "adapter", "output_dir", "train_rows_path", "validation_rows_path")
 WORKER_KEYS = ("device", "cuda_visible_devices", "cpu_bf16", "compile", "resume_dir", "resume_every_seconds",

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAND_IN = "tests.stand_in_trainer"
 
 
-def stand_in_importable(monkeypatch) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
+def stand_in_importable(monkeypatch) -> None:
     """The trainer process inherits our environment: let it import ``tests.stand_in_trainer``."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 

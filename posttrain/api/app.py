@@ -6,9 +6,10 @@ background threads and every job trains in a child process of its own.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
-from typing import AsyncIterator, Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
@@ -18,9 +19,9 @@ from starlette.responses import HTMLResponse
 from posttrain import __version__
 from posttrain.api.gate import Gate
 from posttrain.api.problems import install_problem_handlers
+from posttrain.api.routes import datasets, events, health, metrics, post_training
 from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.dashboard.routes import router as dashboard_router
-from posttrain.api.routes import datasets, events, health, metrics, post_training
 from posttrain.services.container import Services, build_services
 from posttrain.settings import Settings
 
@@ -73,7 +74,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard_router, responses=PROBLEM_RESPONSES)
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]  # FastAPI's documented way to customise it
     _install_docs(app)
     return app
 
@@ -89,12 +90,14 @@ def _install_docs(app: FastAPI) -> None:
     is meant to run) /docs was a blank page. The files come from the fastapi-offline package.
     """
     app.mount(DOCS_STATIC, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-static")
-    oauth2_redirect_url = app.swagger_ui_oauth2_redirect_url
+    openapi_url, oauth2_redirect_url = app.openapi_url, app.swagger_ui_oauth2_redirect_url
+    if openapi_url is None or oauth2_redirect_url is None:
+        raise ValueError("the docs pages need the app's openapi_url and swagger_ui_oauth2_redirect_url")
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI", oauth2_redirect_url=oauth2_redirect_url,
+            openapi_url=openapi_url, title=f"{app.title} - Swagger UI", oauth2_redirect_url=oauth2_redirect_url,
             swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_STATIC}/favicon.png")
 
@@ -104,12 +107,12 @@ def _install_docs(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - ReDoc",
+        return get_redoc_html(openapi_url=openapi_url, title=f"{app.title} - ReDoc",
                               redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
                               redoc_favicon_url=f"{DOCS_STATIC}/favicon.png", with_google_fonts=False)
 
 
-def _openapi(app: FastAPI) -> dict:
+def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, less its 422 answers: we answer invalid requests with a 400 Problem."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi

@@ -6,8 +6,9 @@ millisecond a request, a third of what a status poll costs in all).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
-from typing import Any, Callable
+from typing import Any
 
 from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send

@@ -82,8 +82,8 @@ def dpo_submission(body: PreferenceOptimizeRequest) -> Submission:
     else:
         recipe["dpo"] = {}
         legacy = sorted(algorithm.model_dump())
-        recipe["notes"] = [f"the request's DPO options {legacy} have no DPO meaning; training with beta=0.1, "
-                           "loss_type=sigmoid"]
+        recipe["notes"] = [(f"the request's DPO options {legacy} have no DPO meaning; training with beta=0.1, "
+                            "loss_type=sigmoid")]
     return _submission(body.job_uuid, body.finetuned_model, body.training_config, None, recipe, DPO_NAMES)
 
 

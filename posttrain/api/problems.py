@@ -97,5 +97,6 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path, extra={"action": "unhandled_error"})
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc,
+                  extra={"action": "unhandled_error"})
         return problem(500, "An unexpected error occurred; the server log has the details.", instance=request.url.path)

@@ -8,7 +8,7 @@ than send ``null``, since the spec types them as strings or objects, not nullabl
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer
 
@@ -67,7 +67,7 @@ class URIDataSource(SpecModel):
     uri: str
 
 
-DataSource = Annotated[Union[URIDataSource, RowsDataSource], Field(discriminator="type")]
+DataSource = Annotated[URIDataSource | RowsDataSource, Field(discriminator="type")]
 
 
 class RegisterDatasetRequest(SpecModel):
@@ -150,7 +150,7 @@ def _algorithm_type(value: Any) -> str:
 
 
 AlgorithmConfig = Annotated[
-    Union[Annotated[LoraFinetuningConfig, Tag("LoRA")], Annotated[QATFinetuningConfig, Tag("QAT")]],
+    Annotated[LoraFinetuningConfig, Tag("LoRA")] | Annotated[QATFinetuningConfig, Tag("QAT")],
     Discriminator(_algorithm_type),
 ]
 

@@ -13,7 +13,6 @@ import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Query, Request

@@ -14,8 +14,18 @@ from typing import Any
 
 from posttrain.domain.recipes import JobKind, JobPlan
 
-__all__ = ["Checkpoint", "Job", "JobEvent", "JobKind", "JobPlan", "JobStatus", "TERMINAL", "TRANSITIONS",
-           "TrainingMetrics", "sources_of"]
+__all__ = [
+    "TERMINAL",
+    "TRANSITIONS",
+    "Checkpoint",
+    "Job",
+    "JobEvent",
+    "JobKind",
+    "JobPlan",
+    "JobStatus",
+    "TrainingMetrics",
+    "sources_of",
+]
 
 
 class JobStatus(str, enum.Enum):

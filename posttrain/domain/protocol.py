@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 
 class FailureCode(str, enum.Enum):
@@ -67,7 +67,7 @@ class TrainerEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """The event's fields, flat, as the job's event log stores them (without ``event``)."""
-        line = json.loads(self.to_line())
+        line: dict[str, Any] = json.loads(self.to_line())
         line.pop("event")
         return line
 
@@ -142,7 +142,7 @@ class Failed(TrainerEvent):
         return json.dumps({"event": self.kind, "code": self.code.value, "message": self.message, **self.extra})
 
 
-AnyEvent = Union[Started, StepMetric, CheckpointWritten, LogLine, Completed, Cancelled, Failed]
+AnyEvent = Started | StepMetric | CheckpointWritten | LogLine | Completed | Cancelled | Failed
 TERMINAL_EVENTS = (Completed, Cancelled, Failed)
 _KINDS: dict[str, type[TrainerEvent]] = {
     cls.kind: cls for cls in (Started, StepMetric, CheckpointWritten, LogLine, Completed, Cancelled, Failed)
@@ -174,6 +174,17 @@ def parse_line(raw: bytes | str) -> AnyEvent:
 
 
 __all__ = [
-    "AnyEvent", "Cancelled", "CheckpointWritten", "Completed", "Failed", "FailureCode", "LogLine", "ProtocolError",
-    "Started", "StepMetric", "TERMINAL_EVENTS", "TrainerEvent", "parse_line",
+    "TERMINAL_EVENTS",
+    "AnyEvent",
+    "Cancelled",
+    "CheckpointWritten",
+    "Completed",
+    "Failed",
+    "FailureCode",
+    "LogLine",
+    "ProtocolError",
+    "Started",
+    "StepMetric",
+    "TrainerEvent",
+    "parse_line",
 ]

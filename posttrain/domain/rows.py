@@ -17,7 +17,8 @@ Pure functions on JSON values: no tokenizer, no I/O.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 INSTRUCT_PAIRS = (
     ("chat_completion_input", "expected_answer"),
@@ -42,7 +43,7 @@ class RowFormatError(ValueError):
         super().__init__(f"row {row_index}: {message}")
 
 
-def _present(row: dict, key: str) -> bool:
+def _present(row: dict[str, Any], key: str) -> bool:
     return key in row and row[key] is not None
 
 
@@ -52,14 +53,14 @@ def _text(value: Any, *, row_index: int, column: str) -> str:
         return value
     if isinstance(value, (int, float, bool)):
         return str(value)
-    if isinstance(value, dict) and isinstance(value.get("text"), str):
-        return value["text"]
+    if isinstance(value, dict) and isinstance(text := value.get("text"), str):
+        return text
     if isinstance(value, list) and all(isinstance(item, (str, dict)) for item in value):
         return "".join(_text(item, row_index=row_index, column=column) for item in value)
     raise RowFormatError(f"column {column!r} holds {type(value).__name__}, expected text", row_index=row_index)
 
 
-def _messages(value: Any, *, row_index: int, column: str) -> list[dict]:
+def _messages(value: Any, *, row_index: int, column: str) -> list[dict[str, Any]]:
     """A list of {role, content} from a list, or from a JSON string holding one."""
     if isinstance(value, str):
         try:
@@ -80,7 +81,7 @@ def _messages(value: Any, *, row_index: int, column: str) -> list[dict]:
     return chat
 
 
-def _instruct_chat(row: dict, *, prompt_col: str, answer_col: str, row_index: int) -> list[dict]:
+def _instruct_chat(row: dict[str, Any], *, prompt_col: str, answer_col: str, row_index: int) -> list[dict[str, Any]]:
     answer = {"role": "assistant", "content": _text(row[answer_col], row_index=row_index, column=answer_col)}
     if prompt_col == "chat_completion_input":
         value = row[prompt_col]
@@ -95,7 +96,7 @@ def _instruct_chat(row: dict, *, prompt_col: str, answer_col: str, row_index: in
     return [*prompt, answer]
 
 
-def _sft_chat(row: dict, *, data_format: str, row_index: int) -> list[dict]:
+def _sft_chat(row: dict[str, Any], *, data_format: str, row_index: int) -> list[dict[str, Any]]:
     """The row as a chat in the first supervised layout that fits (no check that it teaches anything)."""
     dialog_first = data_format == "dialog"
     for attempt in ("dialog", "instruct") if dialog_first else ("instruct", "dialog"):
@@ -112,7 +113,7 @@ def _sft_chat(row: dict, *, data_format: str, row_index: int) -> list[dict]:
     )
 
 
-def normalize_sft_row(row: dict, *, data_format: str, row_index: int) -> list[dict]:
+def normalize_sft_row(row: Any, *, data_format: str, row_index: int) -> list[dict[str, Any]]:
     """Return the row as a chat (list of {role, content}) ending in at least one assistant turn."""
     if not isinstance(row, dict):
         raise RowFormatError(f"expected a JSON object with columns {EXPECTED_SFT}", row_index=row_index)
@@ -122,7 +123,7 @@ def normalize_sft_row(row: dict, *, data_format: str, row_index: int) -> list[di
     return chat
 
 
-def normalize_preference_row(row: dict, *, row_index: int) -> tuple[list[dict], str, str]:
+def normalize_preference_row(row: Any, *, row_index: int) -> tuple[list[dict[str, Any]], str, str]:
     """Return ``(prompt_messages, chosen_text, rejected_text)`` for a DPO row.
 
     ``prompt`` may be a string or messages; ``chosen``/``rejected`` a string, messages (the last
@@ -133,7 +134,7 @@ def normalize_preference_row(row: dict, *, row_index: int) -> tuple[list[dict], 
         found = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise RowFormatError(f"expected columns {EXPECTED_PREFERENCE}; found {found}", row_index=row_index)
 
-    def answer(column: str) -> tuple[list[dict], str]:
+    def answer(column: str) -> tuple[list[dict[str, Any]], str]:
         value = row[column]
         if isinstance(value, str):
             try:
@@ -163,14 +164,14 @@ def normalize_preference_row(row: dict, *, row_index: int) -> tuple[list[dict], 
     return prompt, chosen, rejected
 
 
-def _shown_columns(row: dict) -> str:
+def _shown_columns(row: dict[str, Any]) -> str:
     names = sorted(str(name) for name in row)
     shown = ", ".join(repr(name if len(name) <= 40 else name[:40] + "…") for name in names[:_SHOWN_COLUMNS])
     more = f", … ({len(names) - _SHOWN_COLUMNS} more)" if len(names) > _SHOWN_COLUMNS else ""
     return f"[{shown}{more}]"
 
 
-def _sft_fits(row: dict, row_index: int) -> str | None:
+def _sft_fits(row: dict[str, Any], row_index: int) -> str | None:
     """None when some supervised layout fits under either data_format, else why the first try failed."""
     try:
         _sft_chat(row, data_format="instruct", row_index=row_index)
@@ -183,7 +184,7 @@ def _sft_fits(row: dict, row_index: int) -> str | None:
             return first.reason
 
 
-def _fits_plainly(row: dict) -> bool:
+def _fits_plainly(row: dict[str, Any]) -> bool:
     """True when the row is one of the plain, common shapes that certainly parse (all text, no JSON
     inside a string): checked by looking, so a large dataset of them costs a few lookups a row.
 

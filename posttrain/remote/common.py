@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,7 +22,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # errors, on stderr
 
 def cause_chain(exc: BaseException) -> str:
     """``Type: message <- Cause: message …`` on one line, each distinct message once."""
-    links, seen, current = [], set(), exc
+    links: list[str] = []
+    seen: set[str] = set()
+    current: BaseException | None = exc
     while current is not None and len(links) < 8:
         message = " ".join(str(current).split())
         if message not in seen:
@@ -34,14 +36,14 @@ def cause_chain(exc: BaseException) -> str:
 
 # Usage errors, exits and aborts stay with click (usage message, exit 2, …); the base class of
 # typer's usage errors is looked up, since typer ships its own copy of click.
-_CLICK_OWN = (typer.Exit, typer.Abort,
+_CLICK_OWN: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort,
               next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
 
 
 class RemoteGroup(TyperGroup):
     """A command group whose failures print as one line on stderr and exit 1 (no traceback)."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]  # the base names typer's private click copy
         try:
             return super().invoke(ctx)
         except _CLICK_OWN:
@@ -50,9 +52,9 @@ class RemoteGroup(TyperGroup):
             err.print("[red]error:[/red] " + escape(cause_chain(exc)))
             raise typer.Exit(1) from None
 
-UrlOption = Annotated[Optional[str], typer.Option(
+UrlOption = Annotated[str | None, typer.Option(
     "--url", help="Server URL (env POSTTRAIN_URL; default http://127.0.0.1:8321).", show_default=False)]
-ApiKeyOption = Annotated[Optional[str], typer.Option(
+ApiKeyOption = Annotated[str | None, typer.Option(
     "--api-key", help="API key, sent as 'Authorization: Bearer …' (env POSTTRAIN_API_KEY).", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSON answer instead of a table.")]
 

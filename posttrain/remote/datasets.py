@@ -9,7 +9,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import typer
@@ -114,16 +114,16 @@ def _row_count(dataset: dict[str, Any]) -> str:
 @app.command()
 def register(
     ctx: typer.Context,
-    file: Annotated[Optional[Path], typer.Argument(metavar="FILE", 
+    file: Annotated[Path | None, typer.Argument(metavar="FILE",
         help="Local .jsonl/.json/.csv/.tsv/.parquet file; its rows are read here and sent inline.",
         show_default=False)] = None,
-    uri: Annotated[Optional[str], typer.Option(
+    uri: Annotated[str | None, typer.Option(
         help="Register a URI the server reads itself (file:// under its file roots, data:, huggingface://).",
         show_default=False)] = None,
-    dataset_id: Annotated[Optional[str], typer.Option("--id", help="Dataset id (the server makes one if left out).",
+    dataset_id: Annotated[str | None, typer.Option("--id", help="Dataset id (the server makes one if left out).",
                                                       show_default=False)] = None,
     purpose: Annotated[str, typer.Option(help=f"One of {', '.join(PURPOSES)}.")] = "post-training/messages",
-    metadata: Annotated[Optional[list[str]], typer.Option(
+    metadata: Annotated[list[str] | None, typer.Option(
         "--meta", help="KEY=VALUE metadata (repeatable).", show_default=False)] = None,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
@@ -179,7 +179,7 @@ def rows(
     ctx: typer.Context,
     dataset_id: Annotated[str, typer.Argument(metavar="ID", help="Dataset id.")],
     start: Annotated[int, typer.Option(help="First row (0-based).", min=0)] = 0,
-    limit: Annotated[Optional[int], typer.Option(help="Most rows to print (default: all the rest).", min=0,
+    limit: Annotated[int | None, typer.Option(help="Most rows to print (default: all the rest).", min=0,
                                                  show_default=False)] = None,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,

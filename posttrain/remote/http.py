@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
@@ -198,8 +199,7 @@ class Client:
                 time.sleep(min(0.2 * 2**drops, 5.0))
         while True:
             page = self.events_page(job_uuid, after=cursor)
-            for event in page["data"]:
-                yield event
+            yield from page["data"]
             cursor = page["next_cursor"]
             if page["status"] in TERMINAL and not page["data"]:
                 yield {"type": "end", "data": {"status": page["status"]}}
@@ -209,7 +209,7 @@ class Client:
 
     def _sse(self, job_uuid: str, after: int) -> Iterator[dict[str, Any] | None]:
         headers = {"Accept": "text/event-stream", "Last-Event-ID": str(after)}
-        params = {"job_uuid": job_uuid, "after": after}
+        params: dict[str, str | int] = {"job_uuid": job_uuid, "after": after}
         timeout = httpx.Timeout(self.timeout, read=60.0)  # the server sends a keep-alive every 0.5 s
         try:
             with self._http.stream("GET", self.EVENTS, params=params, headers=headers, timeout=timeout) as response:
@@ -219,7 +219,8 @@ class Client:
                 if "text/event-stream" not in response.headers.get("content-type", ""):
                     yield None
                     return
-                name, data = "message", []
+                name = "message"
+                data: list[str] = []
                 for line in response.iter_lines():
                     if line.startswith(":"):
                         continue

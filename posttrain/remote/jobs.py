@@ -11,7 +11,7 @@ import json
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Column, Table
@@ -82,7 +82,7 @@ def method_of(body: dict[str, Any]) -> str:
 def submit(
     ctx: typer.Context,
     config: Annotated[str, typer.Argument(metavar="CONFIG", help="YAML or JSON request body ('-': standard input).")],
-    job_uuid: Annotated[Optional[str], typer.Option(help="Set the job_uuid (default: the file's, else a new uuid4).",
+    job_uuid: Annotated[str | None, typer.Option(help="Set the job_uuid (default: the file's, else a new uuid4).",
                                                     show_default=False)] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Watch the job to its end (exit 1 unless completed).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the endpoint and the body; send nothing.")] = False,
@@ -185,7 +185,7 @@ def _job_rows_from_status(api) -> list[dict[str, Any]]:  # noqa: ANN001
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    status: Annotated[Optional[str], typer.Option(help="Only jobs with this status.", show_default=False)] = None,
+    status: Annotated[str | None, typer.Option(help="Only jobs with this status.", show_default=False)] = None,
     as_json: JsonOption = False,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
@@ -338,7 +338,7 @@ def logs(
     ctx: typer.Context,
     job_uuid: JobArgument,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing events until the job ends.")] = False,
-    types: Annotated[Optional[list[str]], typer.Option(
+    types: Annotated[list[str] | None, typer.Option(
         "--type", help="Only these event types (state, started, metric, checkpoint, log); repeatable.",
         show_default=False)] = None,
     poll: Annotated[bool, typer.Option("--poll", help="With --follow: poll event pages instead of streaming.")] = False,

@@ -30,7 +30,7 @@ class Services:
         """The store is reachable and its schema is at the newest revision."""
         try:
             return at_head(self.engine)
-        except Exception:  # noqa: BLE001 - readiness reports, it does not raise
+        except Exception:  # readiness reports, it does not raise
             log.warning("store not ready", exc_info=True, extra={"action": "store_not_ready"})
             return False
 

@@ -221,7 +221,7 @@ def _parse_csv(text: str, where: str, *, delimiter: str) -> list:
                 raise DatasetSourceInvalid(
                     f"{where}: line {reader.line_num} has {len(record)} cells but the header has {len(header)}"
                 )
-            rows.append(dict(zip(header, record)))
+            rows.append(dict(zip(header, record, strict=True)))
     except csv.Error as exc:
         raise DatasetSourceInvalid(f"{where}: line {reader.line_num} is not valid CSV: {exc}") from exc
     return rows

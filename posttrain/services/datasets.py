@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from typing import Any
 
@@ -68,7 +69,7 @@ class DatasetService:
 
     def iterrows(
         self, *, tenant: str, dataset_id: str, start_index: int | None, limit: int | None
-    ) -> tuple[list[dict[str, Any]], bool]:
+    ) -> tuple[builtins.list[dict[str, Any]], bool]:
         """A page of rows and whether more follow. ``limit`` None or -1 means all the rest."""
         dataset = self.get(tenant=tenant, dataset_id=dataset_id)
         start = start_index or 0

@@ -102,8 +102,8 @@ def fetch_http(uri: str, policy: HttpPolicy) -> tuple[bytes, str, str, str]:
                 raise DatasetSourceInvalid(
                     f"{shown} was sent with Content-Encoding {encoding!r} although identity was asked for"
                 )
-            too_big = f"{shown} is larger than the {policy.max_bytes} bytes this server fetches " \
-                      "(POSTTRAIN_HTTP_DATASET_MAX_BYTES)"  # fmt: skip
+            too_big = (f"{shown} is larger than the {policy.max_bytes} bytes this server fetches "
+                       "(POSTTRAIN_HTTP_DATASET_MAX_BYTES)")
             length = _header(response.headers, b"content-length")
             if length is not None and length.strip().isdigit() and int(length) > policy.max_bytes:
                 raise DatasetSourceInvalid(f"{too_big}: it declares {int(length)} bytes")

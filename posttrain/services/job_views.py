@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from posttrain.domain.jobs import Job, JobKind
@@ -86,7 +86,7 @@ def _settled(job: Job) -> bool:
     """Ended long enough ago that no late event (a trainer's last buffered metrics) can follow."""
     if not job.is_terminal or job.completed_at is None:
         return False
-    return datetime.now(timezone.utc) - job.completed_at > SETTLE
+    return datetime.now(UTC) - job.completed_at > SETTLE
 
 
 class JobViews:

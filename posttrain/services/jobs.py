@@ -7,13 +7,21 @@ accepted can run; a refused request leaves nothing behind.
 
 from __future__ import annotations
 
+import builtins
 import shutil
 from pathlib import Path
 from typing import Any
 
 from posttrain.domain.jobs import Job, JobKind, JobStatus
 from posttrain.domain.recipes import JobPlan, Submission
-from posttrain.errors import DuplicateJob, InvalidRequest, InvalidTransition, JobNotFound, RateLimited, TransitionRefused
+from posttrain.errors import (
+    DuplicateJob,
+    InvalidRequest,
+    InvalidTransition,
+    JobNotFound,
+    RateLimited,
+    TransitionRefused,
+)
 from posttrain.services.models import check_default_lora_targets, resolve_model
 from posttrain.services.paths import resolve_inside
 from posttrain.settings import Settings
@@ -153,6 +161,6 @@ class JobService:
         itself, where ``get`` raises for the Llama Stack endpoints)."""
         return self.store.find(tenant=tenant, job_uuid=job_uuid)
 
-    def list_jobs(self, *, tenant: str) -> list[Job]:
+    def list_jobs(self, *, tenant: str) -> builtins.list[Job]:
         """All of the tenant's jobs, oldest first (``list`` gives only their ids)."""
         return self.store.list(tenant=tenant)

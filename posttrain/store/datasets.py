@@ -3,11 +3,13 @@ this module owns both, so the file and its record are written and removed togeth
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.engine import RowMapping
@@ -113,7 +115,7 @@ class DatasetStore:
         Path(found.rows_path).unlink(missing_ok=True)
         return True
 
-    def append(self, *, tenant: str, identifier: str, rows: list[dict[str, Any]]) -> Dataset | None:
+    def append(self, *, tenant: str, identifier: str, rows: builtins.list[dict[str, Any]]) -> Dataset | None:
         found = self.get(tenant=tenant, identifier=identifier)
         if found is None:
             return None

@@ -14,11 +14,12 @@ submit (scheduler, launcher, events, checkpoints) uses the service's own key ``j
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, overload
 
-from sqlalchemy import Engine, Insert, Table, Update, and_, exists, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, Engine, Insert, Table, Update, and_, exists, func, insert, literal, select, update
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
@@ -43,6 +44,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def _aware(value: datetime) -> datetime: ...
+@overload
+def _aware(value: None) -> None: ...
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; everything we write is UTC."""
     if value is None or value.tzinfo is not None:
@@ -121,7 +126,7 @@ class JobStore:
         request and plan JSON unread (an empty request, no plan): the status endpoint, polled hard, needs neither."""
         return self._one(and_(jobs.c.tenant == tenant, jobs.c.job_uuid == job_uuid), with_payload=with_payload)
 
-    def _one(self, where, *, with_payload: bool = True) -> Job | None:  # noqa: ANN001
+    def _one(self, where: ColumnElement[bool], *, with_payload: bool = True) -> Job | None:
         columns = list(jobs.c) if with_payload else [c for c in jobs.c if c.name not in ("request", "plan")]
         with self.engine.connect() as conn:
             row = conn.execute(select(*columns).where(where)).mappings().first()
@@ -157,7 +162,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_job(r) for r in conn.execute(query).mappings()]
 
-    def list_uuids(self, *, tenant: str | None = None) -> list[str]:
+    def list_uuids(self, *, tenant: str | None = None) -> builtins.list[str]:
         query = select(jobs.c.job_uuid).order_by(jobs.c.scheduled_at, jobs.c.id)
         if tenant is not None:
             query = query.where(jobs.c.tenant == tenant)
@@ -185,9 +190,10 @@ class JobStore:
     def count_by_status(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))
-            return {status: count for status, count in rows}
+            # A Result has keys(): dict(rows) would read it as a mapping of column names.
+            return {status: count for status, count in rows}  # noqa: C416
 
-    def events(self, *, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+    def events(self, *, job_id: str, after: int = 0, limit: int = 1000) -> builtins.list[JobEvent]:
         query = (
             select(job_events)
             .where(job_events.c.job_id == job_id, job_events.c.seq > after)
@@ -322,7 +328,8 @@ class JobStore:
                 message = f"{reason}; no attempts left ({attempt} of {max_attempts} used)"
                 self._transition(conn, Move.FAIL, job_id=job_id, lease=(owner, attempt),
                                  event={"code": FailureCode.TRAINER_LOST.value, "message": message},
-                                 values=dict(completed_at=utcnow(), error_code=FailureCode.TRAINER_LOST.value, error_message=message))
+                                 values=dict(completed_at=utcnow(), error_code=FailureCode.TRAINER_LOST.value,
+                                             error_message=message))
                 return Move.FAIL.target
             values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
             if not count_attempt:
@@ -331,7 +338,7 @@ class JobStore:
                              values=values)
             return Move.REQUEUE.target
 
-    def requeue_expired(self, *, now: datetime | None = None) -> list[tuple[str, JobStatus]]:
+    def requeue_expired(self, *, now: datetime | None = None) -> builtins.list[tuple[str, JobStatus]]:
         """Requeue (or fail, when out of attempts) running jobs whose lease expired. A job that
         moved on meanwhile (its launcher renewed, the user cancelled) is left alone."""
         now = now or utcnow()
@@ -394,7 +401,8 @@ class JobStore:
             elif conn.execute(select(jobs.c.id).where(_held(job_id, owner, attempt))).first() is None:
                 raise self._refusal(conn, None, job_id, (owner, attempt), doing="record a checkpoint")
 
-    def append_events(self, *, job_id: str, owner: str, attempt: int, events: list[tuple[str, dict[str, Any]]]) -> None:
+    def append_events(self, *, job_id: str, owner: str, attempt: int,
+                      events: builtins.list[tuple[str, dict[str, Any]]]) -> None:
         """The trainer's reports (metrics, logs, its start), in order, all or none: only while
         this launcher holds the job in progress, else ``LeaseLost`` and nothing is written.
 
@@ -450,7 +458,11 @@ class JobStore:
         """The error for a guarded write that changed nothing, naming the job's status now."""
         row = conn.execute(select(jobs.c.status, jobs.c.lease_owner, jobs.c.attempt).where(jobs.c.id == job_id)).first()
         status = row.status if row is not None else None
-        what = doing or f"{move.value} it"
+        if doing:
+            what = doing
+        else:
+            assert move is not None, "a refusal names the move or what was being done"
+            what = f"{move.value} it"
         if lease is not None:
             now = "no such job" if row is None else f"it is {status} (attempt {row.attempt}, worker {row.lease_owner})"
             return LeaseLost(f"job {job_id}: cannot {what} under worker {lease[0]}'s attempt {lease[1]}: {now}",
@@ -466,7 +478,7 @@ class JobStore:
         conn.execute(insert(job_events).values(job_id=job_id, created_at=utcnow(), type=type_, data=data))
 
 
-def _in(statuses: frozenset[JobStatus]):  # noqa: ANN202
+def _in(statuses: frozenset[JobStatus]) -> ColumnElement[bool]:
     return jobs.c.status.in_(sorted(s.value for s in statuses))
 
 
@@ -476,7 +488,7 @@ def _move(move: Move, *where: Any) -> Update:
     return update(jobs).where(_in(move.sources), *where).values(status=move.target.value)
 
 
-def _held(job_id: str, owner: str, attempt: int):  # noqa: ANN202
+def _held(job_id: str, owner: str, attempt: int) -> ColumnElement[bool]:
     """The job is running under this launcher's lease (owner and attempt)."""
     return and_(jobs.c.id == job_id, jobs.c.status == LEASED.value, jobs.c.lease_owner == owner,
                 jobs.c.attempt == attempt)

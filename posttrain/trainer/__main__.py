@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import traceback
-
 from typing import TYPE_CHECKING
 
 from posttrain.domain.protocol import Cancelled, Completed, Failed, FailureCode
@@ -64,7 +63,7 @@ def _wait_warm() -> str | None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import posttrain.trainer.dpo  # noqa: F401
+    import posttrain.trainer.dpo
     import posttrain.trainer.sft  # noqa: F401
 
     arrived.wait()
@@ -79,7 +78,7 @@ def _wait_warm() -> str | None:
     return job["spec"]
 
 
-def _run(spec: TrainerSpec, *, reporter, stop) -> str:  # noqa: ANN001 - reporting.Reporter, StopFlag
+def _run(spec: TrainerSpec, *, reporter, stop) -> str:
     """The method's trainer, imported only now (the imports are the slow part of a start)."""
     from posttrain.domain.recipes import JobKind
 
@@ -94,7 +93,7 @@ def _run(spec: TrainerSpec, *, reporter, stop) -> str:  # noqa: ANN001 - reporti
     return run_sft(spec=spec, reporter=reporter, stop=stop)
 
 
-def _run_logged(spec: TrainerSpec, *, reporter, stop) -> str:  # noqa: ANN001
+def _run_logged(spec: TrainerSpec, *, reporter, stop) -> str:
     """Run, with the job's TensorBoard log when the recipe asks for one. The log is closed on
     every way out (done, cancelled, failed), so what it holds is on disk to look at."""
     from posttrain.trainer.tensorboard_log import reporter_for
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = _run_logged(spec, reporter=reporter, stop=stop)
     except StopRequested:
         outcome = "cancelled"
-    except Exception as exc:  # every failure becomes one protocol event
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one protocol event
         traceback.print_exc(file=sys.stderr)
         reporter.emit(Failed(code=_failure_code(exc), message=str(exc) or type(exc).__name__))
         return 1

@@ -64,7 +64,7 @@ def architecture_default_targets(model, linear_names: set[str]) -> list[str]:
     return list(defaults)
 
 
-def lora_model(base, lora: LoRA, *, resume=None):  # noqa: ANN001 - a transformers model
+def lora_model(base, lora: LoRA, *, resume=None):  # base: a transformers model
     """``base`` with a trainable adapter: a new one from the LoRA options, or the one saved in
     ``resume`` (a checkpoint or resume point) when the job continues."""
     if resume is None:
@@ -77,7 +77,7 @@ def lora_model(base, lora: LoRA, *, resume=None):  # noqa: ANN001 - a transforme
     return model
 
 
-def apply_lora(model, lora: LoRA):  # noqa: ANN001 - a transformers model
+def apply_lora(model, lora: LoRA):  # model: a transformers model
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -113,7 +113,7 @@ def _keep_adapter_inputs_as_they_come(model) -> None:
             module.cast_input_dtype_enabled = False
 
 
-def enable_activation_checkpointing(model) -> None:  # noqa: ANN001
+def enable_activation_checkpointing(model) -> None:
     """The spec's ``enable_activation_checkpointing``: each decoder layer's activations are
     recomputed in the backward instead of kept. Non-reentrant checkpoints whose recompute uses the
     forward's attention (``forward.same_attention_on_recompute``); the embeddings'

@@ -14,8 +14,8 @@ import os
 import random
 import re
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from posttrain.trainer.errors import CheckpointWriteError
@@ -141,8 +141,9 @@ def write_folder(final: Path, *, model, tokenizer, training_state: dict[str, Any
         full = _out_of_space(exc, output_dir)
         shutil.rmtree(staging, ignore_errors=True)
         if full:
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.ENOSPC  # safetensors' errors have none
             raise CheckpointWriteError(
-                exc.errno, f"no space left on the device while writing checkpoint {final.name} in {output_dir}; "
+                code, f"no space left on the device while writing checkpoint {final.name} in {output_dir}; "
                 "the earlier checkpoints are kept"
             ) from exc
         raise

@@ -50,11 +50,11 @@ class Compiler:
         self.compiled = False
         self._step_seconds: list[float] = []
 
-    def start(self, model, *, reporter) -> None:  # noqa: ANN001
+    def start(self, model, *, reporter) -> None:
         if self.mode == "on":
             self._compile(model, reporter=reporter, reason="compile=on")
 
-    def after_step(self, model, *, step_seconds: float, steps_left: int, reporter) -> None:  # noqa: ANN001
+    def after_step(self, model, *, step_seconds: float, steps_left: int, reporter) -> None:
         if self.mode != "auto" or self.compiled or len(self._step_seconds) >= AUTO_TIMED_STEPS:
             return
         self._step_seconds.append(step_seconds)
@@ -63,7 +63,7 @@ class Compiler:
             self._compile(model, reporter=reporter,
                           reason=f"about {eager / 60:.0f} min of training left at the eager pace")
 
-    def _compile(self, model, *, reporter, reason: str) -> None:  # noqa: ANN001
+    def _compile(self, model, *, reporter, reason: str) -> None:
         import torch._dynamo
 
         if activation_checkpointed(model):
@@ -87,13 +87,13 @@ class Compiler:
                      "compile time (under a minute on a small CPU), the steps after it run faster")
 
 
-def activation_checkpointed(model) -> bool:  # noqa: ANN001
+def activation_checkpointed(model) -> bool:
     """True when any of the model's layers recomputes its activations in the backward. Dynamo
     captures next to nothing of such a layer (measured: no graph), so compiling it only costs time."""
     return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
-def decoder_layers(model) -> list:  # noqa: ANN001
+def decoder_layers(model) -> list:
     """The model's repeated transformer blocks: the modules of the classes transformers names in
     ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``), found through a peft wrapper; empty when the
     model names none."""

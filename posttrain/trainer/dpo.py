@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Any
 
+from posttrain.domain.protocol import Started
+from posttrain.domain.recipes import DPOLoss, JobPlan, Recipe, TrainerSpec
 from posttrain.trainer import checkpoints, forward
 from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import length_grouped_batches, read_rows
@@ -47,8 +48,6 @@ from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_preference_row
 from posttrain.trainer.loading import load_model
-from posttrain.domain.protocol import Started
-from posttrain.domain.recipes import DPOLoss, JobPlan, Recipe, TrainerSpec
 from posttrain.trainer.optimization import apply_gradients, prepare_optimization
 from posttrain.trainer.precision import Precision
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
@@ -56,6 +55,7 @@ from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.run_setup import base_resources, set_up_run
 from posttrain.trainer.stacked_adapters import LoraWeights, capture
+
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, beta: float, loss_type: str):
     """Per-example losses and the chosen/rejected rewards, as TRL's ``DPOTrainer.dpo_loss``.
@@ -125,11 +125,12 @@ class ReferenceLogps:
 
         ids = batch["pair_ids"]
         if all(i in self._pairs for i in ids):
-            chosen, rejected = zip(*(self._pairs[i] for i in ids))
+            chosen, rejected = zip(*(self._pairs[i] for i in ids), strict=True)
             return torch.tensor(chosen + rejected, dtype=torch.float32, device=precision.device)
         with torch.no_grad(), model.disable_adapter():
             reference = _answer_logps(model, batch, precision=precision, average=average)
-        self._pairs.update(zip(ids, zip(reference[: len(ids)].tolist(), reference[len(ids):].tolist())))
+        self._pairs.update(zip(ids, zip(reference[: len(ids)].tolist(), reference[len(ids):].tolist(), strict=True),
+                               strict=True))
         return reference
 
 
@@ -246,7 +247,7 @@ def _load_base(*, plan: JobPlan, precision, trust: bool) -> tuple[Any, LoraWeigh
     return starting.merge_and_unload().to(precision.torch_dtype()), weights
 
 
-def _disable_dropout(model) -> None:  # noqa: ANN001 - a peft model
+def _disable_dropout(model) -> None:
     """Dropout off in every layer, as TRL's DPOTrainer does by default (``disable_dropout``): the
     policy and the reference (the same weights, adapter off) must see the same network, or their
     log-ratios differ by noise and a fresh adapter does not start at the loss of equal models."""
@@ -317,7 +318,7 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
                                     "one adapter for the base"))
     if layout.warning:
         reporter.log(layout.warning, level="warning")
-    for epoch, folder in found:
+    for _epoch, folder in found:
         emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
 
     pad_id = tokenizer.pad_token_id

@@ -42,7 +42,7 @@ class AdapterLayout:
     warning: str | None = None
 
 
-def adapter_layout(spec: TrainerSpec, *, model, tokenizer, starting: LoraWeights | None,  # noqa: ANN001
+def adapter_layout(spec: TrainerSpec, *, model, tokenizer, starting: LoraWeights | None,
                    trust_remote_code: bool) -> AdapterLayout:
     """The layout of this job's checkpoints; ``starting`` is the SFT adapter merged at the start."""
     base_model, starting_adapter = spec.plan.model, spec.plan.adapter

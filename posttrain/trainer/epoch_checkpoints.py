@@ -26,10 +26,10 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
-def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Path, model, tokenizer,  # noqa: ANN001
+def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Path, model, tokenizer,
                            run: Optimization, epoch: int, global_step: int, losses: list[float],
-                           validation_loss: float, state: dict[str, Any], merge_base,  # noqa: ANN001
-                           nll_for_perplexity: float | None = None, save_model=None) -> None:  # noqa: ANN001
+                           validation_loss: float, state: dict[str, Any], merge_base,
+                           nll_for_perplexity: float | None = None, save_model=None) -> None:
     """An epoch's checkpoint, SFT's or DPO's: the train/validation metrics, the method's own
     ``state`` in trainer_state.json, the optimizer/scheduler/RNG state to resume from, and its
     ``checkpoint`` event with the time the write took.

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.trainer.batching import length_grouped_batches
-from posttrain.trainer.compiling import Compiler
 from posttrain.domain.protocol import StepMetric
 from posttrain.domain.recipes import Recipe
+from posttrain.trainer.batching import length_grouped_batches
+from posttrain.trainer.compiling import Compiler
 from posttrain.trainer.optimization import Optimization
 from posttrain.trainer.precision import Precision
 from posttrain.trainer.reporting import Reporter, StopFlag

@@ -81,7 +81,7 @@ def load_tokenizer(*, path: str, trust_remote_code: bool):
 MAX_LENGTH_CAP = 4096  # no max sequence length in the Llama Stack config; keep memory bounded
 
 
-def model_max_length(*, model_path: str, tokenizer, trust_remote_code: bool) -> int:  # noqa: ANN001
+def model_max_length(*, model_path: str, tokenizer, trust_remote_code: bool) -> int:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)

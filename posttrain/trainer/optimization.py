@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.domain.recipes import Optimizer, Recipe
 from posttrain.trainer.checkpoints import load_training_state, restore_rng_state
 from posttrain.trainer.errors import TrainerConfigError
-from posttrain.domain.recipes import Optimizer, Recipe
 from posttrain.trainer.precision import Precision
 
 MAX_GRAD_NORM = 1.0  # as HF Trainer does by default
 
 
-def build_optimizer(model, optimizer: Optimizer):  # noqa: ANN001 - a torch module
+def build_optimizer(model, optimizer: Optimizer):  # model: a torch module
     import torch
 
     kind, lr, weight_decay = optimizer.optimizer_type, optimizer.lr, optimizer.weight_decay
@@ -49,8 +49,8 @@ def replan_scheduler(optimizer, scheduler) -> None:
     The saved optimizer carries the rate of the old plan (zero at the end of a finished run), and
     a resumed job may plan more epochs; without this, the first resumed step would use it.
     """
-    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, rate in zip(optimizer.param_groups, rates):
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
         group["lr"] = rate
     scheduler._last_lr = rates
 
@@ -71,7 +71,7 @@ class Optimization:
     epoch_losses: list[float] = field(default_factory=list)
 
 
-def prepare_optimization(model, *, recipe: Recipe, micro_batches: int, precision: Precision,  # noqa: ANN001
+def prepare_optimization(model, *, recipe: Recipe, micro_batches: int, precision: Precision,
                          resume_folder: Path | None = None) -> Optimization:
     """Plan the steps (``max_steps_per_epoch`` optimizer steps an epoch at most), build the optimizer,
     the warmup+decay schedule and, for fp16 on CUDA, a grad scaler; restore them from a checkpoint."""

@@ -37,7 +37,7 @@ def _base_config(config: QAT):
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(config.group_size))
 
 
-def _eligible(model, group_size: int):  # noqa: ANN001
+def _eligible(model, group_size: int):
     """Linear layers whose input size the group size divides; not an output head tied to the input
     embeddings (quantizing it would untie the two)."""
     import torch
@@ -51,7 +51,7 @@ def _eligible(model, group_size: int):  # noqa: ANN001
     return eligible
 
 
-def prepare(model, config: QAT | Mapping[str, Any]) -> int:  # noqa: ANN001 - a transformers model
+def prepare(model, config: QAT | Mapping[str, Any]) -> int:  # model: a transformers model
     """Swap the model's eligible linear layers for fake-quantized ones in place; return how many."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
@@ -65,7 +65,7 @@ def prepare(model, config: QAT | Mapping[str, Any]) -> int:  # noqa: ANN001 - a 
     return swapped
 
 
-def convert(model, config: QAT | Mapping[str, Any]):  # noqa: ANN001
+def convert(model, config: QAT | Mapping[str, Any]):
     """Quantize a QAT-trained model (loaded from its checkpoint, plain linear layers) for real, as
     training simulated: torchao's post-training quantization with the same config (the recipe's
     ``QAT``, or the job's Llama Stack ``algorithm_config``)."""

@@ -43,8 +43,10 @@ class ResumePoints:
         return self.every_seconds is not None and time.monotonic() - self._last >= self.every_seconds
 
     def save(self, *, model, optimizer, scheduler, epoch: int, steps_done_in_epoch: int, global_step: int,
-             losses: list[float], reporter) -> None:  # noqa: ANN001 - reporter: reporting.Reporter
+             losses: list[float], reporter) -> None:  # reporter: reporting.Reporter
         """Write a resume point after ``global_step``, then drop the older ones."""
+        if self.folder is None:
+            return  # never due: the job has no resume folder
         self._last = time.monotonic()
         training_state = checkpoints.training_state(optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                                                     global_step=global_step, steps_done_in_epoch=steps_done_in_epoch,

@@ -41,7 +41,7 @@ def count_parameters(model) -> tuple[int, int]:
     return total, trainable
 
 
-def base_resources(model, *, precision: Precision, threads: int) -> dict[str, Any]:  # noqa: ANN001
+def base_resources(model, *, precision: Precision, threads: int) -> dict[str, Any]:
     """What the ``started`` event reports about the job's device and model, for every method."""
     import torch
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import math
 import random
-from typing import Any
 
+from posttrain.domain.protocol import Started
+from posttrain.domain.recipes import Recipe, TrainerSpec
 from posttrain.trainer import checkpoints, forward, qat
 from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import (
@@ -34,8 +35,6 @@ from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_sft_row
 from posttrain.trainer.loading import BASE_QUANTIZATION, load_merge_base, load_model, quantized_layers
-from posttrain.domain.protocol import Started
-from posttrain.domain.recipes import Recipe, TrainerSpec
 from posttrain.trainer.optimization import apply_gradients, prepare_optimization
 from posttrain.trainer.precision import Precision
 from posttrain.trainer.reporting import Reporter, StopFlag
@@ -159,7 +158,7 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     if quantize_base:
         reporter.log(f"quantize_base: the base model's linear layers are {BASE_QUANTIZATION}; the LoRA "
                      "adapters train in full precision; compiling is off for this job")
-    for epoch, folder in found:
+    for _epoch, folder in found:
         emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=checkpoints.read_trainer_state(folder=folder))
 
     def make_batch(indices: list[int]):

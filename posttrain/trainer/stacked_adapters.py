@@ -36,7 +36,7 @@ class LoraWeights:
     unstackable: str | None = None
 
 
-def capture(model) -> LoraWeights:  # noqa: ANN001 - a peft PeftModel
+def capture(model) -> LoraWeights:  # model: a peft PeftModel
     """The active adapter of ``model`` as product terms (a copy: training may go on)."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer

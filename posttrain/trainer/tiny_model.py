@@ -13,9 +13,9 @@ import itertools
 import random
 from pathlib import Path
 
-BOS_TOKEN = "<|begin_of_text|>"
-EOS_TOKEN = "<|eot_id|>"
-PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|begin_of_text|>"  # noqa: S105 - special tokens, not passwords
+EOS_TOKEN = "<|eot_id|>"  # noqa: S105
+PAD_TOKEN = "<|pad|>"  # noqa: S105
 HEADER_START = "<|start_header_id|>"
 HEADER_END = "<|end_header_id|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, HEADER_START, HEADER_END]

@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping
 
 
 def visible_gpus(*, device: str, configured: list[str] | None,
-                 environ: dict[str, str] | None = None) -> list[str]:
+                 environ: Mapping[str, str] | None = None) -> list[str]:
     """The GPU ids jobs may be pinned to; empty when training on the CPU."""
     if device == "cpu":
         return []

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypedDict
 
 from posttrain.domain.jobs import Job, JobStatus
 from posttrain.domain.protocol import (
@@ -62,6 +62,15 @@ class LaunchConfig:
     trainer_module: str = "posttrain.trainer"
 
 
+class _Lease(TypedDict):
+    owner: str
+    attempt: int
+
+
+class _Held(_Lease):
+    job_id: str
+
+
 @dataclass
 class _Outcome:
     terminal: Completed | Cancelled | Failed | None = None
@@ -102,7 +111,7 @@ class Launcher:
     def run(self) -> None:
         try:
             self._run()
-        except Exception as exc:  # noqa: BLE001 - a launcher failure must not kill the scheduler
+        except Exception as exc:
             log.exception("launcher failed for %s", self.job.job_uuid, extra={"action": "launcher_failed"})
             self._kill()
             try:
@@ -251,8 +260,12 @@ class Launcher:
             except LeaseLost:
                 self._moved_on()
 
+    def _lease(self) -> _Lease:
+        """What every write under this launcher's lease names: who holds the job, for which attempt."""
+        return _Lease(owner=self.owner, attempt=self.attempt)
+
     def _record(self, event: AnyEvent) -> None:
-        job_id, lease = self.job.id, dict(owner=self.owner, attempt=self.attempt)
+        job_id, lease = self.job.id, self._lease()
         if isinstance(event, Started):
             resources = {
                 **event.resources,
@@ -289,7 +302,7 @@ class Launcher:
     def _end(self, code: int | None, stderr_path: Path) -> None:
         """The move that ends this attempt: complete, fail, or give the job back to the queue."""
         outcome, terminal = self._outcome, self._outcome.terminal
-        common = dict(job_id=self.job.id, owner=self.owner, attempt=self.attempt)
+        common = _Held(job_id=self.job.id, **self._lease())
         if outcome.stop_reason == "shutdown":
             self.store.release(**common, reason="worker shut down", count_attempt=False)
         elif isinstance(terminal, Completed):
@@ -299,7 +312,8 @@ class Launcher:
                               error_message=terminal.message or "training failed")
         else:
             tail = _tail(stderr_path)
-            self.store.release(**common, reason=f"trainer exited with code {code} before finishing" + (f": {tail}" if tail else ""))
+            reason = f"trainer exited with code {code} before finishing" + (f": {tail}" if tail else "")
+            self.store.release(**common, reason=reason)
 
 
 def _tail(path: Path, lines: int = 3) -> str:

@@ -74,7 +74,7 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 - a store hiccup must not end the loop
+            except Exception:  # a store hiccup must not end the loop
                 log.exception("scheduler tick failed", extra={"action": "scheduler_tick_failed"})
             self._stop.wait(self.poll_seconds)
 

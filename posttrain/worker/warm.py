@@ -30,7 +30,7 @@ def trainer_command(python: str, nice: int, *args: str, module: str = "posttrain
 
 def spawn_trainer(command: list[str], stderr_path: Path) -> subprocess.Popen[bytes]:
     with open(stderr_path, "ab") as stderr:
-        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        return subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

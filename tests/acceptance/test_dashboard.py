@@ -107,7 +107,7 @@ def _points(page) -> int:
     return int(page.get_attribute("#train-curve", "data-points") or 0)
 
 
-def _wait(predicate, timeout: float, what: str, poll: float = 0.25):  # noqa: ANN202
+def _wait(predicate, timeout: float, what: str, poll: float = 0.25):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
+from posttrain.demo import colour_rows
 from tests.acceptance.test_crash_recovery import _status, _wait
 from tests.conftest import start_server, stop_server
 from tests.integration.test_api import lora_request
-from posttrain.demo import colour_rows
 
 pytestmark = pytest.mark.slow
 

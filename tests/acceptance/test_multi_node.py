@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.conftest import POSTGRES_URL, REPO, _fresh_postgres_database, start_server, stop_server
 from tests.acceptance.test_crash_recovery import _assert_resumed_and_complete, _submit_long_job, _wait
+from tests.conftest import POSTGRES_URL, REPO, _fresh_postgres_database, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -141,8 +141,9 @@ def test_cancel_running_job_stops_its_trainer(live_server, colours):
 def test_a_bad_row_fails_the_job_with_a_reason(live_server):
     dataset_id = f"bad-{uuid.uuid4().hex[:6]}"
     # A row in no known layout is refused where it is sent ...
+    rows = colour_rows(repeat=1) + [{"nothing": "useful"}]
     refused = live_server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": dataset_id,
-                                                     "source": {"type": "rows", "rows": colour_rows(repeat=1) + [{"nothing": "useful"}]}})
+                                                     "source": {"type": "rows", "rows": rows}})
     assert refused.status_code == 400 and refused.json()["detail"].startswith("row 8: no known layout"), refused.text
     # ... one in a layout but with nothing to learn (no assistant turn) registers, and the job says why it fails.
     rows = colour_rows(repeat=1) + [{"messages": [{"role": "user", "content": "no answer"}]}]

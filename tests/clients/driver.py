@@ -241,7 +241,7 @@ def expect_status_error(exc_type, code: int, fn, what: str):
     try:
         fn()
     except exc_type as e:
-        assert getattr(e, "status_code", code) == code, f"{what}: status {e.status_code}, want {code}"
+        assert getattr(e, "status_code", code) == code, f"{what}: status {e.status_code}, want {code}"  # noqa: PT017 - no pytest here
         return e
     except llama_stack_client.APIStatusError as e:
         raise AssertionError(f"{what}: got HTTP {e.status_code} ({type(e).__name__}), want {code}: {e}") from e

@@ -115,7 +115,8 @@ def test_queued_jobs_quota_per_tenant(client, services, tiny_model_path):
     assert client.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": "d",
                                              "source": {"type": "rows", "rows": ROWS}}).status_code == 200
     for _ in range(2):
-        assert client.post("/v1/post-training/supervised-fine-tune", json=lora_request(str(tiny_model_path), "d")).status_code == 200
+        accepted = client.post("/v1/post-training/supervised-fine-tune", json=lora_request(str(tiny_model_path), "d"))
+        assert accepted.status_code == 200
     refused = client.post("/v1/post-training/supervised-fine-tune", json=lora_request(str(tiny_model_path), "d"))
     assert_problem(refused, 429, "2 scheduled or running")
     assert "retry-after" in refused.headers

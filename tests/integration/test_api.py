@@ -94,10 +94,11 @@ def test_dataset_refusals_create_nothing(client, settings):
     register(client, "dup")
     assert_problem(client.post("/v1/datasets", json={"purpose": "post-training/messages",
                                                      "source": {"type": "rows", "rows": ROWS}, "dataset_id": "dup"}), 409, "dup")
-    assert_problem(client.post("/v1/datasets", json={"purpose": "nonsense", "source": {"type": "rows", "rows": []}}), 400, "purpose")
+    assert_problem(client.post("/v1/datasets", json={"purpose": "nonsense", "source": {"type": "rows", "rows": []}}),
+                   400, "purpose")
     assert_problem(client.post("/v1/datasets", json={"purpose": "post-training/messages"}), 400, "source")
-    assert_problem(client.post("/v1/datasets", json={"purpose": "post-training/messages", "source": {"type": "rows", "rows": ROWS},
-                                                     "extra": 1}), 400, "extra")
+    assert_problem(client.post("/v1/datasets", json={"purpose": "post-training/messages",
+                                                     "source": {"type": "rows", "rows": ROWS}, "extra": 1}), 400, "extra")
     outside = settings.resolved_home / "secret.jsonl"
     outside.write_text(json.dumps(ROWS[0]) + "\n")
     assert_problem(client.post("/v1/datasets", json={"purpose": "post-training/messages",
@@ -282,8 +283,10 @@ PREFERENCES = [{"prompt": "What colour is the sky?", "chosen": "Blue.", "rejecte
 
 def test_preference_optimize_accepts_both_config_generations(client, tiny_model_path):
     register(client, "prefs", rows=PREFERENCES)
-    for algorithm in ({"beta": 0.2, "loss_type": "ipo"}, {"reward_scale": 1.0, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.99}):
-        response = client.post("/v1/post-training/preference-optimize", json=dpo_request(str(tiny_model_path), "prefs", **algorithm))
+    legacy = {"reward_scale": 1.0, "reward_clip": 5.0, "epsilon": 0.1, "gamma": 0.99}
+    for algorithm in ({"beta": 0.2, "loss_type": "ipo"}, legacy):
+        body = dpo_request(str(tiny_model_path), "prefs", **algorithm)
+        response = client.post("/v1/post-training/preference-optimize", json=body)
         assert response.status_code == 200, response.text
         validate_response(response, "/v1/post-training/preference-optimize")
     assert len(client.get("/v1/post-training/jobs").json()["data"]) == 2
@@ -309,7 +312,9 @@ def test_shapes_newer_clients_send(client, tiny_model_path):
     """Clients 0.5/0.6 repeat dataset_id in append-rows, send null for options left out, may omit
     the LoRA type tag, and can only name the job to cancel in the query string."""
     register(client)
-    assert client.post("/v1beta/datasetio/append-rows/toy", json={"dataset_id": "toy", "rows": [{"question": "a", "answer": "b"}]}).status_code == 200
+    appended = client.post("/v1beta/datasetio/append-rows/toy",
+                           json={"dataset_id": "toy", "rows": [{"question": "a", "answer": "b"}]})
+    assert appended.status_code == 200
     assert_problem(client.post("/v1beta/datasetio/append-rows/toy", json={"dataset_id": "other", "rows": []}), 400, "dataset_id")
     body = lora_request(str(tiny_model_path), "toy")
     body["algorithm_config"].pop("type")

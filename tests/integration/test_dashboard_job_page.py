@@ -16,19 +16,20 @@ STEP_LOSSES = (2.5, 1.25)  # epoch mean 1.875
 
 
 def _running_job(client, services, tiny_model_path) -> str:
-    assert client.post("/v1/datasets", json={
-        "purpose": "post-training/messages", "dataset_id": "colours", "source": {"type": "rows", "rows": ROWS}}).status_code == 200
+    registered = client.post("/v1/datasets", json={
+        "purpose": "post-training/messages", "dataset_id": "colours", "source": {"type": "rows", "rows": ROWS}})
+    assert registered.status_code == 200
     body = lora_request(str(tiny_model_path), "colours")
     assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
     store = services.jobs.store
     job = store.claim_next(owner="test-worker", lease_seconds=60)
     assert job is not None and job.job_uuid == body["job_uuid"]
-    store.append_events(job_id=job.id, events=[
+    store.append_events(job_id=job.id, owner="test-worker", attempt=job.attempt, events=[
         ("metric", {"step": step, "epoch": 1, "loss": loss, "total_steps": len(STEP_LOSSES)})
         for step, loss in enumerate(STEP_LOSSES, start=1)])
-    assert store.record_checkpoint(job_id=job.id, owner="test-worker", attempt=job.attempt, identifier=f"{job.job_uuid}-epoch-1",
-                                   epoch=1, step=2, path="/tmp/ckpt", train_loss=sum(STEP_LOSSES) / len(STEP_LOSSES),
-                                   validation_loss=None, perplexity=None)
+    store.record_checkpoint(job_id=job.id, owner="test-worker", attempt=job.attempt, identifier=f"{job.job_uuid}-epoch-1",
+                            epoch=1, step=2, path="/tmp/ckpt", train_loss=sum(STEP_LOSSES) / len(STEP_LOSSES),
+                            validation_loss=None, perplexity=None)  # raises LeaseLost unless it lands
     return body["job_uuid"]
 
 

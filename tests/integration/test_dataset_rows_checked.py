@@ -50,7 +50,8 @@ def test_a_file_whose_rows_fit_no_layout_registers_nothing(client, settings):
     answer = client.post("/v1/datasets", json=_body({"type": "uri", "uri": str(root / "alpaca.csv")}, "from-csv"))
     assert_problem(answer, 400, "row 0:", "['instruction', 'output']", EXPECTED_ANY)
     encoded = base64.b64encode(json.dumps([GOOD[0], {"dialog": "[{not json"}]).encode()).decode()
-    answer = client.post("/v1/datasets", json=_body({"type": "uri", "uri": f"data:application/json;base64,{encoded}"}, "from-data"))
+    source = {"type": "uri", "uri": f"data:application/json;base64,{encoded}"}
+    answer = client.post("/v1/datasets", json=_body(source, "from-data"))
     assert_problem(answer, 400, "row 1: column 'dialog' is not valid JSON", EXPECTED_ANY)
     for dataset_id in ("from-file", "from-csv", "from-data"):
         _nothing_registered(client, settings, dataset_id)
@@ -67,8 +68,8 @@ def test_an_append_with_a_row_that_fits_no_layout_appends_nothing(client, servic
     everything = client.get("/v1/datasetio/iterrows/toy", params={"limit": -1}).json()
     assert (everything["data"], everything["has_more"]) == (GOOD, False)
     # The same rows, fixed, append whole.
-    assert client.post(path, json={"rows": [appended[0], {"messages": [{"role": "user", "content": "Hi"},
-                                                                      {"role": "assistant", "content": "Hello"}]}]}).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    assert client.post(path, json={"rows": [appended[0], chat]}).status_code == 200
     assert len(client.get("/v1/datasetio/iterrows/toy", params={"limit": -1}).json()["data"]) == len(GOOD) + 2
 
 

@@ -3,12 +3,15 @@ earlier checkpoints whole. The disk is a real, tiny tmpfs (so this test needs ro
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
+from posttrain.trainer.checkpoints import write_folder
+from posttrain.trainer.errors import CheckpointWriteError
 from tests.integration.test_trainer_process import make_spec, run, with_spec_keys
 
 pytestmark = pytest.mark.slow
@@ -61,3 +64,18 @@ def test_full_disk_fails_the_job_and_keeps_earlier_checkpoints(tiny_model_path, 
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(disk / "epoch_1")  # the earlier checkpoint still loads
+
+
+def test_a_write_error_without_an_errno_on_a_full_disk_is_a_disk_full_error(tmp_path, tiny_disk):
+    # safetensors reports a failed write as its own error, not an OSError: on a disk with next to
+    # nothing left it still means the disk is full.
+    disk = tiny_disk(64 * 1024)
+
+    def save_model(staging: Path, final: Path) -> None:
+        raise RuntimeError("Error while serializing: I/O error")
+
+    with pytest.raises(CheckpointWriteError, match="no space left") as raised:
+        write_folder(disk / "epoch_1", model=None, tokenizer=None, training_state={}, trainer_state={},
+                     save_model=save_model)
+    assert raised.value.errno == errno.ENOSPC
+    assert list(disk.iterdir()) == [], "the staging folder is removed"

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_specs import typed_spec_file
-
 from tests.conftest import cpu_dtype_for_bf16
 from tests.fixtures_tiny import build_tiny_model
+from tests.trainer_specs import typed_spec_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -137,7 +136,9 @@ def test_loss_formulas_match_trl():
 
     from posttrain.trainer.dpo import dpo_loss
 
-    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    def sigmoid(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
     pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
     rc, rr = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
     # chosen log-ratios [1, 0], rejected [-1, 1] -> logits [2, -1]
@@ -178,7 +179,9 @@ def test_sigmoid_dpo_learns_the_preferences_and_checkpoints_load(tiny_model_path
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert metrics[0]["reward_margin"] == pytest.approx(0, abs=1e-4)
     first, last = metrics[:2], metrics[-2:]
-    mean = lambda ms, key: sum(m[key] for m in ms) / len(ms)  # noqa: E731
+    def mean(ms: list[dict], key: str) -> float:
+        return sum(m[key] for m in ms) / len(ms)
+
     assert mean(last, "loss") < mean(first, "loss") - 0.2
     assert mean(last, "reward_margin") > mean(first, "reward_margin") + 1.0
     assert mean(last, "reward_accuracy") == 1.0
@@ -201,7 +204,7 @@ def test_sigmoid_dpo_learns_the_preferences_and_checkpoints_load(tiny_model_path
     base_margins = _margins(AutoModelForCausalLM.from_pretrained(tiny_model_path), tokenizer)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), path)
     tuned_margins = _margins(tuned, tokenizer)
-    assert all(t > b for t, b in zip(tuned_margins, base_margins))
+    assert all(t > b for t, b in zip(tuned_margins, base_margins, strict=True))
 
 
 @pytest.mark.slow

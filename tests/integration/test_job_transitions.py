@@ -13,8 +13,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-
-from tests.plans import a_plan
 from sqlalchemy import select
 
 from posttrain.domain.jobs import JobKind, JobStatus, Move
@@ -25,6 +23,7 @@ from posttrain.store.datasets import DatasetStore
 from posttrain.store.engine import make_engine, migrate
 from posttrain.store.jobs import JobStore, new_job_id, utcnow
 from posttrain.store.tables import checkpoints, job_events, jobs
+from tests.plans import a_plan
 
 OWNER = "w1"
 

@@ -38,7 +38,7 @@ def _claim(store: JobStore, tmp_path, job_uuid: str, *, max_attempts: int = 2, o
     return job
 
 
-def _run(store: JobStore, job, **config) -> Launcher:  # noqa: ANN003
+def _run(store: JobStore, job, **config) -> Launcher:
     launcher = Launcher(job=job, owner=job.lease_owner, store=store, config=launch_config(**config))
     launcher.run()
     return launcher

@@ -29,7 +29,7 @@ def store(database_url, monkeypatch):
 def scheduler_for(store):
     started: list[Scheduler] = []
 
-    def build(slots: int, **config) -> Scheduler:  # noqa: ANN003
+    def build(slots: int, **config) -> Scheduler:
         scheduler = Scheduler(store=store, slots=slots, poll_seconds=0.05, config=launch_config(**config), owner="sched")
         started.append(scheduler)
         return scheduler
@@ -39,7 +39,7 @@ def scheduler_for(store):
         scheduler.stop(timeout=10)
 
 
-def _statuses(store: JobStore, jobs) -> list[JobStatus]:  # noqa: ANN001
+def _statuses(store: JobStore, jobs) -> list[JobStatus]:
     return [store.get(job_id=j.id).status for j in jobs]
 
 

@@ -39,7 +39,9 @@ def test_stacked_adapter_on_the_raw_base_is_the_trained_model(tiny_model_path, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    load = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_path)  # noqa: E731
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_path)
+
     _randomized(lora_model(load(), lora_recipe(SFT_LORA)), seed=1).save_pretrained(tmp_path / "sft")
     starting = PeftModel.from_pretrained(load(), tmp_path / "sft")
     first = capture(starting)

@@ -8,12 +8,11 @@ from datetime import timedelta
 
 import pytest
 
-from tests.plans import a_plan
-
 from posttrain.domain.jobs import JobKind, JobStatus
 from posttrain.errors import DuplicateJob, LeaseLost, TransitionRefused
 from posttrain.store.engine import make_engine, migrate
 from posttrain.store.jobs import JobStore, new_job_id, utcnow
+from tests.plans import a_plan
 
 
 @pytest.fixture
@@ -108,7 +107,8 @@ def test_expired_lease_requeues_then_fails_when_attempts_run_out(store):
 def test_release_on_shutdown_does_not_charge_an_attempt(store):
     _submit(store, "s", max_attempts=1)
     job = store.claim_next(owner="w1", lease_seconds=30)
-    assert store.release(job_id=job.id, owner="w1", attempt=job.attempt, reason="worker shut down", count_attempt=False) is JobStatus.SCHEDULED
+    released = store.release(job_id=job.id, owner="w1", attempt=job.attempt, reason="worker shut down", count_attempt=False)
+    assert released is JobStatus.SCHEDULED
     again = store.claim_next(owner="w2", lease_seconds=30)
     assert again.attempt == 1
     assert store.release(job_id=job.id, owner="w2", attempt=1, reason="trainer died") is JobStatus.FAILED

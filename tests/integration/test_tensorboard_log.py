@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 
 from posttrain.domain.protocol import CheckpointWritten, LogLine, Started, StepMetric
-
-from tests.trainer_specs import typed_spec, typed_spec_file
-
 from tests.integration.test_api import lora_request
 from tests.integration.test_trainer_process import kinds, make_spec, run
+from tests.trainer_specs import typed_spec, typed_spec_file
 
 pytestmark = [
     # peft 0.21 still reads transformers' deprecated alias when generating from a PeftModel.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_specs import typed_spec_file
-
 from tests.conftest import cpu_dtype_for_bf16
 from tests.fixtures_tiny import build_tiny_model
+from tests.trainer_specs import typed_spec_file
 
 pytestmark = [
     pytest.mark.slow,

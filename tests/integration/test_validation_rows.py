@@ -58,6 +58,6 @@ def test_a_bad_validation_row_fails_the_job_before_training(tiny_model_path, tmp
     spec = sft.make_spec(tmp_path, tiny_model_path, n_epochs=1, max_steps_per_epoch=2)
     path = tmp_path / "validation.jsonl"
     path.write_text(json.dumps({"input_query": "fine", "expected_answer": "yes"}) + "\n" + json.dumps({"nothing": 1}) + "\n")
-    events, code = sft.run(sft.with_spec_keys(spec, validation_rows_path=str(path)), tmp_path)
+    events, _code = sft.run(sft.with_spec_keys(spec, validation_rows_path=str(path)), tmp_path)
     assert not any(e["event"] == "metric" for e in events)
     assert events[-1]["event"] == "failed" and "row" in events[-1]["message"], events[-1]

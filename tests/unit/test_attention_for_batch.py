@@ -103,7 +103,6 @@ def test_gpu_memory_is_reported_on_a_gpu_only():
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_the_model_attends_as_loaded_after_a_failed_forward(device):
     model = _llama()
-    with pytest.raises(RuntimeError):
-        with attention_for_batch(model, torch.zeros(4, 16, dtype=torch.long), device=device):
-            raise RuntimeError("the forward failed")
+    with pytest.raises(RuntimeError), attention_for_batch(model, torch.zeros(4, 16, dtype=torch.long), device=device):
+        raise RuntimeError("the forward failed")
     assert model.config._attn_implementation == "sdpa"

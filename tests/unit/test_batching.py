@@ -3,6 +3,7 @@ cover every row once, hold rows of similar length, and follow the seed."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from posttrain.trainer.batching import MEGABATCH_FACTOR, length_grouped_batches, pack_rows
@@ -36,6 +37,6 @@ def test_packs_keep_the_dataset_order_without_shuffle():
     assert [i for pack in packs for i in pack] == list(range(103))
     assert all(sum(LENGTHS[i] for i in pack) <= 512 for pack in packs)
     # Each pack was closed because the next row did not fit.
-    assert all(sum(LENGTHS[i] for i in pack) + LENGTHS[nxt[0]] > 512 for pack, nxt in zip(packs, packs[1:]))
+    assert all(sum(LENGTHS[i] for i in pack) + LENGTHS[nxt[0]] > 512 for pack, nxt in itertools.pairwise(packs))
     fuller = pack_rows(LENGTHS, max_length=512)
     assert sorted(i for pack in fuller for i in pack) == list(range(103)) and len(fuller) <= len(packs)

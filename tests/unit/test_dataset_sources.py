@@ -210,7 +210,7 @@ def test_symlink_out_of_root_is_refused_and_inside_is_followed(root: Path, tmp_p
     target = tmp_path / "secret.jsonl"
     target.write_bytes(jsonl_bytes(ROWS))
     (root / "link.jsonl").symlink_to(target)
-    with pytest.raises(PathOutsideRoots, match="secret.jsonl"):
+    with pytest.raises(PathOutsideRoots, match=r"secret\.jsonl"):
         load(str(root / "link.jsonl"), root)
     (root / "real.jsonl").write_bytes(jsonl_bytes(ROWS))
     (root / "alias.jsonl").symlink_to(root / "real.jsonl")
@@ -267,7 +267,7 @@ def test_binary_parquet_cell_that_is_not_text_is_refused(root: Path) -> None:
 
 def test_huggingface_not_cached_is_refused_without_downloading(root: Path, tmp_path: Path) -> None:
     before = os.environ.get("HF_HUB_OFFLINE")
-    with pytest.raises(DatasetSourceInvalid, match="not in the local cache.*does not download"):
+    with pytest.raises(DatasetSourceInvalid, match=r"not in the local cache.*does not download"):
         load("huggingface://llamastack/simpleqa?split=train", root, hf_cache=tmp_path / "empty")
     assert os.environ.get("HF_HUB_OFFLINE") == before
 
@@ -323,7 +323,7 @@ def test_huggingface_split_slice_is_read(root: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("uri", ["huggingface://datasets/", "huggingface://datasets/../etc", "huggingface://"])
 def test_huggingface_datasets_prefix_alone_names_no_dataset(root: Path, uri: str) -> None:
-    with pytest.raises(DatasetSourceInvalid, match="names no dataset.*huggingface://datasets/<owner>/<name>"):
+    with pytest.raises(DatasetSourceInvalid, match=r"names no dataset.*huggingface://datasets/<owner>/<name>"):
         load(uri, root)
 
 

@@ -73,12 +73,13 @@ def test_bad_rows_name_the_row_and_columns(row, needle):
 
 
 def test_missing_columns_error_lists_layouts():
-    with pytest.raises(RowFormatError, match="chat_completion_input\\+expected_answer.*found \\['text'\\]"):
+    with pytest.raises(RowFormatError, match=r"chat_completion_input\+expected_answer.*found \['text'\]"):
         normalize_sft_row({"text": "x"}, data_format="dialog", row_index=3)
 
 
 def _answer_text(tokenizer, encoded):
-    return tokenizer.decode([t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX])
+    pairs = zip(encoded["input_ids"], encoded["labels"], strict=True)
+    return tokenizer.decode([t for t, label in pairs if label != IGNORE_INDEX])
 
 
 def test_labels_cover_only_assistant_turns_with_eos(tokenizer):

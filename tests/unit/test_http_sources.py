@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -32,7 +33,7 @@ PRIVATE_OK = HttpPolicy(enabled=True, allow_private=True)
 class Handler(BaseHTTPRequestHandler):
     """One route per behaviour under test; records the Host header of every request it sees."""
 
-    hosts: list[str] = []
+    hosts: ClassVar[list[str]] = []
 
     def log_message(self, *args: object) -> None:  # keep test output quiet
         pass
@@ -45,7 +46,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server spelling
+    def do_GET(self) -> None:
         Handler.hosts.append(self.headers.get("Host", ""))
         path = self.path.split("?")[0]
         if path == "/d.jsonl":
@@ -165,10 +166,11 @@ def test_dataset_service_passes_the_policy_from_settings(
         monkeypatch.setenv(key, value)
     services = build_services(Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'store.db'}"))
     try:
-        register = lambda: services.datasets.register(  # noqa: E731
-            tenant="t", purpose="post-training/messages", source={"type": "uri", "uri": f"{server}/d.jsonl"},
-            metadata=None, dataset_id="web",
-        )  # fmt: skip
+        def register():
+            return services.datasets.register(
+                tenant="t", purpose="post-training/messages", source={"type": "uri", "uri": f"{server}/d.jsonl"},
+                metadata=None, dataset_id="web",
+            )
         if expected is None:
             dataset = register()
             assert dataset.row_count == 2
@@ -223,7 +225,8 @@ def test_connection_is_pinned_to_the_checked_address(tmp_path: Path, server: str
 
 def test_loopback_server_is_refused_as_private(tmp_path: Path, server: str) -> None:
     Handler.hosts.clear()
-    with pytest.raises(DatasetSourceInvalid, match=r"127\.0\.0\.1, not a public address \(loopback\).*HTTP_DATASET_ALLOW_PRIVATE"):
+    refused = r"127\.0\.0\.1, not a public address \(loopback\).*HTTP_DATASET_ALLOW_PRIVATE"
+    with pytest.raises(DatasetSourceInvalid, match=refused):
         load(f"{server}/d.jsonl", tmp_path, ON)
     port = server.rsplit(":", 1)[1]
     with pytest.raises(DatasetSourceInvalid, match="loopback"):
@@ -300,7 +303,7 @@ def test_malformed_urls_are_refused(tmp_path: Path, uri: str, no_connections: li
 
 def test_redirect_is_refused_not_followed(tmp_path: Path, server: str) -> None:
     Handler.hosts.clear()
-    with pytest.raises(DatasetSourceInvalid, match="302.*redirect to '/d.jsonl'.*not followed"):
+    with pytest.raises(DatasetSourceInvalid, match=r"302.*redirect to '/d\.jsonl'.*not followed"):
         load(f"{server}/redirect.jsonl", tmp_path, PRIVATE_OK)
     assert len(Handler.hosts) == 1
 
@@ -397,7 +400,7 @@ def test_https_verifies_the_url_host_over_the_pinned_address(
     Handler.hosts.clear()
     assert load(f"https://datasets.example:{port}/d.csv", tmp_path, PRIVATE_OK) == CSV_ROWS
     assert Handler.hosts == [f"datasets.example:{port}"]
-    with pytest.raises(DatasetSourceInvalid, match="could not be fetched.*(certificate|hostname)"):
+    with pytest.raises(DatasetSourceInvalid, match=r"could not be fetched.*(certificate|hostname)"):
         load(f"https://other.example:{port}/d.csv", tmp_path, PRIVATE_OK)  # same address, wrong name
     with pytest.raises(DatasetSourceInvalid, match="could not be fetched"):
         load(f"https://127.0.0.1:{port}/d.csv", tmp_path, PRIVATE_OK)  # the certificate names no IP

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from posttrain.api.deps import DatasetServiceDep, TenantDep
-from posttrain.errors import InvalidRequest
 from posttrain.api.schemas import (
     AppendRowsRequest,
     DatasetPublic,
@@ -13,6 +12,7 @@ from posttrain.api.schemas import (
     PaginatedResponse,
     RegisterDatasetRequest,
 )
+from posttrain.errors import InvalidRequest
 
 router = APIRouter(tags=["Datasets"])
 

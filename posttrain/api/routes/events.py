@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -60,7 +60,7 @@ def job_events(
     limit: int = Query(default=1000, ge=1, le=10000, description="Most events in one page."),
     accept: str | None = Header(default=None),
     last_event_id: str | None = Header(default=None),
-):  # noqa: ANN201 - a JSON page or an event stream
+) -> StreamingResponse | JobEventsPublic:
     """A job's state changes, per-step metrics, checkpoints, log lines and error, in order."""
     if accept and "text/event-stream" in accept:
         jobs.get(tenant=tenant, job_uuid=job_uuid)  # 404 before the stream starts

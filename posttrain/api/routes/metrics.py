@@ -6,7 +6,9 @@ reports the same, whole picture); request counters and latencies are this proces
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from collections.abc import Callable, Iterator
+
+from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -20,7 +22,7 @@ class _JobCollector:
     def __init__(self, jobs: JobService) -> None:
         self.jobs = jobs
 
-    def collect(self):  # noqa: ANN201 - the prometheus_client collector protocol
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         snapshot = self.jobs.operational_snapshot()
         by_status = GaugeMetricFamily("posttrain_jobs", "Jobs in the store by status.", labels=["status"])
         for status in JobStatus:
@@ -51,7 +53,7 @@ class _JobCollector:
         yield from (running, tokens, step, write)
 
 
-def install_metrics(app, jobs: JobService):  # noqa: ANN001, ANN201 - FastAPI app; returns the observer
+def install_metrics(app: FastAPI, jobs: JobService) -> Callable[[str, str, int, float], None]:
     """Register the collectors on ``app``; return the function the gate calls after each request."""
     registry = CollectorRegistry()
     registry.register(_JobCollector(jobs))

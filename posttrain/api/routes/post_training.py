@@ -10,7 +10,6 @@ from fastapi import APIRouter, Query
 
 from posttrain.api import llama_stack_recipes
 from posttrain.api.deps import JobServiceDep, TenantDep
-from posttrain.errors import InvalidRequest
 from posttrain.api.schemas import (
     CancelTrainingJobRequest,
     ListPostTrainingJobsResponse,
@@ -20,6 +19,7 @@ from posttrain.api.schemas import (
     PreferenceOptimizeRequest,
     SupervisedFineTuneRequest,
 )
+from posttrain.errors import InvalidRequest
 
 router = APIRouter(tags=["PostTraining"])
 JobUUIDQuery = Query(description="The UUID of the job.")

@@ -69,7 +69,7 @@ def downgrade() -> None:
     """Back to one global job_uuid; fails (unique violation) while two tenants share a job_uuid."""
     _drop_child_keys("job_id")
     for child in ("checkpoints", "job_events"):
-        op.execute(f"UPDATE {child} SET job_id = (SELECT jobs.job_uuid FROM jobs WHERE jobs.id = {child}.job_id)")
+        op.execute(f"UPDATE {child} SET job_id = (SELECT jobs.job_uuid FROM jobs WHERE jobs.id = {child}.job_id)")  # noqa: S608 - our own table names
     _rename_child_column("job_id", "job_uuid")
 
     with op.batch_alter_table("jobs") as batch:

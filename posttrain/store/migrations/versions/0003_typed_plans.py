@@ -15,6 +15,7 @@ Create Date: 2026-12-01
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,7 +44,7 @@ def _adapter(lora: dict[str, Any]) -> dict[str, Any]:
 def typed_plan(old: dict[str, Any]) -> dict[str, Any]:
     """A 0002-era plan as a ``JobPlan`` dict."""
     training = old["training_config"]
-    algorithm = old.get("algorithm_config")
+    algorithm: Any = old.get("algorithm_config")  # None only for a full fine-tune; a DPO plan always holds one
     data = training.get("data_config") or {}
     optimizer = training.get("optimizer_config") or {}
     recipe: dict[str, Any] = {
@@ -62,8 +63,8 @@ def typed_plan(old: dict[str, Any]) -> dict[str, Any]:
         recipe["dpo"] = {"beta": algorithm["beta"], "loss_type": algorithm["loss_type"]}
         recipe["adapter"] = _adapter(algorithm["lora"])
         if algorithm.get("legacy_config") is not None:
-            recipe["notes"] = [f"the request's DPO options {sorted(algorithm['legacy_config'])} have no DPO meaning; "
-                               f"training with beta={algorithm['beta']}, loss_type={algorithm['loss_type']}"]
+            recipe["notes"] = [(f"the request's DPO options {sorted(algorithm['legacy_config'])} have no DPO meaning; "
+                                f"training with beta={algorithm['beta']}, loss_type={algorithm['loss_type']}")]
     elif algorithm is not None and algorithm.get("type") == "QAT":
         recipe["qat"] = {"quantizer_name": algorithm["quantizer_name"], "group_size": algorithm["group_size"]}
     elif algorithm is not None:
@@ -93,7 +94,7 @@ def old_plan(new: dict[str, Any]) -> dict[str, Any]:
             "seed": recipe["seed"]}
 
 
-def _rewrite(convert, wanted_key: str) -> None:  # noqa: ANN001 - one of the two functions above
+def _rewrite(convert: Callable[[dict[str, Any]], dict[str, Any]], wanted_key: str) -> None:
     jobs = sa.table("jobs", sa.column("id", sa.String), sa.column("plan", sa.JSON))
     conn = op.get_bind()
     for job_id, plan in conn.execute(sa.select(jobs.c.id, jobs.c.plan)).all():
