@@ -103,7 +103,7 @@ def _keep_adapter_inputs_as_they_come(model) -> None:
     """peft casts each adapter layer's input to the adapter weights' dtype (fp32), and under
     autocast the adapter's matmul casts it straight back to bf16/fp16: two copies of every adapted
     layer's input in the forward and two more in the backward, for the same product (the bf16 ->
-    fp32 -> bf16 round trip is exact). Measured 4-8% of a bf16 LoRA step on a CPU. Without
+    fp32 -> bf16 round trip is exact): a few percent of a bf16 LoRA step on a CPU. Without
     autocast (fp32) the input already has the adapter's dtype. peft's own switch
     (``peft.helpers.disable_input_dtype_casting`` sets the same attribute for a block)."""
     from peft.tuners.tuners_utils import BaseTunerLayer

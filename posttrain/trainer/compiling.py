@@ -1,17 +1,15 @@
 """Compiling the model with ``torch.compile`` when a run is long enough to pay for it.
 
-Measured on the 2-core CPU with the ~30M-parameter bench model (bf16 LoRA, rows of 20-300 tokens):
-eager ~1700 real tokens/s, compiled ~2100-2200 (inductor fuses the norms, rotary embeddings,
-activations, softmax and casts that surround the matmuls). Compiling is not free, and it would wreck the
-time to the first step. So ``auto`` (the default) trains eagerly, times the first steps, and
+Compiled steps are faster (inductor fuses the norms, rotary embeddings, activations, softmax and
+casts that surround the matmuls; the figures are in docs/performance.md). Compiling is not free, and
+it would wreck the time to the first step. So ``auto`` (the default) trains eagerly, times the first steps, and
 compiles only when the training still ahead, at the eager pace, is longer than
 ``AUTO_MIN_REMAINING_SECONDS``. ``on`` compiles before the first step, ``off`` never.
 
 What is compiled is each decoder layer, in place (``Module.compile``, "regional compilation"):
 the layers share one code object, so dynamo traces and inductor builds the layer once (twice:
-the first layer's input needs no gradient) and every other layer reuses it. On that machine this
-costs ~45 s cold and ~9 s with inductor's on-disk cache warm, against ~100 s and ~32 s for
-compiling the whole body, for the same speed within noise. A model without recognisable layers
+the first layer's input needs no gradient) and every other layer reuses it: a fraction of the cost
+of compiling the whole body, for the same speed. A model without recognisable layers
 has its body compiled whole. Dynamic shapes, so rows of any length reuse one graph; the state
 dict keeps its names (checkpoints are unchanged); the output head stays eager (it runs on label
 positions only). Should compiling fail (no C++ compiler, an unsupported model), dynamo falls back
@@ -25,9 +23,8 @@ import statistics
 from posttrain.trainer.forward import base_model, plain_head_parts
 
 MODES = ("auto", "on", "off")
-#: ``auto`` compiles when the eager estimate of the remaining training is at least this long: with a
-#: cold cache the ~45 s compile and ~1.25x speed-up break even after about 3.5 min of eager-paced
-#: training (a warm cache: under a minute).
+#: ``auto`` compiles when the eager estimate of the remaining training is at least this long: longer
+#: than a cold compile takes to pay for itself (docs/performance.md).
 AUTO_MIN_REMAINING_SECONDS = 5 * 60
 #: Steps timed before ``auto`` decides (the first one is slow: allocator and caches warming up).
 AUTO_TIMED_STEPS = 4

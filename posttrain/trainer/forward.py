@@ -1,16 +1,15 @@
 """The forward pass SFT and DPO share: model inputs for padded or packed batches, mixed precision,
 the attention kernel for the batch, and the output head applied only where a token has a label.
 
-Why these exist, measured on a 2-core CPU with a ~30M-parameter Llama (``bench/train_throughput.py``):
+Why these exist (the measurements are in docs/performance.md):
 - The output head over the whole vocabulary at every position is a large share of the compute,
   and most positions (prompt, padding) have no label; applying it at label positions only gives the
   same loss for less work.
-- For short sequences, PyTorch's fused CPU flash-attention backward was ~25% of a bf16 LoRA step;
-  plain attention (one batched matmul, softmax, matmul) is several times faster there and its score
-  matrices are small. Of the plain ones, transformers' own "eager" attention multiplies in the
-  autocast dtype (bf16), where SDPA's "math" kernel upcasts bf16 to fp32 on a CPU and runs its
-  matmuls at half the speed: eager made a bf16 LoRA step ~10% faster (attention matmuls 114 ->
-  233 GFLOP/s). Long sequences keep SDPA's flash kernel, whose memory does not grow with the
+- For short sequences, PyTorch's fused CPU flash-attention backward is a large share of a bf16
+  LoRA step; plain attention (one batched matmul, softmax, matmul) is several times faster there and
+  its score matrices are small. Of the plain ones, transformers' own "eager" attention multiplies in
+  the autocast dtype (bf16), where SDPA's "math" kernel upcasts bf16 to fp32 on a CPU and runs its
+  matmuls at half the speed. Long sequences keep SDPA's flash kernel, whose memory does not grow with the
   square of the length.
 """
 

@@ -24,8 +24,8 @@ def build_optimizer(model, optimizer: Optimizer):  # model: a torch module
     if kind in ("adamw", "adam"):
         adam = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
         # torch's fused kernel does a parameter's whole update in one pass instead of a dozen tensor
-        # ops: the same update, measured 8x less optimizer time for a full fine-tune on a CPU, 4x for
-        # LoRA. Plain Adam where this device or dtype has no fused kernel.
+        # ops: the same update in a fraction of the time (docs/performance.md). Plain Adam where this
+        # device or dtype has no fused kernel.
         try:
             return adam(params, lr=lr, weight_decay=weight_decay, fused=True)
         except (RuntimeError, ValueError, TypeError):

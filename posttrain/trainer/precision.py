@@ -71,7 +71,7 @@ def resolve_precision(*, device: str, requested_dtype: str | None, cpu_bf16: boo
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 matmuls run
-    about twice as fast as fp32 ones. Elsewhere bf16 is emulated and several times slower than fp32."""
+    faster than fp32 ones; elsewhere bf16 is emulated and slower than fp32 (docs/performance.md)."""
     import torch
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
