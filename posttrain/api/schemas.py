@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_ser
 
 from posttrain.domain.datasets import Dataset
 from posttrain.domain.jobs import Checkpoint, Job
+from posttrain.domain.recipes import DataFormat, DPOLossType, OptimizerType
 
 JSONObject = dict[str, Any]
 Purpose = Literal["post-training/messages", "eval/question-answer", "eval/messages-answer"]
@@ -91,14 +92,14 @@ class DataConfig(SpecModel):
     dataset_id: str
     batch_size: int
     shuffle: bool
-    data_format: Literal["instruct", "dialog"]
+    data_format: DataFormat
     validation_dataset_id: str | None = None
     packed: bool = False
     train_on_input: bool = False
 
 
 class OptimizerConfig(SpecModel):
-    optimizer_type: Literal["adam", "adamw", "sgd"]
+    optimizer_type: OptimizerType
     lr: float
     weight_decay: float
     num_warmup_steps: int
@@ -167,7 +168,7 @@ class SupervisedFineTuneRequest(SpecModel):
 
 class DPOAlignmentConfig(SpecModel):
     beta: float
-    loss_type: Literal["sigmoid", "hinge", "ipo", "kto_pair"] = "sigmoid"
+    loss_type: DPOLossType = "sigmoid"
 
 
 class LegacyDPOAlignmentConfig(SpecModel):

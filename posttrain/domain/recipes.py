@@ -25,6 +25,8 @@ from posttrain.errors import RecipeInvalid
 Dtype = Literal["bf16", "fp16", "fp32"]
 AttentionModule = Literal["q_proj", "k_proj", "v_proj", "output_proj"]
 DPOLossType = Literal["sigmoid", "hinge", "ipo", "kto_pair"]
+DataFormat = Literal["instruct", "dialog"]
+OptimizerType = Literal["adam", "adamw", "sgd"]
 
 #: The learning rate of a job that names none (the Llama Stack spec has no default).
 DEFAULT_LEARNING_RATE = 1e-4
@@ -57,13 +59,13 @@ class Data(RecipePart):
 
     batch_size: int = Field(1, ge=1, description="rows (or packs) a micro-batch")
     shuffle: bool = Field(True, description="length-grouped shuffled batches; false: the dataset's order")
-    data_format: Literal["instruct", "dialog"] = Field("instruct", description="which row layouts are tried first")
+    data_format: DataFormat = Field("instruct", description="which row layouts are tried first")
     packed: bool = Field(False, description="pack rows into sequences of the model's max length")
     train_on_input: bool = Field(False, description="also train on the prompt tokens, not only the answers")
 
 
 class Optimizer(RecipePart):
-    optimizer_type: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer_type: OptimizerType = "adamw"
     lr: float = Field(DEFAULT_LEARNING_RATE, gt=0, description="peak learning rate (linear warmup, linear decay)")
     weight_decay: float = Field(0.0, ge=0)
     num_warmup_steps: int = Field(0, ge=0)
