@@ -143,3 +143,18 @@ class RateLimited(ServiceError):
 
 class StoreError(ServiceError):
     """The job store failed."""
+
+
+class StoreUnavailable(ServiceError):
+    """The store is busy or unreachable; try again shortly.
+
+    Raised at the store boundary (``store/engine.py``) for a database's operational failure: a
+    lock held too long, a refused or dropped connection, a timeout. Nothing was written; the
+    API answers 503 with ``Retry-After`` and the launcher retries."""
+
+    status_code = 503
+    title = "Service Unavailable"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 2) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

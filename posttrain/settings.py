@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     )
     http_dataset_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="Largest http(s) dataset fetched.")
     http_dataset_timeout_seconds: float = Field(default=30.0, gt=0, description="Time limit for fetching one http(s) dataset.")
+    store_busy_timeout_seconds: float = Field(
+        default=3.0, gt=0, le=60, description="How long a store write waits for a lock or a connection before the API "
+        "answers 503 with Retry-After (SQLite busy_timeout; PostgreSQL lock_timeout and connect_timeout).")
+    ready_timeout_seconds: float = Field(default=1.0, gt=0, le=30, description="How long /readyz waits to read and "
+                                         "write the store before it answers 503.")
 
     @cached_property
     def resolved_home(self) -> Path:

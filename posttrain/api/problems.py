@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from posttrain.errors import RateLimited, ServiceError
+from posttrain.errors import RateLimited, ServiceError, StoreUnavailable
 
 log = logging.getLogger("posttrain.api")
 
@@ -73,7 +73,7 @@ def _allowed_methods(request: Request) -> list[str]:
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited | StoreUnavailable) else None
         if exc.status_code >= 500:
             log.error("service error: %s", exc.detail, extra={"action": "service_error"})
         return problem(exc.status_code, exc.detail, title=exc.title, instance=request.url.path, headers=headers)

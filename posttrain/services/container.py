@@ -12,7 +12,7 @@ from posttrain.services.datasets import DatasetService
 from posttrain.services.jobs import JobService
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
-from posttrain.store.engine import at_head, make_engine, migrate
+from posttrain.store.engine import at_head, make_engine, migrate, store_usable
 from posttrain.store.jobs import JobStore
 
 log = logging.getLogger("posttrain.services")
@@ -27,8 +27,10 @@ class Services:
     access: AccessControl
 
     def ready(self) -> bool:
-        """The store is reachable and its schema is at the newest revision."""
+        """The store can be read and written within ``ready_timeout_seconds`` and its schema is at
+        the newest revision (a store another process holds locked is not ready)."""
         try:
+            store_usable(self.engine, timeout_seconds=self.settings.ready_timeout_seconds)
             return at_head(self.engine)
         except Exception:  # readiness reports, it does not raise
             log.warning("store not ready", exc_info=True, extra={"action": "store_not_ready"})
@@ -41,7 +43,7 @@ class Services:
 def build_services(settings: Settings) -> Services:
     """Create the data folders, migrate the store to head, and build the services on it."""
     settings.ensure_dirs()
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, busy_timeout_seconds=settings.store_busy_timeout_seconds)
     migrate(engine)
     job_store = JobStore(engine)
     dataset_store = DatasetStore(engine, settings.datasets_dir)

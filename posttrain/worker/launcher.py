@@ -3,6 +3,11 @@
 The trainer speaks JSON lines on stdout (docs/trainer-protocol.md). This launcher owns the lease:
 it renews it while the trainer lives, and every write it makes is guarded by (owner, attempt),
 so once the job has moved on (cancelled, requeued after a lost lease) nothing it says counts.
+
+A store hiccup (``StoreUnavailable``: locked by another process, a dropped connection) does not
+end the attempt: a missed lease renewal is tried again at the next beat, and every other write
+(events, checkpoints, the job's end) is retried with backoff until it lands or the lease is
+lost. Only a hiccup longer than the lease lets the job be requeued.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypedDict
+from typing import IO, Any, TypedDict, TypeVar
 
 from posttrain.domain.jobs import Job, JobStatus
 from posttrain.domain.protocol import (
@@ -33,7 +39,7 @@ from posttrain.domain.protocol import (
     parse_line,
 )
 from posttrain.domain.recipes import TrainerSpec
-from posttrain.errors import LeaseLost
+from posttrain.errors import LeaseLost, StoreUnavailable
 from posttrain.store.jobs import JobStore
 from posttrain.worker.warm import spawn_trainer, trainer_command
 
@@ -41,6 +47,12 @@ log = logging.getLogger("posttrain.worker")
 
 #: How often buffered per-step metrics are written to the store.
 METRIC_FLUSH_SECONDS = 0.5
+
+#: Backoff between retries of a write the store could not take (doubling up to the cap).
+RETRY_FIRST_SECONDS = 0.1
+RETRY_MAX_SECONDS = 2.0
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -101,6 +113,7 @@ class Launcher:
         self._lost = threading.Event()  # the store refused a write: the job moved on without us
         self._outcome = _Outcome()
         self._process: subprocess.Popen[bytes] | None = None
+        self._store_waits = 0  # writes currently waiting for the store to come back
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -165,7 +178,9 @@ class Launcher:
                                   name=f"trainer-reader-{self.job.id[:8]}")
         reader.start()
         self._supervise()
-        reader.join(timeout=10)
+        deadline = time.monotonic() + 10
+        while reader.is_alive() and (time.monotonic() < deadline or self._store_waits):
+            reader.join(timeout=0.2)  # a reader still waiting on the store has events to land
         self._finish(stderr_path)
 
     def _supervise(self) -> None:
@@ -186,6 +201,9 @@ class Launcher:
                                                attempt=self.attempt, lease_seconds=self.config.lease_seconds)
                     except LeaseLost:
                         self._moved_on()
+                    except StoreUnavailable as exc:  # try again at the next beat; the lease still runs
+                        log.warning("lease renewal for %s waits for the store: %s", self.job.job_uuid, exc,
+                                    extra={"action": "store_unavailable", "job_id": self.job.id})
                 if self._outcome.stop_reason:
                     self._terminate()
                     stop_sent_at = now
@@ -247,7 +265,8 @@ class Launcher:
     def _flush(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         if events and not self._lost.is_set():
             try:
-                self.store.append_events(job_id=self.job.id, owner=self.owner, attempt=self.attempt, events=events)
+                self._retrying(lambda: self.store.append_events(job_id=self.job.id, owner=self.owner,
+                                                                attempt=self.attempt, events=events))
             except LeaseLost:
                 self._moved_on()
 
@@ -256,9 +275,36 @@ class Launcher:
             self._outcome.terminal = event
         elif not self._lost.is_set():
             try:
-                self._record(event)
+                self._retrying(lambda: self._record(event))
             except LeaseLost:
                 self._moved_on()
+
+    def _retrying(self, write: Callable[[], _T]) -> _T:
+        """Run one store write, retrying with backoff while the store is unavailable. It ends when
+        the write lands, when the store refuses it (``LeaseLost``: the job moved on), or, once the
+        worker is shutting down, after a last grace period (then the error propagates). Each
+        write is one transaction, so a retry never doubles what the first try wrote."""
+        delay, gave_up_at, waiting = RETRY_FIRST_SECONDS, None, False
+        try:
+            while True:
+                try:
+                    return write()
+                except StoreUnavailable as exc:
+                    now = time.monotonic()
+                    if self._shutdown.is_set():
+                        gave_up_at = gave_up_at or now + self.config.cancel_grace_seconds
+                        if now >= gave_up_at:
+                            raise
+                    if not waiting:
+                        waiting = True
+                        self._store_waits += 1
+                    log.warning("store unavailable for %s; retrying in %.1f s: %s", self.job.job_uuid, delay, exc,
+                                extra={"action": "store_unavailable", "job_id": self.job.id})
+                    time.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_SECONDS)
+        finally:
+            if waiting:
+                self._store_waits -= 1
 
     def _lease(self) -> _Lease:
         """What every write under this launcher's lease names: who holds the job, for which attempt."""
@@ -292,7 +338,7 @@ class Launcher:
         code = self._process.returncode if self._process else None
         if self._outcome.stop_reason != "lease_lost":
             try:
-                self._end(code, stderr_path)
+                self._retrying(lambda: self._end(code, stderr_path))
             except LeaseLost:
                 self._outcome.stop_reason = "lease_lost"
         if self._outcome.stop_reason == "lease_lost":

@@ -12,6 +12,7 @@ import socket
 import threading
 import uuid
 
+from posttrain.errors import StoreUnavailable
 from posttrain.store.jobs import JobStore
 from posttrain.worker.devices import GpuPool
 from posttrain.worker.launcher import LaunchConfig, Launcher
@@ -74,7 +75,9 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:  # a store hiccup must not end the loop
+            except StoreUnavailable as exc:  # the store is locked or away: try again next tick
+                log.warning("scheduler tick waits for the store: %s", exc, extra={"action": "store_unavailable"})
+            except Exception:  # nor may anything else end the loop
                 log.exception("scheduler tick failed", extra={"action": "scheduler_tick_failed"})
             self._stop.wait(self.poll_seconds)
 
