@@ -38,7 +38,7 @@ def _scheduler(settings: Settings):  # noqa: ANN202
     from posttrain.worker.scheduler import Scheduler, launch_config_from
     from posttrain.worker.warm import WarmPool
 
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, busy_timeout_seconds=settings.store_busy_timeout_seconds)
     migrate(engine)
     config = launch_config_from(settings)
     warm = None

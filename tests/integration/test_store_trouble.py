@@ -167,3 +167,38 @@ def test_a_refused_postgresql_store_answers_503_at_the_api(tmp_path, tiny_model_
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 503
     engine.dispose()
+
+
+_PG_HOLDER = """
+import sys, time
+import psycopg
+with psycopg.connect(sys.argv[1]) as connection:
+    connection.execute("LOCK TABLE datasets, alembic_version IN ACCESS EXCLUSIVE MODE")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_locked_postgresql_store_answers_503_quickly_and_writes_nothing(settings, services):
+    """Another process keeps a PostgreSQL transaction holding the tables' locks: the write gives
+    up after lock_timeout (503, Retry-After), /readyz says not ready, and after the lock goes the
+    write succeeds."""
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    holder = subprocess.Popen([sys.executable, "-c", _PG_HOLDER, dsn, "8"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
+        try:
+            started = time.monotonic()
+            refused = _register(client)
+            assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1, refused.text
+            assert time.monotonic() - started < 5
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/readyz").status_code == 503
+        finally:
+            holder.kill()
+            holder.wait()
+        assert client.get("/v1/datasets").json()["data"] == []
+        assert client.get("/readyz").status_code == 200
+        assert _register(client).status_code == 200
