@@ -22,7 +22,7 @@ from posttrain.errors import (
     RateLimited,
     TransitionRefused,
 )
-from posttrain.services.models import check_default_lora_targets, resolve_model
+from posttrain.services.models import check_adapter_size, check_default_lora_targets, resolve_model
 from posttrain.services.paths import resolve_inside
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
@@ -78,6 +78,7 @@ class JobService:
             allow_adapter=recipe.method is JobKind.DPO,
         )
         check_default_lora_targets(model, recipe.adapter, field=names.model)
+        check_adapter_size(model, recipe.adapter, field=names.model)
         train = self._dataset(tenant, submission.dataset_id, names.dataset_id)
         validation = None
         if submission.validation_dataset_id:
