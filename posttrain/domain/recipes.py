@@ -33,6 +33,19 @@ DEFAULT_LEARNING_RATE = 1e-4
 #: The seed every job trains with (the Llama Stack request has no seed field).
 DEFAULT_SEED = 42
 
+# Generous but finite upper bounds on the recipe's sizes, so an absurd value (a rank of 2**40, a
+# billion epochs) is refused at once with the bound, not accepted to hold a worker for ever or
+# fail deep in the trainer. Real jobs sit orders of magnitude below each.
+#: The largest LoRA rank (the hidden size of the largest open models is below it; the service
+#: also refuses a rank above the model's own hidden size).
+MAX_LORA_RANK = 65536
+MAX_LORA_ALPHA = 1 << 20
+MAX_EPOCHS = 10_000
+MAX_STEPS_PER_EPOCH = 100_000_000
+MAX_GRADIENT_ACCUMULATION = 65536
+MAX_VALIDATION_STEPS = 10_000_000
+MAX_BATCH_SIZE = 65536
+
 
 class JobKind(str, enum.Enum):
     """The training method: which trainer runs the recipe."""
@@ -48,16 +61,21 @@ class RecipePart(BaseModel):
 class Schedule(RecipePart):
     """How many steps, in what groups, and how much validation."""
 
-    n_epochs: int = Field(1, ge=1, description="passes over the training rows")
-    max_steps_per_epoch: int = Field(1, ge=1, description="optimizer steps an epoch at most")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches summed into one optimizer step")
-    max_validation_steps: int = Field(1, ge=1, description="validation batches at each epoch's end")
+    n_epochs: int = Field(1, ge=1, le=MAX_EPOCHS,
+                          description=f"passes over the training rows (at most {MAX_EPOCHS})")
+    max_steps_per_epoch: int = Field(1, ge=1, le=MAX_STEPS_PER_EPOCH,
+                                     description=f"optimizer steps an epoch at most (at most {MAX_STEPS_PER_EPOCH})")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_GRADIENT_ACCUMULATION, description=(
+        f"micro-batches summed into one optimizer step (at most {MAX_GRADIENT_ACCUMULATION})"))
+    max_validation_steps: int = Field(1, ge=1, le=MAX_VALIDATION_STEPS, description=(
+        f"validation batches at each epoch's end (at most {MAX_VALIDATION_STEPS})"))
 
 
 class Data(RecipePart):
     """How rows become batches."""
 
-    batch_size: int = Field(1, ge=1, description="rows (or packs) a micro-batch")
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE,
+                            description=f"rows (or packs) a micro-batch (at most {MAX_BATCH_SIZE})")
     shuffle: bool = Field(True, description="length-grouped shuffled batches; false: the dataset's order")
     data_format: DataFormat = Field("instruct", description="which row layouts are tried first")
     packed: bool = Field(False, description="pack rows into sequences of the model's max length")
@@ -80,8 +98,10 @@ class LoRA(RecipePart):
     architecture_defaults: bool = False
     mlp: bool = False
     output: bool = False
-    rank: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
+    rank: int = Field(8, ge=1, le=MAX_LORA_RANK, description=(
+        f"the adapter's rank (at most {MAX_LORA_RANK} here; at submit also at most the model's hidden size, "
+        "and the adapter no larger than the base model)"))
+    alpha: int = Field(16, ge=1, le=MAX_LORA_ALPHA, description=f"LoRA's scale numerator (at most {MAX_LORA_ALPHA})")
     use_dora: bool = False
     quantize_base: bool = Field(False, description="QLoRA: the base's linear layers load as 4-bit NF4")
 

@@ -22,17 +22,22 @@ from posttrain.errors import (
     RateLimited,
     TransitionRefused,
 )
-from posttrain.services.models import check_default_lora_targets, resolve_model
+from posttrain.services.models import check_adapter_size, check_default_lora_targets, resolve_model
 from posttrain.services.paths import resolve_inside
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
-from posttrain.store.jobs import JobStore, new_job_id
+from posttrain.store.jobs import JobStore, QuotaFull, new_job_id
 
 
 def job_folder(jobs_dir: Path, job_id: str) -> Path:
     """A job's own folder, named by the service's key (job_uuid is client text, and two tenants
     may use the same one)."""
     return jobs_dir / job_id
+
+
+def _quota_full(quota: int) -> RateLimited:
+    return RateLimited(f"this tenant already has {quota} scheduled or running job(s), the most allowed; "
+                       "wait for one to finish or cancel one", retry_after=30)
 
 
 class JobService:
@@ -51,9 +56,10 @@ class JobService:
         if self.store.find(tenant=tenant, job_uuid=job_uuid, with_payload=False) is not None:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists")
         quota = self.settings.max_queued_jobs_per_tenant
+        # A cheap early refusal (no rows copied); the insert below counts again, atomically, so
+        # concurrent submits cannot all pass this check and overshoot the quota.
         if quota is not None and self.store.count_active(tenant=tenant) >= quota:
-            raise RateLimited(f"this tenant already has {quota} scheduled or running job(s), the most allowed; "
-                              "wait for one to finish or cancel one", retry_after=30)
+            raise _quota_full(quota)
         model_name = submission.model
         model_roots = list(self.settings.allowed_model_roots)
         if recipe.method is JobKind.DPO and model_name:
@@ -72,6 +78,7 @@ class JobService:
             allow_adapter=recipe.method is JobKind.DPO,
         )
         check_default_lora_targets(model, recipe.adapter, field=names.model)
+        check_adapter_size(model, recipe.adapter, field=names.model)
         train = self._dataset(tenant, submission.dataset_id, names.dataset_id)
         validation = None
         if submission.validation_dataset_id:
@@ -97,8 +104,12 @@ class JobService:
             plan = JobPlan(recipe=recipe, model=str(model), adapter=str(adapter) if adapter else None,
                            output_dir=str(output_dir), train_rows_path=str(train_rows),
                            validation_rows_path=str(validation_rows) if validation_rows else None)
-            return self.store.create(job_id=job_id, job_uuid=job_uuid, tenant=tenant, kind=recipe.method,
-                                     request=request, plan=plan, max_attempts=self.settings.max_attempts)
+            try:
+                return self.store.create(job_id=job_id, job_uuid=job_uuid, tenant=tenant, kind=recipe.method,
+                                         request=request, plan=plan, max_attempts=self.settings.max_attempts,
+                                         max_active=quota)
+            except QuotaFull as exc:
+                raise _quota_full(exc.quota) from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -149,3 +149,110 @@ def _weight_layer_names(folder: Path) -> set[str] | None:
     except (OSError, ValueError, KeyError, struct.error):
         return None
     return {parts[-2] for parts in (key.split(".") for key in keys) if len(parts) >= 2}
+
+
+#: Bytes a trainable adapter parameter takes as an fp32 weight (its gradient and AdamW's two
+#: moments take three times that again while it trains).
+_ADAPTER_BYTES_PER_PARAMETER = 4
+
+
+def _shapes(config: dict[str, Any]) -> dict[str, int] | None:
+    """The sizes LoRA's estimate needs, from config.json (Llama-style keys, or GPT-2's); None when
+    the config does not say them."""
+    hidden = config.get("hidden_size", config.get("n_embd", config.get("d_model")))
+    layers = config.get("num_hidden_layers", config.get("n_layer", config.get("num_layers")))
+    if not isinstance(hidden, int) or not isinstance(layers, int) or hidden < 1 or layers < 1:
+        return None
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    heads = heads if isinstance(heads, int) and heads >= 1 else 1
+    head_dim = config.get("head_dim")
+    head_dim = head_dim if isinstance(head_dim, int) and head_dim >= 1 else max(hidden // heads, 1)
+    kv_heads = config.get("num_key_value_heads")
+    kv_heads = kv_heads if isinstance(kv_heads, int) and kv_heads >= 1 else heads
+    inner = config.get("intermediate_size", config.get("n_inner"))
+    vocab = config.get("vocab_size")
+    return {"hidden": hidden, "layers": layers, "q": heads * head_dim, "kv": kv_heads * head_dim,
+            "inner": inner if isinstance(inner, int) and inner >= 1 else 4 * hidden,
+            "mlp_matrices": 3 if "intermediate_size" in config else 2,
+            "vocab": vocab if isinstance(vocab, int) and vocab >= 1 else 0}
+
+
+def _lora_targets(lora: LoRA, shape: dict[str, int]) -> list[tuple[int, int, int]]:
+    """(in, out, how many) of each linear layer the adapter targets."""
+    hidden, layers = shape["hidden"], shape["layers"]
+    by_module = {"q_proj": (hidden, shape["q"]), "k_proj": (hidden, shape["kv"]), "v_proj": (hidden, shape["kv"]),
+                 "output_proj": (shape["q"], hidden)}
+    # peft's default targets are the query and value projections (or the fused attention layer) for most types.
+    attention = set(lora.attention) | ({"q_proj", "v_proj"} if lora.architecture_defaults else set())
+    targets = [(*by_module[name], layers) for name in sorted(attention)]
+    if lora.mlp:
+        targets.append((hidden, shape["inner"], layers * shape["mlp_matrices"]))
+    if lora.output and shape["vocab"]:
+        targets.append((hidden, shape["vocab"], 1))
+    return targets
+
+
+def _base_parameters(folder: Path, shape: dict[str, int]) -> int:
+    """The base model's parameter count: from its safetensors headers, else estimated from config.json."""
+    counted = _safetensors_parameters(folder)
+    if counted:
+        return counted
+    hidden, per_layer = shape["hidden"], 2 * shape["hidden"] * (shape["q"] + shape["kv"])
+    per_layer += shape["mlp_matrices"] * hidden * shape["inner"]
+    return shape["layers"] * per_layer + shape["vocab"] * hidden
+
+
+def _safetensors_parameters(folder: Path) -> int | None:
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        total = 0
+        for path in files:
+            with path.open("rb") as handle:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(size))
+            for key, tensor in header.items():
+                if key != "__metadata__":
+                    count = 1
+                    for dim in tensor["shape"]:
+                        count *= int(dim)
+                    total += count
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+    return total or None
+
+
+def check_adapter_size(folder: Path, lora: LoRA | None, *, field: str) -> None:
+    """Refuse at submit a LoRA adapter that cannot make sense on this model: a rank above the
+    smallest dimension of a layer it targets (a rank-r update of an m x n matrix has rank at most
+    min(m, n), so the excess only costs memory), or an adapter with more parameters than the base
+    model itself. The refusal says the estimate, rank * (in + out) summed over the targeted
+    layers, in parameters and bytes. A model whose config.json does not give its sizes is left
+    to the recipe's static bound and the trainer."""
+    if lora is None:
+        return
+    try:
+        shape = _shapes(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError):
+        return
+    if shape is None:
+        return
+    targets = _lora_targets(lora, shape)
+    if not targets:
+        return
+    estimate = sum(lora.rank * (fan_in + fan_out) * count for fan_in, fan_out, count in targets)
+    size = f"about {estimate:,} parameters ({estimate * _ADAPTER_BYTES_PER_PARAMETER:,} bytes as fp32 weights)"
+    largest_rank = min(min(fan_in, fan_out) for fan_in, fan_out, _ in targets)
+    if lora.rank > largest_rank:
+        raise InvalidRequest(
+            f"{field}: LoRA rank {lora.rank} is larger than this model's targeted layers allow ({largest_rank}, "
+            f"their smallest dimension; hidden size {shape['hidden']}); the adapter would hold {size}. "
+            f"Use a rank of at most {largest_rank} (8 to 64 is usual)")
+    base = _base_parameters(folder, shape)
+    if estimate > base:
+        raise InvalidRequest(
+            f"{field}: a LoRA adapter of rank {lora.rank} on this model would hold {size}, more than the base "
+            f"model's {base:,} parameters; use a smaller rank or fewer target modules")

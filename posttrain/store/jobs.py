@@ -40,6 +40,15 @@ from posttrain.errors import DuplicateJob, LeaseLost, TransitionRefused
 from posttrain.store.tables import checkpoints, job_events, jobs
 
 
+class QuotaFull(Exception):
+    """The tenant already has as many scheduled or running jobs as its quota allows (the
+    service turns this into its 429)."""
+
+    def __init__(self, quota: int) -> None:
+        super().__init__(f"quota of {quota} active job(s) reached")
+        self.quota = quota
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -207,28 +216,49 @@ class JobStore:
 
     def create(
         self, *, job_id: str, job_uuid: str, tenant: str, kind: JobKind, request: dict[str, Any], plan: JobPlan,
-        max_attempts: int,
+        max_attempts: int, max_active: int | None = None,
     ) -> Job:
-        """A new scheduled job; ``DuplicateJob`` when the tenant already has one named ``job_uuid``."""
+        """A new scheduled job; ``DuplicateJob`` when the tenant already has one named ``job_uuid``,
+        ``QuotaFull`` when ``max_active`` is set and the tenant already has that many scheduled or
+        running jobs.
+
+        The quota is counted by the INSERT itself (``INSERT … SELECT … WHERE (count) < max_active``),
+        so no two submits can both see room for one more. On PostgreSQL a per-tenant advisory lock,
+        held to the end of the transaction, serialises one tenant's inserts (under READ COMMITTED
+        two concurrent INSERTs would each count the other's row as absent); on SQLite the INSERT
+        takes the single writer lock before it reads, which serialises it the same way.
+        """
         now = utcnow()
+        row = dict(
+            id=job_id,
+            job_uuid=job_uuid,
+            tenant=tenant,
+            kind=kind.value,
+            status=JobStatus.SCHEDULED.value,
+            request=request,
+            plan=plan.model_dump(mode="json"),
+            scheduled_at=now,
+            attempt=0,
+            max_attempts=max_attempts,
+            cancel_requested=False,
+            resources={},
+        )
         try:
             with self.engine.begin() as conn:
-                conn.execute(
-                    insert(jobs).values(
-                        id=job_id,
-                        job_uuid=job_uuid,
-                        tenant=tenant,
-                        kind=kind.value,
-                        status=JobStatus.SCHEDULED.value,
-                        request=request,
-                        plan=plan.model_dump(mode="json"),
-                        scheduled_at=now,
-                        attempt=0,
-                        max_attempts=max_attempts,
-                        cancel_requested=False,
-                        resources={},
-                    )
-                )
+                if max_active is None:
+                    conn.execute(insert(jobs).values(**row))
+                else:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(literal(tenant)))))
+                    active = (select(func.count()).select_from(jobs)
+                              .where(jobs.c.tenant == tenant, _in(frozenset(JobStatus) - TERMINAL))
+                              .scalar_subquery())
+                    values = select(*[literal(value, type_=jobs.c[name].type).label(name)
+                                      for name, value in row.items()]).where(active < max_active)
+                    # RETURNING, not rowcount: psycopg reports -1 for an INSERT … SELECT here.
+                    inserted = conn.execute(insert(jobs).from_select(list(row), values).returning(jobs.c.id)).first()
+                    if inserted is None:
+                        raise QuotaFull(max_active)
                 self._append(conn, job_id, "state", {"status": JobStatus.SCHEDULED.value})
         except IntegrityError as exc:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists") from exc
