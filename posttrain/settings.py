@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address the API binds to.")
     port: int = Field(default=8321, description="Port the API listens on (the Llama Stack default).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names a request's Host header may name besides localhost, any IP address and "
+        "POSTTRAIN_HOST (others get 421: DNS rebinding); '*' allows any.",
+    )
     worker_slots: int = Field(default=1, ge=0, description="Jobs this machine trains at once; 0 runs the API only.")
     run_worker: bool = Field(default=True, description="Run the scheduler inside `posttrain serve`.")
     lease_seconds: float = Field(default=30.0, gt=0, description="A running job whose lease is older than this is requeued.")
@@ -112,6 +117,12 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.resolved_home / 'posttrain.db'}"
+
+    @property
+    def allowed_host_names(self) -> frozenset[str]:
+        """The Host names the gate accepts (lower case, no port); IP addresses are always accepted."""
+        names = {"localhost", self.host.strip("[]").lower()} | {h.strip().strip("[]").lower() for h in self.allowed_hosts}
+        return frozenset(n for n in names if n)
 
     @property
     def datasets_dir(self) -> Path:

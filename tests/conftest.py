@@ -19,6 +19,8 @@ from tests.fixtures_tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("POSTTRAIN_TEST_POSTGRES_URL")
+# Starlette's TestClient names its host "testserver"; the gate answers only names it is told of.
+os.environ.setdefault("POSTTRAIN_ALLOWED_HOSTS", '["testserver"]')
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,32 @@
-"""The door every request passes: body size, API key -> tenant, the per-key rate limit, and the
-request metrics. A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which costs about a
+"""The door every request passes: the Host allow-list (DNS rebinding), the refusal of what a
+browser can send from another site (CSRF), body size, API key or dashboard session -> tenant, the
+per-key rate limit, and the request metrics. A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which costs about a
 millisecond a request, a third of what a status poll costs in all).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
+from urllib.parse import urlsplit
 
-from starlette.responses import RedirectResponse
+from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from posttrain.api.problems import problem
 from posttrain.errors import RateLimited, ServiceError, Unauthorized
-from posttrain.services.access import DEFAULT_TENANT, KEY_COOKIE, AccessControl
+from posttrain.services.access import (
+    CSRF_COOKIE,
+    CSRF_HEADER,
+    DEFAULT_TENANT,
+    SESSION_COOKIE,
+    AccessControl,
+    Session,
+    same_token,
+)
 
 #: Answered without an API key: liveness for load balancers, metrics, the API's own description
 #: (/docs, /redoc and their static files), and the dashboard's sign-in page and its static files
@@ -23,14 +34,22 @@ from posttrain.services.access import DEFAULT_TENANT, KEY_COOKIE, AccessControl
 OPEN_PATHS = frozenset({"/v1/health", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc", "/ui/login", "/ui/logout"})
 OPEN_PREFIXES = ("/ui/static/", "/docs/static/")
+#: The dashboard's form posts: they carry their CSRF token in the form body and check it themselves.
+FORM_PATHS = frozenset({"/ui/login", "/ui/logout"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Content types a page on another site can send without a CORS preflight (an HTML form, or fetch in
+#: no-cors mode). The JSON API takes none of them on a state-changing call.
+SIMPLE_CONTENT_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 
 Observer = Callable[[str, str, int, float], None]
 
 
 class Gate:
-    def __init__(self, app: ASGIApp, *, access: AccessControl, max_body_bytes: int, observe: Observer) -> None:
+    def __init__(self, app: ASGIApp, *, access: AccessControl, max_body_bytes: int, observe: Observer,
+                 allowed_hosts: Collection[str] = ("localhost",)) -> None:
         self.app = app
         self.access = access
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
         self.max_body_bytes = max_body_bytes
         self.observe = observe
 
@@ -59,18 +78,39 @@ class Gate:
             self.observe(scope["method"], route, status_holder["status"], time.perf_counter() - started)
 
     def _admit(self, scope: Scope):  # noqa: ANN202 - a response to send instead, or None
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
+        host = headers.get("host", "")
+        if not _host_allowed(host, self.allowed_hosts):
+            return problem(421, f"this server does not answer for the host '{host}'; add it to "
+                           "POSTTRAIN_ALLOWED_HOSTS if it is this server's name", title="Misdirected Request",
+                           instance=path)
+        unsafe = scope["method"] not in SAFE_METHODS
+        if unsafe:
+            refusal = _cross_site_refusal(headers, host, path)
+            if refusal is not None:
+                return refusal
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return problem(413, f"the request body is larger than {self.max_body_bytes} bytes", instance=path)
         state: dict[str, Any] = scope.setdefault("state", {})
+        cookies = _cookies(headers.get("cookie"))
+        session = self.access.session(cookies.get(SESSION_COOKIE)) if self.access.enabled else None
+        state["session"] = session
+        state["session_id"] = cookies.get(SESSION_COOKIE) if session is not None else None
+        state["csrf_cookie"] = cookies.get(CSRF_COOKIE)
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             state["tenant"] = DEFAULT_TENANT
             return None
-        authorization = headers.get("authorization") or _cookie_authorization(headers.get("cookie"))
+        authorization = headers.get("authorization")
+        if unsafe and path not in FORM_PATHS and not _csrf_passed(headers, authorization, session, state["csrf_cookie"]):
+            return problem(403, f"a browser's state-changing call needs the page's CSRF token in {CSRF_HEADER}",
+                           instance=path)
         try:
-            state["tenant"], identity = self.access.authenticate(authorization)
+            if authorization is None and session is not None:
+                state["tenant"], identity = session.tenant, session.identity
+            else:
+                state["tenant"], identity = self.access.authenticate(authorization)
             self.access.check_rate(identity)
         except ServiceError as exc:
             extra = None
@@ -112,16 +152,60 @@ def _has_length(scope: Scope) -> bool:
     return any(name == b"content-length" for name, _ in scope["headers"])
 
 
-def _cookie_authorization(cookie_header: str | None) -> str | None:
-    """The dashboard's sign-in cookie as an Authorization value, if the request carries one (a
-    browser sends no Authorization header when it opens a page; the header wins when both come)."""
+def _cookies(cookie_header: str | None) -> dict[str, str]:
+    """The request's cookies by name (a browser sends no Authorization header when it opens a page,
+    so the dashboard's session travels in a cookie; the header wins when both come)."""
     if not cookie_header:
-        return None
+        return {}
     try:
-        morsel = SimpleCookie(cookie_header).get(KEY_COOKIE)
+        return {name: morsel.value for name, morsel in SimpleCookie(cookie_header).items() if morsel.value}
     except CookieError:
-        return None
-    return f"Bearer {morsel.value}" if morsel is not None and morsel.value else None
+        return {}
+
+
+def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    """A Host header naming this server: an IP address (a rebinding page always names its own
+    domain), or an allowed name. The port does not matter; the name does."""
+    if "*" in allowed:
+        return True
+    name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
+    name = name.rstrip(".").lower()
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name in allowed
+
+
+def _cross_site_refusal(headers: dict[str, str], host: str, path: str) -> JSONResponse | None:
+    """A state-changing request a browser sent from another site, or a form-shaped body on the JSON
+    API: refused before anything runs. Official clients send no Origin nor Sec-Fetch-Site, and
+    send JSON (or, for a bare 0.5/0.6 cancel, no body and no content type): they pass."""
+    fetch_site = headers.get("sec-fetch-site", "").lower()
+    if fetch_site in ("cross-site", "same-site"):
+        return problem(403, f"a {fetch_site} request may not change anything here", instance=path)
+    origin = headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+        return problem(403, f"a request from the page at '{origin}' may not change anything here", instance=path)
+    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type in SIMPLE_CONTENT_TYPES and not path.startswith("/ui/"):
+        return problem(415, f"this API takes application/json, not {media_type}", instance=path)
+    return None
+
+
+def _csrf_passed(headers: dict[str, str], authorization: str | None, session: Session | None,
+                 csrf_cookie: str | None) -> bool:
+    """A state-changing call that a browser could make carries the page's CSRF token: the session's
+    (synchronizer) when a session cookie signs it in, else the double-submit cookie's. A call with
+    an Authorization header and no browser signal is a client's, which no other site can forge."""
+    token = headers.get(CSRF_HEADER)
+    if authorization is None and session is not None:
+        return same_token(token, session.csrf_token)
+    if "origin" in headers or "sec-fetch-site" in headers:
+        return same_token(token, csrf_cookie)
+    return True
 
 
 def _is_dashboard_page(path: str) -> bool:

@@ -4,7 +4,11 @@
 checkpoints, log, a cancel button), ``/ui/datasets`` lists datasets with a preview of their rows.
 The pages are Jinja2 templates plus one vanilla script; the live parts read the public JSON
 endpoints (``/v1/posttrain/jobs``, ``/v1/post-training/job/events``) and cancel through
-``/v1/post-training/job/cancel``, so the dashboard itself never writes.
+``/v1/post-training/job/cancel``, so the dashboard itself never writes jobs.
+
+Every state-changing request a page makes carries a CSRF token: the signed-in session's own
+(synchronizer), or before sign-in and on an open server a random one also kept in an HttpOnly
+cookie (double-submit). Pages hold it in ``<meta name="csrf-token">`` and in their forms.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from jinja2 import Environment, FileSystemLoader
 from pydantic import BaseModel
 
 from posttrain.domain.jobs import Job
-from posttrain.services.access import KEY_COOKIE, AccessControl
+from posttrain.services.access import (
+    CSRF_COOKIE,
+    CSRF_FIELD,
+    SESSION_COOKIE,
+    AccessControl,
+    Session,
+    new_token,
+    same_token,
+)
 from posttrain.services.datasets import DatasetService
 from posttrain.services.job_views import JobSummary, JobViews
 
@@ -90,9 +102,26 @@ def list_job_summaries(request: Request, limit: int = Query(default=200, ge=1, l
 
 
 def _page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    """A dashboard page (never cached); it shows "Sign out" to a browser signed in with a key."""
-    html = env.get_template(name).render(signed_in=KEY_COOKIE in request.cookies, **context)
-    return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
+    """A dashboard page (never cached) with the CSRF token its forms and scripts send back; it shows
+    "Sign out" to a signed-in browser."""
+    session: Session | None = request.state.session
+    fresh = None if session is not None or request.state.csrf_cookie else new_token()
+    token = session.csrf_token if session is not None else fresh or request.state.csrf_cookie
+    html = env.get_template(name).render(signed_in=session is not None, csrf_token=token, **context)
+    response = HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
+    if fresh is not None:
+        response.set_cookie(CSRF_COOKIE, fresh, httponly=True, samesite="strict", path="/",
+                            secure=request.url.scheme == "https")
+    return response
+
+
+def _form_field(body: bytes, name: str) -> str:
+    return (parse_qs(body.decode("utf-8", "replace")).get(name) or [""])[0].strip()
+
+
+def _forbidden(request: Request) -> HTMLResponse:
+    return _page(request, "login.html", status_code=403, page="login",
+                 error="This form is out of date or came from another site; try again.")
 
 
 @router.get("/ui/login", response_class=HTMLResponse, include_in_schema=False)
@@ -104,23 +133,34 @@ def login_page(request: Request) -> Response:
 
 @router.post("/ui/login", response_class=HTMLResponse, include_in_schema=False)
 async def log_in(request: Request) -> Response:
-    """Check the key against the configured ones; keep it in the sign-in cookie and go to the jobs."""
+    """Check the form's CSRF token and the key; open a session, put only its id in the cookie."""
     access = _access(request)
     if not access.enabled:
         return RedirectResponse("/", status_code=303)
-    key = (parse_qs((await request.body()).decode("utf-8", "replace")).get("api_key") or [""])[0].strip()
-    if access.tenant_for_key(key) is None:
+    body = await request.body()
+    if not same_token(_form_field(body, CSRF_FIELD), request.state.csrf_cookie):
+        return _forbidden(request)
+    opened = access.open_session(_form_field(body, "api_key"))
+    if opened is None:
         return _page(request, "login.html", status_code=401, page="login", error="That API key is not valid.")
+    session_id, _session = opened
+    access.close_session(request.state.session_id)  # a browser signing in again leaves no old session
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict", path="/",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict", path="/",
+                        max_age=int(access.session_seconds), secure=request.url.scheme == "https")
     return response
 
 
 @router.post("/ui/logout", include_in_schema=False)
-def log_out() -> Response:
+async def log_out(request: Request) -> Response:
+    """Revoke the session (its id opens nothing afterwards, wherever a copy of the cookie is)."""
+    session: Session | None = request.state.session
+    if session is not None:
+        if not same_token(_form_field(await request.body(), CSRF_FIELD), session.csrf_token):
+            return _forbidden(request)
+        _access(request).close_session(request.state.session_id)
     response = RedirectResponse("/ui/login", status_code=303)
-    response.delete_cookie(KEY_COOKIE, path="/")
+    response.delete_cookie(SESSION_COOKIE, path="/")
     return response
 
 

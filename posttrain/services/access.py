@@ -20,10 +20,18 @@ from posttrain.errors import RateLimited, Unauthorized
 DEFAULT_TENANT = "default"
 
 #: The dashboard's sign-in cookie. A browser sends no Authorization header when it opens a page, so
-#: with API keys on, the sign-in page keeps the key in an HttpOnly, SameSite=Strict cookie (never
-#: readable by scripts, never sent along by another site's page) and the API's gate accepts it.
-#: Named here, with the keys, so the gate and the dashboard share it without importing each other.
-KEY_COOKIE = "posttrain_key"
+#: with API keys on, signing in opens a server-side session and the cookie holds only its random id
+#: (HttpOnly, SameSite=Strict): never the key, and signing out revokes it. Named here, with the keys,
+#: so the gate and the dashboard share it without importing each other.
+SESSION_COOKIE = "posttrain_session"
+#: The double-submit CSRF cookie of a browser with no session (the sign-in form, an open server's
+#: dashboard); a signed-in browser's token is its session's own (synchronizer token).
+CSRF_COOKIE = "posttrain_csrf"
+#: Where the dashboard's scripts send the token on a state-changing call (a form sends ``csrf_token``).
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf_token"
+#: How long a dashboard session lasts after sign-in.
+SESSION_SECONDS = 8 * 3600.0
 
 
 def digest(key: str) -> str:
@@ -48,6 +56,25 @@ def parse_key_lines(text: str) -> dict[str, str]:
     return keys
 
 
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def same_token(given: str | None, expected: str | None) -> bool:
+    """Constant-time comparison; an empty or missing token never matches."""
+    return bool(given) and bool(expected) and secrets.compare_digest(str(given), str(expected))
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-in browser: its tenant, the key's digest (its rate-limit identity), its CSRF token."""
+
+    tenant: str
+    identity: str
+    csrf_token: str
+    expires_at: float
+
+
 @dataclass
 class _Bucket:
     tokens: float
@@ -58,8 +85,13 @@ class _Bucket:
 class AccessControl:
     keys: dict[str, str] = field(default_factory=dict)
     requests_per_minute: int | None = None
+    session_seconds: float = SESSION_SECONDS
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Dashboard sessions by the digest of their id (the id itself is only in the browser's cookie).
+    #: Kept in this process's memory, not the database: a restart signs every browser out, and
+    #: behind several API servers a browser must stick to one (or sign in again).
+    _sessions: dict[str, Session] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -80,6 +112,38 @@ class AccessControl:
     def tenant_for_key(self, key: str) -> str | None:
         """The tenant a key belongs to, or None for an unknown key (the dashboard's sign-in)."""
         return self.keys.get(digest(key.strip())) if key.strip() else None
+
+    def open_session(self, key: str) -> tuple[str, Session] | None:
+        """Sign a browser in with a key: (the new session's id for its cookie, the session), or None."""
+        tenant = self.tenant_for_key(key)
+        if tenant is None:
+            return None
+        session_id = new_token()
+        session = Session(tenant=tenant, identity=digest(key.strip()), csrf_token=new_token(),
+                          expires_at=time.time() + self.session_seconds)
+        with self._lock:
+            now = time.time()
+            for stale in [k for k, s in self._sessions.items() if s.expires_at <= now]:
+                del self._sessions[stale]
+            self._sessions[digest(session_id)] = session
+        return session_id, session
+
+    def session(self, session_id: str | None) -> Session | None:
+        """The live session a cookie names; None when unknown, revoked or expired."""
+        if not session_id:
+            return None
+        with self._lock:
+            session = self._sessions.get(digest(session_id))
+            if session is not None and session.expires_at <= time.time():
+                del self._sessions[digest(session_id)]
+                return None
+        return session
+
+    def close_session(self, session_id: str | None) -> None:
+        """Sign out: the cookie's id no longer opens anything, wherever a copy of it is."""
+        if session_id:
+            with self._lock:
+                self._sessions.pop(digest(session_id), None)
 
     def check_rate(self, identity: str) -> None:
         """Token bucket per key: ``requests_per_minute`` sustained, bursts up to the same number."""

@@ -3,6 +3,8 @@ lives in an HttpOnly SameSite=Strict cookie, and a signed-in tenant sees only it
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -15,7 +17,13 @@ keyed_client = test_access.keyed_client  # the fixture: a real app with Alice's 
 
 
 def _sign_in(client: TestClient, key: str):
-    return client.post("/ui/login", data={"api_key": key}, follow_redirects=False)
+    form = client.get("/ui/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    return client.post("/ui/login", data={"api_key": key, "csrf_token": token}, follow_redirects=False)
+
+
+def _csrf(page_html: str) -> str:
+    return re.search(r'<meta name="csrf-token" content="([^"]+)"', page_html).group(1)
 
 
 def test_pages_send_a_browser_without_a_key_to_sign_in(keyed_client):
@@ -42,7 +50,7 @@ def test_signed_in_tenants_see_their_own_jobs_only(keyed_client, tiny_model_path
     signed_in = _sign_in(keyed_client, ALICE)
     assert signed_in.status_code == 303 and signed_in.headers["location"] == "/"
     cookie = signed_in.headers["set-cookie"].lower()
-    assert "posttrain_key=" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    assert "posttrain_session=" in cookie and "httponly" in cookie and "samesite=strict" in cookie
     jobs = keyed_client.get("/")
     assert jobs.status_code == 200 and job in jobs.text and "Sign out" in jobs.text
     assert job in keyed_client.get(f"/ui/jobs/{job}").text
@@ -55,9 +63,11 @@ def test_signed_in_tenants_see_their_own_jobs_only(keyed_client, tiny_model_path
     assert job not in keyed_client.get("/").text
     assert keyed_client.get(f"/ui/jobs/{job}").status_code == 404
     assert "secret" not in keyed_client.get("/ui/datasets").text
-    assert keyed_client.post("/v1/post-training/job/cancel", json={"job_uuid": job}).status_code == 404
+    token = _csrf(keyed_client.get("/").text)
+    assert keyed_client.post("/v1/post-training/job/cancel", json={"job_uuid": job},
+                             headers={"X-CSRF-Token": token}).status_code == 404
 
-    signed_out = keyed_client.post("/ui/logout", follow_redirects=False)
+    signed_out = keyed_client.post("/ui/logout", data={"csrf_token": token}, follow_redirects=False)
     assert signed_out.status_code == 303 and signed_out.headers["location"] == "/ui/login"
     assert keyed_client.get("/", follow_redirects=False).status_code == 303
 

@@ -19,6 +19,12 @@ function svg(tag, attrs, text) {
   return node;
 }
 
+// The page's CSRF token: every state-changing call sends it back (the gate refuses one without it).
+function csrfToken() {
+  const meta = document.querySelector('meta[name="csrf-token"]');
+  return meta ? meta.content : "";
+}
+
 function fmt(x, digits = 4) {
   return x === null || x === undefined || Number.isNaN(Number(x)) ? "–" : Number(x).toFixed(digits);
 }
@@ -290,7 +296,9 @@ function startJobPage() {
     $("cancel-message").textContent = "cancelling…";
     try {
       const response = await fetch("/v1/post-training/job/cancel", {
-        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ job_uuid: jobUuid }),
+        method: "POST",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": csrfToken() },
+        body: JSON.stringify({ job_uuid: jobUuid }),
       });
       if (!response.ok) {
         const problem = await response.json().catch(() => ({}));
