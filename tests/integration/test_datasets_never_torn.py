@@ -91,7 +91,7 @@ def test_concurrent_registrations_of_one_id_one_wins_and_record_matches_file(ser
 FLIP_SCRIPT = """
 import sys, time
 from pathlib import Path
-from posttrain.errors import DuplicateDataset
+from posttrain.errors import DatasetNotFound, DuplicateDataset
 from posttrain.settings import Settings
 from posttrain.services.container import build_services
 services = build_services(Settings(home=sys.argv[1], database_url=sys.argv[2]))
