@@ -24,6 +24,10 @@ log = logging.getLogger("posttrain.services")
 PROCESS_START = time.time()
 """Files last changed before this were left by an earlier process, never by a write of this one."""
 
+ORPHAN_GRACE_SECONDS = 300.0
+"""How much older than this process a leftover must be to be removed: another server sharing the
+data folder may be between publishing a file and committing the row that names it."""
+
 
 @dataclass
 class Services:
@@ -65,10 +69,12 @@ def build_services(settings: Settings) -> Services:
 def remove_orphans(engine: Engine, dataset_store: DatasetStore, jobs_dir: Path) -> None:
     """Remove what a process killed mid-registration or mid-submit left: dataset temp files and
     rows files no record names, and job folders no jobs row names, all older than this process
-    (so a write this process has under way is never touched)."""
-    removed = [str(p) for p in dataset_store.remove_orphans(older_than=PROCESS_START)]
+    by ``ORPHAN_GRACE_SECONDS`` (so no write under way, here or in a server sharing the folder,
+    is touched)."""
+    cutoff = PROCESS_START - ORPHAN_GRACE_SECONDS
+    removed = [str(p) for p in dataset_store.remove_orphans(older_than=cutoff)]
     if jobs_dir.is_dir():
-        folders = [p for p in jobs_dir.iterdir() if p.is_dir() and p.stat().st_mtime < PROCESS_START]
+        folders = [p for p in jobs_dir.iterdir() if p.is_dir() and p.stat().st_mtime < cutoff]
         if folders:
             with engine.connect() as conn:
                 known = set(conn.execute(select(jobs_table.c.id)).scalars())

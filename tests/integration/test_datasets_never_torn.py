@@ -178,6 +178,13 @@ build_services(Settings(home=sys.argv[1], database_url=sys.argv[2])).close()
 """
 
 
+def _age(folder: Path, seconds: float) -> None:
+    """Make everything in ``folder`` (and the folder) look last changed ``seconds`` ago."""
+    then = time.time() - seconds
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (then, then))
+
+
 def _start_a_new_process(home: Path, database_url: str) -> None:
     """What a server does first at start, in a process of its own (started after the files it judges)."""
     subprocess.run([sys.executable, "-c", START_SCRIPT, str(home), database_url], cwd=REPO,
@@ -235,7 +242,11 @@ def test_a_killed_append_leaves_the_dataset_whole_and_its_leftovers_go_at_start(
     known = {p.name for p in settings.datasets_dir.iterdir()}
     _kill_mid_append(settings.home, database_url)
 
-    # A fresh process sees the dataset exactly as before the append, and its start removes the partial file.
+    # A fresh process sees the dataset exactly as before the append, and its start removes the partial
+    # file once it is older than the grace another server sharing the folder is given.
+    _start_a_new_process(settings.home, database_url)
+    assert {p.name for p in settings.datasets_dir.iterdir()} != known, "a fresh leftover is kept for a while"
+    _age(settings.datasets_dir, 3600)
     _start_a_new_process(settings.home, database_url)
     assert {p.name for p in settings.datasets_dir.iterdir()} == known
     services = build_services(settings)
@@ -298,8 +309,11 @@ def test_start_removes_orphans_of_a_killed_process_and_nothing_else(settings, da
     (orphan_job / "train.jsonl").write_text("{}\n")
     unrelated = settings.datasets_dir / "notes.txt"
     unrelated.write_text("not ours")
+    _age(settings.datasets_dir, 3600)
+    _age(settings.jobs_dir, 3600)
+    (settings.datasets_dir / ".tmp-fresh.jsonl").write_text("{}\n")  # maybe another server's write under way
     _start_a_new_process(settings.home, database_url)
-    assert {p.name for p in settings.datasets_dir.iterdir()} == kept_rows | {"notes.txt"}
+    assert {p.name for p in settings.datasets_dir.iterdir()} == kept_rows | {"notes.txt", ".tmp-fresh.jsonl"}
     assert not orphan_job.exists()
     rows, _ = services.datasets.iterrows(tenant="t", dataset_id="keep", start_index=0, limit=-1)
     assert rows == _rows("k", 3)
