@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from posttrain.services.access import AccessControl, parse_key_lines
 from posttrain.services.datasets import DatasetService
@@ -14,8 +17,16 @@ from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.engine import at_head, make_engine, migrate, store_usable
 from posttrain.store.jobs import JobStore
+from posttrain.store.tables import jobs as jobs_table
 
 log = logging.getLogger("posttrain.services")
+
+PROCESS_START = time.time()
+"""Files last changed before this were left by an earlier process, never by a write of this one."""
+
+ORPHAN_GRACE_SECONDS = 300.0
+"""How much older than this process a leftover must be to be removed: another server sharing the
+data folder may be between publishing a file and committing the row that names it."""
 
 
 @dataclass
@@ -47,6 +58,7 @@ def build_services(settings: Settings) -> Services:
     migrate(engine)
     job_store = JobStore(engine)
     dataset_store = DatasetStore(engine, settings.datasets_dir)
+    remove_orphans(engine, dataset_store, settings.jobs_dir)
     return Services(
         settings=settings,
         engine=engine,
@@ -54,6 +66,26 @@ def build_services(settings: Settings) -> Services:
         datasets=DatasetService(store=dataset_store, settings=settings),
         access=build_access(settings),
     )
+
+
+def remove_orphans(engine: Engine, dataset_store: DatasetStore, jobs_dir: Path) -> None:
+    """Remove what a process killed mid-registration or mid-submit left: dataset temp files and
+    rows files no record names, and job folders no jobs row names, all older than this process
+    by ``ORPHAN_GRACE_SECONDS`` (so no write under way, here or in a server sharing the folder,
+    is touched)."""
+    cutoff = PROCESS_START - ORPHAN_GRACE_SECONDS
+    removed = [str(p) for p in dataset_store.remove_orphans(older_than=cutoff)]
+    if jobs_dir.is_dir():
+        folders = [p for p in jobs_dir.iterdir() if p.is_dir() and p.stat().st_mtime < cutoff]
+        if folders:
+            with engine.connect() as conn:
+                known = set(conn.execute(select(jobs_table.c.id)).scalars())
+            for folder in folders:
+                if folder.name not in known:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(str(folder))
+    if removed:
+        log.info("removed orphans of a killed process", extra={"action": "orphans_removed", "paths": removed})
 
 
 def build_access(settings: Settings) -> AccessControl:

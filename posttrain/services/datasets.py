@@ -71,15 +71,22 @@ class DatasetService:
         self, *, tenant: str, dataset_id: str, start_index: int | None, limit: int | None
     ) -> tuple[builtins.list[dict[str, Any]], bool]:
         """A page of rows and whether more follow. ``limit`` None or -1 means all the rest."""
-        dataset = self.get(tenant=tenant, dataset_id=dataset_id)
+        self.get(tenant=tenant, dataset_id=dataset_id)  # an unknown id is a 404 before a bad page is a 400
         start = start_index or 0
         if start < 0:
             raise InvalidRequest(f"start_index: must be 0 or more, got {start}")
         if limit is not None and limit < -1:
             raise InvalidRequest(f"limit: must be -1 (all) or 0 or more, got {limit}")
         count = None if limit in (None, -1) else limit
-        rows = list(self.store.iter_rows(dataset, start=start, limit=count))
-        has_more = start + len(rows) < dataset.row_count
+        # Read the file the record names, opened once: a concurrent append or unregister swaps in
+        # another file and cannot tear this page; rows past the record's row_count are never served.
+        opened = self.store.open_rows(tenant=tenant, identifier=dataset_id)
+        if opened is None:
+            raise DatasetNotFound(f"no dataset with id '{dataset_id}'")
+        current, handle = opened
+        with handle:
+            rows = list(self.store.read_rows(handle, row_count=current.row_count, start=start, limit=count))
+        has_more = start + len(rows) < current.row_count
         return rows, has_more
 
     def append_rows(self, *, tenant: str, dataset_id: str, rows: Any) -> None:
@@ -89,7 +96,8 @@ class DatasetService:
         _refuse_unknown_layouts(checked)
         if limit is not None and dataset.row_count + len(checked) > limit:
             raise DatasetSourceInvalid(f"rows: the dataset would hold more than {limit} rows, the most this server keeps")
-        self.store.append(tenant=tenant, identifier=dataset_id, rows=checked)
+        if self.store.append(tenant=tenant, identifier=dataset_id, rows=checked) is None:
+            raise DatasetNotFound(f"no dataset with id '{dataset_id}'")
 
 
 def _refuse_unknown_layouts(rows: list[dict[str, Any]]) -> None:
