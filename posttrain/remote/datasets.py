@@ -105,9 +105,8 @@ def _row_count(dataset: dict[str, Any]) -> str:
     for key in ("row_count", "rows", "num_rows", "n_rows"):
         if isinstance(metadata.get(key), int):
             return str(metadata[key])
-    source = dataset.get("source") or {}
-    if source.get("type") == "rows" and isinstance(source.get("rows"), list):
-        return str(len(source["rows"]))
+    # Listed datasets carry no inline rows (the server sends rows: [] for them): the count is
+    # unknown here unless the metadata says it.
     return "?"
 
 

@@ -79,10 +79,11 @@ class JobService:
         )
         check_default_lora_targets(model, recipe.adapter, field=names.model)
         check_adapter_size(model, recipe.adapter, field=names.model)
-        train = self._dataset(tenant, submission.dataset_id, names.dataset_id)
-        validation = None
+        sources = [("train.jsonl", submission.dataset_id, names.dataset_id)]
         if submission.validation_dataset_id:
-            validation = self._dataset(tenant, submission.validation_dataset_id, names.validation_dataset_id)
+            sources.append(("validation.jsonl", submission.validation_dataset_id, names.validation_dataset_id))
+        for _, dataset_id, field in sources:
+            self._dataset(tenant, dataset_id, field)  # refused before anything is written
         job_id = new_job_id()
         folder = job_folder(self.settings.jobs_dir, job_id)
         if submission.checkpoint_dir:
@@ -95,12 +96,10 @@ class JobService:
         # submitted job, and a resumed job sees exactly the rows its first attempt saw.
         folder.mkdir(parents=True, exist_ok=True)
         try:
+            for name, dataset_id, field in sources:
+                self._copy_rows(tenant, dataset_id, field, folder / name)
             train_rows = folder / "train.jsonl"
-            shutil.copyfile(train, train_rows)
-            validation_rows = None
-            if validation is not None:
-                validation_rows = folder / "validation.jsonl"
-                shutil.copyfile(validation, validation_rows)
+            validation_rows = folder / "validation.jsonl" if len(sources) > 1 else None
             plan = JobPlan(recipe=recipe, model=str(model), adapter=str(adapter) if adapter else None,
                            output_dir=str(output_dir), train_rows_path=str(train_rows),
                            validation_rows_path=str(validation_rows) if validation_rows else None)
@@ -114,13 +113,26 @@ class JobService:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def _dataset(self, tenant: str, dataset_id: str, field: str) -> Path:
+    def _dataset(self, tenant: str, dataset_id: str, field: str) -> None:
         dataset = self.datasets.get(tenant=tenant, identifier=dataset_id)
         if dataset is None:
             raise InvalidRequest(f"{field}: no dataset with id '{dataset_id}'; register it first")
         if dataset.row_count == 0:
             raise InvalidRequest(f"{field}: dataset '{dataset_id}' has no rows")
-        return Path(dataset.rows_path)
+
+    def _copy_rows(self, tenant: str, dataset_id: str, field: str, target: Path) -> None:
+        """The job's own copy of a dataset's rows, from the version its record names when the copy
+        starts (an append or unregister meanwhile replaces the file, never the open handle's), and
+        no row past the record's ``row_count``."""
+        opened = self.datasets.open_rows(tenant=tenant, identifier=dataset_id)
+        if opened is None:
+            raise InvalidRequest(f"{field}: no dataset with id '{dataset_id}'; register it first")
+        dataset, handle = opened
+        with handle, target.open("w", encoding="utf-8") as out:
+            for index, line in enumerate(handle):
+                if index >= dataset.row_count:
+                    break
+                out.write(line)
 
     # -- read and cancel -----------------------------------------------------------------------
 
