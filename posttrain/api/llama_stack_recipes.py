@@ -22,6 +22,7 @@ from posttrain.api.schemas import (
 )
 from posttrain.domain.recipes import DPO_ADAPTER, JobKind, Submission, SubmissionNames, build_submission
 from posttrain.errors import RecipeInvalid
+from posttrain.services.paths import MAX_PATH_BYTES, OUTPUT_HEADROOM_BYTES, check_path_lengths
 
 #: Recipe field prefixes -> the Llama Stack request's names for them (longest prefix wins).
 FIELD_NAMES = {
@@ -91,6 +92,11 @@ def _submission(job_uuid: str, model: str | None, training: TrainingConfig, chec
                 recipe: dict[str, Any], names: SubmissionNames) -> Submission:
     data = training.data_config
     assert data is not None  # _common_recipe refused its absence
+    # A model id (org/name) is looked up in the cache folder as a path: bounded like one.
+    if model is not None:
+        check_path_lengths(model, field=names.model)
+    if checkpoint_dir is not None:
+        check_path_lengths(checkpoint_dir, field=names.checkpoint_dir, max_bytes=MAX_PATH_BYTES - OUTPUT_HEADROOM_BYTES)
     try:
         return build_submission({
             "job_uuid": job_uuid, "model": model, "dataset_id": data.dataset_id,

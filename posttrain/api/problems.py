@@ -21,15 +21,24 @@ from posttrain.errors import RateLimited, ServiceError, StoreUnavailable
 log = logging.getLogger("posttrain.api")
 
 
+def printable(text: str) -> str:
+    """``text`` safe to put in a UTF-8 answer: any lone surrogate written as a ``\\udXXX`` escape.
+
+    A detail often quotes the client's own text; one that cannot be encoded would turn the
+    refusal itself into a 500.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def problem(status: int, detail: str, *, title: str | None = None, instance: str | None = None,
             headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, object] = {
         "status": status,
         "title": title or HTTPStatus(status).phrase,
-        "detail": detail,
+        "detail": printable(detail),
     }
     if instance:
-        body["instance"] = instance
+        body["instance"] = printable(instance)
     if 400 <= status < 500 and status not in (408, 429):
         # The official clients retry 409s (and more) by default; a refusal will not change on retry.
         headers = {**(headers or {}), "x-should-retry": "false"}
@@ -51,7 +60,9 @@ def describe_validation_error(exc: RequestValidationError) -> str:
         elif error.get("type") == "extra_forbidden":
             messages.append(f"{where}: unexpected field")
         elif error.get("type") == "json_invalid":
-            messages.append(f"body: not valid JSON ({error.get('msg')})")
+            reason = (error.get("ctx") or {}).get("error") or error.get("msg")
+            position = [p for p in error.get("loc", ()) if isinstance(p, int)]
+            messages.append(f"body: not valid JSON ({reason}{f' at character {position[0]}' if position else ''})")
         else:
             messages.append(f"{where}: {error.get('msg')}")
     more = len(exc.errors()) - 5

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_ser
 
 from posttrain.domain.datasets import Dataset
 from posttrain.domain.jobs import Checkpoint, Job
-from posttrain.domain.recipes import DataFormat, DPOLossType, OptimizerType
+from posttrain.domain.recipes import MAX_ID_LENGTH, DataFormat, DPOLossType, OptimizerType
 
 JSONObject = dict[str, Any]
 Purpose = Literal["post-training/messages", "eval/question-answer", "eval/messages-answer"]
@@ -27,6 +27,20 @@ class SpecModel(BaseModel):
     def _drop_unset_optionals(self, handler):  # noqa: ANN001, ANN202
         data = handler(self)
         return {k: v for k, v in data.items() if v is not None}
+
+
+class RequestModel(SpecModel):
+    """A request body's part: besides strict and closed, no NaN or infinity in a float field (the
+    body parser refuses them first; this keeps any other road in just as closed)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+#: The most characters a path or URI field may have (Linux's PATH_MAX is 4096 bytes).
+MAX_PATH_LENGTH = 4096
+
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+PathText = Annotated[str, Field(min_length=1, max_length=MAX_PATH_LENGTH)]
 
 
 class Problem(BaseModel):
@@ -58,12 +72,12 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 # -- requests -----------------------------------------------------------------------------------
 
 
-class RowsDataSource(SpecModel):
+class RowsDataSource(RequestModel):
     type: Literal["rows"] = "rows"
     rows: list[JSONObject]
 
 
-class URIDataSource(SpecModel):
+class URIDataSource(RequestModel):
     type: Literal["uri"] = "uri"
     uri: str
 
@@ -71,48 +85,48 @@ class URIDataSource(SpecModel):
 DataSource = Annotated[URIDataSource | RowsDataSource, Field(discriminator="type")]
 
 
-class RegisterDatasetRequest(SpecModel):
+class RegisterDatasetRequest(RequestModel):
     purpose: Purpose
     source: DataSource
     metadata: JSONObject | None = None
-    dataset_id: str | None = None
+    dataset_id: Identifier | None = None
 
 
-class AppendRowsRequest(SpecModel):
+class AppendRowsRequest(RequestModel):
     rows: list[JSONObject]
     #: Clients 0.5 and later repeat the path's dataset_id in the body.
-    dataset_id: str | None = None
+    dataset_id: Identifier | None = None
 
 
-class CancelTrainingJobRequest(SpecModel):
-    job_uuid: str
+class CancelTrainingJobRequest(RequestModel):
+    job_uuid: Identifier
 
 
-class DataConfig(SpecModel):
-    dataset_id: str
+class DataConfig(RequestModel):
+    dataset_id: Identifier
     batch_size: int
     shuffle: bool
     data_format: DataFormat
-    validation_dataset_id: str | None = None
+    validation_dataset_id: Identifier | None = None
     packed: bool = False
     train_on_input: bool = False
 
 
-class OptimizerConfig(SpecModel):
+class OptimizerConfig(RequestModel):
     optimizer_type: OptimizerType
     lr: float
     weight_decay: float
     num_warmup_steps: int
 
 
-class EfficiencyConfig(SpecModel):
+class EfficiencyConfig(RequestModel):
     enable_activation_checkpointing: bool = False
     enable_activation_offloading: bool = False
     memory_efficient_fsdp_wrap: bool = False
     fsdp_cpu_offload: bool = False
 
 
-class TrainingConfig(SpecModel):
+class TrainingConfig(RequestModel):
     """Clients 0.5 and later make everything but n_epochs optional and send ``null`` for what the
     caller left out; ``null`` means the spec's default here."""
 
@@ -126,7 +140,7 @@ class TrainingConfig(SpecModel):
     dtype: str | None = "bf16"
 
 
-class LoraFinetuningConfig(SpecModel):
+class LoraFinetuningConfig(RequestModel):
     type: Literal["LoRA"] = "LoRA"
     lora_attn_modules: list[str]
     apply_lora_to_mlp: bool
@@ -137,7 +151,7 @@ class LoraFinetuningConfig(SpecModel):
     quantize_base: bool = False
 
 
-class QATFinetuningConfig(SpecModel):
+class QATFinetuningConfig(RequestModel):
     type: Literal["QAT"] = "QAT"
     quantizer_name: str
     group_size: int
@@ -156,22 +170,22 @@ AlgorithmConfig = Annotated[
 ]
 
 
-class SupervisedFineTuneRequest(SpecModel):
-    job_uuid: str
+class SupervisedFineTuneRequest(RequestModel):
+    job_uuid: Identifier
     training_config: TrainingConfig
     hyperparam_search_config: JSONObject
     logger_config: JSONObject
-    model: str | None = None
-    checkpoint_dir: str | None = None
+    model: PathText | None = None
+    checkpoint_dir: PathText | None = None
     algorithm_config: AlgorithmConfig | None = None
 
 
-class DPOAlignmentConfig(SpecModel):
+class DPOAlignmentConfig(RequestModel):
     beta: float
     loss_type: DPOLossType = "sigmoid"
 
 
-class LegacyDPOAlignmentConfig(SpecModel):
+class LegacyDPOAlignmentConfig(RequestModel):
     """The shape clients 0.2.x send (from an older spec); accepted with the DPO defaults."""
 
     reward_scale: float
@@ -180,9 +194,9 @@ class LegacyDPOAlignmentConfig(SpecModel):
     gamma: float
 
 
-class PreferenceOptimizeRequest(SpecModel):
-    job_uuid: str
-    finetuned_model: str
+class PreferenceOptimizeRequest(RequestModel):
+    job_uuid: Identifier
+    finetuned_model: PathText
     algorithm_config: DPOAlignmentConfig | LegacyDPOAlignmentConfig
     training_config: TrainingConfig
     hyperparam_search_config: JSONObject

@@ -55,7 +55,8 @@ class JobKind(str, enum.Enum):
 
 
 class RecipePart(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    #: No NaN or infinity in a float: NaN passes every ``gt``/``ge`` bound and was trained on as 0.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Schedule(RecipePart):
@@ -226,6 +227,17 @@ def recipe_error(exc: ValidationError) -> RecipeInvalid:
     return RecipeInvalid(field=field or None, reason=message)
 
 
+#: The most characters a client-chosen id (job_uuid, dataset_id) may have: the store's column width.
+MAX_ID_LENGTH = 255
+
+
+def is_printable_id(value: str) -> bool:
+    """1 to ``MAX_ID_LENGTH`` characters, none a control character or a lone surrogate (which no
+    UTF-8 writer, the store's or a response's, can encode)."""
+    return 0 < len(value) <= MAX_ID_LENGTH and not any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF
+                                                         for c in value)
+
+
 class SubmissionNames(RecipePart):
     """How the door that took a submission spells its fields, so the service's refusals name
     them as the client wrote them."""
@@ -249,9 +261,12 @@ class Submission(RecipePart):
     names: SubmissionNames = SubmissionNames()
 
     @model_validator(mode="after")
-    def _printable_job_uuid(self) -> Submission:
-        if not self.job_uuid or len(self.job_uuid) > 255 or any(ord(c) < 32 for c in self.job_uuid):
-            raise _at("job_uuid", "must be 1 to 255 printable characters")
+    def _printable_ids(self) -> Submission:
+        for field in ("job_uuid", "dataset_id", "validation_dataset_id"):
+            value = getattr(self, field)
+            if (field == "job_uuid" or value is not None) and not is_printable_id(value):
+                name = field if field == "job_uuid" else getattr(self.names, field)
+                raise _at(name, f"must be 1 to {MAX_ID_LENGTH} printable characters")
         return self
 
 

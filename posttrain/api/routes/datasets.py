@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from posttrain.api.deps import DatasetServiceDep, TenantDep
+from posttrain.api.json_body import INT64_MAX, StrictJSONRoute
 from posttrain.api.schemas import (
     AppendRowsRequest,
     DatasetPublic,
@@ -14,7 +15,7 @@ from posttrain.api.schemas import (
 )
 from posttrain.errors import InvalidRequest
 
-router = APIRouter(tags=["Datasets"])
+router = APIRouter(tags=["Datasets"], route_class=StrictJSONRoute)
 
 
 def register_dataset(body: RegisterDatasetRequest, datasets: DatasetServiceDep, tenant: TenantDep) -> DatasetPublic:
@@ -46,8 +47,8 @@ def iterrows(
     request: Request,
     datasets: DatasetServiceDep,
     tenant: TenantDep,
-    start_index: int | None = None,
-    limit: int | None = None,
+    start_index: int | None = Query(default=None, le=INT64_MAX),
+    limit: int | None = Query(default=None, le=INT64_MAX),
 ) -> PaginatedResponse:
     """Get a page of rows: ``start_index`` (0-based), ``limit`` (None or -1: all the rest)."""
     rows, has_more = datasets.iterrows(tenant=tenant, dataset_id=dataset_id, start_index=start_index, limit=limit)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, Query, Request
@@ -16,10 +17,12 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from posttrain.api.deps import JobServiceDep, TenantDep
+from posttrain.api.json_body import INT64_MAX, StrictJSONRoute
 from posttrain.api.schemas import JobEventPublic, JobEventsPublic
+from posttrain.errors import InvalidRequest
 from posttrain.services.jobs import JobService
 
-router = APIRouter(tags=["Events (posttrain extension)"])
+router = APIRouter(tags=["Events (posttrain extension)"], route_class=StrictJSONRoute)
 STREAM_POLL_SECONDS = 0.5
 
 
@@ -51,12 +54,25 @@ async def _stream(jobs: JobService, tenant: str, job_uuid: str, after: int, requ
             await asyncio.sleep(STREAM_POLL_SECONDS)
 
 
+def _resume_point(last_event_id: str | None, after: int) -> int:
+    """Where a reconnecting stream resumes: the ``Last-Event-ID`` it was sent (one of our ``id:``
+    lines, a decimal seq), else ``after``. Anything else was not sent by us, so it is refused before
+    the stream starts: ``str.isdigit`` took ``²`` and ``int`` then failed, and a seq past 2^63
+    failed in the store's query with the stream already open."""
+    if not last_event_id:
+        return after
+    if re.fullmatch("[0-9]{1,19}", last_event_id) is None or int(last_event_id) > INT64_MAX:
+        raise InvalidRequest("Last-Event-ID: must be the id of an event this stream sent (a decimal seq from 0 to "
+                             "2^63-1)")
+    return int(last_event_id)
+
+
 def job_events(
     request: Request,
     jobs: JobServiceDep,
     tenant: TenantDep,
     job_uuid: str = Query(description="The UUID of the job."),
-    after: int = Query(default=0, ge=0, description="Return events after this sequence number."),
+    after: int = Query(default=0, ge=0, le=INT64_MAX, description="Return events after this sequence number."),
     limit: int = Query(default=1000, ge=1, le=10000, description="Most events in one page."),
     accept: str | None = Header(default=None),
     last_event_id: str | None = Header(default=None),
@@ -64,7 +80,7 @@ def job_events(
     """A job's state changes, per-step metrics, checkpoints, log lines and error, in order."""
     if accept and "text/event-stream" in accept:
         jobs.get(tenant=tenant, job_uuid=job_uuid)  # 404 before the stream starts
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        start = _resume_point(last_event_id, after)
         return StreamingResponse(_stream(jobs, tenant, job_uuid, start, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return _page(jobs, tenant, job_uuid, after, limit)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 
 from posttrain.api import llama_stack_recipes
 from posttrain.api.deps import JobServiceDep, TenantDep
+from posttrain.api.json_body import StrictJSONRoute
 from posttrain.api.schemas import (
     CancelTrainingJobRequest,
     ListPostTrainingJobsResponse,
@@ -21,7 +22,7 @@ from posttrain.api.schemas import (
 )
 from posttrain.errors import InvalidRequest
 
-router = APIRouter(tags=["PostTraining"])
+router = APIRouter(tags=["PostTraining"], route_class=StrictJSONRoute)
 JobUUIDQuery = Query(description="The UUID of the job.")
 
 
@@ -95,6 +96,8 @@ for prefix in ("/v1", "/v1alpha"):
     router.add_api_route(f"{base}/job/artifacts", job_artifacts, methods=["GET"])
     router.add_api_route(f"{base}/job/cancel", cancel_job, methods=["POST"])
 
-router.add_api_route("/v1alpha/post-training/jobs/{job_uuid}/status", job_status_by_path, methods=["GET"])
-router.add_api_route("/v1alpha/post-training/jobs/{job_uuid}/artifacts", job_artifacts_by_path, methods=["GET"])
-router.add_api_route("/v1alpha/post-training/jobs/{job_uuid}/cancel", cancel_job_by_path, methods=["POST"])
+# ``:path`` so a job_uuid with a slash in it (accepted at submit, and reached by the query routes
+# every released client calls) is reached here too, sent as is or percent-encoded (%2F).
+router.add_api_route("/v1alpha/post-training/jobs/{job_uuid:path}/status", job_status_by_path, methods=["GET"])
+router.add_api_route("/v1alpha/post-training/jobs/{job_uuid:path}/artifacts", job_artifacts_by_path, methods=["GET"])
+router.add_api_route("/v1alpha/post-training/jobs/{job_uuid:path}/cancel", cancel_job_by_path, methods=["POST"])
