@@ -52,6 +52,18 @@ def database_url(request, tmp_path) -> str:
 
 
 @pytest.fixture
+def store(database_url):
+    """A real ``JobStore`` on a migrated database of ``database_url`` (SQLite, and PostgreSQL)."""
+    from posttrain.store.engine import make_engine, migrate
+    from posttrain.store.jobs import JobStore
+
+    engine = make_engine(database_url)
+    migrate(engine)
+    yield JobStore(engine)
+    engine.dispose()
+
+
+@pytest.fixture
 def settings(tmp_path, database_url, tiny_model_path):
     from posttrain.settings import Settings
 

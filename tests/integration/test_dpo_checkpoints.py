@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_dpo_trainer import COLOURS, LORA, THINGS, make_spec, preference_rows, run, stderr_tail
+from tests.integration.test_dpo_trainer import (
+    LORA,
+    make_spec,
+    preference_rows,
+    run,
+    stderr_tail,
+    train_sft_adapter,
+)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
@@ -25,25 +32,7 @@ pytestmark = [pytest.mark.slow,
 def _sft_then_dpo(tmp_path_factory, model: Path, sft_lora: dict) -> tuple[list[dict], Path]:
     """The events of a DPO job (fp32, validating on all 16 pairs) started from the checkpoint of a
     real SFT LoRA job with ``sft_lora``, and that SFT checkpoint."""
-    sft_dir = tmp_path_factory.mktemp("sft")
-    (sft_dir / "train.jsonl").write_text("\n".join(
-        json.dumps({"question": f"What is the colour of the {t}?", "answer": f"It is {COLOURS[i % 8]}."})
-        for i, t in enumerate(THINGS)) + "\n")
-    sft_spec = {
-        "job_uuid": "sft-1", "method": "sft", "model": str(model), "output_dir": str(sft_dir / "out"),
-        "train_rows_path": str(sft_dir / "train.jsonl"), "validation_rows_path": None,
-        "training_config": {"n_epochs": 1, "max_steps_per_epoch": 3, "gradient_accumulation_steps": 1,
-                            "max_validation_steps": 1, "dtype": "fp32",
-                            "data_config": {"dataset_id": "toy", "batch_size": 4, "shuffle": True,
-                                            "data_format": "instruct"},
-                            "optimizer_config": {"optimizer_type": "adamw", "lr": 2e-2, "weight_decay": 0.0,
-                                                 "num_warmup_steps": 0}},
-        "algorithm_config": sft_lora, "device": "cpu", "threads": 1, "seed": 0, "trust_remote_code": False,
-    }
-    (sft_dir / "spec.json").write_text(json.dumps(sft_spec))
-    events, code = run(sft_dir / "spec.json", sft_dir)
-    assert code == 0 and events[-1]["event"] == "completed", stderr_tail(sft_dir)
-    adapter = sft_dir / "out" / "epoch_1"
+    adapter = train_sft_adapter(tmp_path_factory.mktemp("sft"), model, algorithm=sft_lora, steps=3)
 
     dpo_dir = tmp_path_factory.mktemp("dpo")
     spec = make_spec(dpo_dir, model, adapter=adapter, beta=0.5, n_epochs=1, max_steps_per_epoch=3,

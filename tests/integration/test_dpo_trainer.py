@@ -222,29 +222,34 @@ def test_other_loss_types_give_finite_losses(tiny_model_path, tmp_path, loss_typ
     assert math.isfinite(events[-2]["validation_loss"])
 
 
-@pytest.mark.slow
-def test_dpo_from_an_sft_adapter_and_resume(tiny_model_path, tmp_path):
-    sft_dir = tmp_path / "sft"
-    sft_dir.mkdir()
-    (sft_dir / "train.jsonl").write_text("\n".join(
+def train_sft_adapter(folder: Path, model: Path, *, algorithm: dict, steps: int) -> Path:
+    """Run a real one-epoch SFT LoRA job (fp32) on the colour rows in ``folder``; its checkpoint."""
+    (folder / "train.jsonl").write_text("\n".join(
         json.dumps({"question": f"What is the colour of the {t}?", "answer": f"It is {COLOURS[i % 8]}."})
         for i, t in enumerate(THINGS)) + "\n")
     sft_spec = {
-        "job_uuid": "sft-1", "method": "sft", "model": str(tiny_model_path), "output_dir": str(sft_dir / "out"),
-        "train_rows_path": str(sft_dir / "train.jsonl"), "validation_rows_path": None,
-        "training_config": {"n_epochs": 1, "max_steps_per_epoch": 2, "gradient_accumulation_steps": 1,
+        "job_uuid": "sft-1", "method": "sft", "model": str(model), "output_dir": str(folder / "out"),
+        "train_rows_path": str(folder / "train.jsonl"), "validation_rows_path": None,
+        "training_config": {"n_epochs": 1, "max_steps_per_epoch": steps, "gradient_accumulation_steps": 1,
                             "max_validation_steps": 1, "dtype": "fp32",
                             "data_config": {"dataset_id": "toy", "batch_size": 4, "shuffle": True,
                                             "data_format": "instruct"},
                             "optimizer_config": {"optimizer_type": "adamw", "lr": 2e-2, "weight_decay": 0.0,
                                                  "num_warmup_steps": 0}},
-        "algorithm_config": {**LORA, "apply_lora_to_mlp": True},
+        "algorithm_config": algorithm,
         "device": "cpu", "threads": 1, "seed": 0, "trust_remote_code": False,
     }
-    (sft_dir / "spec.json").write_text(json.dumps(sft_spec))
-    events, code = run(sft_dir / "spec.json", sft_dir)
-    assert code == 0 and events[-1]["event"] == "completed", stderr_tail(sft_dir)
-    adapter = sft_dir / "out" / "epoch_1"
+    (folder / "spec.json").write_text(json.dumps(sft_spec))
+    events, code = run(folder / "spec.json", folder)
+    assert code == 0 and events[-1]["event"] == "completed", stderr_tail(folder)
+    return folder / "out" / "epoch_1"
+
+
+@pytest.mark.slow
+def test_dpo_from_an_sft_adapter_and_resume(tiny_model_path, tmp_path):
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    adapter = train_sft_adapter(sft_dir, tiny_model_path, algorithm={**LORA, "apply_lora_to_mlp": True}, steps=2)
 
     spec = make_spec(tmp_path, tiny_model_path, adapter=adapter, n_epochs=1, max_steps_per_epoch=2,
                      max_validation_steps=1)

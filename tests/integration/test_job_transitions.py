@@ -20,20 +20,11 @@ from posttrain.errors import InvalidTransition, LeaseLost, TransitionRefused
 from posttrain.services.jobs import JobService
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
-from posttrain.store.engine import make_engine, migrate
 from posttrain.store.jobs import JobStore, new_job_id, utcnow
 from posttrain.store.tables import checkpoints, job_events, jobs
 from tests.plans import a_plan
 
 OWNER = "w1"
-
-
-@pytest.fixture
-def store(database_url):
-    engine = make_engine(database_url)
-    migrate(engine)
-    yield JobStore(engine)
-    engine.dispose()
 
 
 def _submit(store: JobStore, job_uuid: str = "j", *, max_attempts: int = 2):

@@ -14,7 +14,6 @@ from datetime import timedelta
 import pytest
 
 from posttrain.domain.jobs import JobStatus
-from posttrain.store.engine import make_engine, migrate
 from posttrain.store.jobs import JobStore, utcnow
 from posttrain.worker.launcher import Launcher
 from tests.worker_helpers import launch_config, output_dir, stand_in_importable, submit, wait_for
@@ -23,12 +22,10 @@ OWNER = "w1"
 
 
 @pytest.fixture
-def store(database_url, monkeypatch):
+def store(store, monkeypatch):
+    """The conftest's real store, with the stand-in trainer importable by the launched process."""
     stand_in_importable(monkeypatch)
-    engine = make_engine(database_url)
-    migrate(engine)
-    yield JobStore(engine)
-    engine.dispose()
+    return store
 
 
 def _claim(store: JobStore, tmp_path, job_uuid: str, *, max_attempts: int = 2, owner: str = OWNER):

@@ -10,19 +10,16 @@ import time
 import pytest
 
 from posttrain.domain.jobs import JobStatus
-from posttrain.store.engine import make_engine, migrate
 from posttrain.store.jobs import JobStore
 from posttrain.worker.scheduler import Scheduler
 from tests.worker_helpers import launch_config, output_dir, stand_in_importable, submit, wait_for
 
 
 @pytest.fixture
-def store(database_url, monkeypatch):
+def store(store, monkeypatch):
+    """The conftest's real store, with the stand-in trainer importable by the launched process."""
     stand_in_importable(monkeypatch)
-    engine = make_engine(database_url)
-    migrate(engine)
-    yield JobStore(engine)
-    engine.dispose()
+    return store
 
 
 @pytest.fixture

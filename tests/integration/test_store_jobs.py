@@ -10,17 +10,8 @@ import pytest
 
 from posttrain.domain.jobs import JobKind, JobStatus
 from posttrain.errors import DuplicateJob, LeaseLost, TransitionRefused
-from posttrain.store.engine import make_engine, migrate
 from posttrain.store.jobs import JobStore, new_job_id, utcnow
 from tests.plans import a_plan
-
-
-@pytest.fixture
-def store(database_url):
-    engine = make_engine(database_url)
-    migrate(engine)
-    yield JobStore(engine)
-    engine.dispose()
 
 
 def _submit(store: JobStore, job_uuid: str, *, max_attempts: int = 2, tenant: str = "t"):
