@@ -12,10 +12,15 @@ def build_tiny_model(tmp_path_factory) -> Path:
     """
     from posttrain.trainer.tiny_model import create_tiny_model
 
-    path = tmp_path_factory.getbasetemp() / "tiny-llama"
+    return _built_once(tmp_path_factory, "tiny-llama", create_tiny_model)
+
+
+def _built_once(tmp_path_factory, name: str, create) -> Path:
+    """``create(folder)`` once per pytest session, under a temporary name renamed into place."""
+    path = tmp_path_factory.getbasetemp() / name
     if not path.exists():
-        staging = tmp_path_factory.mktemp("tiny-llama-build")
-        create_tiny_model(staging / "model")
+        staging = tmp_path_factory.mktemp(f"{name}-build")
+        create(staging / "model")
         (staging / "model").rename(path)
     return path
 
@@ -52,9 +57,4 @@ def create_tiny_gpt2(path: Path, *, vocab_size: int = 384, seed: int = 0) -> Pat
 
 def build_tiny_gpt2(tmp_path_factory) -> Path:
     """Build (or reuse, within this pytest session) a tiny GPT-2 model + tokenizer folder."""
-    path = tmp_path_factory.getbasetemp() / "tiny-gpt2"
-    if not path.exists():
-        staging = tmp_path_factory.mktemp("tiny-gpt2-build")
-        create_tiny_gpt2(staging / "model")
-        (staging / "model").rename(path)
-    return path
+    return _built_once(tmp_path_factory, "tiny-gpt2", create_tiny_gpt2)
