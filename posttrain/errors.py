@@ -42,10 +42,15 @@ class RecipeInvalid(InvalidRequest):
         self.reason = reason or self.detail
 
     def renamed(self, names: dict[str, str]) -> RecipeInvalid:
-        """The same refusal with ``field`` spelled as a door names it (unchanged if unknown)."""
-        if self.field is None or self.field not in names:
+        """The same refusal with ``field`` spelled as a door names it: the longest of ``names``'
+        field paths that is ``field`` or a parent of it is replaced (``adapter.attention.1`` with
+        ``{"adapter.attention": "algorithm_config.lora_attn_modules"}`` becomes
+        ``algorithm_config.lora_attn_modules.1``); unchanged if none is."""
+        field = self.field or ""
+        prefix = max((p for p in names if field == p or field.startswith(p + ".")), key=len, default=None)
+        if prefix is None:
             return self
-        return RecipeInvalid(field=names[self.field], reason=self.reason)
+        return RecipeInvalid(field=names[prefix] + field[len(prefix):], reason=self.reason)
 
 
 class DatasetSourceInvalid(InvalidRequest):

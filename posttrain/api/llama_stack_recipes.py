@@ -109,13 +109,8 @@ def _submission(job_uuid: str, model: str | None, training: TrainingConfig, chec
 
 def renamed(refusal: RecipeInvalid) -> RecipeInvalid:
     """The refusal with its recipe field spelled as the Llama Stack request spells it."""
-    field = refusal.field or ""
-    if field.startswith("recipe."):
-        field = field.removeprefix("recipe.")
-    prefix = max((p for p in FIELD_NAMES if field == p or field.startswith(p + ".")), key=len, default=None)
-    if prefix is None:
-        return RecipeInvalid(field=field or None, reason=refusal.reason)
-    return RecipeInvalid(field=FIELD_NAMES[prefix] + field[len(prefix):], reason=refusal.reason)
+    field = (refusal.field or "").removeprefix("recipe.")  # the Submission holds the recipe under "recipe"
+    return RecipeInvalid(field=field or None, reason=refusal.reason).renamed(FIELD_NAMES)
 
 
 def _common_recipe(training: TrainingConfig, search: dict[str, Any], logger: dict[str, Any]) -> dict[str, Any]:
