@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,27 +30,36 @@ def tiny_model_path(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory)
 
 
-def _fresh_postgres_database() -> str:
-    """Create an empty database on the test server and return its URL."""
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """An empty database on the test server, dropped afterwards (with whatever still holds it: a
+    killed process's connections): thousands of tests each make one, and left behind they fill the
+    disk."""
     from sqlalchemy import create_engine, text
 
     name = f"pt_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path) -> str:
+def database_url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
     if not POSTGRES_URL:
         if os.environ.get("CI"):
             pytest.fail("POSTTRAIN_TEST_POSTGRES_URL is not set: .ci/run must start PostgreSQL")
         pytest.skip("no PostgreSQL server: set POSTTRAIN_TEST_POSTGRES_URL (bash scripts/start-postgres prints it)")
-    return _fresh_postgres_database()
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.acceptance.test_crash_recovery import _assert_resumed_and_complete, _submit_long_job, _wait
-from tests.conftest import POSTGRES_URL, REPO, _fresh_postgres_database, start_server, stop_server
+from tests.conftest import POSTGRES_URL, REPO, fresh_postgres_database, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -23,7 +23,11 @@ def cluster(request, tmp_path, tiny_model_path):
         if os.environ.get("CI"):
             pytest.fail("POSTTRAIN_TEST_POSTGRES_URL is not set: .ci/run must start PostgreSQL")
         pytest.skip("no PostgreSQL server: set POSTTRAIN_TEST_POSTGRES_URL (bash scripts/start-postgres prints it)")
-    url = _fresh_postgres_database()
+    with fresh_postgres_database() as url:
+        yield from _cluster_on(url, request, tmp_path, tiny_model_path)
+
+
+def _cluster_on(url, request, tmp_path, tiny_model_path):
     server_env = {"POSTTRAIN_DATABASE_URL": url, "POSTTRAIN_RUN_WORKER": "false", **getattr(request, "param", {})}
     server = start_server(tmp_path, tiny_model_path, extra_env=server_env)
     workers: list[subprocess.Popen] = []
