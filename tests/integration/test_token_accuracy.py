@@ -131,3 +131,40 @@ def test_the_metric_fields_are_optional_on_the_wire():
     assert isinstance(parsed_checkpoint, CheckpointWritten)
     assert parsed_checkpoint.token_metrics() == {"full_valid_loss": 0.9}
     assert json.loads(parse_line(json.dumps(checkpoint)).to_line()) == checkpoint
+
+
+@pytest.mark.slow
+def test_the_launcher_stores_the_metrics_in_the_jobs_events(store, tmp_path, tiny_model_path, monkeypatch):
+    """Through the real launcher and trainer: each step's metrics and each checkpoint's token
+    metrics land in the job's events, where the OpenAI door reads them."""
+    from posttrain.domain.jobs import JobKind, JobStatus
+    from posttrain.domain.recipes import JobPlan, build_recipe
+    from posttrain.store.jobs import new_job_id
+    from posttrain.worker.launcher import Launcher
+    from tests.worker_helpers import launch_config, stand_in_importable
+
+    stand_in_importable(monkeypatch)  # the trainer process imports this checkout
+    job_id = new_job_id()
+    folder = tmp_path / "jobs" / job_id
+    folder.mkdir(parents=True)
+    rows = check_fine_tuning_lines(openai_lines()[:8], "supervised")
+    for name in ("train", "validation"):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = build_recipe({"method": "sft", "schedule": {"n_epochs": 1, "max_steps_per_epoch": 2},
+                           "data": {"batch_size": 4, "data_format": "dialog"}})
+    plan = JobPlan(recipe=recipe, model=str(tiny_model_path), output_dir=str(folder / "checkpoints"),
+                   train_rows_path=str(folder / "train.jsonl"), validation_rows_path=str(folder / "validation.jsonl"))
+    store.create(job_id=job_id, job_uuid="acc", tenant="t", kind=JobKind.SFT, request={"job_uuid": "acc"},
+                 plan=plan, max_attempts=1)
+    job = store.claim_next(owner="w1", lease_seconds=30)
+    Launcher(job=job, owner="w1", store=store,
+             config=launch_config(trainer_module="posttrain.trainer", device="cpu", threads=1, compile="off")).run()
+    assert store.get(job_id=job_id).status is JobStatus.COMPLETED, store.get(job_id=job_id).error_message
+
+    events = store.events(job_id=job_id)
+    metrics = [e.data for e in events if e.type == "metric"]
+    assert len(metrics) == 2
+    assert all(0 <= m["train_mean_token_accuracy"] <= 1 and m["valid_loss"] > 0 for m in metrics)
+    [checkpoint] = [e.data for e in events if e.type == "checkpoint"]
+    assert checkpoint["full_valid_loss"] > 0 and 0 <= checkpoint["full_valid_mean_token_accuracy"] <= 1
+    assert 0 <= checkpoint["train_mean_token_accuracy"] <= 1 and 0 <= checkpoint["valid_mean_token_accuracy"] <= 1
