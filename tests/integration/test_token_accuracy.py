@@ -11,7 +11,7 @@ import pytest
 
 from posttrain.domain.openai_rows import check_fine_tuning_lines
 from posttrain.domain.protocol import CheckpointWritten, StepMetric, parse_line
-from posttrain.trainer.formats import IGNORE_INDEX, tokenize_sft_row
+from posttrain.trainer.formats import IGNORE_INDEX, normalize_preference_row, tokenize_sft_row
 from tests.integration import test_trainer_process as sft
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -168,3 +168,27 @@ def test_the_launcher_stores_the_metrics_in_the_jobs_events(store, tmp_path, tin
     [checkpoint] = [e.data for e in events if e.type == "checkpoint"]
     assert checkpoint["full_valid_loss"] > 0 and 0 <= checkpoint["full_valid_mean_token_accuracy"] <= 1
     assert 0 <= checkpoint["train_mean_token_accuracy"] <= 1 and 0 <= checkpoint["valid_mean_token_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_dpo_reports_the_chosen_answers_token_accuracy(tiny_model_path, tmp_path):
+    """DPO's token accuracy is the policy's on the chosen answers; an OpenAI DPO file trains."""
+    from tests.integration import test_dpo_trainer as dpo
+
+    pairs = [normalize_preference_row(row, row_index=i) for i, row in enumerate(dpo.preference_rows())]
+    rows = check_fine_tuning_lines([json.dumps({
+        "input": {"messages": prompt}, "preferred_output": [{"role": "assistant", "content": chosen}],
+        "non_preferred_output": [{"role": "assistant", "content": rejected}]}) for prompt, chosen, rejected in pairs],
+        "dpo")
+    spec = dpo.make_spec(tmp_path, tiny_model_path, lines=[json.dumps(row) for row in rows], n_epochs=1,
+                         max_steps_per_epoch=2)
+    events, code = dpo.run(spec, tmp_path)
+    assert code == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    typed = [parse_line(json.dumps(e)) for e in events]
+    metrics = [e for e in typed if isinstance(e, StepMetric)]
+    assert len(metrics) == 2
+    assert all(0 <= m.train_mean_token_accuracy <= 1 and m.valid_loss is None for m in metrics)  # type: ignore[operator]
+    [checkpoint] = [e for e in typed if isinstance(e, CheckpointWritten)]
+    assert set(checkpoint.token_metrics()) == {"train_mean_token_accuracy", "valid_mean_token_accuracy"}
+    assert checkpoint.train_mean_token_accuracy == pytest.approx(
+        sum(m.train_mean_token_accuracy for m in metrics) / 2)  # type: ignore[misc]
