@@ -209,3 +209,20 @@ def test_arbitrary_lines_never_raise_another_exception(line, method):
     except FineTuningFileInvalid as error:
         rows = [error.line_number]
     assert len(rows) == 1
+
+
+@pytest.mark.parametrize(("messages", "needle"), [
+    ([{"role": "user", "content": "Q?", "weight": 1}, {"role": "assistant", "content": "A."}], "'weight' must be 0 or 1"),
+    ([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A.", "weight": 2}], "'weight' must be 0 or 1"),
+    ([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A.", "weight": True}], "'weight' must be"),
+    ([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A.", "weight": 0}], "weight 0"),
+])
+def test_the_internal_dialog_layout_checks_weights_too(messages, needle):
+    """Rows registered through the Llama Stack door may carry weights as well: the server refuses
+    a bad one at registration (``layout_problem``) and the trainer at its start."""
+    from posttrain.domain.rows import RowFormatError, layout_problem
+
+    with pytest.raises(RowFormatError, match=needle):
+        normalize_sft_row({"messages": messages}, data_format="dialog", row_index=0)
+    if "must be" in needle:
+        assert needle in (layout_problem({"messages": messages}, row_index=0) or "")
