@@ -82,11 +82,22 @@ class Started(TrainerEvent):
     resumed_from: str | None = None
 
 
+#: The token-accuracy and validation metrics OpenAI's fine-tuning API reports, beyond a loss:
+#: optional on ``StepMetric`` and ``CheckpointWritten`` (absent from the wire when None, so older
+#: trainers and launchers read and write the same lines). A token accuracy is the fraction of label
+#: tokens whose most likely next token (argmax of the logits) is the label.
+STEP_METRICS = ("train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+CHECKPOINT_METRICS = ("train_mean_token_accuracy", "valid_mean_token_accuracy", "full_valid_loss",
+                      "full_valid_mean_token_accuracy")
+
+
 @dataclass(frozen=True)
 class StepMetric(TrainerEvent):
-    """One optimizer step. ``tokens_per_s`` counts real (non-padding) tokens."""
+    """One optimizer step. ``tokens_per_s`` counts real (non-padding) tokens. ``loss`` is the step's
+    train loss; ``valid_*`` are on one validation batch, on the steps that ran one (``STEP_METRICS``)."""
 
     kind: ClassVar[str] = "metric"
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset(STEP_METRICS)
     step: int
     epoch: int
     loss: float | None
@@ -96,15 +107,20 @@ class StepMetric(TrainerEvent):
     padding_fraction: float
     step_seconds: float
     total_steps: int
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
 class CheckpointWritten(TrainerEvent):
     """An epoch's checkpoint folder is complete on disk (also re-sent for those found on resume,
-    without ``write_seconds``: nothing was written)."""
+    without ``write_seconds``: nothing was written). ``validation_loss`` is on a sample of the
+    validation rows (OpenAI's ``valid_loss``), ``full_valid_*`` on all of them; the token accuracies
+    are ``CHECKPOINT_METRICS``, None where a method or an older checkpoint has none."""
 
     kind: ClassVar[str] = "checkpoint"
-    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"write_seconds"})
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"write_seconds", *CHECKPOINT_METRICS})
     identifier: str
     epoch: int
     step: int
@@ -113,6 +129,15 @@ class CheckpointWritten(TrainerEvent):
     validation_loss: float | None
     perplexity: float | None
     write_seconds: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+    def token_metrics(self) -> dict[str, float]:
+        """The ``CHECKPOINT_METRICS`` this checkpoint has (finite values only), for its stored event."""
+        return {name: value for name in CHECKPOINT_METRICS
+                if isinstance(value := getattr(self, name), float) and math.isfinite(value)}
 
 
 @dataclass(frozen=True)
@@ -174,6 +199,8 @@ def parse_line(raw: bytes | str) -> AnyEvent:
 
 
 __all__ = [
+    "CHECKPOINT_METRICS",
+    "STEP_METRICS",
     "TERMINAL_EVENTS",
     "AnyEvent",
     "Cancelled",

@@ -3,7 +3,8 @@
 Rows arrive as whatever the user registered: instruct rows (``chat_completion_input`` +
 ``expected_answer``, ``input_query``/``expected_answer``, ``prompt``/``completion``,
 ``input``/``output``, ``question``/``answer``), dialog rows (``messages``, or ``dialog`` as a JSON
-string) or preference rows (``prompt``/``chosen``/``rejected``). Every supervised layout is
+string; an assistant message may carry OpenAI's ``weight``, 0 or 1, where 0 means "context, not
+trained on") or preference rows (``prompt``/``chosen``/``rejected``). Every supervised layout is
 accepted under either ``data_format`` (the format only sets which layouts are tried first).
 
 The server refuses, at registration and append, a row that fits none of them
@@ -77,8 +78,26 @@ def _messages(value: Any, *, row_index: int, column: str) -> list[dict[str, Any]
             raise RowFormatError(
                 f"column {column!r} must hold messages with 'role' and 'content'", row_index=row_index
             )
-        chat.append({"role": str(message["role"]), "content": _text(message["content"], row_index=row_index, column=column)})
+        content = _text(message["content"], row_index=row_index, column=column)
+        turn: dict[str, Any] = {"role": str(message["role"]), "content": content}
+        if "weight" in message:
+            turn["weight"] = _weight(message, row_index=row_index, column=column)
+        chat.append(turn)
     return chat
+
+
+def _weight(message: dict[str, Any], *, row_index: int, column: str) -> int:
+    """An assistant message's ``weight``: 1 (train on it, the default) or 0 (context only)."""
+    weight = message["weight"]
+    if message["role"] != "assistant" or isinstance(weight, bool) or weight not in (0, 1):
+        raise RowFormatError(f"column {column!r}: 'weight' must be 0 or 1, and only on assistant messages",
+                             row_index=row_index)
+    return int(weight)
+
+
+def trained(message: dict[str, Any]) -> bool:
+    """Whether a chat message is one the model learns to say: an assistant turn not weighted 0."""
+    return bool(message["role"] == "assistant" and message.get("weight", 1) != 0)
 
 
 def _instruct_chat(row: dict[str, Any], *, prompt_col: str, answer_col: str, row_index: int) -> list[dict[str, Any]]:
@@ -114,12 +133,17 @@ def _sft_chat(row: dict[str, Any], *, data_format: str, row_index: int) -> list[
 
 
 def normalize_sft_row(row: Any, *, data_format: str, row_index: int) -> list[dict[str, Any]]:
-    """Return the row as a chat (list of {role, content}) ending in at least one assistant turn."""
+    """Return the row as a chat (list of {role, content}, and ``weight`` on an assistant message that
+    had one: 0 keeps the turn as context but not as something to learn) with at least one assistant
+    turn to learn from."""
     if not isinstance(row, dict):
         raise RowFormatError(f"expected a JSON object with columns {EXPECTED_SFT}", row_index=row_index)
     chat = _sft_chat(row, data_format=data_format, row_index=row_index)
     if not any(m["role"] == "assistant" for m in chat):
         raise RowFormatError("the conversation has no assistant message to learn from", row_index=row_index)
+    if not any(trained(m) for m in chat):
+        raise RowFormatError("every assistant message has weight 0: there is nothing to learn from",
+                             row_index=row_index)
     return chat
 
 
@@ -201,7 +225,8 @@ def _fits_plainly(row: dict[str, Any]) -> bool:
         chat = get(column)
         if chat is not None:
             if isinstance(chat, list) and chat and all(
-                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in chat
+                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) and "weight" not in m
+                for m in chat
             ):
                 return True
             break

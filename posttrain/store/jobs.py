@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, overload
 
@@ -411,8 +412,11 @@ class JobStore:
         train_loss: float | None,
         validation_loss: float | None,
         perplexity: float | None,
+        metrics: Mapping[str, float] | None = None,
     ) -> None:
-        """Record a checkpoint that is complete on disk; idempotent per identifier.
+        """Record a checkpoint that is complete on disk; idempotent per identifier. ``metrics``: the
+        trainer's further measurements (OpenAI's token accuracies, ``full_valid_loss``), kept in the
+        checkpoint's event, not in columns of their own.
 
         Only while this launcher holds the job in progress: a checkpoint reported after the job
         was cancelled or requeued is dropped with ``LeaseLost``. The row goes in with one
@@ -427,7 +431,8 @@ class JobStore:
             if conn.execute(_insert_if_held(checkpoints, row, owner, attempt, ~recorded)).first() is not None:
                 self._append(conn, job_id, "checkpoint",
                              {"identifier": identifier, "epoch": epoch, "step": step, "path": path,
-                              "train_loss": train_loss, "validation_loss": validation_loss, "perplexity": perplexity})
+                              "train_loss": train_loss, "validation_loss": validation_loss, "perplexity": perplexity,
+                              **(metrics or {})})
             elif conn.execute(select(jobs.c.id).where(_held(job_id, owner, attempt))).first() is None:
                 raise self._refusal(conn, None, job_id, (owner, attempt), doing="record a checkpoint")
 

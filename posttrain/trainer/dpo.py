@@ -92,12 +92,18 @@ def _answer_logps(model, batch, *, precision: Precision, average: bool):
 
 def _answer_logp_sums(model, batch, *, precision: Precision):
     """Summed log-prob of each row's label tokens and how many there are: two tensors of shape [2B]."""
+    summed, tokens, _ = _answer_logp_sums_and_hits(model, batch, precision=precision)
+    return summed, tokens
+
+
+def _answer_logp_sums_and_hits(model, batch, *, precision: Precision):
+    """``_answer_logp_sums``, and how many of each row's label tokens the model predicts (argmax)."""
     import torch
 
-    log_probs, rows = forward.token_log_probs(model, batch, precision=precision)
+    log_probs, rows, hits = forward.token_log_probs_and_hits(model, batch, precision=precision)
     count = batch["input_ids"].shape[0]
     summed = torch.zeros(count, device=log_probs.device).index_add(0, rows, log_probs)
-    return summed, torch.bincount(rows, minlength=count)
+    return summed, torch.bincount(rows, minlength=count), torch.bincount(rows, weights=hits.float(), minlength=count)
 
 
 class ReferenceLogps:
@@ -146,10 +152,10 @@ def _pair_losses(model, batch, *, config: DPOLoss, precision, reference_logps: R
     average = config.loss_type == "ipo"
     pairs = batch["pairs"]
     reference = reference_logps.of(model, batch, precision=precision, average=average)
-    summed, tokens = _answer_logp_sums(model, batch, precision=precision)
+    summed, tokens, hits = _answer_logp_sums_and_hits(model, batch, precision=precision)
     policy = summed / tokens.clamp(min=1) if average else summed
     if chosen_nll is not None:
-        chosen_nll.add(summed[:pairs], tokens[:pairs])
+        chosen_nll.add(summed[:pairs], tokens[:pairs], hits[:pairs])
     return dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=config.beta,
                     loss_type=config.loss_type)
 
@@ -157,18 +163,24 @@ def _pair_losses(model, batch, *, config: DPOLoss, precision, reference_logps: R
 class ChosenNLL:
     """The policy's negative log-likelihood of the chosen answers' tokens, summed over a validation
     pass: ``mean`` per token is what a DPO checkpoint's ``perplexity`` is exp of (the language-model
-    perplexity of the answers the job teaches the model to prefer)."""
+    perplexity of the answers the job teaches the model to prefer). ``accuracy``: the fraction of
+    those tokens that are the policy's most likely next token, DPO's ``*_mean_token_accuracy``."""
 
     def __init__(self) -> None:
         self.nll = 0.0
         self.tokens = 0
+        self.hits = 0
 
-    def add(self, summed_logps, tokens) -> None:
+    def add(self, summed_logps, tokens, hits) -> None:
         self.nll -= float(summed_logps.detach().sum())
         self.tokens += int(tokens.sum())
+        self.hits += int(hits.sum())
 
     def mean(self) -> float:
         return self.nll / self.tokens if self.tokens else math.nan
+
+    def accuracy(self) -> float:
+        return self.hits / self.tokens if self.tokens else math.nan
 
 
 class _Totals:
@@ -198,24 +210,25 @@ def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, p
     """One optimizer step; returns the step's mean metrics, or None when stopped between micro-batches."""
     model.train()
     total_pairs = sum(b["pairs"] for b in micro_batches)
-    totals = _Totals()
+    totals, chosen_tokens = _Totals(), ChosenNLL()
     for index, batch in enumerate(micro_batches):
         if index and stop.is_set():
             optimizer.zero_grad(set_to_none=True)
             return None
         losses, chosen, rejected = _pair_losses(model, batch, config=config, precision=precision,
-                                                reference_logps=reference_logps)
+                                                reference_logps=reference_logps, chosen_nll=chosen_tokens)
         loss = losses.mean() * (batch["pairs"] / total_pairs)
         (scaler.scale(loss) if scaler else loss).backward()
         totals.add(losses, chosen, rejected)
     apply_gradients(model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    return totals.means()
+    return {**totals.means(), "train_mean_token_accuracy": chosen_tokens.accuracy()}
 
 
 def _evaluate(model, examples, *, config: DPOLoss, recipe: Recipe, pad_id: int, seed: int, precision,
               reference_logps: ReferenceLogps) -> dict[str, float]:
     """Pair-mean DPO loss and rewards over a fixed random sample of validation batches, and the
-    policy's per-token NLL of those pairs' chosen answers (``chosen_nll``)."""
+    policy's per-token NLL and token accuracy of those pairs' chosen answers (``chosen_nll``,
+    ``chosen_token_accuracy``)."""
     import torch
 
     model.eval()
@@ -229,8 +242,8 @@ def _evaluate(model, examples, *, config: DPOLoss, recipe: Recipe, pad_id: int, 
             totals.add(*_pair_losses(model, batch, config=config, precision=precision,
                                      reference_logps=reference_logps, chosen_nll=chosen_nll))
     if not totals.pairs:
-        return {"loss": math.nan, "chosen_nll": math.nan}
-    return {**totals.means(), "chosen_nll": chosen_nll.mean()}
+        return {"loss": math.nan, "chosen_nll": math.nan, "chosen_token_accuracy": math.nan}
+    return {**totals.means(), "chosen_nll": chosen_nll.mean(), "chosen_token_accuracy": chosen_nll.accuracy()}
 
 
 def _load_base(*, plan: JobPlan, precision, trust: bool) -> tuple[Any, LoraWeights | None]:
@@ -265,6 +278,11 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     policy's language-model perplexity on the validation pairs' chosen answers (exp of the mean
     per-token NLL of those tokens; exp of a DPO loss would be no perplexity). Their adapter loads on
     the base into the trained model, also after a start from an SFT adapter (``dpo_checkpoint_layout``).
+
+    OpenAI's metrics, for DPO: ``train_mean_token_accuracy`` (each step, and its epoch mean at a
+    checkpoint) and ``valid_mean_token_accuracy`` (a checkpoint's validation sample) are the policy's
+    token accuracy on the chosen answers, the text the job teaches it to prefer; DPO reports no
+    per-step ``valid_loss`` and no ``full_valid_*``.
     """
     recipe, plan = spec.recipe, spec.plan
     if recipe.dpo is None or recipe.adapter is None:
@@ -327,6 +345,8 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     train_reference = ReferenceLogps()
     validation_reference = train_reference if validation is train else ReferenceLogps()
 
+    epoch_accuracies: list[float] = []  # this epoch's steps run by this process
+
     def step(group: list[list[int]]) -> StepResult | None:
         micro = [_pair_batch(train, indices, pad_id=pad_id) for indices in group]
         means = _train_step(model, micro, config=dpo, optimizer=run.optimizer, scheduler=run.scheduler,
@@ -334,12 +354,17 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
         if means is None:
             return None
         loss = means.pop("loss")
+        epoch_accuracies.append(means["train_mean_token_accuracy"])
         return StepResult(loss=loss, real_tokens=sum(b["real_tokens"] for b in micro),
                           total_tokens=sum(b["total_tokens"] for b in micro), metrics=means)
 
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
         evaluation = _evaluate(model, validation, config=dpo, recipe=recipe, pad_id=pad_id, seed=seed,
                                precision=precision, reference_logps=validation_reference)
+        token_metrics = {"valid_mean_token_accuracy": evaluation["chosen_token_accuracy"]}
+        if epoch_accuracies:
+            token_metrics["train_mean_token_accuracy"] = sum(epoch_accuracies) / len(epoch_accuracies)
+        epoch_accuracies.clear()
         write_epoch_checkpoint(
             reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer, run=run,
             epoch=epoch, global_step=global_step, losses=losses, validation_loss=evaluation["loss"],
@@ -347,7 +372,7 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
             state={"lora": True, "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
                    "merged_adapter": plan.adapter, **layout.state,
                    "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}},
-            merge_base=layout.merge_base, save_model=layout.save_model)
+            merge_base=layout.merge_base, save_model=layout.save_model, token_metrics=token_metrics)
 
     loop = EpochLoop(model=model, run=run, recipe=recipe, unit_lengths=[pair_length(e) for e in train], seed=seed,
                      precision=precision, compiler=Compiler(spec.compile), points=points, reporter=reporter,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.domain.protocol import CheckpointWritten
+from posttrain.domain.protocol import CHECKPOINT_METRICS, CheckpointWritten
 from posttrain.trainer import checkpoints
 from posttrain.trainer.optimization import Optimization
 from posttrain.trainer.reporting import Reporter
@@ -29,17 +29,19 @@ def perplexity(loss: float) -> float:
 def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Path, model, tokenizer,
                            run: Optimization, epoch: int, global_step: int, losses: list[float],
                            validation_loss: float, state: dict[str, Any], merge_base,
-                           nll_for_perplexity: float | None = None, save_model=None) -> None:
+                           nll_for_perplexity: float | None = None, save_model=None,
+                           token_metrics: dict[str, float] | None = None) -> None:
     """An epoch's checkpoint, SFT's or DPO's: the train/validation metrics, the method's own
     ``state`` in trainer_state.json, the optimizer/scheduler/RNG state to resume from, and its
     ``checkpoint`` event with the time the write took.
 
     ``perplexity`` is exp of ``nll_for_perplexity``, a mean per-token negative log-likelihood: by default
     the validation loss (SFT's loss is one); DPO passes its policy's NLL of the chosen answers, since
-    exp of a DPO loss is no perplexity. ``save_model`` as in ``checkpoints.write_checkpoint``."""
+    exp of a DPO loss is no perplexity. ``save_model`` as in ``checkpoints.write_checkpoint``.
+    ``token_metrics``: any of ``protocol.CHECKPOINT_METRICS`` the method measured."""
     nll = validation_loss if nll_for_perplexity is None else nll_for_perplexity
     metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
-               "perplexity": perplexity(nll)}
+               "perplexity": perplexity(nll), **(token_metrics or {})}
     trainer_state = {"epoch": epoch, "global_step": global_step, "total_steps": run.total_steps, **state,
                      "metrics": metrics}
     training_state = checkpoints.training_state(optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
@@ -60,4 +62,4 @@ def emit_checkpoint(reporter: Reporter, *, job_uuid: str, folder: Path, state: d
     reporter.emit(CheckpointWritten(
         identifier=f"{job_uuid}-epoch-{epoch}", epoch=epoch, step=int(state["global_step"]), path=str(folder.resolve()),
         train_loss=metrics["train_loss"], validation_loss=metrics["validation_loss"], perplexity=metrics["perplexity"],
-        write_seconds=write_seconds))
+        write_seconds=write_seconds, **{name: metrics.get(name) for name in CHECKPOINT_METRICS}))

@@ -15,6 +15,7 @@ from posttrain.domain.rows import (  # the layouts live in domain, where the ser
     RowFormatError,
     normalize_preference_row,
     normalize_sft_row,
+    trained,
 )
 
 __all__ = [
@@ -26,18 +27,20 @@ IGNORE_INDEX = -100
 
 
 def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # no "weight" for the template
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _template_segments(tokenizer, chat: list[dict]) -> list[tuple[str, bool]] | None:
-    """Split the rendered chat into (text, is_assistant) pieces by rendering prefixes.
+    """Split the rendered chat into (text, is_assistant) pieces by rendering prefixes; an assistant
+    turn weighted 0 is flagged False (context, not learned).
 
     An assistant span runs from the end of the prompt rendered with the generation header to the
     end of the chat rendered through that turn (so it includes the turn's end token). Returns None
     when a template does not render prefixes as prefixes of the whole (then we use the fallback).
     """
     full = _render(tokenizer, chat, add_generation_prompt=False)
-    cuts: list[tuple[int, int]] = []
+    cuts: list[tuple[int, int, bool]] = []
     for i, message in enumerate(chat):
         if message["role"] != "assistant":
             continue
@@ -45,12 +48,12 @@ def _template_segments(tokenizer, chat: list[dict]) -> list[tuple[str, bool]] | 
         through = _render(tokenizer, chat[: i + 1], add_generation_prompt=False)
         if not full.startswith(prompt) or not full.startswith(through) or len(through) < len(prompt):
             return None
-        cuts.append((len(prompt), len(through)))
+        cuts.append((len(prompt), len(through), trained(message)))
     segments, position = [], 0
-    for start, end in cuts:
+    for start, end, learned in cuts:
         if start < position:
             return None
-        segments += [(full[position:start], False), (full[start:end], True)]
+        segments += [(full[position:start], False), (full[start:end], learned)]
         position = end
     segments.append((full[position:], False))
     return [(text, flag) for text, flag in segments if text]
@@ -62,14 +65,15 @@ def _plain_segments(tokenizer, chat: list[dict]) -> list[tuple[str, bool]]:
     segments: list[tuple[str, bool]] = [(tokenizer.bos_token, False)] if tokenizer.bos_token else []
     for message in chat:
         if message["role"] == "assistant":
-            segments += [("assistant: ", False), (f"{message['content']}{eos}\n", True)]
+            segments += [("assistant: ", False), (f"{message['content']}{eos}\n", trained(message))]
         else:
             segments.append((f"{message['role']}: {message['content']}\n", False))
     return segments
 
 
 def chat_segments(tokenizer, chat: list[dict]) -> list[tuple[str, bool]]:
-    """The chat as text pieces, each flagged True when it is assistant output to learn."""
+    """The chat as text pieces, each flagged True when it is assistant output to learn (an
+    assistant turn with ``weight`` 0 is not)."""
     if getattr(tokenizer, "chat_template", None):
         segments = _template_segments(tokenizer, chat)
         if segments is not None:
@@ -80,7 +84,8 @@ def chat_segments(tokenizer, chat: list[dict]) -> list[tuple[str, bool]]:
 def tokenize_sft_row(
     row: dict, *, tokenizer, data_format: str, train_on_input: bool, max_length: int | None, row_index: int
 ) -> dict:
-    """Return ``{"input_ids", "labels"}``; labels are -100 outside assistant turns unless train_on_input.
+    """Return ``{"input_ids", "labels"}``; labels are -100 outside the assistant turns to learn (those
+    not weighted 0) unless train_on_input, which labels every token.
 
     Each piece is tokenized on its own, as at inference time, where the prompt is encoded before
     the answer exists; so the label span is exactly the answer's tokens.

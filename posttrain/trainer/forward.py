@@ -169,3 +169,13 @@ def token_log_probs(model, batch, *, precision):
 
     logits, targets, keep = label_logits(model, batch, precision=precision)
     return -F.cross_entropy(logits, targets, reduction="none"), keep.nonzero()[:, 0]
+
+
+def token_log_probs_and_hits(model, batch, *, precision):
+    """``token_log_probs``, and whether each label token is the model's most likely next token
+    (``hits [n]``, bool: the argmax of the logits that predict it, for a token accuracy)."""
+    import torch.nn.functional as F
+
+    logits, targets, keep = label_logits(model, batch, precision=precision)
+    hits = logits.detach().argmax(dim=-1) == targets
+    return -F.cross_entropy(logits, targets, reduction="none"), keep.nonzero()[:, 0], hits

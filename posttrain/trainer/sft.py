@@ -41,48 +41,67 @@ from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.run_setup import base_resources, set_up_run
 
+#: About how many steps of a job with a validation dataset also report the loss and token accuracy
+#: of one validation batch (OpenAI's per-step ``valid_loss``): every ``total_steps // 20`` steps.
+VALIDATION_POINTS = 20
+
 
 def _loss_sum(model, batch, *, precision: Precision):
     """Summed next-token cross-entropy over the label tokens of one (padded or packed) batch
     (the output head runs at those positions only: see ``forward.label_logits``)."""
+    return _loss_sum_and_hits(model, batch, precision=precision)[0]
+
+
+def _loss_sum_and_hits(model, batch, *, precision: Precision):
+    """``_loss_sum``, and how many of the label tokens are the model's most likely next token
+    (the argmax of the logits that predict them, shifted like the loss)."""
     import torch.nn.functional as F
 
     logits, targets, _ = forward.label_logits(model, batch, precision=precision)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    correct = int((logits.detach().argmax(dim=-1) == targets).sum())
+    return F.cross_entropy(logits, targets, reduction="sum"), correct
 
 
 def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision, stop: StopFlag):
-    """One optimizer step over the micro-batches; None when stopped between micro-batches."""
+    """One optimizer step over the micro-batches: ``(loss, token accuracy)`` over its label tokens;
+    None when stopped between micro-batches."""
     model.train()
     label_tokens = max(1, sum(b["label_tokens"] for b in micro_batches))
-    total = 0.0
+    total, correct = 0.0, 0
     for index, batch in enumerate(micro_batches):
         if index and stop.is_set():
             optimizer.zero_grad(set_to_none=True)
             return None
-        loss_sum = _loss_sum(model, batch, precision=precision)
+        loss_sum, hits = _loss_sum_and_hits(model, batch, precision=precision)
         loss = loss_sum / label_tokens
         (scaler.scale(loss) if scaler else loss).backward()
         total += float(loss_sum.detach())
+        correct += hits
     apply_gradients(model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    return total / label_tokens
+    return total / label_tokens, correct / label_tokens
 
 
-def _evaluate(model, examples, *, recipe: Recipe, pad_id: int, seed: int, precision) -> float:
-    """Token-mean loss over a fixed random sample of validation batches (the same every epoch)."""
+def _validation_batches(examples, *, recipe: Recipe, seed: int) -> list[list[int]]:
+    """Every validation batch in a fixed random order (the same every epoch); the epoch's
+    ``validation_loss`` is on the first ``max_validation_steps`` of them."""
+    return length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size=recipe.data.batch_size,
+                                  shuffle=True, rng=random.Random(f"{seed}:validation"))
+
+
+def _evaluate(model, examples, batches: list[list[int]], *, pad_id: int, precision) -> tuple[float, float]:
+    """Token-mean loss and token accuracy over these batches of ``examples``."""
     import torch
 
     model.eval()
-    batches = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size=recipe.data.batch_size,
-                                     shuffle=True, rng=random.Random(f"{seed}:validation"))
-    batches = batches[: recipe.schedule.max_validation_steps]
-    total, tokens = 0.0, 0
+    total, correct, tokens = 0.0, 0, 0
     with torch.no_grad():
         for indices in batches:
             batch = collate([examples[i] for i in indices], pad_id=pad_id)
-            total += float(_loss_sum(model, batch, precision=precision))
+            loss_sum, hits = _loss_sum_and_hits(model, batch, precision=precision)
+            total += float(loss_sum)
+            correct += hits
             tokens += batch["label_tokens"]
-    return total / tokens if tokens else math.nan
+    return (total / tokens, correct / tokens) if tokens else (math.nan, math.nan)
 
 
 def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
@@ -108,6 +127,8 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
                   max_length=max_length)
     train = encode_rows(train_rows, **encode)
     validation = encode_rows(validation_rows, **encode) or train
+    validation_batches = _validation_batches(validation, recipe=recipe, seed=seed)
+    sampled = validation_batches[: recipe.schedule.max_validation_steps]
 
     found = checkpoints.find_checkpoints(output_dir=output_dir)
     points = ResumePoints(spec.resume_dir, every_seconds=spec.resume_every_seconds)
@@ -169,22 +190,47 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     unit_lengths = [sum(lengths[i] for i in pack) for pack in packs] if packs is not None else lengths
     merge_base = functools.partial(load_merge_base, path=plan.model, trust_remote_code=trust)
 
+    # OpenAI's metrics: the token accuracy of every step; with a validation dataset, one validation
+    # batch's loss and accuracy every ``valid_every`` steps (cycling through them) and, at each
+    # checkpoint, those of the whole validation set (``full_valid_*``).
+    valid_every = max(1, run.total_steps // VALIDATION_POINTS)
+    steps_done = [run.global_step]
+    epoch_accuracies: list[float] = []  # this epoch's steps run by this process
+
     def step(group: list[list[int]]) -> StepResult | None:
         micro = [make_batch(indices) for indices in group]
-        loss = _train_step(model, micro, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
-                           precision=precision, stop=stop)
-        if loss is None:
+        result = _train_step(model, micro, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
+                             precision=precision, stop=stop)
+        if result is None:
             return None
+        loss, accuracy = result
+        steps_done[0] += 1
+        epoch_accuracies.append(accuracy)
+        metrics = {"train_mean_token_accuracy": accuracy}
+        if validation_rows and steps_done[0] % valid_every == 0:
+            probe = validation_batches[(steps_done[0] // valid_every - 1) % len(validation_batches)]
+            valid_loss, valid_accuracy = _evaluate(model, validation, [probe], pad_id=tokenizer.pad_token_id,
+                                                   precision=precision)
+            metrics |= {"valid_loss": valid_loss, "valid_mean_token_accuracy": valid_accuracy}
         return StepResult(loss=loss, real_tokens=sum(b["real_tokens"] for b in micro),
-                          total_tokens=sum(b["total_tokens"] for b in micro), metrics={})
+                          total_tokens=sum(b["total_tokens"] for b in micro), metrics=metrics)
 
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
-        validation_loss = _evaluate(model, validation, recipe=recipe, pad_id=tokenizer.pad_token_id, seed=seed,
-                                    precision=precision)
+        evaluate = functools.partial(_evaluate, model, validation, pad_id=tokenizer.pad_token_id, precision=precision)
+        validation_loss, valid_accuracy = evaluate(sampled)
+        token_metrics = {"valid_mean_token_accuracy": valid_accuracy}
+        if epoch_accuracies:
+            token_metrics["train_mean_token_accuracy"] = sum(epoch_accuracies) / len(epoch_accuracies)
+        if validation_rows:
+            full = (validation_loss, valid_accuracy) if len(sampled) == len(validation_batches) else evaluate(
+                validation_batches)
+            token_metrics |= {"full_valid_loss": full[0], "full_valid_mean_token_accuracy": full[1]}
+        epoch_accuracies.clear()
         write_epoch_checkpoint(reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer,
                                run=run, epoch=epoch, global_step=global_step, losses=losses,
                                validation_loss=validation_loss, state={"lora": lora},
-                               merge_base=merge_base if spec.save_merged and lora else None)
+                               merge_base=merge_base if spec.save_merged and lora else None,
+                               token_metrics=token_metrics)
 
     # Not compiled over bitsandbytes' 4-bit layers: never tried here, and a failed compile would cost
     # minutes of a job for nothing.

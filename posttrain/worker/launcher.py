@@ -328,6 +328,7 @@ class Launcher:
                 job_id=job_id, **lease,
                 identifier=event.identifier, epoch=event.epoch, step=event.step, path=event.path,
                 train_loss=event.train_loss, validation_loss=event.validation_loss, perplexity=event.perplexity,
+                metrics=event.token_metrics(),
             )
         else:
             self.store.append_event(job_id=job_id, **lease, type=event.kind, data=event.to_dict())
