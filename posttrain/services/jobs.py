@@ -23,7 +23,7 @@ from posttrain.errors import (
     TransitionRefused,
 )
 from posttrain.services.models import check_adapter_size, check_default_lora_targets, resolve_model
-from posttrain.services.paths import resolve_inside
+from posttrain.services.paths import areas_of, resolve_writable
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.jobs import JobStore, QuotaFull, new_job_id
@@ -69,6 +69,7 @@ class JobService:
             if own is not None:
                 model_name = own.path
                 model_roots.append(Path(own.path))
+        areas = areas_of(self.settings, tenant)
         model, adapter = resolve_model(
             model_name,
             model_roots=model_roots,
@@ -76,6 +77,7 @@ class JobService:
             trust_remote_code=self.settings.trust_remote_code,
             field=names.model,
             allow_adapter=recipe.method is JobKind.DPO,
+            areas=areas,
         )
         check_default_lora_targets(model, recipe.adapter, field=names.model)
         check_adapter_size(model, recipe.adapter, field=names.model)
@@ -87,8 +89,8 @@ class JobService:
         job_id = new_job_id()
         folder = job_folder(self.settings.jobs_dir, job_id)
         if submission.checkpoint_dir:
-            output_dir = resolve_inside(submission.checkpoint_dir, roots=self.settings.allowed_file_roots,
-                                        field=names.checkpoint_dir)
+            # Only into the tenant's own file area: never another tenant's, never a shared root.
+            output_dir = resolve_writable(submission.checkpoint_dir, areas=areas, field=names.checkpoint_dir)
             output_dir = output_dir / folder.name
         else:
             output_dir = folder / "checkpoints"

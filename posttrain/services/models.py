@@ -16,7 +16,7 @@ from typing import Any
 
 from posttrain.domain.recipes import LoRA
 from posttrain.errors import InvalidRequest
-from posttrain.services.paths import resolve_inside
+from posttrain.services.paths import FileAreas, resolve_inside
 
 
 def _cached_snapshot(model_id: str, hf_cache: Path) -> Path | None:
@@ -39,13 +39,17 @@ def resolve_model(
     trust_remote_code: bool,
     field: str = "model",
     allow_adapter: bool = False,
+    areas: FileAreas | None = None,
 ) -> tuple[Path, Path | None]:
     """The model folder to load, and the LoRA adapter folder to merge into it first (if ``name``
-    is an adapter checkpoint, e.g. a finished SFT job's, and ``allow_adapter``)."""
+    is an adapter checkpoint, e.g. a finished SFT job's, and ``allow_adapter``).
+
+    Model roots are the operator's, shared read-only by every tenant; given the caller's
+    ``areas``, a folder inside another tenant's file area is refused as if it were outside them."""
     if not name:
         raise InvalidRequest(f"{field}: a model is required (a local Hugging Face model folder or a cached model id)")
     if name.startswith(("/", "~", "file://")):
-        folder = resolve_inside(name.removeprefix("file://"), roots=model_roots, field=field)
+        folder = resolve_inside(name.removeprefix("file://"), roots=model_roots, field=field, areas=areas)
     else:
         if ".." in name.split("/") or name.count("/") > 1:
             raise InvalidRequest(f"{field}: '{name}' is neither an absolute folder path nor a model id like org/name")
@@ -63,7 +67,8 @@ def resolve_model(
         except (OSError, ValueError, KeyError) as exc:
             raise InvalidRequest(f"{field}: adapter_config.json of '{name}' names no base model: {exc}") from exc
         base_folder, _ = resolve_model(base, model_roots=model_roots, hf_cache=hf_cache,
-                                       trust_remote_code=trust_remote_code, field=f"{field} (its base model)")
+                                       trust_remote_code=trust_remote_code, field=f"{field} (its base model)",
+                                       areas=areas)
         return base_folder, folder
     config_path = folder / "config.json"
     if not config_path.is_file():
