@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.domain.pins import PathPin, PinRole, pin_folder, pin_problem
 from posttrain.errors import InvalidRequest, PathOutsideRoots
 from posttrain.settings import Settings
 
@@ -132,6 +133,33 @@ def resolve_writable(raw: str, *, areas: FileAreas, field: str) -> Path:
     Anything else gets one message, whether it exists or not and whoever's it is."""
     resolved = real_path(resolve_syntax(raw, field=field))
     if resolved is None or not areas.may_write(resolved):
-        raise PathOutsideRoots(f"{field}: '{raw}' is outside the folders this tenant may write "
-                               f"({shown(areas.own)}; shared folders are read-only)")
+        raise _not_writable(raw, areas, field)
     return resolved
+
+
+def _not_writable(raw: str, areas: FileAreas, field: str) -> PathOutsideRoots:
+    return PathOutsideRoots(f"{field}: '{raw}' is outside the folders this tenant may write "
+                            f"({shown(areas.own)}; shared folders are read-only)")
+
+
+def create_output_folder(path: Path, *, areas: FileAreas | None, field: str, raw: str = "") -> Path:
+    """Create a job's output folder (named by the job's id, so new) at ``path``, a real path the
+    caller checked, and confirm it landed there: a link swapped in meanwhile is refused as if the
+    request had named it. The folder is then pinned, and the trainer writes into it only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+    if real_path(path) != path or (areas is not None and not areas.may_write(path)):
+        raise _not_writable(raw or str(path), areas or FileAreas((), (), ()), field)
+    return path
+
+
+def pin_checked(folder: Path, *, role: PinRole, within: list[Path], areas: FileAreas | None, field: str) -> PathPin:
+    """Pin a folder just checked (see ``domain.pins``): its entries may lead into ``within``, never
+    into another tenant's area. Refused now when an entry already leads elsewhere."""
+    pin = pin_folder(folder, role=role, within=tuple(str(p) for p in within),
+                     not_within=tuple(str(p) for p in areas.file_roots) if areas else (),
+                     but_within=tuple(str(p) for p in areas.readable) if areas else ())
+    problem = pin_problem(pin)
+    if problem is not None:
+        raise InvalidRequest(f"{field}: {problem}")
+    return pin

@@ -13,10 +13,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from posttrain.api.app import create_app
+from posttrain.domain.jobs import JobStatus
 from posttrain.services.access import digest
 from posttrain.services.container import build_services
+from posttrain.worker.launcher import Launcher
 from tests.integration.test_access import ALICE, BOB, as_
 from tests.integration.test_api import ROWS, assert_problem, lora_request
+from tests.worker_helpers import launch_config, stand_in_importable
 
 JSONL = "".join(json.dumps(row) + "\n" for row in ROWS)
 
@@ -37,6 +40,7 @@ def keyed(settings, tmp_path, shared):
     settings.shared_file_roots = [shared]
     services = build_services(settings)
     with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
+        client.services = services  # type: ignore[attr-defined]  # the swap tests claim its jobs
         yield client
     services.close()
 
@@ -161,3 +165,75 @@ def test_without_keys_the_default_tenant_keeps_the_whole_roots(settings):
                                                      "source": {"type": "uri", "uri": str(root / "top.jsonl")}})
         assert response.status_code == 200, response.text
     services.close()
+
+
+# --- a folder checked at submit and swapped for a link before the trainer starts ----------------
+
+
+@pytest.fixture
+def bob_job(keyed, settings, shared, tiny_model_path, monkeypatch):
+    """Bob submits a job on a model in his own area (the model roots cover the file roots here)
+    with a checkpoint_dir there too; no worker runs yet. Returns a function that claims and
+    launches it with the stand-in trainer (which writes ``ran.json`` into its output folder)."""
+    stand_in_importable(monkeypatch)
+    root = settings.allowed_file_roots[0]
+    settings.model_roots = [tiny_model_path.parent, root]
+    shutil.copytree(tiny_model_path, root / "bob" / "model")
+    assert register(keyed, BOB, str(shared / "common.jsonl"), "common").status_code == 200
+    body = lora_request(str(root / "bob" / "model"), "common", checkpoint_dir=str(root / "bob" / "ckpt"))
+    body["job_uuid"] = "completes-" + body["job_uuid"]
+    response = keyed.post("/v1/post-training/supervised-fine-tune", headers=as_(BOB), json=body)
+    assert response.status_code == 200, response.text
+    store = keyed.services.jobs.store
+    job = store.find(tenant="bob", job_uuid=body["job_uuid"])
+
+    def launch():
+        claimed = store.claim_next(owner="w1", lease_seconds=30)
+        assert claimed is not None and claimed.id == job.id
+        Launcher(job=claimed, owner="w1", store=store, config=launch_config()).run()
+        return store.get(job_id=job.id)
+
+    return job, launch
+
+
+def _swap_for_link(folder: Path, target: Path) -> None:
+    folder.rename(folder.with_name(folder.name + "-checked"))
+    folder.symlink_to(target, target_is_directory=True)
+
+
+def test_an_unswapped_job_runs(bob_job):
+    job, launch = bob_job
+    done = launch()
+    assert done.status is JobStatus.COMPLETED, done.error_message
+    assert (Path(job.plan.output_dir) / "ran.json").is_file()
+
+
+def test_a_model_folder_swapped_for_a_link_fails_the_job_and_starts_no_trainer(bob_job, tmp_path, tiny_model_path):
+    job, launch = bob_job
+    outside = tmp_path / "outside-model"
+    shutil.copytree(tiny_model_path, outside)
+    _swap_for_link(Path(job.plan.model), outside)
+    done = launch()
+    assert done.status is JobStatus.FAILED and done.error_code == "path_changed", done.error_message
+    assert "model folder" in done.error_message and str(outside) not in done.error_message
+    folder = Path(job.plan.train_rows_path).parent
+    assert not list(folder.glob("spec-attempt-*")) and not list(folder.glob("trainer-attempt-*"))
+    assert not (Path(job.plan.output_dir) / "ran.json").exists()
+
+
+def test_a_checkpoint_folder_swapped_for_a_link_fails_the_job_and_nothing_is_written_outside(bob_job, tmp_path):
+    job, launch = bob_job
+    outside = tmp_path / "outside-checkpoints"
+    outside.mkdir()
+    _swap_for_link(Path(job.plan.output_dir), outside)
+    done = launch()
+    assert done.status is JobStatus.FAILED and done.error_code == "path_changed", done.error_message
+    assert list(outside.iterdir()) == []
+
+
+def test_a_model_file_made_a_link_into_another_tenants_area_fails_the_job(bob_job, alice_area):
+    job, launch = bob_job
+    (Path(job.plan.model) / "extra.safetensors").symlink_to(alice_area / "rows.jsonl")
+    done = launch()
+    assert done.status is JobStatus.FAILED and done.error_code == "path_changed", done.error_message
+    assert "extra.safetensors" in done.error_message and "alice" not in done.error_message
