@@ -6,7 +6,10 @@ Real HTTP through the real app, two API keys (as in test_access.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +17,16 @@ from fastapi.testclient import TestClient
 
 from posttrain.api.app import create_app
 from posttrain.domain.jobs import JobStatus
+from posttrain.domain.pins import pin_folder
+from posttrain.domain.recipes import TrainerSpec
 from posttrain.services.access import digest
 from posttrain.services.container import build_services
+from posttrain.trainer import checkpoints, loading
+from posttrain.trainer.errors import PathChangedError
 from posttrain.worker.launcher import Launcher
 from tests.integration.test_access import ALICE, BOB, as_
 from tests.integration.test_api import ROWS, assert_problem, lora_request
-from tests.worker_helpers import launch_config, stand_in_importable
+from tests.worker_helpers import REPO, launch_config, stand_in_importable
 
 JSONL = "".join(json.dumps(row) + "\n" for row in ROWS)
 
@@ -237,3 +244,61 @@ def test_a_model_file_made_a_link_into_another_tenants_area_fails_the_job(bob_jo
     done = launch()
     assert done.status is JobStatus.FAILED and done.error_code == "path_changed", done.error_message
     assert "extra.safetensors" in done.error_message and "alice" not in done.error_message
+
+
+def test_the_trainer_itself_refuses_a_checkpoint_folder_swapped_after_the_launcher_checked(bob_job, tmp_path):
+    """The swap lands between the launcher's check and the trainer's start: the real trainer
+    process re-checks before it loads or writes, fails with path_changed, writes nothing outside."""
+    job, _ = bob_job
+    spec = tmp_path / "spec.json"
+    spec.write_text(TrainerSpec(job_uuid=job.job_uuid, plan=job.plan, device="cpu", threads=1).model_dump_json())
+    outside = tmp_path / "outside-checkpoints"
+    outside.mkdir()
+    _swap_for_link(Path(job.plan.output_dir), outside)
+    ran = subprocess.run([sys.executable, "-m", "posttrain.trainer", str(spec)], capture_output=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    last = json.loads(ran.stdout.decode().strip().splitlines()[-1])
+    assert last["event"] == "failed" and last["code"] == "path_changed", last
+    assert list(outside.iterdir()) == []
+
+
+def _pinned_output(tmp_path) -> Path:
+    output = tmp_path / "out" / "job"
+    output.mkdir(parents=True)
+    loading.pin_paths([pin_folder(output, role="output_dir", within=(str(output),))])
+    return output
+
+
+def test_a_checkpoint_is_never_written_through_a_swapped_output_folder(tmp_path):
+    output = _pinned_output(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _swap_for_link(output, outside)
+    try:
+        with pytest.raises(PathChangedError):
+            checkpoints.write_folder(output / "epoch_1", model=None, tokenizer=None, training_state={},
+                                     trainer_state={}, save_model=lambda staging, final: None)
+    finally:
+        loading.pin_paths([])
+    assert list(outside.iterdir()) == []
+
+
+def test_a_swap_while_a_checkpoint_is_written_sends_nothing_outside(tmp_path):
+    """Files go through the descriptor of the folder checked, not its name; the swap is noticed
+    before the checkpoint is published."""
+    output = _pinned_output(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    def swap_then_write(staging: Path, final: Path) -> None:
+        _swap_for_link(output, outside)
+        (staging / "weights.bin").write_bytes(b"w")
+
+    try:
+        with pytest.raises(PathChangedError):
+            checkpoints.write_folder(output / "epoch_1", model=None, tokenizer=None, training_state={},
+                                     trainer_state={}, save_model=swap_then_write)
+    finally:
+        loading.pin_paths([])
+    assert list(outside.iterdir()) == []
+    assert list(output.with_name("job-checked").iterdir()) == []  # the staging folder was removed
