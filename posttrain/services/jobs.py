@@ -80,6 +80,13 @@ class JobService:
             allow_adapter=recipe.method is JobKind.DPO,
             areas=areas,
         )
+        # What the trainer will read, pinned as checked (the launcher and trainer re-check it),
+        # before anything in it is read here.
+        readable = [*model_roots, self.settings.hf_cache.expanduser().resolve()]
+        model = model.resolve()
+        pins = [pin_checked(model, role="model", within=readable, areas=areas, field=names.model)]
+        if adapter:
+            pins.append(pin_checked(adapter, role="adapter", within=readable, areas=areas, field=names.model))
         check_default_lora_targets(model, recipe.adapter, field=names.model)
         check_adapter_size(model, recipe.adapter, field=names.model)
         sources = [("train.jsonl", submission.dataset_id, names.dataset_id)]
@@ -96,12 +103,6 @@ class JobService:
             output_dir = output_dir / folder.name
         else:
             output_dir = folder / "checkpoints"
-        # What the trainer will read, pinned as checked (the launcher and trainer re-check it).
-        readable = [*model_roots, self.settings.hf_cache.expanduser().resolve()]
-        model = model.resolve()
-        pins = [pin_checked(model, role="model", within=readable, areas=areas, field=names.model)]
-        if adapter:
-            pins.append(pin_checked(adapter, role="adapter", within=readable, areas=areas, field=names.model))
         # The job keeps its own copy of its rows: later appends or an unregister do not change a
         # submitted job, and a resumed job sees exactly the rows its first attempt saw.
         folder.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,17 @@ def peft_default_lora_targets() -> dict[str, Any] | None:
     return None
 
 
+#: safetensors' own bound on a header (100 MB); a file claiming more is no safetensors file, and
+#: reading what it claims would be a MemoryError (a 500), not a refusal.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _header_size(size: int) -> int:
+    if size > _MAX_SAFETENSORS_HEADER:
+        raise ValueError(f"a safetensors header of {size} bytes")
+    return size
+
+
 def _weight_layer_names(folder: Path) -> set[str] | None:
     """The layer names (``...self_attn.q_proj.weight`` -> ``q_proj``) of a model's safetensors
     weights, from the files' JSON headers; None when the model keeps no safetensors."""
@@ -150,7 +161,7 @@ def _weight_layer_names(folder: Path) -> set[str] | None:
             for path in files:
                 with path.open("rb") as handle:
                     (size,) = struct.unpack("<Q", handle.read(8))
-                    keys += [k for k in json.loads(handle.read(size)) if k != "__metadata__"]
+                    keys += [k for k in json.loads(handle.read(_header_size(size))) if k != "__metadata__"]
     except (OSError, ValueError, KeyError, struct.error):
         return None
     return {parts[-2] for parts in (key.split(".") for key in keys) if len(parts) >= 2}
@@ -218,7 +229,7 @@ def _safetensors_parameters(folder: Path) -> int | None:
         for path in files:
             with path.open("rb") as handle:
                 (size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(size))
+                header = json.loads(handle.read(_header_size(size)))
             for key, tensor in header.items():
                 if key != "__metadata__":
                     count = 1

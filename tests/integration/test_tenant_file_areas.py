@@ -302,3 +302,18 @@ def test_a_swap_while_a_checkpoint_is_written_sends_nothing_outside(tmp_path):
         loading.pin_paths([])
     assert list(outside.iterdir()) == []
     assert list(output.with_name("job-checked").iterdir()) == []  # the staging folder was removed
+
+
+def test_a_model_whose_files_lead_into_another_tenants_area_is_refused_at_submit(keyed, settings, shared, alice_area,
+                                                                                 tiny_model_path):
+    root = settings.allowed_file_roots[0]
+    settings.model_roots = [tiny_model_path.parent, root]
+    model = root / "bob" / "model"
+    shutil.copytree(tiny_model_path, model)
+    (model / "extra.safetensors").symlink_to(alice_area / "rows.jsonl")
+    assert register(keyed, BOB, str(shared / "common.jsonl"), "common").status_code == 200
+    response = keyed.post("/v1/post-training/supervised-fine-tune", headers=as_(BOB),
+                          json=lora_request(str(model), "common"))
+    body = assert_problem(response, 400, "model", "extra.safetensors")
+    assert "alice" not in body["detail"]
+    assert keyed.get("/v1/post-training/jobs", headers=as_(BOB)).json() == {"data": []}
