@@ -47,6 +47,7 @@ def resolve_inside(raw: str, *, roots: list[Path], field: str, areas: FileAreas 
         return resolved
     raise PathOutsideRoots(f"{field}: '{raw}' is outside the folders this server may use ({shown(roots)})")
 
+
 #: A tenant name that can be one folder name. Any other tenant (``a/b``, ``..``) has no file area
 #: of its own: every path it names is refused, never mapped onto another folder.
 _AREA_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}$")

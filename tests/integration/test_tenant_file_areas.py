@@ -194,10 +194,10 @@ def bob_job(keyed, settings, shared, tiny_model_path, monkeypatch):
     store = keyed.services.jobs.store
     job = store.find(tenant="bob", job_uuid=body["job_uuid"])
 
-    def launch():
+    def launch(**config):
         claimed = store.claim_next(owner="w1", lease_seconds=30)
         assert claimed is not None and claimed.id == job.id
-        Launcher(job=claimed, owner="w1", store=store, config=launch_config()).run()
+        Launcher(job=claimed, owner="w1", store=store, config=launch_config(**config)).run()
         return store.get(job_id=job.id)
 
     return job, launch
@@ -317,3 +317,14 @@ def test_a_model_whose_files_lead_into_another_tenants_area_is_refused_at_submit
     body = assert_problem(response, 400, "model", "extra.safetensors")
     assert "alice" not in body["detail"]
     assert keyed.get("/v1/post-training/jobs", headers=as_(BOB)).json() == {"data": []}
+
+
+def test_the_real_trainer_runs_a_pinned_job_into_the_tenants_own_area(bob_job, settings):
+    """The pins hold for an untouched job: the real trainer loads the model from Bob's area and
+    writes its checkpoint into his checkpoint_dir, re-checking them at every load and write."""
+    job, launch = bob_job
+    done = launch(trainer_module="posttrain.trainer", threads=1, device="cpu")
+    assert done.status is JobStatus.COMPLETED, done.error_message
+    (checkpoint,) = done.checkpoints
+    assert Path(checkpoint.path).parent == Path(job.plan.output_dir)
+    assert Path(checkpoint.path).is_relative_to(settings.allowed_file_roots[0] / "bob" / "ckpt")
