@@ -80,7 +80,13 @@ class Settings(BaseSettings):
     )
     file_roots: list[Path] = Field(
         default_factory=list,
-        description="Folders a dataset URI or checkpoint_dir may point into (default: <home>/files).",
+        description="Folders a dataset URI or checkpoint_dir may point into (default: <home>/files). With API keys "
+        "each tenant has its own area in each, <root>/<tenant>/, and reads or writes nothing else there; without "
+        "keys the single tenant (default) uses the whole roots.",
+    )
+    shared_file_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders of read-only data every tenant may register datasets from; never a checkpoint_dir.",
     )
     hf_cache: Path = Field(default_factory=_default_hf_cache, description="Hugging Face hub cache searched for model ids.")
     trust_remote_code: bool = Field(default=False, description="Allow models that ship their own code.")
@@ -141,6 +147,10 @@ class Settings(BaseSettings):
     def allowed_file_roots(self) -> list[Path]:
         roots = self.file_roots or [self.resolved_home / "files"]
         return [Path(r).expanduser().resolve() for r in roots]
+
+    @property
+    def allowed_shared_file_roots(self) -> list[Path]:
+        return [Path(r).expanduser().resolve() for r in self.shared_file_roots]
 
     def ensure_dirs(self) -> None:
         home = self.resolved_home

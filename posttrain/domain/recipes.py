@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain.domain.pins import PathPin
 from posttrain.errors import RecipeInvalid
 
 Dtype = Literal["bf16", "fp16", "fp32"]
@@ -287,6 +288,8 @@ class JobPlan(RecipePart):
     output_dir: str = Field(description="where the checkpoints go")
     train_rows_path: str = Field(description="the job's own copy of its training rows (JSON lines)")
     validation_rows_path: str | None = None
+    pins: tuple[PathPin, ...] = Field((), description="the model, adapter and output folders as checked at submit, "
+                                      "re-checked before use (none for plans stored before pins existed)")
 
 
 class TrainerSpec(RecipePart):

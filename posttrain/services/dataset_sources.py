@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import stat
 import threading
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, unquote_to_bytes
@@ -66,8 +67,8 @@ def load_uri_rows(
     match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
     scheme = match.group(1).lower() if match else ""
     if scheme in ("", "file"):
-        path, data = _read_in_roots(uri, file_roots)
-        rows = _parse(data, _SUFFIX_FORMATS.get(path.suffix.lower()), str(path))
+        raw, path, data = _read_in_roots(uri, file_roots)
+        rows = _parse(data, _SUFFIX_FORMATS.get(path.suffix.lower()), raw)
     elif scheme == "data":
         mime, payload = _decode_data_uri(uri)
         rows = _parse(payload, _MIME_FORMATS.get(mime), f"data: URI ({mime or 'no type'})")
@@ -98,8 +99,15 @@ def validate_rows(rows: object, *, max_rows: int | None = None) -> list[dict]:
     return _checked(rows, max_rows, convert=False)
 
 
-def _read_in_roots(uri: str, file_roots: list[Path]) -> tuple[Path, bytes]:
-    """Resolve symlinks first and compare after, so no link or ``..`` can lead outside the roots."""
+def _read_in_roots(uri: str, file_roots: list[Path]) -> tuple[str, Path, bytes]:
+    """Read a file the tenant may read: ``file_roots`` are its own area and the shared folders.
+
+    A file outside them (another tenant's area too), missing, a folder, or unreadable is refused
+    with one message and one status, so a refusal says nothing about what exists elsewhere. The
+    file is opened once without following a last symlink, and the opened file's real path (from
+    ``/proc/self/fd``) is checked again, so no swap after the check leads outside the roots.
+    Returns the path as the request wrote it (what content errors name), the real path and the bytes.
+    """
     raw = uri
     if uri[:5].lower() == "file:":
         raw = uri[5:]
@@ -117,18 +125,27 @@ def _read_in_roots(uri: str, file_roots: list[Path]) -> tuple[Path, bytes]:
             f"path {raw!r} must be absolute and must not contain '..'; give the full path of a file under "
             f"one of the allowed roots: {allowed}"
         )
+    refused = PathOutsideRoots(
+        f"dataset file {raw!r} is not a readable file inside the folders this tenant may read datasets from "
+        f"({allowed}): it is missing, not a file, unreadable or outside them; copy the file into one of them"
+    )
     try:
         resolved = candidate.resolve()
         if not any(resolved.is_relative_to(root) for root in roots):
-            raise PathOutsideRoots(
-                f"path {raw!r} (resolves to {str(resolved)!r}) is outside the folders this server reads "
-                f"datasets from: {allowed}; copy the file under one of them or add its folder to the file roots"
-            )
-        if not resolved.is_file():
-            raise DatasetSourceInvalid(f"dataset file {raw!r} not found{' (it is a folder)' * resolved.is_dir()}")
-        return resolved, resolved.read_bytes()
-    except (OSError, RuntimeError) as exc:  # unreadable, name too long, symlink loop (RuntimeError before 3.13)
-        raise DatasetSourceInvalid(f"dataset file {raw!r} cannot be read: {exc}") from exc
+            raise refused
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, RuntimeError):  # missing, unreadable, name too long, symlink loop (RuntimeError before 3.13)
+        raise refused from None
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.isdir("/proc/self/fd") else resolved
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not any(real.is_relative_to(root) for root in roots):
+            raise refused
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return raw, real, handle.read()
+    except OSError:
+        raise refused from None
+    finally:
+        os.close(fd)
 
 
 def _decode_data_uri(uri: str) -> tuple[str, bytes]:

@@ -11,6 +11,7 @@ from posttrain.domain.rows import RowFormatError, require_known_layouts
 from posttrain.errors import DatasetNotFound, DatasetSourceInvalid, DuplicateDataset, InvalidRequest
 from posttrain.services.dataset_sources import load_uri_rows, validate_rows
 from posttrain.services.http_sources import HttpPolicy
+from posttrain.services.paths import areas_of
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 
@@ -39,7 +40,7 @@ class DatasetService:
         else:
             rows = load_uri_rows(
                 source["uri"],
-                file_roots=self.settings.allowed_file_roots,
+                file_roots=list(areas_of(self.settings, tenant).readable),  # its own area and the shared roots
                 hf_cache=self.settings.hf_cache,
                 max_rows=self.settings.max_dataset_rows,
                 http=HttpPolicy(

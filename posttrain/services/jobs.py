@@ -8,6 +8,7 @@ accepted can run; a refused request leaves nothing behind.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from posttrain.errors import (
     TransitionRefused,
 )
 from posttrain.services.models import check_adapter_size, check_default_lora_targets, resolve_model
-from posttrain.services.paths import resolve_inside
+from posttrain.services.paths import areas_of, create_output_folder, pin_checked, resolve_writable
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.jobs import JobStore, QuotaFull, new_job_id
@@ -69,6 +70,7 @@ class JobService:
             if own is not None:
                 model_name = own.path
                 model_roots.append(Path(own.path))
+        areas = areas_of(self.settings, tenant)
         model, adapter = resolve_model(
             model_name,
             model_roots=model_roots,
@@ -76,7 +78,15 @@ class JobService:
             trust_remote_code=self.settings.trust_remote_code,
             field=names.model,
             allow_adapter=recipe.method is JobKind.DPO,
+            areas=areas,
         )
+        # What the trainer will read, pinned as checked (the launcher and trainer re-check it),
+        # before anything in it is read here.
+        readable = [*model_roots, self.settings.hf_cache.expanduser().resolve()]
+        model = model.resolve()
+        pins = [pin_checked(model, role="model", within=readable, areas=areas, field=names.model)]
+        if adapter:
+            pins.append(pin_checked(adapter, role="adapter", within=readable, areas=areas, field=names.model))
         check_default_lora_targets(model, recipe.adapter, field=names.model)
         check_adapter_size(model, recipe.adapter, field=names.model)
         sources = [("train.jsonl", submission.dataset_id, names.dataset_id)]
@@ -86,23 +96,32 @@ class JobService:
             self._dataset(tenant, dataset_id, field)  # refused before anything is written
         job_id = new_job_id()
         folder = job_folder(self.settings.jobs_dir, job_id)
+        output_areas = areas if submission.checkpoint_dir else None
         if submission.checkpoint_dir:
-            output_dir = resolve_inside(submission.checkpoint_dir, roots=self.settings.allowed_file_roots,
-                                        field=names.checkpoint_dir)
+            # Only into the tenant's own file area: never another tenant's, never a shared root.
+            output_dir = resolve_writable(submission.checkpoint_dir, areas=areas, field=names.checkpoint_dir)
             output_dir = output_dir / folder.name
         else:
             output_dir = folder / "checkpoints"
         # The job keeps its own copy of its rows: later appends or an unregister do not change a
         # submitted job, and a resumed job sees exactly the rows its first attempt saw.
         folder.mkdir(parents=True, exist_ok=True)
+        made_output = False
         try:
             for name, dataset_id, field in sources:
                 self._copy_rows(tenant, dataset_id, field, folder / name)
             train_rows = folder / "train.jsonl"
             validation_rows = folder / "validation.jsonl" if len(sources) > 1 else None
+            # The server makes the output folder, so the trainer never creates a folder on a path
+            # a tenant can swap; the trainer re-checks the pin before it writes.
+            create_output_folder(output_dir, areas=output_areas, field=names.checkpoint_dir,
+                                 raw=submission.checkpoint_dir or "")
+            made_output = True
+            pins.append(pin_checked(output_dir, role="output_dir", within=[output_dir], areas=None,
+                                    field=names.checkpoint_dir))
             plan = JobPlan(recipe=recipe, model=str(model), adapter=str(adapter) if adapter else None,
                            output_dir=str(output_dir), train_rows_path=str(train_rows),
-                           validation_rows_path=str(validation_rows) if validation_rows else None)
+                           validation_rows_path=str(validation_rows) if validation_rows else None, pins=tuple(pins))
             try:
                 return self.store.create(job_id=job_id, job_uuid=job_uuid, tenant=tenant, kind=recipe.method,
                                          request=request, plan=plan, max_attempts=self.settings.max_attempts,
@@ -111,6 +130,9 @@ class JobService:
                 raise _quota_full(exc.quota) from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
+            if made_output and submission.checkpoint_dir:
+                with contextlib.suppress(OSError):
+                    output_dir.rmdir()  # empty: nothing has written there yet
             raise
 
     def _dataset(self, tenant: str, dataset_id: str, field: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from posttrain.domain.recipes import LoRA
 from posttrain.errors import InvalidRequest
-from posttrain.services.paths import resolve_inside
+from posttrain.services.paths import FileAreas, resolve_inside
 
 
 def _cached_snapshot(model_id: str, hf_cache: Path) -> Path | None:
@@ -39,13 +39,17 @@ def resolve_model(
     trust_remote_code: bool,
     field: str = "model",
     allow_adapter: bool = False,
+    areas: FileAreas | None = None,
 ) -> tuple[Path, Path | None]:
     """The model folder to load, and the LoRA adapter folder to merge into it first (if ``name``
-    is an adapter checkpoint, e.g. a finished SFT job's, and ``allow_adapter``)."""
+    is an adapter checkpoint, e.g. a finished SFT job's, and ``allow_adapter``).
+
+    Model roots are the operator's, shared read-only by every tenant; given the caller's
+    ``areas``, a folder inside another tenant's file area is refused as if it were outside them."""
     if not name:
         raise InvalidRequest(f"{field}: a model is required (a local Hugging Face model folder or a cached model id)")
     if name.startswith(("/", "~", "file://")):
-        folder = resolve_inside(name.removeprefix("file://"), roots=model_roots, field=field)
+        folder = resolve_inside(name.removeprefix("file://"), roots=model_roots, field=field, areas=areas)
     else:
         if ".." in name.split("/") or name.count("/") > 1:
             raise InvalidRequest(f"{field}: '{name}' is neither an absolute folder path nor a model id like org/name")
@@ -63,7 +67,8 @@ def resolve_model(
         except (OSError, ValueError, KeyError) as exc:
             raise InvalidRequest(f"{field}: adapter_config.json of '{name}' names no base model: {exc}") from exc
         base_folder, _ = resolve_model(base, model_roots=model_roots, hf_cache=hf_cache,
-                                       trust_remote_code=trust_remote_code, field=f"{field} (its base model)")
+                                       trust_remote_code=trust_remote_code, field=f"{field} (its base model)",
+                                       areas=areas)
         return base_folder, folder
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -130,6 +135,17 @@ def peft_default_lora_targets() -> dict[str, Any] | None:
     return None
 
 
+#: safetensors' own bound on a header (100 MB); a file claiming more is no safetensors file, and
+#: reading what it claims would be a MemoryError (a 500), not a refusal.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _header_size(size: int) -> int:
+    if size > _MAX_SAFETENSORS_HEADER:
+        raise ValueError(f"a safetensors header of {size} bytes")
+    return size
+
+
 def _weight_layer_names(folder: Path) -> set[str] | None:
     """The layer names (``...self_attn.q_proj.weight`` -> ``q_proj``) of a model's safetensors
     weights, from the files' JSON headers; None when the model keeps no safetensors."""
@@ -145,7 +161,7 @@ def _weight_layer_names(folder: Path) -> set[str] | None:
             for path in files:
                 with path.open("rb") as handle:
                     (size,) = struct.unpack("<Q", handle.read(8))
-                    keys += [k for k in json.loads(handle.read(size)) if k != "__metadata__"]
+                    keys += [k for k in json.loads(handle.read(_header_size(size))) if k != "__metadata__"]
     except (OSError, ValueError, KeyError, struct.error):
         return None
     return {parts[-2] for parts in (key.split(".") for key in keys) if len(parts) >= 2}
@@ -213,7 +229,7 @@ def _safetensors_parameters(folder: Path) -> int | None:
         for path in files:
             with path.open("rb") as handle:
                 (size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(size))
+                header = json.loads(handle.read(_header_size(size)))
             for key, tensor in header.items():
                 if key != "__metadata__":
                     count = 1

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.trainer.errors import CheckpointWriteError
+from posttrain.trainer.loading import check_pinned, check_pinned_descriptor
 
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
@@ -110,11 +111,34 @@ def write_folder(final: Path, *, model, tokenizer, training_state: dict[str, Any
     import torch
 
     output_dir = final.parent
-    staging = final.with_name(final.name + ".tmp")
+    check_pinned(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)  # a resume point's folder; an output folder exists
+    # Every write below goes through a descriptor of the folder just checked: swapping the folder
+    # (or a folder above it) for a link afterwards cannot send a checkpoint anywhere else.
+    anchor_fd = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     try:
-        if staging.exists():
+        check_pinned_descriptor(output_dir, anchor_fd)
+        anchor = Path(f"/proc/self/fd/{anchor_fd}") if os.path.isdir("/proc/self/fd") else output_dir
+        _write_staged(anchor / (final.name + ".tmp"), anchor / final.name, final, model=model, tokenizer=tokenizer,
+                      training_state=training_state, trainer_state=trainer_state, merge_base=merge_base,
+                      save_model=save_model, torch=torch)
+    finally:
+        os.close(anchor_fd)
+    return final
+
+
+def _write_staged(staging: Path, target: Path, final: Path, *, model, tokenizer, training_state: dict[str, Any],
+                  trainer_state: dict[str, Any], merge_base: Callable[[], Any] | None,
+                  save_model: Callable[[Path, Path], None] | None, torch: Any) -> None:
+    """``write_folder``'s body: ``staging`` and ``target`` are reached through the output folder's
+    descriptor, ``final`` is the checkpoint's real path (what callbacks and messages name)."""
+    output_dir = final.parent
+    try:
+        if staging.is_symlink():
+            staging.unlink()
+        elif staging.exists():
             shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        staging.mkdir()
         if save_model is None:
             model.save_pretrained(staging)
         else:
@@ -133,10 +157,13 @@ def write_folder(final: Path, *, model, tokenizer, training_state: dict[str, Any
         (staging / TRAINING_STATE).write_bytes(buffer.getvalue())
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
         _fsync_tree(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        _fsync_dir(output_dir)
+        check_pinned(output_dir)  # once more before the checkpoint appears under its name
+        if target.is_symlink():
+            target.unlink()
+        elif target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+        _fsync_dir(target.parent)
     except Exception as exc:
         full = _out_of_space(exc, output_dir)
         shutil.rmtree(staging, ignore_errors=True)
@@ -147,7 +174,6 @@ def write_folder(final: Path, *, model, tokenizer, training_state: dict[str, Any
                 "the earlier checkpoints are kept"
             ) from exc
         raise
-    return final
 
 
 def _out_of_space(exc: Exception, folder: Path) -> bool:

@@ -29,3 +29,11 @@ class CheckpointWriteError(TrainerError, OSError):
     An ``OSError`` too, with the errno of the write that failed."""
 
     code: ClassVar[FailureCode] = FailureCode.DISK_FULL
+
+
+class PathChangedError(TrainerError):
+    """A folder the server checked and pinned at submit (model, adapter, output folder) was
+    swapped since (a link, another folder, an entry leading elsewhere); nothing was read from or
+    written to it."""
+
+    code: ClassVar[FailureCode] = FailureCode.PATH_CHANGED

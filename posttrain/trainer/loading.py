@@ -4,7 +4,47 @@ usable sequence length, and the model a merged checkpoint is made from.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from posttrain.domain.pins import PathPin, pin_problem
+from posttrain.trainer.errors import PathChangedError
 from posttrain.trainer.precision import Precision
+
+#: The folders this job's plan pinned at submit (``domain.pins``); each load below, and each
+#: checkpoint write, re-checks the pin covering its path right before it reads or writes.
+_pins: tuple[PathPin, ...] = ()
+
+
+def pin_paths(pins: Iterable[PathPin]) -> None:
+    """Take this job's pins (a warm trainer drops the previous job's) and check them all now."""
+    global _pins
+    _pins = tuple(pins)
+    check_pinned(*(pin.path for pin in _pins))
+
+
+def check_pinned(*paths: str | Path | None) -> None:
+    """Raise ``PathChangedError`` when a pin covering one of ``paths`` no longer holds."""
+    for path in paths:
+        if path is None:
+            continue
+        text = os.path.abspath(path)
+        for pin in _pins:
+            if text == pin.path or text.startswith(pin.path.rstrip("/") + "/"):
+                problem = pin_problem(pin)
+                if problem is not None:
+                    raise PathChangedError(problem + "; the trainer did not use it")
+
+
+def check_pinned_descriptor(path: str | Path, fd: int) -> None:
+    """The folder open as ``fd`` is the one pinned for ``path`` (if one is): what was checked by
+    name a moment ago is what the descriptor holds."""
+    text = os.path.abspath(path)
+    for pin in _pins:
+        if text == pin.path and os.fstat(fd).st_ino != pin.inode:
+            raise PathChangedError(f"the folder checked when the job was submitted ({pin.path}) was replaced; "
+                                   "the trainer did not write to it")
 
 
 def load_model(*, path: str, precision: Precision, lora: bool, trust_remote_code: bool, quantize_base: bool = False):
@@ -18,6 +58,7 @@ def load_model(*, path: str, precision: Precision, lora: bool, trust_remote_code
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_pinned(path)
     dtype = precision.torch_dtype() if lora else torch.float32
     if not quantize_base:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -61,6 +102,7 @@ def load_merge_base(*, path: str, adapter: str | None = None, trust_remote_code:
     with a starting adapter merged in when the job began from one (DPO on an SFT adapter)."""
     from transformers import AutoModelForCausalLM
 
+    check_pinned(path, adapter)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
@@ -72,6 +114,7 @@ def load_merge_base(*, path: str, adapter: str | None = None, trust_remote_code:
 def load_tokenizer(*, path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    check_pinned(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
@@ -84,6 +127,7 @@ MAX_LENGTH_CAP = 4096  # no max sequence length in the Llama Stack config; keep 
 def model_max_length(*, model_path: str, tokenizer, trust_remote_code: bool) -> int:
     from transformers import AutoConfig
 
+    check_pinned(model_path)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length, MAX_LENGTH_CAP]
     return min(int(limit) for limit in limits if limit and limit < 10**8)

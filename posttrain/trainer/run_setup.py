@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.domain.recipes import TrainerSpec
-from posttrain.trainer.loading import load_tokenizer, model_max_length
+from posttrain.trainer.loading import load_tokenizer, model_max_length, pin_paths
 from posttrain.trainer.precision import Precision, resolve_precision
 
 
@@ -69,6 +69,7 @@ class RunSetup:
 def set_up_run(spec: TrainerSpec) -> RunSetup:
     """Output folder, threads, seeds, precision, tokenizer and max sequence length, from the spec."""
     trust, seed, model = spec.trust_remote_code, spec.recipe.seed, spec.plan.model
+    pin_paths(spec.plan.pins)  # what submit checked still holds (PathChangedError if not)
     output_dir = Path(spec.plan.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     threads = set_threads(spec.threads)

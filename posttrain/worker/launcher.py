@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any, TypedDict, TypeVar
 
 from posttrain.domain.jobs import Job, JobStatus
+from posttrain.domain.pins import pin_problem
 from posttrain.domain.protocol import (
     TERMINAL_EVENTS,
     AnyEvent,
@@ -33,6 +34,7 @@ from posttrain.domain.protocol import (
     CheckpointWritten,
     Completed,
     Failed,
+    FailureCode,
     ProtocolError,
     Started,
     StepMetric,
@@ -158,6 +160,8 @@ class Launcher:
         return path
 
     def _run(self) -> None:
+        if self._refused_a_swapped_folder():
+            return
         spec = self._spec()
         folder = spec.parent
         stderr_path = folder / f"trainer-attempt-{self.attempt}.log"
@@ -182,6 +186,26 @@ class Launcher:
         while reader.is_alive() and (time.monotonic() < deadline or self._store_waits):
             reader.join(timeout=0.2)  # a reader still waiting on the store has events to land
         self._finish(stderr_path)
+
+    def _refused_a_swapped_folder(self) -> bool:
+        """Fail the job, starting no trainer, when a folder its plan pinned at submit (model,
+        adapter, output folder) was swapped since: for a link, another folder or contents that lead
+        elsewhere (``domain.pins``). The trainer checks again right before it loads and writes."""
+        plan = self.job.plan
+        problem = next((p for p in (pin_problem(pin) for pin in plan.pins) if p), None) if plan else None
+        if problem is None:
+            return False
+        log.warning("job %s refused: %s", self.job.job_uuid, problem,
+                    extra={"action": "path_changed", "job_id": self.job.id})
+        if self._warm is not None:  # not used: let it go rather than keep a trainer waiting on stdin
+            self._process = self._warm
+            self._kill()
+        try:
+            self._retrying(lambda: self.store.finish(job_id=self.job.id, **self._lease(), status=JobStatus.FAILED,
+                                                     error_code=FailureCode.PATH_CHANGED.value, error_message=problem))
+        except LeaseLost:
+            log.info("job %s moved on", self.job.job_uuid, extra={"action": "trainer_stopped", "job_id": self.job.id})
+        return True
 
     def _supervise(self) -> None:
         """Renew the lease until the trainer exits; stop it when the job moved on or we shut down."""

@@ -210,19 +210,21 @@ def test_symlink_out_of_root_is_refused_and_inside_is_followed(root: Path, tmp_p
     target = tmp_path / "secret.jsonl"
     target.write_bytes(jsonl_bytes(ROWS))
     (root / "link.jsonl").symlink_to(target)
-    with pytest.raises(PathOutsideRoots, match=r"secret\.jsonl"):
+    with pytest.raises(PathOutsideRoots, match=r"link\.jsonl") as info:  # the link's target is not told
         load(str(root / "link.jsonl"), root)
+    assert "secret" not in info.value.detail
     (root / "real.jsonl").write_bytes(jsonl_bytes(ROWS))
     (root / "alias.jsonl").symlink_to(root / "real.jsonl")
     assert load(str(root / "alias.jsonl"), root) == ROWS
 
 
-def test_missing_file_and_directory(root: Path) -> None:
-    with pytest.raises(DatasetSourceInvalid, match="not found"):
+def test_missing_file_and_directory_are_refused_like_a_file_outside(root: Path) -> None:
+    with pytest.raises(PathOutsideRoots, match="missing, not a file") as missing:
         load(str(root / "nope.jsonl"), root)
     (root / "dir.jsonl").mkdir()
-    with pytest.raises(DatasetSourceInvalid, match="not found"):
+    with pytest.raises(PathOutsideRoots, match="missing, not a file") as folder:
         load(str(root / "dir.jsonl"), root)
+    assert missing.value.detail.replace("nope", "dir") == folder.value.detail
 
 
 def test_file_uri_with_remote_host_is_refused(root: Path) -> None:
@@ -440,7 +442,7 @@ def test_jsonl_string_holding_unicode_line_separators(root: Path) -> None:
 
 def test_symlink_loop_and_nul_byte_are_refused_cleanly(root: Path) -> None:
     (root / "loop.jsonl").symlink_to(root / "loop.jsonl")
-    with pytest.raises(DatasetSourceInvalid):
+    with pytest.raises(PathOutsideRoots):
         load(str(root / "loop.jsonl"), root)
     with pytest.raises(PathOutsideRoots):
         load(f"{root}/a\x00.jsonl", root)
