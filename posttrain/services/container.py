@@ -12,10 +12,12 @@ from sqlalchemy import Engine, select
 
 from posttrain.services.access import AccessControl, parse_key_lines
 from posttrain.services.datasets import DatasetService
+from posttrain.services.files import FileService
 from posttrain.services.jobs import JobService
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.engine import at_head, make_engine, migrate, store_usable
+from posttrain.store.files import FileStore
 from posttrain.store.jobs import JobStore
 from posttrain.store.tables import jobs as jobs_table
 
@@ -36,6 +38,7 @@ class Services:
     jobs: JobService
     datasets: DatasetService
     access: AccessControl
+    files: FileService
 
     def ready(self) -> bool:
         """The store can be read and written within ``ready_timeout_seconds`` and its schema is at
@@ -65,6 +68,7 @@ def build_services(settings: Settings) -> Services:
         jobs=JobService(store=job_store, datasets=dataset_store, settings=settings),
         datasets=DatasetService(store=dataset_store, settings=settings),
         access=build_access(settings),
+        files=FileService(store=FileStore(engine, settings.resolved_home / "uploads"), settings=settings),
     )
 
 
