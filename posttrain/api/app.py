@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse
 from posttrain import __version__
 from posttrain.api.gate import Gate
 from posttrain.api.problems import install_problem_handlers
-from posttrain.api.routes import datasets, events, health, metrics, openai_files, post_training
+from posttrain.api.routes import datasets, events, health, metrics, openai_files, openai_fine_tuning, post_training
 from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.dashboard.routes import router as dashboard_router
 from posttrain.services.container import Services, build_services
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.datasets = services.datasets
     app.state.access = services.access
     app.state.files = services.files
+    app.state.fine_tuning = services.fine_tuning
     app.state.store_ready = services.ready
 
     install_problem_handlers(app)
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     for router in (post_training.router, datasets.router, events.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
     app.include_router(openai_files.router)
+    app.include_router(openai_fine_tuning.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard_router, responses=PROBLEM_RESPONSES)

@@ -95,8 +95,17 @@ def first_invalid_field(exc: RequestValidationError) -> str | None:
     errors = exc.errors()
     if not errors:
         return None
-    where = _location(tuple(errors[0].get("loc", ())))
+    # A union adds its member's tag to the path (n_epochs.int, n_epochs.literal['auto']): not a field.
+    loc = tuple(part for part in errors[0].get("loc", ()) if not _is_union_tag(part))
+    where = _location(loc)
     return None if where == "body" else where
+
+
+_UNION_TAGS = frozenset({"int", "float", "str", "bool", "none", "dict", "list", "constrained-int", "constrained-float"})
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _UNION_TAGS or part.startswith(("literal[", "function-")))
 
 
 def describe_validation_error(exc: RequestValidationError) -> str:

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, select
 from posttrain.services.access import AccessControl, parse_key_lines
 from posttrain.services.datasets import DatasetService
 from posttrain.services.files import FileService
+from posttrain.services.fine_tuning import FineTuningService
 from posttrain.services.jobs import JobService
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
@@ -39,6 +40,7 @@ class Services:
     datasets: DatasetService
     access: AccessControl
     files: FileService
+    fine_tuning: FineTuningService
 
     def ready(self) -> bool:
         """The store can be read and written within ``ready_timeout_seconds`` and its schema is at
@@ -62,13 +64,16 @@ def build_services(settings: Settings) -> Services:
     job_store = JobStore(engine)
     dataset_store = DatasetStore(engine, settings.datasets_dir)
     remove_orphans(engine, dataset_store, settings.jobs_dir)
+    jobs = JobService(store=job_store, datasets=dataset_store, settings=settings)
+    files = FileService(store=FileStore(engine, settings.resolved_home / "uploads"), settings=settings)
     return Services(
         settings=settings,
         engine=engine,
-        jobs=JobService(store=job_store, datasets=dataset_store, settings=settings),
+        jobs=jobs,
         datasets=DatasetService(store=dataset_store, settings=settings),
         access=build_access(settings),
-        files=FileService(store=FileStore(engine, settings.resolved_home / "uploads"), settings=settings),
+        files=files,
+        fine_tuning=FineTuningService(jobs=jobs, files=files, datasets=dataset_store, settings=settings),
     )
 
 

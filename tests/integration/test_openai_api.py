@@ -6,6 +6,7 @@ leaving nothing behind. (The SDKs themselves drive a real server in tests/client
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -139,3 +140,118 @@ def test_errors_on_openai_paths_use_its_envelope_and_llama_stack_paths_keep_rfc7
                         param="limit")
     llama = keyed_client.get("/v1/datasets")
     assert llama.status_code == 401 and llama.json()["status"] == 401 and "error" not in llama.json()
+
+
+# -- fine-tuning jobs -------------------------------------------------------------------------------
+
+
+def create_job(client, tiny_model_path, file_id: str, headers: dict | None = None, **fields):
+    body = {"model": tiny_model_path.name, "training_file": file_id, **fields}
+    return client.post("/v1/fine_tuning/jobs", json=body, headers=headers or {})
+
+
+def test_a_job_is_created_queued_and_is_the_same_job_on_the_llama_stack_api(client, services, tiny_model_path):
+    file = upload(client).json()
+    created = create_job(client, tiny_model_path, file["id"], suffix="colours", seed=7, metadata={"team": "a"},
+                         method={"type": "supervised", "supervised": {"hyperparameters": {
+                             "n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 3}}})
+    assert created.status_code == 200, created.text
+    job = created.json()
+    assert job["id"].startswith("ftjob-") and job["object"] == "fine_tuning.job" and job["status"] == "queued"
+    assert job["model"] == tiny_model_path.name and job["training_file"] == file["id"] and job["seed"] == 7
+    assert job["fine_tuned_model"] is None and job["error"] is None and job["result_files"] == []
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 3.0}
+    assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": job["hyperparameters"]}}
+    assert job["metadata"] == {"team": "a"} and job["user_provided_suffix"] == "colours"
+    stored = services.jobs.get(tenant="default", job_uuid=job["id"])
+    recipe = stored.plan.recipe
+    assert recipe.optimizer.lr == pytest.approx(3e-4) and recipe.schedule.n_epochs == 2 and recipe.seed == 7
+    assert recipe.schedule.max_steps_per_epoch == 4  # 8 rows, batches of 2: every row each epoch
+    assert len(Path(stored.plan.train_rows_path).read_text().splitlines()) == 8
+    assert client.get("/v1/datasets").json()["data"] == []  # the staging dataset is gone; the job has its copy
+    assert job["id"] in [j["job_uuid"] for j in client.get("/v1/post-training/jobs").json()["data"]]
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json() == job
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
+    assert events["object"] == "list" and events["data"][0]["message"] == "Job queued"
+    assert events["data"][0]["object"] == "fine_tuning.job.event" and events["data"][0]["type"] == "message"
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == []
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+
+
+def test_auto_hyperparameters_resolve_to_the_servers_choices(client, services, tiny_model_path):
+    file = upload(client).json()
+    job = create_job(client, tiny_model_path, file["id"], hyperparameters={"n_epochs": "auto"}).json()
+    assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+    assert services.jobs.get(tenant="default", job_uuid=job["id"]).plan.recipe.optimizer.lr == pytest.approx(1e-4)
+
+
+def test_jobs_list_newest_first_with_paging_and_metadata_filter_and_llama_stack_jobs(client, tiny_model_path):
+    from tests.integration.test_api import lora_request, register
+
+    file = upload(client).json()
+    first = create_job(client, tiny_model_path, file["id"], metadata={"team": "a"}).json()
+    second = create_job(client, tiny_model_path, file["id"], metadata={"team": "b"}).json()
+    register(client, "toy")
+    llama = lora_request(str(tiny_model_path), "toy")
+    assert client.post("/v1/post-training/supervised-fine-tune", json=llama).status_code == 200
+    listed = client.get("/v1/fine_tuning/jobs").json()
+    assert [j["id"] for j in listed["data"]] == [llama["job_uuid"], second["id"], first["id"]]
+    llama_job = listed["data"][0]
+    assert llama_job["training_file"] == "toy" and llama_job["method"]["type"] == "supervised"
+    assert llama_job["hyperparameters"]["learning_rate_multiplier"] == pytest.approx(10.0)  # lr 1e-3
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 1, "after": llama["job_uuid"]}).json()
+    assert [j["id"] for j in page["data"]] == [second["id"]] and page["has_more"] is True
+    filtered = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "a"}).json()
+    assert [j["id"] for j in filtered["data"]] == [first["id"]]
+
+
+@pytest.mark.parametrize(("fields", "param", "words"), [
+    ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", ["1 to 50"]),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 1000}}}},
+     "method.supervised.hyperparameters.batch_size", ["1 to 256"]),
+    ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier", ["above 0"]),
+    ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs", []),
+    ({"method": {"type": "reinforcement"}}, "method.type", ["graders"]),
+    ({"method": {"type": "dpo"}}, "method.type", ["DPO"]),
+    ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations", ["Weights & Biases"]),
+    ({"surprise": 1}, "surprise", ["unexpected"]),
+])
+def test_bad_hyperparameters_and_unsupported_options_are_400_naming_the_param(client, services, tiny_model_path,
+                                                                              fields, param, words):
+    file = upload(client).json()
+    assert_openai_error(create_job(client, tiny_model_path, file["id"], **fields), 400, *words, param=param)
+    assert services.jobs.list_jobs(tenant="default") == []
+
+
+def test_unknown_model_is_404_model_not_found_naming_the_known_ones(client, services, tiny_model_path):
+    file = upload(client).json()
+    response = client.post("/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": file["id"]})
+    assert_openai_error(response, 404, "gpt-4o-mini", tiny_model_path.name, param="model", code="model_not_found")
+    assert services.jobs.list_jobs(tenant="default") == []
+
+
+def test_unknown_or_another_tenants_training_file_is_404_and_a_bad_file_is_400(keyed_client, tiny_model_path):
+    alices = upload(keyed_client, headers=as_(ALICE)).json()
+    theirs = create_job(keyed_client, tiny_model_path, alices["id"], headers=as_(BOB))
+    missing = create_job(keyed_client, tiny_model_path, "file-000000000000000000000000", headers=as_(BOB))
+    assert_openai_error(theirs, 404, alices["id"], param="training_file", code="file_not_found")
+    assert theirs.json()["error"]["message"].replace(alices["id"], "X") == \
+        missing.json()["error"]["message"].replace("file-000000000000000000000000", "X")
+    bad = upload(keyed_client, b'{"messages": []}\nnot json\n', headers=as_(BOB)).json()
+    assert_openai_error(create_job(keyed_client, tiny_model_path, bad["id"], headers=as_(BOB)), 400, "line",
+                        param="training_file", code="invalid_file_format")
+    no_messages = upload(keyed_client, b'{"prompt": "a", "completion": "b"}\n', headers=as_(BOB)).json()
+    assert_openai_error(create_job(keyed_client, tiny_model_path, no_messages["id"], headers=as_(BOB)), 400,
+                        "line 1", param="training_file")
+    assert keyed_client.get("/v1/fine_tuning/jobs", headers=as_(BOB)).json()["data"] == []
+    assert_openai_error(keyed_client.get("/v1/fine_tuning/jobs/ftjob-nope", headers=as_(BOB)), 404,
+                        code="fine_tuning_job_not_found")
+
+
+def test_cancelling_a_finished_job_is_409(client, services, tiny_model_path):
+    file = upload(client).json()
+    job = create_job(client, tiny_model_path, file["id"]).json()
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    again = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"  # a retry of the same cancel
