@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse
 
 from posttrain import __version__
 from posttrain.api.gate import Gate
-from posttrain.api.problems import install_problem_handlers
+from posttrain.api.problems import OPENAI_ERROR_RESPONSES, install_problem_handlers
 from posttrain.api.routes import datasets, events, health, metrics, openai_files, openai_fine_tuning, post_training
 from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.dashboard.routes import router as dashboard_router
@@ -74,8 +74,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     for router in (post_training.router, datasets.router, events.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
-    app.include_router(openai_files.router)
-    app.include_router(openai_fine_tuning.router)
+    for router in (openai_files.router, openai_fine_tuning.router):
+        app.include_router(router, responses=OPENAI_ERROR_RESPONSES)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard_router, responses=PROBLEM_RESPONSES)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -50,6 +52,34 @@ OPENAI_ERROR_KINDS: dict[int, tuple[str, str | None]] = {
     415: ("invalid_request_error", "unsupported_media_type"),
     421: ("invalid_request_error", "misdirected_request"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error envelope, as the ``openai`` SDK parses it."""
+
+    error: OpenAIErrorDetail
+
+
+#: The refusals any OpenAI operation may answer with, so the OpenAPI document tells the truth.
+OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIError, "description": description}
+    for code, description in (
+        (400, "The request was invalid or malformed"),
+        (401, "A valid API key is required"),
+        (404, "No such file, job, model or endpoint"),
+        (409, "The request conflicts with the current state"),
+        (413, "The request body is too large"),
+        (429, "Too many requests, or too many queued jobs"),
+        (500, "The server encountered an unexpected error"),
+    )
 }
 
 

@@ -34,7 +34,14 @@ def file_object(stored: StoredFile) -> dict[str, Any]:
             "status_details": None}
 
 
-@router.post("/v1/files")
+#: The upload's body as OpenAPI says it (the route reads the stream itself, so FastAPI cannot infer it).
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"},
+                   "purpose": {"type": "string", "description": "fine-tune (the only purpose kept here)"}}}}}}}
+
+
+@router.post("/v1/files", openapi_extra=UPLOAD_BODY)
 async def upload_file(request: Request, files: FileServiceDep, tenant: TenantDep) -> dict[str, Any]:
     """Upload a file (multipart fields ``file`` and ``purpose``; only ``fine-tune`` is kept).
 
