@@ -39,8 +39,16 @@ class Services:
     jobs: JobService
     datasets: DatasetService
     access: AccessControl
-    files: FileService
-    fine_tuning: FineTuningService
+    #: Built from the others when not given (the OpenAI Files and fine-tuning APIs).
+    files: FileService | None = None
+    fine_tuning: FineTuningService | None = None
+
+    def __post_init__(self) -> None:
+        if self.files is None:
+            self.files = FileService(store=FileStore(self.engine, uploads_dir(self.settings)), settings=self.settings)
+        if self.fine_tuning is None:
+            self.fine_tuning = FineTuningService(jobs=self.jobs, files=self.files, datasets=self.jobs.datasets,
+                                                 settings=self.settings)
 
     def ready(self) -> bool:
         """The store can be read and written within ``ready_timeout_seconds`` and its schema is at
@@ -64,17 +72,22 @@ def build_services(settings: Settings) -> Services:
     job_store = JobStore(engine)
     dataset_store = DatasetStore(engine, settings.datasets_dir)
     remove_orphans(engine, dataset_store, settings.jobs_dir)
-    jobs = JobService(store=job_store, datasets=dataset_store, settings=settings)
-    files = FileService(store=FileStore(engine, settings.resolved_home / "uploads"), settings=settings)
+    swept = FileStore.remove_temp_files(uploads_dir(settings), older_than=PROCESS_START - ORPHAN_GRACE_SECONDS)
+    if swept:
+        log.info("removed uploads a killed process left", extra={"action": "orphans_removed",
+                                                                  "paths": [str(p) for p in swept]})
     return Services(
         settings=settings,
         engine=engine,
-        jobs=jobs,
+        jobs=JobService(store=job_store, datasets=dataset_store, settings=settings),
         datasets=DatasetService(store=dataset_store, settings=settings),
         access=build_access(settings),
-        files=files,
-        fine_tuning=FineTuningService(jobs=jobs, files=files, datasets=dataset_store, settings=settings),
     )
+
+
+def uploads_dir(settings: Settings) -> Path:
+    """Where the OpenAI Files API keeps uploads: one folder per tenant inside it."""
+    return settings.resolved_home / "uploads"
 
 
 def remove_orphans(engine: Engine, dataset_store: DatasetStore, jobs_dir: Path) -> None:

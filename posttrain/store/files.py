@@ -126,6 +126,20 @@ class FileStore:
     def open(self, stored: StoredFile) -> IO[bytes]:
         return Path(stored.path).open("rb")
 
+    @staticmethod
+    def remove_temp_files(root: Path, *, older_than: float) -> builtins.list[Path]:
+        """Remove uploads a killed process left half-written (temp files last changed before
+        ``older_than``, a Unix time); a committed upload is never a temp file."""
+        removed = []
+        for temp in root.glob(f"*/{TEMP_PREFIX}*") if root.is_dir() else ():
+            try:
+                if temp.stat().st_mtime < older_than:
+                    temp.unlink()
+                    removed.append(temp)
+            except FileNotFoundError:
+                continue
+        return removed
+
     def delete(self, *, tenant: str, file_id: str) -> bool:
         with self.engine.begin() as conn:
             path = conn.execute(
