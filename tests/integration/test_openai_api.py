@@ -249,9 +249,28 @@ def test_unknown_or_another_tenants_training_file_is_404_and_a_bad_file_is_400(k
                         code="fine_tuning_job_not_found")
 
 
-def test_cancelling_a_finished_job_is_409(client, services, tiny_model_path):
+def test_cancelling_a_cancelled_job_again_is_a_success(client, services, tiny_model_path):
     file = upload(client).json()
     job = create_job(client, tiny_model_path, file["id"]).json()
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     again = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert again.status_code == 200 and again.json()["status"] == "cancelled"  # a retry of the same cancel
+
+
+def test_a_failed_job_shows_its_error_and_a_running_one_its_status(client, services, tiny_model_path):
+    from posttrain.domain.jobs import JobStatus
+
+    file = upload(client).json()
+    job = create_job(client, tiny_model_path, file["id"]).json()
+    store = services.jobs.store
+    claimed = store.claim_next(owner="test-worker", lease_seconds=60)
+    assert claimed is not None and claimed.job_uuid == job["id"]
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "running"
+    store.finish(job_id=claimed.id, owner="test-worker", attempt=claimed.attempt, status=JobStatus.FAILED,
+                 error_code="bad_row", error_message="row 3 has no assistant message")
+    failed = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert failed["status"] == "failed" and failed["fine_tuned_model"] is None
+    assert failed["error"] == {"code": "bad_row", "message": "row 3 has no assistant message", "param": None}
+    messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
+    assert messages[0].startswith("Job failed") and messages[-1] == "Job queued"
+    assert_openai_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 409, "failed")
