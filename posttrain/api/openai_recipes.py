@@ -30,6 +30,7 @@ from posttrain.errors import RecipeInvalid
 AUTO_N_EPOCHS = 3
 AUTO_BATCH_SIZE = 4
 AUTO_LEARNING_RATE_MULTIPLIER = 1.0
+AUTO_BETA, MAX_BETA = 0.1, 2.0
 #: OpenAI's own bounds on each hyperparameter, kept so a body valid there is valid here.
 MAX_N_EPOCHS, MAX_BATCH_SIZE, MAX_MULTIPLIER = 50, 256, 10.0
 MAX_SUFFIX = 64
@@ -96,10 +97,7 @@ def method_of(body: CreateFineTuningJob) -> Literal["supervised", "dpo"]:
     kind = body.method.type if body.method else "supervised"
     if kind == "reinforcement":
         raise Refusal("method.type", "reinforcement fine-tuning needs graders, which this server does not have; "
-                      "use supervised")
-    if kind == "dpo":
-        raise Refusal("method.type", "DPO through the OpenAI API is not available on this server yet; use "
-                      "supervised, or the Llama Stack preference-optimize endpoint")
+                      "use supervised or dpo")
     if body.integrations:
         raise Refusal("integrations", "this server sends no job to Weights & Biases or any other integration; "
                       "leave integrations out (the job's metrics are in its events)")
@@ -120,12 +118,19 @@ def check_metadata(metadata: dict[str, str]) -> None:
 def _hyperparameters(body: CreateFineTuningJob) -> tuple[Hyperparameters, str]:
     """The hyperparameters asked for, and the body's path to them (for refusals)."""
     method = body.method
-    nested = method.supervised.hyperparameters if method and method.supervised else None
+    kind = method.type if method else "supervised"
+    nested: Hyperparameters | None = None
+    if method is not None and kind == "supervised" and method.supervised:
+        nested = method.supervised.hyperparameters
+    elif method is not None and kind == "dpo" and method.dpo:
+        nested = method.dpo.hyperparameters
     if body.hyperparameters is not None and nested is not None:
-        raise Refusal("hyperparameters", "send the hyperparameters in method.supervised.hyperparameters only "
+        raise Refusal("hyperparameters", f"send the hyperparameters in method.{kind}.hyperparameters only "
                       "(the top-level field is OpenAI's deprecated spelling)")
     if nested is not None:
-        return nested, "method.supervised.hyperparameters"
+        return nested, f"method.{kind}.hyperparameters"
+    if kind == "dpo" and body.hyperparameters is not None:
+        raise Refusal("hyperparameters", "a DPO job takes its hyperparameters in method.dpo.hyperparameters")
     return body.hyperparameters or Hyperparameters(), "hyperparameters"
 
 
@@ -144,20 +149,30 @@ def resolved_hyperparameters(body: CreateFineTuningJob) -> tuple[dict[str, Any],
     if not 0 < multiplier <= MAX_MULTIPLIER:
         raise Refusal(f"{where}.learning_rate_multiplier",
                       f"must be above 0 and at most {MAX_MULTIPLIER}, or 'auto', got {multiplier}")
-    return {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": multiplier}, where
+    resolved: dict[str, Any] = {"n_epochs": n_epochs, "batch_size": batch_size,
+                                "learning_rate_multiplier": multiplier}
+    if body.method is not None and body.method.type == "dpo":
+        beta = getattr(asked, "beta", None)
+        beta = AUTO_BETA if beta in (None, "auto") else float(beta)
+        if not 0 < beta <= MAX_BETA:
+            raise Refusal(f"{where}.beta", f"must be above 0 and at most {MAX_BETA}, or 'auto', got {beta}")
+        resolved["beta"] = beta
+    return resolved, where
 
 
-def sft_submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, dataset_id: str,
-                   validation_dataset_id: str | None, train_rows: int, validation_rows: int) -> Submission:
-    """A supervised job: a LoRA adapter on the architecture's attention layers (OpenAI's API has no
-    adapter options), over every training row each epoch, validated on the whole validation file."""
+def submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, dataset_id: str,
+               validation_dataset_id: str | None, train_rows: int, validation_rows: int) -> Submission:
+    """A supervised or DPO job: a LoRA adapter on the architecture's attention layers (OpenAI's API
+    has no adapter options), over every training row each epoch, validated on the whole validation
+    file; DPO with the sigmoid loss and the body's beta."""
     hyper, where = resolved_hyperparameters(body)
     batch = hyper["batch_size"]
     names = {"schedule.n_epochs": f"{where}.n_epochs", "data.batch_size": f"{where}.batch_size",
-             "optimizer.lr": f"{where}.learning_rate_multiplier", "seed": "seed", "model": "model",
-             "dataset_id": "training_file", "validation_dataset_id": "validation_file"}
+             "optimizer.lr": f"{where}.learning_rate_multiplier", "dpo.beta": f"{where}.beta", "seed": "seed",
+             "model": "model", "dataset_id": "training_file", "validation_dataset_id": "validation_file"}
+    dpo = "beta" in hyper
     recipe = {
-        "method": JobKind.SFT.value,
+        "method": (JobKind.DPO if dpo else JobKind.SFT).value,
         "schedule": {"n_epochs": hyper["n_epochs"], "max_steps_per_epoch": max(1, math.ceil(train_rows / batch)),
                      "max_validation_steps": max(1, math.ceil((validation_rows or train_rows) / batch))},
         "data": {"batch_size": batch, "shuffle": True, "data_format": "dialog"},
@@ -165,6 +180,8 @@ def sft_submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, data
         "adapter": DPO_ADAPTER.model_dump(),
         "seed": DEFAULT_SEED if body.seed is None else body.seed,
     }
+    if dpo:
+        recipe["dpo"] = {"beta": hyper["beta"], "loss_type": "sigmoid"}
     try:
         return build_submission({
             "job_uuid": job_uuid, "model": model, "dataset_id": dataset_id,
@@ -180,4 +197,10 @@ def sft_submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, data
 
 def method_object(body: CreateFineTuningJob, hyperparameters: dict[str, Any]) -> dict[str, Any]:
     """The job's ``method`` as OpenAI shows it: the values this job trains with."""
-    return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    kind = "dpo" if "beta" in hyperparameters else "supervised"
+    return {"type": kind, kind: {"hyperparameters": hyperparameters}}
+
+
+def top_level_hyperparameters(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The job's (deprecated) top-level ``hyperparameters``: OpenAI's shape has no beta."""
+    return {key: value for key, value in hyperparameters.items() if key != "beta"}

@@ -47,8 +47,10 @@ def new_openai_job_id() -> str:
 def training_rows(lines: Iterable[str], method: Literal["supervised", "dpo"], *, param: str) -> list[dict[str, Any]]:
     """The internal rows of an OpenAI fine-tuning file, or a refusal naming the line.
 
-    The one place the file's format is read: chat rows ``{"messages": [...]}`` (one JSON object a
-    line), which the dialog layout of ``domain/rows.py`` trains on as they are."""
+    The one place the file's format is read: for ``supervised``, chat rows ``{"messages": [...]}``
+    (one JSON object a line), which the dialog layout of ``domain/rows.py`` trains on as they are;
+    for ``dpo``, OpenAI's preference rows ``{"input": {"messages": [...]}, "preferred_output":
+    [...], "non_preferred_output": [...]}``, as ``{"prompt", "chosen", "rejected"}`` rows."""
     rows: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -58,6 +60,9 @@ def training_rows(lines: Iterable[str], method: Literal["supervised", "dpo"], *,
         except ValueError as exc:
             raise FileInvalid(f"{param}: line {number} is not JSON ({exc})", param=param,
                               code="invalid_file_format") from None
+        if method == "dpo":
+            rows.append(_preference_row(row, number, param))
+            continue
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
             raise FileInvalid(f"{param}: line {number} has no \"messages\" list (each line is one chat: "
                               '{"messages": [{"role": ..., "content": ...}, ...]})', param=param,
@@ -70,6 +75,20 @@ def training_rows(lines: Iterable[str], method: Literal["supervised", "dpo"], *,
     except RowFormatError as exc:
         raise FileInvalid(f"{param}: {exc}", param=param, code="invalid_file_format") from None
     return rows
+
+
+def _preference_row(row: Any, number: int, param: str) -> dict[str, Any]:
+    prompt = row.get("input", {}).get("messages") if isinstance(row, dict) and isinstance(row.get("input"), dict) \
+        else None
+    chosen = row.get("preferred_output") if isinstance(row, dict) else None
+    rejected = row.get("non_preferred_output") if isinstance(row, dict) else None
+    if not (isinstance(prompt, list) and prompt and isinstance(chosen, list) and chosen
+            and isinstance(rejected, list) and rejected):
+        raise FileInvalid(f"{param}: line {number} is not a preference row (each line is "
+                          '{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}], '
+                          '"non_preferred_output": [{"role": "assistant", ...}]})', param=param,
+                          code="invalid_file_format")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ the venvs ``scripts/setup-openai-venvs`` creates under ``.venv-openai/<version>/
         --base-url http://127.0.0.1:8321 --model tiny-llama --scenario lifecycle
 
 Scenarios: ``lifecycle`` (upload, create, poll to succeeded, events, checkpoints, list with a
-metadata filter, cancel a second job, delete the file) and ``errors`` (the SDK's own exception
+metadata filter, cancel a second job, delete the file), ``dpo`` (preference rows trained to
+succeeded) and ``errors`` (the SDK's own exception
 classes, with OpenAI's ``param`` and ``code``). The last stdout line is a JSON summary
 ``{"ok": true, "version": ..., ...}``; on failure the traceback goes to stderr and the exit
 status is 1. The only thing that differs from code written for OpenAI is ``base_url``.
@@ -84,6 +85,27 @@ def lifecycle(client: OpenAI, model: str) -> dict:
     return {"job": job.id, "status": job.status, "events": len(events), "checkpoints": len(checkpoints)}
 
 
+def dpo(client: OpenAI, model: str) -> dict:
+    rows = [{"input": {"messages": [{"role": "user", "content": f"What colour is thing {i}?"}]},
+             "preferred_output": [{"role": "assistant", "content": "blue"}],
+             "non_preferred_output": [{"role": "assistant", "content": "I will not say"}]} for i in range(6)]
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    uploaded = client.files.create(file=("prefs.jsonl", io.BytesIO(data)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 3}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2, job
+    deadline = time.monotonic() + POLL_SECONDS
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job still {job.status} after {POLL_SECONDS} s")
+        time.sleep(1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert len(checkpoints) == 1, checkpoints
+    return {"job": job.id, "status": job.status, "checkpoints": len(checkpoints)}
+
+
 def errors(client: OpenAI, model: str) -> dict:
     seen = {}
     try:
@@ -114,16 +136,19 @@ def errors(client: OpenAI, model: str) -> dict:
     return {"errors": seen}
 
 
+SCENARIOS = {"lifecycle": lifecycle, "dpo": dpo, "errors": errors}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--scenario", choices=("lifecycle", "errors"), required=True)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url.rstrip("/") + "/v1", api_key="unused-on-an-open-server", max_retries=0)
     summary = {"version": openai.__version__, "scenario": args.scenario}
     try:
-        result = (lifecycle if args.scenario == "lifecycle" else errors)(client, args.model)
+        result = SCENARIOS[args.scenario](client, args.model)
     except Exception:  # noqa: BLE001 - any failure is reported as the summary line
         traceback.print_exc()
         print(json.dumps({**summary, "ok": False}))

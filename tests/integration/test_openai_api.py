@@ -213,7 +213,9 @@ def test_jobs_list_newest_first_with_paging_and_metadata_filter_and_llama_stack_
     ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier", ["above 0"]),
     ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs", []),
     ({"method": {"type": "reinforcement"}}, "method.type", ["graders"]),
-    ({"method": {"type": "dpo"}}, "method.type", ["DPO"]),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, "method.dpo.hyperparameters.beta",
+     ["above 0"]),
+    ({"method": {"type": "dpo"}, "hyperparameters": {"n_epochs": 1}}, "hyperparameters", ["method.dpo"]),
     ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations", ["Weights & Biases"]),
     ({"surprise": 1}, "surprise", ["unexpected"]),
 ])
@@ -274,3 +276,34 @@ def test_a_failed_job_shows_its_error_and_a_running_one_its_status(client, servi
     messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
     assert messages[0].startswith("Job failed") and messages[-1] == "Job queued"
     assert_openai_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 409, "failed")
+
+
+PREFERENCE_LINES = "".join(json.dumps({
+    "input": {"messages": [{"role": "user", "content": f"colour {i}?"}]},
+    "preferred_output": [{"role": "assistant", "content": "blue"}],
+    "non_preferred_output": [{"role": "assistant", "content": "I cannot say"}]}) + "\n" for i in range(6)).encode()
+
+
+def test_a_dpo_job_trains_openais_preference_rows_with_its_beta(client, services, tiny_model_path):
+    file = upload(client, PREFERENCE_LINES).json()
+    created = create_job(client, tiny_model_path, file["id"], method={"type": "dpo", "dpo": {"hyperparameters": {
+        "beta": 0.3, "n_epochs": 1, "batch_size": 2}}})
+    assert created.status_code == 200, created.text
+    job = created.json()
+    assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
+        "n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0, "beta": 0.3}}}
+    assert job["hyperparameters"] == {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0}
+    stored = services.jobs.get(tenant="default", job_uuid=job["id"])
+    assert stored.kind.value == "dpo" and stored.plan.recipe.dpo.beta == 0.3
+    first = json.loads(Path(stored.plan.train_rows_path).read_text().splitlines()[0])
+    assert first == {"prompt": [{"role": "user", "content": "colour 0?"}],
+                     "chosen": [{"role": "assistant", "content": "blue"}],
+                     "rejected": [{"role": "assistant", "content": "I cannot say"}]}
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["method"]["type"] == "dpo"
+
+
+def test_a_dpo_job_on_chat_rows_is_refused_naming_the_line(client, services, tiny_model_path):
+    file = upload(client).json()
+    response = create_job(client, tiny_model_path, file["id"], method={"type": "dpo"})
+    assert_openai_error(response, 400, "line 1", "preference row", param="training_file", code="invalid_file_format")
+    assert services.jobs.list_jobs(tenant="default") == []

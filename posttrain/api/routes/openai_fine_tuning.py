@@ -119,13 +119,13 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 
 @router.post("/v1/fine_tuning/jobs")
 def create_job(body: CreateFineTuningJob, service: FineTuningDep, tenant: TenantDep) -> dict[str, Any]:
-    """Create a fine-tuning job on an uploaded training file (supervised; chat rows)."""
+    """Create a fine-tuning job on an uploaded training file (supervised: chat rows; dpo: preference rows)."""
     method = openai_recipes.method_of(body)
     hyperparameters, _ = openai_recipes.resolved_hyperparameters(body)
     job_uuid = new_openai_job_id()
 
     def build(staged: StagedData):  # noqa: ANN202 - a Submission
-        return openai_recipes.sft_submission(
+        return openai_recipes.submission(
             body, job_uuid=job_uuid, model=staged.model.reference, dataset_id=staged.dataset_id,
             validation_dataset_id=staged.validation_dataset_id, train_rows=staged.train_rows,
             validation_rows=staged.validation_rows)
@@ -133,7 +133,8 @@ def create_job(body: CreateFineTuningJob, service: FineTuningDep, tenant: Tenant
     openai: dict[str, Any] = {"model": body.model, "training_file": body.training_file, "validation_file": body.validation_file,
               "suffix": body.suffix, "metadata": body.metadata,
               "seed": body.seed if body.seed is not None else openai_recipes.DEFAULT_SEED,
-              "hyperparameters": hyperparameters, "method": openai_recipes.method_object(body, hyperparameters),
+              "hyperparameters": openai_recipes.top_level_hyperparameters(hyperparameters),
+              "method": openai_recipes.method_object(body, hyperparameters),
               "integrations": []}
     job = service.create(tenant=tenant, job_uuid=job_uuid, model=body.model, training_file=body.training_file,
                          validation_file=body.validation_file, method=method, build=build, openai=openai)
