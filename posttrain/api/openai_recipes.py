@@ -98,6 +98,10 @@ def method_of(body: CreateFineTuningJob) -> Literal["supervised", "dpo"]:
     if kind == "reinforcement":
         raise Refusal("method.type", "reinforcement fine-tuning needs graders, which this server does not have; "
                       "use supervised or dpo")
+    for other in ("supervised", "dpo", "reinforcement"):
+        if body.method is not None and other != kind and getattr(body.method, other) is not None:
+            raise Refusal(f"method.{other}", f"method.type is {kind!r}: send its options in method.{kind}, "
+                          f"not method.{other}")
     if body.integrations:
         raise Refusal("integrations", "this server sends no job to Weights & Biases or any other integration; "
                       "leave integrations out (the job's metrics are in its events)")

@@ -218,6 +218,8 @@ def test_jobs_list_newest_first_with_paging_and_metadata_filter_and_llama_stack_
     ({"method": {"type": "dpo"}, "hyperparameters": {"n_epochs": 1}}, "hyperparameters", ["method.dpo"]),
     ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations", ["Weights & Biases"]),
     ({"surprise": 1}, "surprise", ["unexpected"]),
+    ({"method": {"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 2}}}}, "method.supervised",
+     ["method.dpo"]),
 ])
 def test_bad_hyperparameters_and_unsupported_options_are_400_naming_the_param(client, services, tiny_model_path,
                                                                               fields, param, words):
