@@ -18,8 +18,8 @@ from starlette.responses import HTMLResponse
 
 from posttrain import __version__
 from posttrain.api.gate import Gate
-from posttrain.api.problems import install_problem_handlers
-from posttrain.api.routes import datasets, events, health, metrics, post_training
+from posttrain.api.problems import OPENAI_ERROR_RESPONSES, install_problem_handlers
+from posttrain.api.routes import datasets, events, health, metrics, openai_files, openai_fine_tuning, post_training
 from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.dashboard.routes import router as dashboard_router
 from posttrain.services.container import Services, build_services
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app = FastAPI(
         title="posttrain",
         version=__version__,
-        description="Fine-tuning server behind the Llama Stack Post-Training API.",
+        description="Fine-tuning server behind the Llama Stack Post-Training API and OpenAI's fine-tuning API.",
         lifespan=lifespan,
         docs_url=None,  # served by _install_docs from local files, not a CDN
         redoc_url=None,
@@ -62,6 +62,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.jobs = services.jobs
     app.state.datasets = services.datasets
     app.state.access = services.access
+    app.state.files = services.files
+    app.state.fine_tuning = services.fine_tuning
     app.state.store_ready = services.ready
 
     install_problem_handlers(app)
@@ -72,6 +74,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     for router in (post_training.router, datasets.router, events.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
+    for router in (openai_files.router, openai_fine_tuning.router):
+        app.include_router(router, responses=OPENAI_ERROR_RESPONSES)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard_router, responses=PROBLEM_RESPONSES)

@@ -12,10 +12,13 @@ from sqlalchemy import Engine, select
 
 from posttrain.services.access import AccessControl, parse_key_lines
 from posttrain.services.datasets import DatasetService
+from posttrain.services.files import FileService
+from posttrain.services.fine_tuning import FineTuningService
 from posttrain.services.jobs import JobService
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.engine import at_head, make_engine, migrate, store_usable
+from posttrain.store.files import FileStore
 from posttrain.store.jobs import JobStore
 from posttrain.store.tables import jobs as jobs_table
 
@@ -36,6 +39,16 @@ class Services:
     jobs: JobService
     datasets: DatasetService
     access: AccessControl
+    #: Built from the others when not given (the OpenAI Files and fine-tuning APIs).
+    files: FileService | None = None
+    fine_tuning: FineTuningService | None = None
+
+    def __post_init__(self) -> None:
+        if self.files is None:
+            self.files = FileService(store=FileStore(self.engine, uploads_dir(self.settings)), settings=self.settings)
+        if self.fine_tuning is None:
+            self.fine_tuning = FineTuningService(jobs=self.jobs, files=self.files, datasets=self.jobs.datasets,
+                                                 settings=self.settings)
 
     def ready(self) -> bool:
         """The store can be read and written within ``ready_timeout_seconds`` and its schema is at
@@ -59,6 +72,10 @@ def build_services(settings: Settings) -> Services:
     job_store = JobStore(engine)
     dataset_store = DatasetStore(engine, settings.datasets_dir)
     remove_orphans(engine, dataset_store, settings.jobs_dir)
+    swept = FileStore.remove_temp_files(uploads_dir(settings), older_than=PROCESS_START - ORPHAN_GRACE_SECONDS)
+    if swept:
+        log.info("removed uploads a killed process left", extra={"action": "orphans_removed",
+                                                                  "paths": [str(p) for p in swept]})
     return Services(
         settings=settings,
         engine=engine,
@@ -66,6 +83,11 @@ def build_services(settings: Settings) -> Services:
         datasets=DatasetService(store=dataset_store, settings=settings),
         access=build_access(settings),
     )
+
+
+def uploads_dir(settings: Settings) -> Path:
+    """Where the OpenAI Files API keeps uploads: one folder per tenant inside it."""
+    return settings.resolved_home / "uploads"
 
 
 def remove_orphans(engine: Engine, dataset_store: DatasetStore, jobs_dir: Path) -> None:

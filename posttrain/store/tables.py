@@ -100,3 +100,17 @@ datasets = Table(
     Column("rows_path", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+
+#: Uploads of the OpenAI Files API; ``id`` ("file-…") is the service's, random, so it is unique
+#: across tenants, but every lookup is by (tenant, id): another tenant's file is not found.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False, index=True),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

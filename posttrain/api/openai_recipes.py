@@ -1,0 +1,210 @@
+"""The OpenAI door: ``POST /v1/fine_tuning/jobs`` bodies, as the domain's Submission.
+
+The body's shape is checked by ``CreateFineTuningJob`` (closed, like OpenAI's schema); this module
+resolves OpenAI's ``"auto"`` hyperparameters to this server's choices, turns the learning-rate
+*multiplier* into a learning rate (``DEFAULT_LEARNING_RATE`` x multiplier), and refuses what the
+API can ask for and this server cannot do (reinforcement, DPO for now, integrations). Every other
+check is the recipe's; its refusals come back with the field spelled as the body spells it
+(``optimizer.lr`` -> ``method.supervised.hyperparameters.learning_rate_multiplier``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from posttrain.domain.recipes import (
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_SEED,
+    DPO_ADAPTER,
+    JobKind,
+    Submission,
+    SubmissionNames,
+    build_submission,
+)
+from posttrain.errors import RecipeInvalid
+
+#: What ``"auto"`` (or leaving a hyperparameter out) means here.
+AUTO_N_EPOCHS = 3
+AUTO_BATCH_SIZE = 4
+AUTO_LEARNING_RATE_MULTIPLIER = 1.0
+AUTO_BETA, MAX_BETA = 0.1, 2.0
+#: OpenAI's own bounds on each hyperparameter, kept so a body valid there is valid here.
+MAX_N_EPOCHS, MAX_BATCH_SIZE, MAX_MULTIPLIER = 50, 256, 10.0
+MAX_SUFFIX = 64
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(_Closed):
+    n_epochs: Auto | StrictInt | None = Field(None, description=f"1 to {MAX_N_EPOCHS}, or auto ({AUTO_N_EPOCHS})")
+    batch_size: Auto | StrictInt | None = Field(None, description=f"1 to {MAX_BATCH_SIZE}, or auto ({AUTO_BATCH_SIZE})")
+    learning_rate_multiplier: Auto | StrictFloat | StrictInt | None = Field(
+        None, description=f"times {DEFAULT_LEARNING_RATE}; above 0, at most {MAX_MULTIPLIER}, or auto (1)")
+
+
+class DpoHyperparameters(Hyperparameters):
+    beta: Auto | StrictFloat | StrictInt | None = None
+
+
+class SupervisedMethod(_Closed):
+    hyperparameters: Hyperparameters | None = None
+
+
+class DpoMethod(_Closed):
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class Method(_Closed):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class CreateFineTuningJob(_Closed):
+    """OpenAI's ``FineTuningJobCreateParams``."""
+
+    model: str = Field(min_length=1, max_length=255)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
+    suffix: str | None = Field(None, max_length=MAX_SUFFIX)
+    seed: StrictInt | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None
+    integrations: list[dict[str, Any]] | None = None
+
+
+class Refusal(RecipeInvalid):
+    """A body this server will not run, naming the body's field (OpenAI's ``param``)."""
+
+    def __init__(self, param: str, reason: str) -> None:
+        super().__init__(field=param, reason=reason)
+        self.param = param
+
+
+def method_of(body: CreateFineTuningJob) -> Literal["supervised", "dpo"]:
+    """The training method the body asks for, refusing those this server has not."""
+    kind = body.method.type if body.method else "supervised"
+    if kind == "reinforcement":
+        raise Refusal("method.type", "reinforcement fine-tuning needs graders, which this server does not have; "
+                      "use supervised or dpo")
+    for other in ("supervised", "dpo", "reinforcement"):
+        if body.method is not None and other != kind and getattr(body.method, other) is not None:
+            raise Refusal(f"method.{other}", f"method.type is {kind!r}: send its options in method.{kind}, "
+                          f"not method.{other}")
+    if body.integrations:
+        raise Refusal("integrations", "this server sends no job to Weights & Biases or any other integration; "
+                      "leave integrations out (the job's metrics are in its events)")
+    if body.metadata is not None:
+        check_metadata(body.metadata)
+    return kind
+
+
+def check_metadata(metadata: dict[str, str]) -> None:
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise Refusal("metadata", f"at most {MAX_METADATA_KEYS} keys, got {len(metadata)}")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise Refusal(f"metadata.{key[:MAX_METADATA_KEY]}", f"keys are at most {MAX_METADATA_KEY} characters "
+                          f"and values at most {MAX_METADATA_VALUE}")
+
+
+def _hyperparameters(body: CreateFineTuningJob) -> tuple[Hyperparameters, str]:
+    """The hyperparameters asked for, and the body's path to them (for refusals)."""
+    method = body.method
+    kind = method.type if method else "supervised"
+    nested: Hyperparameters | None = None
+    if method is not None and kind == "supervised" and method.supervised:
+        nested = method.supervised.hyperparameters
+    elif method is not None and kind == "dpo" and method.dpo:
+        nested = method.dpo.hyperparameters
+    if body.hyperparameters is not None and nested is not None:
+        raise Refusal("hyperparameters", f"send the hyperparameters in method.{kind}.hyperparameters only "
+                      "(the top-level field is OpenAI's deprecated spelling)")
+    if nested is not None:
+        return nested, f"method.{kind}.hyperparameters"
+    if kind == "dpo" and body.hyperparameters is not None:
+        raise Refusal("hyperparameters", "a DPO job takes its hyperparameters in method.dpo.hyperparameters")
+    return body.hyperparameters or Hyperparameters(), "hyperparameters"
+
+
+def resolved_hyperparameters(body: CreateFineTuningJob) -> tuple[dict[str, Any], str]:
+    """``n_epochs``, ``batch_size`` and ``learning_rate_multiplier`` with ``auto`` resolved."""
+    asked, where = _hyperparameters(body)
+    n_epochs = AUTO_N_EPOCHS if asked.n_epochs in (None, "auto") else asked.n_epochs
+    batch_size = AUTO_BATCH_SIZE if asked.batch_size in (None, "auto") else asked.batch_size
+    multiplier = (AUTO_LEARNING_RATE_MULTIPLIER if asked.learning_rate_multiplier in (None, "auto")
+                  else float(asked.learning_rate_multiplier))
+    assert isinstance(n_epochs, int) and isinstance(batch_size, int)
+    if not 1 <= n_epochs <= MAX_N_EPOCHS:
+        raise Refusal(f"{where}.n_epochs", f"must be 1 to {MAX_N_EPOCHS} or 'auto', got {n_epochs}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise Refusal(f"{where}.batch_size", f"must be 1 to {MAX_BATCH_SIZE} or 'auto', got {batch_size}")
+    if not 0 < multiplier <= MAX_MULTIPLIER:
+        raise Refusal(f"{where}.learning_rate_multiplier",
+                      f"must be above 0 and at most {MAX_MULTIPLIER}, or 'auto', got {multiplier}")
+    resolved: dict[str, Any] = {"n_epochs": n_epochs, "batch_size": batch_size,
+                                "learning_rate_multiplier": multiplier}
+    if body.method is not None and body.method.type == "dpo":
+        beta = getattr(asked, "beta", None)
+        beta = AUTO_BETA if beta in (None, "auto") else float(beta)
+        if not 0 < beta <= MAX_BETA:
+            raise Refusal(f"{where}.beta", f"must be above 0 and at most {MAX_BETA}, or 'auto', got {beta}")
+        resolved["beta"] = beta
+    return resolved, where
+
+
+def submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, dataset_id: str,
+               validation_dataset_id: str | None, train_rows: int, validation_rows: int) -> Submission:
+    """A supervised or DPO job: a LoRA adapter on the architecture's attention layers (OpenAI's API
+    has no adapter options), over every training row each epoch, validated on the whole validation
+    file; DPO with the sigmoid loss and the body's beta."""
+    hyper, where = resolved_hyperparameters(body)
+    batch = hyper["batch_size"]
+    names = {"schedule.n_epochs": f"{where}.n_epochs", "data.batch_size": f"{where}.batch_size",
+             "optimizer.lr": f"{where}.learning_rate_multiplier", "dpo.beta": f"{where}.beta", "seed": "seed",
+             "model": "model", "dataset_id": "training_file", "validation_dataset_id": "validation_file"}
+    dpo = "beta" in hyper
+    recipe = {
+        "method": (JobKind.DPO if dpo else JobKind.SFT).value,
+        "schedule": {"n_epochs": hyper["n_epochs"], "max_steps_per_epoch": max(1, math.ceil(train_rows / batch)),
+                     "max_validation_steps": max(1, math.ceil((validation_rows or train_rows) / batch))},
+        "data": {"batch_size": batch, "shuffle": True, "data_format": "dialog"},
+        "optimizer": {"lr": DEFAULT_LEARNING_RATE * hyper["learning_rate_multiplier"]},
+        "adapter": DPO_ADAPTER.model_dump(),
+        "seed": DEFAULT_SEED if body.seed is None else body.seed,
+    }
+    if dpo:
+        recipe["dpo"] = {"beta": hyper["beta"], "loss_type": "sigmoid"}
+    try:
+        return build_submission({
+            "job_uuid": job_uuid, "model": model, "dataset_id": dataset_id,
+            "validation_dataset_id": validation_dataset_id, "recipe": recipe,
+            "names": SubmissionNames(model="model", dataset_id="training_file",
+                                     validation_dataset_id="validation_file"),
+        })
+    except RecipeInvalid as refusal:
+        field = (refusal.field or "").removeprefix("recipe.")
+        renamed = RecipeInvalid(field=field or None, reason=refusal.reason).renamed(names)
+        raise Refusal(renamed.field or "body", renamed.reason) from None
+
+
+def method_object(body: CreateFineTuningJob, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The job's ``method`` as OpenAI shows it: the values this job trains with."""
+    kind = "dpo" if "beta" in hyperparameters else "supervised"
+    return {"type": kind, kind: {"hyperparameters": hyperparameters}}
+
+
+def top_level_hyperparameters(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The job's (deprecated) top-level ``hyperparameters``: OpenAI's shape has no beta."""
+    return {key: value for key, value in hyperparameters.items() if key != "beta"}

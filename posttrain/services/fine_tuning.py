@@ -1,0 +1,179 @@
+"""OpenAI fine-tuning jobs on the same engine as every other job.
+
+A job created here is an ordinary job (the same ``jobs`` row, listed by the Llama Stack API too):
+its ``job_uuid`` is its OpenAI id (``ftjob-…``) and its OpenAI fields (file ids, suffix, metadata,
+the hyperparameters as resolved) are kept in the job's ``request`` under ``"openai"``. The
+training file's rows become a dataset only for the length of the submit: the job takes its own
+copy of them, as every job does, and the dataset is removed again, so nothing outside the job
+depends on the file afterwards.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from posttrain.domain.jobs import Job, JobEvent
+from posttrain.domain.recipes import Submission
+from posttrain.domain.rows import RowFormatError, require_known_layouts
+from posttrain.errors import NotFound
+from posttrain.services.base_models import KnownModel, resolve_base_model
+from posttrain.services.files import FileInvalid, FileService
+from posttrain.services.jobs import JobService
+from posttrain.settings import Settings
+from posttrain.store.datasets import DatasetStore
+
+#: Where an OpenAI job keeps its OpenAI fields in ``jobs.request``.
+OPENAI_KEY = "openai"
+
+
+class FineTuningJobNotFound(NotFound):
+    """No such fine-tuning job."""
+
+    code = "fine_tuning_job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"No such fine-tuning job: {job_id}")
+
+
+def new_openai_job_id() -> str:
+    return "ftjob-" + secrets.token_hex(12)
+
+
+def training_rows(lines: Iterable[str], method: Literal["supervised", "dpo"], *, param: str) -> list[dict[str, Any]]:
+    """The internal rows of an OpenAI fine-tuning file, or a refusal naming the line.
+
+    The one place the file's format is read: for ``supervised``, chat rows ``{"messages": [...]}``
+    (one JSON object a line), which the dialog layout of ``domain/rows.py`` trains on as they are;
+    for ``dpo``, OpenAI's preference rows ``{"input": {"messages": [...]}, "preferred_output":
+    [...], "non_preferred_output": [...]}``, as ``{"prompt", "chosen", "rejected"}`` rows."""
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise FileInvalid(f"{param}: line {number} is not JSON ({exc})", param=param,
+                              code="invalid_file_format") from None
+        if method == "dpo":
+            rows.append(_preference_row(row, number, param))
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise FileInvalid(f"{param}: line {number} has no \"messages\" list (each line is one chat: "
+                              '{"messages": [{"role": ..., "content": ...}, ...]})', param=param,
+                              code="invalid_file_format")
+        rows.append({"messages": row["messages"]})
+    if not rows:
+        raise FileInvalid(f"{param}: the file holds no rows", param=param, code="invalid_file_format")
+    try:
+        require_known_layouts(rows)
+    except RowFormatError as exc:
+        raise FileInvalid(f"{param}: {exc}", param=param, code="invalid_file_format") from None
+    return rows
+
+
+def _preference_row(row: Any, number: int, param: str) -> dict[str, Any]:
+    prompt = row.get("input", {}).get("messages") if isinstance(row, dict) and isinstance(row.get("input"), dict) \
+        else None
+    chosen = row.get("preferred_output") if isinstance(row, dict) else None
+    rejected = row.get("non_preferred_output") if isinstance(row, dict) else None
+    if not (isinstance(prompt, list) and prompt and isinstance(chosen, list) and chosen
+            and isinstance(rejected, list) and rejected):
+        raise FileInvalid(f"{param}: line {number} is not a preference row (each line is "
+                          '{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}], '
+                          '"non_preferred_output": [{"role": "assistant", ...}]})', param=param,
+                          code="invalid_file_format")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+@dataclass(frozen=True)
+class StagedData:
+    """What a submission names: the model as the job's Submission names it, and the staged datasets."""
+
+    model: KnownModel
+    dataset_id: str
+    validation_dataset_id: str | None
+    train_rows: int
+    validation_rows: int
+
+
+SubmissionBuilder = Callable[[StagedData], Submission]
+
+
+class FineTuningService:
+    def __init__(self, *, jobs: JobService, files: FileService, datasets: DatasetStore, settings: Settings) -> None:
+        self.jobs = jobs
+        self.files = files
+        self.datasets = datasets
+        self.settings = settings
+
+    def create(self, *, tenant: str, job_uuid: str, model: str, training_file: str, validation_file: str | None,
+               method: Literal["supervised", "dpo"], build: SubmissionBuilder, openai: dict[str, Any]) -> Job:
+        """Check the model and files, then submit the job ``build`` makes of them; ``openai`` is kept
+        in the job's request. A refusal leaves nothing behind."""
+        known = resolve_base_model(model, self.settings)
+        sources = [("training_file", training_file)]
+        if validation_file is not None:
+            sources.append(("validation_file", validation_file))
+        staged_rows = []
+        for param, file_id in sources:
+            lines = self.files.read_lines(tenant=tenant, file_id=file_id, param=param)
+            staged_rows.append(training_rows(lines, method, param=param))
+        created: list[str] = []
+        try:
+            for (param, _), rows in zip(sources, staged_rows, strict=True):
+                identifier = f"{job_uuid}-{param}"
+                self.datasets.create(tenant=tenant, identifier=identifier, purpose="post-training/messages",
+                                     source={"type": "uri", "uri": f"openai-file:{dict(sources)[param]}"},
+                                     metadata={"openai_job": job_uuid}, rows=rows)
+                created.append(identifier)
+            staged = StagedData(model=known, dataset_id=created[0],
+                                validation_dataset_id=created[1] if len(created) > 1 else None,
+                                train_rows=len(staged_rows[0]),
+                                validation_rows=len(staged_rows[1]) if len(staged_rows) > 1 else 0)
+            submission = build(staged)
+            return self.jobs.submit(tenant=tenant, submission=submission, request={OPENAI_KEY: openai})
+        finally:
+            for identifier in created:
+                self.datasets.delete(tenant=tenant, identifier=identifier)
+
+    def get(self, *, tenant: str, job_id: str) -> Job:
+        job = self.jobs.find(tenant=tenant, job_uuid=job_id)
+        if job is None:
+            raise FineTuningJobNotFound(job_id)
+        return job
+
+    def list(self, *, tenant: str, after: str | None, limit: int,
+             metadata: dict[str, str]) -> tuple[builtins.list[Job], bool]:
+        """The tenant's jobs, newest first, after the job named ``after``, whose OpenAI metadata
+        holds every pair of ``metadata``; and whether more follow."""
+        found = [job for job in reversed(self.jobs.list_jobs(tenant=tenant))
+                 if all(openai_fields(job).get("metadata", {}).get(k) == v for k, v in metadata.items())]
+        if after is not None:
+            ids = [job.job_uuid for job in found]
+            if after not in ids:
+                raise FileInvalid(f"after: no fine-tuning job '{after}' to page after", param="after")
+            found = found[ids.index(after) + 1:]
+        return found[:limit], len(found) > limit
+
+    def cancel(self, *, tenant: str, job_id: str) -> Job:
+        self.get(tenant=tenant, job_id=job_id)
+        return self.jobs.cancel(tenant=tenant, job_uuid=job_id)
+
+    def events(self, job: Job) -> builtins.list[JobEvent]:
+        """All of the job's events, oldest first."""
+        return self.jobs.store.events(job_id=job.id, after=0, limit=10_000_000)
+
+    def latest_metric(self, job: Job) -> JobEvent | None:
+        return self.jobs.store.latest_event(job_id=job.id, type="metric")
+
+
+def openai_fields(job: Job) -> dict[str, Any]:
+    """The OpenAI fields a job created through the OpenAI API keeps; ``{}`` for other jobs."""
+    fields = job.request.get(OPENAI_KEY) if isinstance(job.request, dict) else None
+    return fields if isinstance(fields, dict) else {}

@@ -1,0 +1,44 @@
+"""Drive a live posttrain server with the official ``openai`` SDK, code written as for OpenAI with
+only ``base_url`` changed: the newest release and the newest 1.x, each in its own venv under
+``.venv-openai/`` (``scripts/setup-openai-venvs``), through ``tests/clients/openai_driver.py``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.clients.test_official_clients import _client_env
+
+ROOT = Path(__file__).resolve().parents[2]
+VENVS = ROOT / ".venv-openai"
+DRIVER = Path(__file__).resolve().with_name("openai_driver.py")
+
+# Keep in sync with scripts/setup-openai-venvs.
+SDK_VERSIONS = ("3.57.0", "1.109.1")
+TIMEOUT_S = {"lifecycle": 420, "dpo": 420, "errors": 120}
+
+pytestmark = [pytest.mark.clients, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("scenario", ["lifecycle", "dpo", "errors"])
+@pytest.mark.parametrize("version", SDK_VERSIONS)
+def test_openai_sdk(request: pytest.FixtureRequest, version: str, scenario: str) -> None:
+    python = VENVS / version / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"openai {version}: venv {python.parent.parent} is missing (create it with scripts/setup-openai-venvs)")
+    server = request.getfixturevalue("live_server")
+    cmd = [str(python), str(DRIVER), "--base-url", server.base_url, "--model", server.tiny_model_path.name,
+           "--scenario", scenario]
+    env = {k: v for k, v in _client_env().items() if not k.startswith("OPENAI_")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S[scenario],
+                          stdin=subprocess.DEVNULL)
+    report = (f"driver {version}/{scenario} exited {proc.returncode}\n"
+              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-10000:]}")
+    assert proc.returncode == 0, report
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["ok"] is True and summary["version"] == version and summary["scenario"] == scenario, report
+    if scenario in ("lifecycle", "dpo"):
+        assert summary["status"] == "succeeded" and summary["checkpoints"] == 1, report
