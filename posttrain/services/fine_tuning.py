@@ -11,13 +11,13 @@ depends on the file afterwards.
 from __future__ import annotations
 
 import builtins
-import json
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from posttrain.domain.jobs import Job, JobEvent
+from posttrain.domain.openai_rows import FineTuningFileInvalid, check_fine_tuning_lines
 from posttrain.domain.recipes import Submission
 from posttrain.domain.rows import RowFormatError, require_known_layouts
 from posttrain.errors import NotFound
@@ -47,48 +47,20 @@ def new_openai_job_id() -> str:
 def training_rows(lines: Iterable[str], method: Literal["supervised", "dpo"], *, param: str) -> list[dict[str, Any]]:
     """The internal rows of an OpenAI fine-tuning file, or a refusal naming the line.
 
-    The one place the file's format is read: for ``supervised``, chat rows ``{"messages": [...]}``
-    (one JSON object a line), which the dialog layout of ``domain/rows.py`` trains on as they are;
-    for ``dpo``, OpenAI's preference rows ``{"input": {"messages": [...]}, "preferred_output":
-    [...], "non_preferred_output": [...]}``, as ``{"prompt", "chosen", "rejected"}`` rows."""
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise FileInvalid(f"{param}: line {number} is not JSON ({exc})", param=param,
-                              code="invalid_file_format") from None
-        if method == "dpo":
-            rows.append(_preference_row(row, number, param))
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-            raise FileInvalid(f"{param}: line {number} has no \"messages\" list (each line is one chat: "
-                              '{"messages": [{"role": ..., "content": ...}, ...]})', param=param,
-                              code="invalid_file_format")
-        rows.append({"messages": row["messages"]})
-    if not rows:
-        raise FileInvalid(f"{param}: the file holds no rows", param=param, code="invalid_file_format")
+    ``domain/openai_rows.py`` reads the format (chat rows for ``supervised``, OpenAI's preference
+    rows for ``dpo``) and names what is wrong on which line; here its refusal becomes the API's,
+    under ``param`` (the request field naming the file), and the rows are checked once more
+    against the layouts every dataset must fit."""
+    try:
+        rows = check_fine_tuning_lines(lines, method)
+    except FineTuningFileInvalid as exc:
+        where = f" ({exc.param})" if exc.param else ""
+        raise FileInvalid(f"{param}: {exc.message}{where}", param=param, code=exc.code) from None
     try:
         require_known_layouts(rows)
     except RowFormatError as exc:
         raise FileInvalid(f"{param}: {exc}", param=param, code="invalid_file_format") from None
     return rows
-
-
-def _preference_row(row: Any, number: int, param: str) -> dict[str, Any]:
-    prompt = row.get("input", {}).get("messages") if isinstance(row, dict) and isinstance(row.get("input"), dict) \
-        else None
-    chosen = row.get("preferred_output") if isinstance(row, dict) else None
-    rejected = row.get("non_preferred_output") if isinstance(row, dict) else None
-    if not (isinstance(prompt, list) and prompt and isinstance(chosen, list) and chosen
-            and isinstance(rejected, list) and rejected):
-        raise FileInvalid(f"{param}: line {number} is not a preference row (each line is "
-                          '{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}], '
-                          '"non_preferred_output": [{"role": "assistant", ...}]})', param=param,
-                          code="invalid_file_format")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 @dataclass(frozen=True)
