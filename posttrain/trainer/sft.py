@@ -86,7 +86,7 @@ def _evaluate(model, examples, *, recipe: Recipe, pad_id: int, seed: int, precis
 
 
 def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
-    """Train as the spec's recipe says, reporting events; returns "completed" or "cancelled"."""
+    """Train as the spec's recipe says, reporting events; returns "completed", "cancelled" or "paused"."""
     recipe, plan = spec.recipe, spec.plan
     data = recipe.data
     # Check every row's layout before the slow imports and model load: a bad row fails in a second.
