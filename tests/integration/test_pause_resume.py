@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -156,6 +157,40 @@ def test_pause_and_resume_endpoints(client, services, tiny_model_path):
     for action in ("pause", "resume"):
         assert_problem(client.post(f"/v1/posttrain/jobs/{job_uuid}/{action}"), 409, "cancelled")
         assert_problem(client.post(f"/v1/posttrain/jobs/no-such-job/{action}"), 404, "no-such-job")
+
+
+# -- the dashboard -------------------------------------------------------------------------------
+
+SAME_ORIGIN = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+
+
+def _button(html: str, name: str) -> str:
+    return re.search(rf'<button id="{name}"[^>]*>', html).group(0)
+
+
+def test_the_job_page_pauses_and_resumes_with_its_csrf_token(client, tiny_model_path):
+    register(client)
+    body = lora_request(str(tiny_model_path), "toy")
+    assert client.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+    job_uuid = body["job_uuid"]
+    html = client.get(f"/ui/jobs/{job_uuid}").text
+    assert "hidden" not in _button(html, "pause") and "hidden" in _button(html, "resume")
+    token = re.search(r'<meta name="csrf-token" content="([^"]+)"', html).group(1)
+
+    for headers in ({}, {"X-CSRF-Token": "forged"}):  # a browser's pause without the page's token
+        assert_problem(client.post(f"/v1/posttrain/jobs/{job_uuid}/pause", headers={**SAME_ORIGIN, **headers}),
+                       403, "CSRF")
+    assert _status(client, job_uuid) == "scheduled"
+    paused = client.post(f"/v1/posttrain/jobs/{job_uuid}/pause", headers={**SAME_ORIGIN, "X-CSRF-Token": token})
+    assert paused.json()["status"] == "paused"
+
+    html = client.get(f"/ui/jobs/{job_uuid}").text
+    assert "hidden" in _button(html, "pause") and "hidden" not in _button(html, "resume")
+    assert "disabled" not in _button(html, "cancel")  # a paused job can still be cancelled
+    script = client.get("/ui/static/dashboard.js").text
+    assert "/v1/posttrain/jobs/${q}/${action}" in script and '"X-CSRF-Token": csrfToken()' in script
+    resumed = client.post(f"/v1/posttrain/jobs/{job_uuid}/resume", headers={**SAME_ORIGIN, "X-CSRF-Token": token})
+    assert resumed.json()["status"] == "scheduled"
 
 
 # -- the engine, end to end ------------------------------------------------------------------------
