@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,11 +21,12 @@ from posttrain.demo import colour_rows
 from posttrain.domain.jobs import JobKind, JobStatus
 from posttrain.errors import LeaseLost, TransitionRefused
 from posttrain.store.jobs import JobStore, new_job_id, utcnow
+from posttrain.worker.launcher import Launcher
 from posttrain.worker.scheduler import Scheduler, launch_config_from
 from tests.integration.test_api import assert_problem, lora_request, register
 from tests.plans import a_plan
 from tests.spec import validate_response
-from tests.worker_helpers import wait_for
+from tests.worker_helpers import launch_config, stand_in_importable, submit, wait_for
 
 OWNER = "w1"
 
@@ -120,6 +122,42 @@ def test_pause_and_resume_refuse_the_wrong_statuses_and_change_nothing(store):
             move(job_id=job.id)
         assert refused.value.status == "cancelled" and refused.value.status_code == 409
     assert _states(store, job.id) == before
+
+
+# -- the launcher (with the stand-in trainer) -----------------------------------------------------
+
+
+def _launch(store: JobStore, tmp_path: Path, job_uuid: str, monkeypatch):
+    stand_in_importable(monkeypatch)
+    submit(store, tmp_path / "jobs", job_uuid)
+    job = store.claim_next(owner=OWNER, lease_seconds=30)
+    launcher = Launcher(job=job, owner=OWNER, store=store, config=launch_config())
+    thread = threading.Thread(target=launcher.run, daemon=True)
+    thread.start()
+    return job, launcher, thread
+
+
+def test_the_launcher_pauses_its_trainer_and_parks_the_job(store, tmp_path, monkeypatch):
+    job, launcher, thread = _launch(store, tmp_path, "pauses-1", monkeypatch)
+    wait_for(lambda: store.latest_event(job_id=job.id, type="metric"), what="the trainer's first step")
+    store.pause(job_id=job.id)
+    thread.join(timeout=10)
+    assert not thread.is_alive() and launcher._process.returncode == 0  # paused, not killed
+    parked = store.get(job_id=job.id)
+    assert (parked.status, parked.attempt, parked.lease_owner) == (JobStatus.PAUSED, 0, None)
+    reason = _states(store, job.id)[-1]["reason"]
+    assert reason.startswith("paused after step ") and "continues from resume point epoch-1-step-" in reason
+    assert not (Path(job.plan.output_dir) / "sigterm").exists()  # asked to pause, never to stop
+
+
+def test_a_trainer_paused_before_it_started_is_stopped_and_the_job_parked(store, tmp_path, monkeypatch):
+    job, _launcher, thread = _launch(store, tmp_path, "loads-1", monkeypatch)
+    store.pause(job_id=job.id)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    parked = store.get(job_id=job.id)
+    assert (parked.status, parked.attempt) == (JobStatus.PAUSED, 0)
+    assert _states(store, job.id)[-1]["reason"] == "paused before the first step"
 
 
 # -- the HTTP endpoints --------------------------------------------------------------------------
