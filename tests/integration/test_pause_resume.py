@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from posttrain.demo import colour_rows
 from posttrain.domain.jobs import JobKind, JobStatus
-from posttrain.errors import LeaseLost, TransitionRefused
+from posttrain.errors import JobNotFound, LeaseLost, TransitionRefused
 from posttrain.store.jobs import JobStore, new_job_id, utcnow
 from posttrain.worker.launcher import Launcher
 from posttrain.worker.scheduler import Scheduler, launch_config_from
@@ -46,6 +46,7 @@ def _states(store: JobStore, job_id: str) -> list[dict]:
 def test_a_queued_job_pauses_at_once_is_never_claimed_and_resumes_to_the_queue(store):
     job = _submit(store)
     assert store.pause(job_id=job.id) is JobStatus.PAUSED
+    assert store.count_active(tenant="t") == 1  # it still counts toward the tenant's quota
     assert store.claim_next(owner=OWNER, lease_seconds=30) is None
     assert store.requeue_expired(now=utcnow() + timedelta(days=1)) == []
     assert store.get(job_id=job.id).status is JobStatus.PAUSED
@@ -190,6 +191,9 @@ def test_pause_and_resume_endpoints(client, services, tiny_model_path):
     validate_response(status, "/v1/post-training/job/status")
     assert status.json()["status"] == "in_progress"
     assert_problem(client.post(f"/v1/posttrain/jobs/{job_uuid}/resume"), 409, "pausing")
+
+    with pytest.raises(JobNotFound):  # another tenant's job does not exist for this one
+        services.jobs.pause(tenant="someone-else", job_uuid=job_uuid)
 
     assert client.post("/v1/post-training/job/cancel", json={"job_uuid": job_uuid}).status_code == 200
     for action in ("pause", "resume"):
