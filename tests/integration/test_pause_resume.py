@@ -6,8 +6,10 @@ the weights of the same job run straight through."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -327,3 +329,59 @@ def test_a_job_paused_mid_epoch_and_resumed_ends_with_the_weights_of_a_straight_
     assert reference.keys() == resumed.keys() and reference
     for name, tensor in reference.items():
         assert torch.allclose(tensor.float(), resumed[name].float(), rtol=1e-5, atol=1e-7), name
+
+
+# -- the trainer alone, both methods ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_trainer_paused_by_sigusr1_continues_to_the_weights_of_a_straight_run(method, tiny_model_path, tmp_path):
+    """2 epochs of 4 steps; SIGUSR1 once step 5 is reported lands mid-epoch 2 (the pause is checked
+    before each step), and a run started again on the same spec finishes where the straight one did."""
+    from tests.integration import test_dpo_trainer as dpo_process
+    from tests.integration import test_trainer_process as sft_process
+    from tests.integration.test_trainer_process import with_spec_keys
+
+    process = {"sft": sft_process, "dpo": dpo_process}[method]
+
+    def spec(name: str) -> tuple[Path, Path]:
+        folder = tmp_path / name
+        folder.mkdir()
+        path = process.make_spec(folder, tiny_model_path, n_epochs=2, max_steps_per_epoch=4)
+        with_spec_keys(path, resume_dir=str(folder / "resume"), resume_every_seconds=3600)
+        return path, folder
+
+    straight_spec, straight = spec("straight")
+    _, code = process.run(straight_spec, straight)
+    assert code == 0
+
+    paused_spec, paused = spec("paused")
+    proc = process.start(paused_spec, paused)
+    first_events = []
+    for line in proc.stdout:
+        event = json.loads(line)
+        first_events.append(event)
+        if event["event"] == "metric" and event["step"] == 5:
+            os.kill(proc.pid, signal.SIGUSR1)
+        if event["event"] in ("paused", "completed", "cancelled", "failed"):
+            break
+    proc.wait(timeout=30)
+    proc.stdin.close()
+    proc.stdout.close()
+    last = first_events[-1]
+    assert proc.returncode == 0 and last["event"] == "paused", last
+    assert last["step"] in (5, 6, 7) and last["resume_point"] == f"epoch-2-step-{last['step']}", last
+
+    events, code = process.run(paused_spec, paused)
+    assert code == 0
+    started = next(e for e in events if e["event"] == "started")
+    assert started["resumed_from"].endswith(f"-{last['resume_point']}"), started
+    assert [e["step"] for e in events if e["event"] == "metric"] == list(range(last["step"] + 1, 9))
+    for weights in sorted((straight / "out" / "epoch_2").rglob("*.safetensors")):
+        reference = load_file(weights)
+        resumed = load_file(paused / "out" / "epoch_2" / weights.relative_to(straight / "out" / "epoch_2"))
+        assert reference.keys() == resumed.keys() and reference
+        for name, tensor in reference.items():
+            assert torch.allclose(tensor.float(), resumed[name].float(), rtol=1e-5, atol=1e-7), (weights.name, name)
