@@ -11,6 +11,10 @@ does is chosen by the first word of the spec's ``job_uuid``:
 - ``crashes``: started, a metric, a line on stderr, then exit 3 with no final event
 - ``runs``: started, then a metric every 50 ms until SIGTERM; then, as the real trainer may while
   it stops, one more checkpoint and metric, and ``cancelled``; exit 0
+- ``pauses``: like ``runs``, and on SIGUSR1 ``paused`` (after the last metric's step, with a resume
+  point label, as the real trainer reports it); exit 0
+- ``loads``: waits (loading, as it were) up to 60 s for SIGTERM before it has ``started``; then
+  ``cancelled``; exit 0
 
 It writes ``ran.json`` (start and end times) and, on SIGTERM, ``sigterm`` into the spec's
 ``output_dir``: the side channel a test reads to see what the process lived through.
@@ -50,7 +54,15 @@ def main(spec_path: str) -> int:
     behaviour = spec["job_uuid"].split("-")[0]
     started_at = time.time()
     stopping = []
+    pausing: list[float] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(time.time()))
+    signal.signal(signal.SIGUSR1, lambda *_: pausing.append(time.time()))
+    if behaviour == "loads":
+        deadline = time.monotonic() + 60
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _say("cancelled")
+        return 0
     _say("started", resources={"device": "cpu", "dtype": "fp32"}, total_steps=2, resumed_from=None)
     code = 0
     if behaviour in ("completes", "slow"):
@@ -67,6 +79,17 @@ def main(spec_path: str) -> int:
         _say("metric", step=1, epoch=1, loss=2.0, total_steps=2)
         sys.stderr.write("simulated crash in the trainer\n")
         code = 3
+    elif behaviour == "pauses":
+        step = 0
+        deadline = time.monotonic() + 60
+        while not stopping and not pausing and time.monotonic() < deadline:
+            step += 1
+            _say("metric", step=step, epoch=1, loss=1.0, total_steps=10_000)
+            time.sleep(0.05)
+        if pausing:
+            _say("paused", step=step, resume_point=f"epoch-1-step-{step}")
+        else:
+            _say("cancelled")
     elif behaviour == "runs":
         step = 0
         deadline = time.monotonic() + 60

@@ -19,7 +19,16 @@ from starlette.responses import HTMLResponse
 from posttrain import __version__
 from posttrain.api.gate import Gate
 from posttrain.api.problems import OPENAI_ERROR_RESPONSES, install_problem_handlers
-from posttrain.api.routes import datasets, events, health, metrics, openai_files, openai_fine_tuning, post_training
+from posttrain.api.routes import (
+    datasets,
+    events,
+    health,
+    job_control,
+    metrics,
+    openai_files,
+    openai_fine_tuning,
+    post_training,
+)
 from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.dashboard.routes import router as dashboard_router
 from posttrain.services.container import Services, build_services
@@ -72,7 +81,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.add_middleware(Gate, access=services.access, max_body_bytes=settings.max_body_bytes, observe=observe,
                        allowed_hosts=settings.allowed_host_names)
 
-    for router in (post_training.router, datasets.router, events.router):
+    for router in (post_training.router, datasets.router, events.router, job_control.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
     for router in (openai_files.router, openai_fine_tuning.router):
         app.include_router(router, responses=OPENAI_ERROR_RESPONSES)

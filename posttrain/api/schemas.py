@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_ser
 from posttrain.domain.datasets import Dataset
 from posttrain.domain.jobs import Checkpoint, Job
 from posttrain.domain.recipes import MAX_ID_LENGTH, DataFormat, DPOLossType, OptimizerType
+from posttrain.services.job_views import LlamaStackStatus, llama_stack_status
 
 JSONObject = dict[str, Any]
 Purpose = Literal["post-training/messages", "eval/question-answer", "eval/messages-answer"]
@@ -253,7 +254,7 @@ class CheckpointPublic(SpecModel):
 
 class PostTrainingJobStatusResponse(SpecModel):
     job_uuid: str
-    status: Literal["completed", "in_progress", "failed", "scheduled", "cancelled"]
+    status: LlamaStackStatus
     scheduled_at: datetime | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
@@ -264,7 +265,7 @@ class PostTrainingJobStatusResponse(SpecModel):
     def from_job(cls, job: Job) -> PostTrainingJobStatusResponse:
         return cls(
             job_uuid=job.job_uuid,
-            status=job.status.value,
+            status=llama_stack_status(job.status),
             scheduled_at=job.scheduled_at,
             started_at=job.started_at,
             completed_at=job.completed_at,

@@ -1,10 +1,11 @@
 """The dashboard: read-only HTML views over the services, served by the API server itself.
 
 ``/`` lists the caller's jobs, ``/ui/jobs/{job_uuid}`` shows one job (live loss curves,
-checkpoints, log, a cancel button), ``/ui/datasets`` lists datasets with a preview of their rows.
-The pages are Jinja2 templates plus one vanilla script; the live parts read the public JSON
-endpoints (``/v1/posttrain/jobs``, ``/v1/post-training/job/events``) and cancel through
-``/v1/post-training/job/cancel``, so the dashboard itself never writes jobs.
+checkpoints, log, cancel, pause and resume buttons), ``/ui/datasets`` lists datasets with a preview
+of their rows. The pages are Jinja2 templates plus one vanilla script; the live parts read the
+public JSON endpoints (``/v1/posttrain/jobs``, ``/v1/post-training/job/events``) and cancel, pause
+and resume through ``/v1/post-training/job/cancel`` and ``/v1/posttrain/jobs/{job_uuid}/pause|resume``,
+so the dashboard itself never writes jobs.
 
 Every state-changing request a page makes carries a CSRF token: the signed-in session's own
 (synchronizer), or before sign-in and on an open server a random one also kept in an HttpOnly

@@ -1,8 +1,11 @@
 """The job state machine, declared once as data.
 
-The statuses are exactly the five the Llama Stack spec lets a client parse. Why a job is where
-it is (worker lost, cancelled by the user, bad row) is kept beside the status as a reason code,
-never as an extra status.
+Five statuses are the ones the Llama Stack spec lets a client parse; two more, ``pausing`` and
+``paused``, hold a job the user paused (its trainer writing a resume point, then no process at
+all until it is resumed). The Llama Stack door shows those two as spec statuses
+(``services/job_views.py`` ``llama_stack_status``). Why a job is where it is (worker lost,
+cancelled by the user, bad row) is kept beside the status as a reason code, never as an extra
+status.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from posttrain.domain.recipes import JobKind, JobPlan
 
 __all__ = [
+    "LEASED_STATUSES",
     "TERMINAL",
     "TRANSITIONS",
     "Checkpoint",
@@ -34,16 +38,24 @@ class JobStatus(str, enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSING = "pausing"  # the user paused it while it ran: its trainer is writing a resume point
+    PAUSED = "paused"  # no process, not claimed, not reaped, until the user resumes it
 
 
 TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
-#: Every allowed move. IN_PROGRESS -> SCHEDULED is the requeue of a job whose worker was lost.
+#: Every allowed move. IN_PROGRESS -> SCHEDULED is the requeue of a job whose worker was lost;
+#: PAUSED -> SCHEDULED is the user's resume. A pausing job still has its trainer, which may
+#: finish, fail or be lost before it has paused.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.SCHEDULED: frozenset({JobStatus.IN_PROGRESS, JobStatus.CANCELLED}),
+    JobStatus.SCHEDULED: frozenset({JobStatus.IN_PROGRESS, JobStatus.CANCELLED, JobStatus.PAUSED}),
     JobStatus.IN_PROGRESS: frozenset(
-        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.SCHEDULED}
+        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.SCHEDULED, JobStatus.PAUSING}
     ),
+    JobStatus.PAUSING: frozenset(
+        {JobStatus.PAUSED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+    ),
+    JobStatus.PAUSED: frozenset({JobStatus.SCHEDULED, JobStatus.CANCELLED}),
     JobStatus.COMPLETED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
@@ -57,13 +69,19 @@ def sources_of(target: JobStatus) -> frozenset[JobStatus]:
 
 class Move(str, enum.Enum):
     """The table's moves by name, so each write in the store says which one it makes. A move
-    ends in one status and may start from any status the table lets reach it."""
+    ends in one status and starts from the statuses the table lets reach it, narrowed by
+    ``MOVE_SOURCES`` where two moves end in the same status (a requeue and a resume both end in
+    ``scheduled``, but only a resume starts from ``paused``)."""
 
     CLAIM = "claim"  # a launcher takes a scheduled job under its lease
     COMPLETE = "complete"  # the trainer finished
     FAIL = "fail"  # the trainer failed, or the job ran out of attempts
-    CANCEL = "cancel"  # the user's word, final whether the job was queued or running
+    CANCEL = "cancel"  # the user's word, final whether the job was queued, running or paused
     REQUEUE = "requeue"  # back to the queue: the trainer or its worker was lost, or the worker stopped
+    PAUSE = "pause"  # the user pauses a running job: its trainer is told to write a resume point and stop
+    HOLD = "hold"  # the user pauses a queued job: nothing runs, so it is paused at once
+    PARK = "park"  # a pausing job's trainer has stopped (paused, or lost): it now holds nothing
+    RESUME = "resume"  # the user resumes a paused job: back to the queue, to continue where it stopped
 
     @property
     def target(self) -> JobStatus:
@@ -71,7 +89,7 @@ class Move(str, enum.Enum):
 
     @property
     def sources(self) -> frozenset[JobStatus]:
-        return sources_of(self.target)
+        return sources_of(self.target) & MOVE_SOURCES.get(self, frozenset(JobStatus))
 
 
 MOVE_TARGETS: dict[Move, JobStatus] = {
@@ -80,12 +98,27 @@ MOVE_TARGETS: dict[Move, JobStatus] = {
     Move.FAIL: JobStatus.FAILED,
     Move.CANCEL: JobStatus.CANCELLED,
     Move.REQUEUE: JobStatus.SCHEDULED,
+    Move.PAUSE: JobStatus.PAUSING,
+    Move.HOLD: JobStatus.PAUSED,
+    Move.PARK: JobStatus.PAUSED,
+    Move.RESUME: JobStatus.SCHEDULED,
 }
 
-#: The status in which a launcher's lease means anything: the one a claim moves to. Every write a
-#: launcher makes (lease renewal, resources, checkpoints, the trainer's events) needs the job
-#: still in it under that launcher's (owner, attempt).
+#: Where two moves share a target, where each may start.
+MOVE_SOURCES: dict[Move, frozenset[JobStatus]] = {
+    Move.REQUEUE: frozenset({JobStatus.IN_PROGRESS}),
+    Move.RESUME: frozenset({JobStatus.PAUSED}),
+    Move.HOLD: frozenset({JobStatus.SCHEDULED}),
+    Move.PARK: frozenset({JobStatus.PAUSING}),
+}
+
+#: The status a claim moves to, where a launcher's lease begins.
 LEASED: JobStatus = MOVE_TARGETS[Move.CLAIM]
+
+#: The statuses in which a launcher's lease means anything: running, or running until its trainer
+#: has paused. Every write a launcher makes (lease renewal, resources, checkpoints, the trainer's
+#: events) needs the job still in one of them under that launcher's (owner, attempt).
+LEASED_STATUSES: frozenset[JobStatus] = frozenset({LEASED, JobStatus.PAUSING})
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,18 @@ class Cancelled(TrainerEvent):
 
 
 @dataclass(frozen=True)
+class Paused(TrainerEvent):
+    """Stopped on a pause request (SIGUSR1) at a step boundary, after writing what a resumed run
+    continues from: a resume point after ``step`` (``resume_point`` is its label,
+    ``<job>-epoch-<E>-step-<S>``), or nothing new when the epoch had just begun (``resume_point``
+    is null: the newest epoch checkpoint, or the start, already is that place)."""
+
+    kind: ClassVar[str] = "paused"
+    step: int
+    resume_point: str | None = None
+
+
+@dataclass(frozen=True)
 class Failed(TrainerEvent):
     kind: ClassVar[str] = "failed"
     code: FailureCode
@@ -169,10 +181,10 @@ class Failed(TrainerEvent):
         return json.dumps({"event": self.kind, "code": self.code.value, "message": self.message, **self.extra})
 
 
-AnyEvent = Started | StepMetric | CheckpointWritten | LogLine | Completed | Cancelled | Failed
-TERMINAL_EVENTS = (Completed, Cancelled, Failed)
+AnyEvent = Started | StepMetric | CheckpointWritten | LogLine | Completed | Cancelled | Paused | Failed
+TERMINAL_EVENTS = (Completed, Cancelled, Paused, Failed)
 _KINDS: dict[str, type[TrainerEvent]] = {
-    cls.kind: cls for cls in (Started, StepMetric, CheckpointWritten, LogLine, Completed, Cancelled, Failed)
+    cls.kind: cls for cls in (Started, StepMetric, CheckpointWritten, LogLine, Completed, Cancelled, Paused, Failed)
 }
 
 
@@ -211,6 +223,7 @@ __all__ = [
     "Failed",
     "FailureCode",
     "LogLine",
+    "Paused",
     "ProtocolError",
     "Started",
     "StepMetric",

@@ -1,4 +1,4 @@
-"""``posttrain jobs submit|list|status|watch|cancel|artifacts|logs``: training jobs from the shell.
+"""``posttrain jobs submit|list|status|watch|cancel|pause|resume|artifacts|logs``: training jobs from the shell.
 
 ``submit`` takes a YAML or JSON file in the shape of the API's request body (so a job's config can
 live in git). ``watch`` follows each job's event stream (``/v1/post-training/job/events``) and
@@ -30,7 +30,8 @@ from posttrain.remote.common import (
 )
 from posttrain.remote.watching import JobView, count_label, log_line, say, watch_or_exit
 
-app = typer.Typer(help="Training jobs on a posttrain server (submit, list, status, watch, cancel, artifacts, logs).",
+app = typer.Typer(help="Training jobs on a posttrain server (submit, list, status, watch, cancel, pause, resume, "
+                       "artifacts, logs).",
                   no_args_is_help=True, cls=RemoteGroup)
 app.callback()(group_callback)
 
@@ -242,9 +243,9 @@ def status(
             print_json(answer)
             return
         try:
-            _, events = api.all_events(job_uuid)
+            own_status, events = api.all_events(job_uuid)
         except ApiError:
-            events = []  # a server without the events extension
+            own_status, events = answer["status"], []  # a server without the events extension
     view = JobView(job_uuid, answer["status"])
     for event in events:
         view.apply(event)
@@ -253,7 +254,8 @@ def status(
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("job", answer["job_uuid"])
-    grid.add_row("status", answer["status"])
+    # The events page has the job's own status: the Llama Stack one shows a paused job as scheduled.
+    grid.add_row("status", own_status if own_status in ("pausing", "paused") else answer["status"])
     for key in ("scheduled_at", "started_at", "completed_at"):
         if answer.get(key):
             grid.add_row(key.removesuffix("_at"), fmt_time(answer[key]))
@@ -310,6 +312,39 @@ def cancel(
             api.post("/v1/post-training/job/cancel", {"job_uuid": job_uuid})
             now = api.get("/v1/post-training/job/status", job_uuid=job_uuid)["status"]
             say(f"{job_uuid}  {now}")
+
+
+def _control(ctx: typer.Context, action: str, job_uuids: list[str], url: str | None, api_key: str | None) -> None:
+    """``POST /v1/posttrain/jobs/{job}/{action}`` for each job, printing the status it answers."""
+    from urllib.parse import quote
+
+    with client(ctx, url, api_key) as api:
+        for job_uuid in job_uuids:
+            answer = api.post(f"/v1/posttrain/jobs/{quote(job_uuid, safe='')}/{action}", None)
+            say(f"{job_uuid}  {answer['status']}")
+
+
+@app.command()
+def pause(
+    ctx: typer.Context,
+    job_uuids: Annotated[list[str], typer.Argument(metavar="JOB...", help="The job(s) to pause.")],
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Pause job(s): a scheduled one at once; a running one writes where it stands and frees its
+    slot within seconds (pausing, then paused). ``resume`` continues it from that step."""
+    _control(ctx, "pause", job_uuids, url, api_key)
+
+
+@app.command()
+def resume(
+    ctx: typer.Context,
+    job_uuids: Annotated[list[str], typer.Argument(metavar="JOB...", help="The paused job(s) to resume.")],
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Resume paused job(s): back to the queue, continuing from the step where each paused."""
+    _control(ctx, "resume", job_uuids, url, api_key)
 
 
 @app.command()

@@ -12,13 +12,35 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
-from posttrain.domain.jobs import Job, JobKind
+from posttrain.domain.jobs import Job, JobKind, JobStatus
 from posttrain.services.jobs import JobService
 
 EVENT_PAGE = 1000
 SETTLE = timedelta(minutes=2)
+
+#: The statuses the Llama Stack spec's ``JobStatus`` has.
+LlamaStackStatus = Literal["completed", "in_progress", "failed", "scheduled", "cancelled"]
+
+#: How a job shows on the Llama Stack door, which has no word for a pause: a pausing job still
+#: trains (its trainer is writing its resume point), so it is ``in_progress``; a paused one waits
+#: to be trained again, as a queued job does, so it is ``scheduled``. Our own endpoints, the CLI
+#: and the dashboard show the real status.
+_LLAMA_STACK_STATUS: dict[JobStatus, LlamaStackStatus] = {
+    JobStatus.SCHEDULED: "scheduled",
+    JobStatus.IN_PROGRESS: "in_progress",
+    JobStatus.COMPLETED: "completed",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "cancelled",
+    JobStatus.PAUSING: "in_progress",
+    JobStatus.PAUSED: "scheduled",
+}
+
+
+def llama_stack_status(status: JobStatus) -> LlamaStackStatus:
+    """The one mapping from a job's status to the Llama Stack spec's five (see ``_LLAMA_STACK_STATUS``)."""
+    return _LLAMA_STACK_STATUS[status]
 
 
 @dataclass(frozen=True)

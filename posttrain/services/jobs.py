@@ -1,4 +1,4 @@
-"""Submitting, reading and cancelling training jobs.
+"""Submitting, reading, cancelling, pausing and resuming training jobs.
 
 Submitting resolves everything a trainer will need (model folder, the job's own copy of its
 rows, its output folder) and refuses the request if any of it is wrong, so a job that is
@@ -178,6 +178,36 @@ class JobService:
                 raise InvalidTransition(
                     f"job '{job_uuid}' is {refused.status} and can no longer be cancelled") from refused
         return self.get(tenant=tenant, job_uuid=job_uuid)
+
+    def pause(self, *, tenant: str, job_uuid: str) -> Job:
+        """Pause the job: a queued one is ``paused`` at once; a running one is ``pausing`` until its
+        trainer has written a resume point and stopped (seconds: it stops between optimizer
+        steps), then ``paused``, holding no process or slot until ``resume``.
+
+        ``JobNotFound`` (404) when the tenant has no such job; ``InvalidTransition`` (409) when it
+        is pausing, paused or terminal. Returns the job as it is now."""
+        job = self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
+        try:
+            self.store.pause(job_id=job.id)
+        except TransitionRefused as refused:
+            raise InvalidTransition(
+                f"job '{job_uuid}' is {refused.status}; only a scheduled or running job can be paused") from refused
+        return self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
+
+    def resume(self, *, tenant: str, job_uuid: str) -> Job:
+        """Put a paused job back in the queue (``scheduled``); when a worker trains it again it
+        continues from the step where it paused (same weights, optimizer, schedule, data order).
+
+        ``JobNotFound`` (404) when the tenant has no such job; ``InvalidTransition`` (409) when it
+        is not ``paused`` (a ``pausing`` one included: resume it once it has paused). Returns the
+        job as it is now."""
+        job = self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
+        try:
+            self.store.resume(job_id=job.id)
+        except TransitionRefused as refused:
+            raise InvalidTransition(
+                f"job '{job_uuid}' is {refused.status}; only a paused job can be resumed") from refused
+        return self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
 
     def events(self, job: Job, *, after: int, limit: int):  # noqa: ANN201
         """A page of the job's event log (the job as ``get`` found it for its tenant)."""

@@ -4,7 +4,7 @@ Every state change is a named ``Move`` of the table in ``posttrain.domain.jobs``
 ``JobStore._transition`` as one ``UPDATE … WHERE status IN (the move's sources in the table)``:
 when no row changes the move was illegal (or someone else made it first) and the caller gets a
 ``TransitionRefused`` carrying the job's status. Launcher writes are also guarded by the lease
-(owner + attempt, with the job still in progress), and a launcher that lost its job — requeued,
+(owner + attempt, with the job still in progress or pausing), and a launcher that lost its job — requeued,
 claimed again, cancelled — gets ``LeaseLost`` and changes nothing: not the job, not its
 checkpoints, not its event log.
 
@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from posttrain.domain.jobs import (
-    LEASED,
+    LEASED_STATUSES,
     TERMINAL,
     Checkpoint,
     Job,
@@ -267,8 +267,45 @@ class JobStore:
         assert job is not None
         return job
 
+    def pause(self, *, job_id: str) -> JobStatus:
+        """Pause a queued or running job; the status it is now in (``TransitionRefused`` with its
+        status when it is neither).
+
+        A queued job is paused at once (``hold``): nothing runs. A running one becomes ``pausing``
+        (``pause``): its launcher sees that at its next lease renewal and asks the trainer to
+        write a resume point and stop, then parks the job (``paused``), freeing its slot.
+        """
+        with self.engine.begin() as conn:
+            for move in (Move.HOLD, Move.PAUSE):  # the second covers a claim between read and write
+                try:
+                    self._transition(conn, move, job_id=job_id, event={"reason": "paused by the user"}, values={})
+                    return move.target
+                except TransitionRefused as refused:
+                    status = refused.status
+            needs = " or ".join(sorted(s.value for s in Move.HOLD.sources | Move.PAUSE.sources))
+            raise TransitionRefused(f"job {job_id}: cannot pause it: it is {status}, and pause needs {needs}",
+                                    move=Move.PAUSE.value, status=status)
+
+    def resume(self, *, job_id: str) -> None:
+        """Put a paused job back in the queue (``TransitionRefused`` with its status otherwise).
+        It keeps its place (``scheduled_at``) and continues from its newest resume point."""
+        with self.engine.begin() as conn:
+            self._transition(conn, Move.RESUME, job_id=job_id, event={"reason": "resumed by the user"}, values={})
+
+    def park(self, *, job_id: str, owner: str, attempt: int, reason: str, count_attempt: bool = False) -> None:
+        """A pausing job's trainer has stopped: the job is ``paused``, holds no lease, and the
+        attempt is not charged (``count_attempt`` charges it: the trainer was lost rather than
+        paused). ``LeaseLost`` when this launcher no longer holds it (cancelled meanwhile)."""
+        values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
+        if not count_attempt:
+            values["attempt"] = jobs.c.attempt - 1
+        with self.engine.begin() as conn:
+            self._transition(conn, Move.PARK, job_id=job_id, lease=(owner, attempt), event={"reason": reason},
+                             values=values)
+
     def cancel(self, *, job_id: str, reason: str = "cancelled by the user") -> None:
-        """Cancel a scheduled or running job (``TransitionRefused`` with its status otherwise).
+        """Cancel a scheduled, running, pausing or paused job (``TransitionRefused`` with its
+        status otherwise).
 
         A running job is marked cancelled at once (the user's word is final); its launcher sees
         that at its next lease renewal and stops the trainer, and nothing the trainer still
@@ -313,11 +350,16 @@ class JobStore:
             self._append(conn, row.id, "state", {"status": Move.CLAIM.target.value, "attempt": row.attempt, "worker": owner})
         return self.get(job_id=row.id)
 
-    def renew_lease(self, *, job_id: str, owner: str, attempt: int, lease_seconds: float) -> None:
-        """Extend the lease; ``LeaseLost`` when the job moved on (cancelled, requeued, claimed again)."""
+    def renew_lease(self, *, job_id: str, owner: str, attempt: int, lease_seconds: float) -> JobStatus:
+        """Extend the lease; the job's status (``pausing`` tells the launcher to pause its trainer).
+        ``LeaseLost`` when the job moved on (cancelled, requeued, claimed again)."""
         with self.engine.begin() as conn:
-            self._leased_update(conn, job_id, owner, attempt, "renew the lease",
-                                lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+            row = conn.execute(update(jobs).where(_held(job_id, owner, attempt))
+                               .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+                               .returning(jobs.c.status)).first()
+            if row is None:
+                raise self._refusal(conn, None, job_id, (owner, attempt), doing="renew the lease")
+            return JobStatus(row.status)
 
     def set_resources(self, *, job_id: str, owner: str, attempt: int, resources: dict[str, Any]) -> None:
         """What the trainer runs on, as it reported at start; ``LeaseLost`` when the job moved on."""
@@ -347,14 +389,23 @@ class JobStore:
 
         The job resumes from its newest checkpoint on the next claim. With ``count_attempt`` off
         (a graceful shutdown of this worker) the attempt is not charged; otherwise a job that has
-        used all its attempts is failed with the reason.
+        used all its attempts is failed with the reason. A job the user was pausing is parked
+        (``paused``) instead: it waits for the user's resume, not for a worker.
         """
         with self.engine.begin() as conn:
-            max_attempts = conn.execute(
-                select(jobs.c.max_attempts).where(_held(job_id, owner, attempt))
-            ).scalar_one_or_none()
-            if max_attempts is None:
+            held = conn.execute(
+                select(jobs.c.max_attempts, jobs.c.status).where(_held(job_id, owner, attempt))
+            ).first()
+            if held is None:
                 raise self._refusal(conn, Move.REQUEUE, job_id, (owner, attempt))
+            max_attempts = held.max_attempts
+            if held.status in {s.value for s in Move.PARK.sources}:
+                parked: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
+                if not count_attempt:
+                    parked["attempt"] = jobs.c.attempt - 1
+                self._transition(conn, Move.PARK, job_id=job_id, lease=(owner, attempt), event={"reason": reason},
+                                 values=parked)
+                return Move.PARK.target
             if count_attempt and attempt >= max_attempts:
                 message = f"{reason}; no attempts left ({attempt} of {max_attempts} used)"
                 self._transition(conn, Move.FAIL, job_id=job_id, lease=(owner, attempt),
@@ -370,22 +421,28 @@ class JobStore:
             return Move.REQUEUE.target
 
     def requeue_expired(self, *, now: datetime | None = None) -> builtins.list[tuple[str, JobStatus]]:
-        """Requeue (or fail, when out of attempts) running jobs whose lease expired. A job that
-        moved on meanwhile (its launcher renewed, the user cancelled) is left alone."""
+        """Requeue (or fail, when out of attempts) running jobs whose lease expired; park a
+        pausing one (``paused``: it waits for the user's resume). A job that moved on meanwhile
+        (its launcher renewed, the user cancelled) is left alone. A paused job holds no lease and
+        is never touched here."""
         now = now or utcnow()
         moved: list[tuple[str, JobStatus]] = []
         with self.engine.connect() as conn:
             expired = conn.execute(
-                select(jobs.c.id, jobs.c.attempt, jobs.c.max_attempts, jobs.c.lease_owner).where(
-                    jobs.c.status == LEASED.value, jobs.c.lease_expires_at < now
+                select(jobs.c.id, jobs.c.attempt, jobs.c.max_attempts, jobs.c.lease_owner, jobs.c.status).where(
+                    _in(LEASED_STATUSES), jobs.c.lease_expires_at < now
                 )
             ).all()
-        for job_id, attempt, max_attempts, owner in expired:
+        for job_id, attempt, max_attempts, owner, status in expired:
             guard = (jobs.c.attempt == attempt, jobs.c.lease_expires_at < now)
-            if attempt < max_attempts:
-                move = Move.REQUEUE
+            if status in {s.value for s in Move.PARK.sources}:
+                move = Move.PARK
                 values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
                 event: dict[str, Any] = {"reason": "worker_lost", "lost_worker": owner, "attempt": attempt}
+            elif attempt < max_attempts:
+                move = Move.REQUEUE
+                values = dict(lease_owner=None, lease_expires_at=None)
+                event = {"reason": "worker_lost", "lost_worker": owner, "attempt": attempt}
             else:
                 move = Move.FAIL
                 message = f"the worker running this job was lost {attempt} time(s); no attempts left"
@@ -524,8 +581,8 @@ def _move(move: Move, *where: Any) -> Update:
 
 
 def _held(job_id: str, owner: str, attempt: int) -> ColumnElement[bool]:
-    """The job is running under this launcher's lease (owner and attempt)."""
-    return and_(jobs.c.id == job_id, jobs.c.status == LEASED.value, jobs.c.lease_owner == owner,
+    """The job is running (or pausing) under this launcher's lease (owner and attempt)."""
+    return and_(jobs.c.id == job_id, _in(LEASED_STATUSES), jobs.c.lease_owner == owner,
                 jobs.c.attempt == attempt)
 
 

@@ -3,7 +3,8 @@
 stdout belongs to the protocol alone: we keep a private handle on the real stdout and point both
 ``sys.stdout`` and file descriptor 1 at stderr before importing any library, so stray prints, C
 extensions and progress bars cannot corrupt the launcher's JSON-lines stream. Every exit path
-emits exactly one terminal event: completed, cancelled or failed.
+emits exactly one terminal event: completed, cancelled, paused (the epoch loop emits that one,
+with where it stopped) or failed.
 """
 
 from __future__ import annotations
@@ -135,9 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if outcome == "cancelled":
         reporter.emit(Cancelled())
+    elif outcome == "paused":
+        _exit_now()  # the epoch loop reported it, with the step and the resume point
     else:
         reporter.emit(Completed())
     return 0
+
+
+def _exit_now() -> None:
+    """Leave without the interpreter's teardown once paused: everything that matters is on disk
+    (the resume point is fsynced, the ``paused`` line flushed), and the teardown of the loaded
+    libraries took seconds on the tiny model, seconds the slot stayed taken after the pause."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _read_spec(path: str) -> TrainerSpec:

@@ -272,7 +272,7 @@ def _disable_dropout(model) -> None:
 
 
 def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
-    """Train as the spec says, reporting events; returns "completed" or "cancelled".
+    """Train as the spec says, reporting events; returns "completed", "cancelled" or "paused".
 
     Checkpoints carry ``train_loss`` and ``validation_loss`` (the DPO loss) and ``perplexity``, the
     policy's language-model perplexity on the validation pairs' chosen answers (exp of the mean

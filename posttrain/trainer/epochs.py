@@ -1,6 +1,6 @@
 """The epoch loop SFT and DPO share: which batches each optimizer step takes, where a resumed run
-picks up, the per-step ``metric`` event, compiling, resume points, cancellation, and the end of
-each epoch.
+picks up, the per-step ``metric`` event, compiling, resume points, cancellation, pausing, and the
+end of each epoch.
 
 The two trainers differ only in what one step computes (``step``) and what an epoch's checkpoint
 holds (``end_epoch``); everything that decides *when* something happens lives here once, so a
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.domain.protocol import StepMetric
+from posttrain.domain.protocol import Paused, StepMetric
 from posttrain.domain.recipes import Recipe
 from posttrain.trainer.batching import length_grouped_batches
 from posttrain.trainer.compiling import Compiler
@@ -66,7 +66,9 @@ class EpochLoop:
         return groups[: self.run.steps_per_epoch]
 
     def train(self, *, step: StepFunction, end_epoch: EpochEnd) -> str:
-        """Runs the remaining epochs; returns "completed" or "cancelled"."""
+        """Runs the remaining epochs; returns "completed", "cancelled" or "paused" (after emitting
+        the ``paused`` event: the pause's resume point is written, the run stops before its next
+        step)."""
         run, reporter = self.run, self.reporter
         global_step = run.global_step
         self.compiler.start(self.model, reporter=reporter)
@@ -79,6 +81,9 @@ class EpochLoop:
             for index, group in enumerate(groups[done:], start=done + 1):
                 if self.stop.is_set():
                     return "cancelled"
+                if self.stop.pause_requested():
+                    self._pause(epoch=epoch, steps_done_in_epoch=index - 1, global_step=global_step, losses=losses)
+                    return "paused"
                 started = time.perf_counter()
                 lr = run.scheduler.get_last_lr()[0]
                 result = step(group)
@@ -103,3 +108,19 @@ class EpochLoop:
             end_epoch(epoch, global_step, losses)
             self.points.clear()
         return "completed"
+
+    def _pause(self, *, epoch: int, steps_done_in_epoch: int, global_step: int, losses: list[float]) -> None:
+        """Write where the run stands (unless the epoch has just begun: the newest epoch checkpoint,
+        or the fresh start, is that place already) and report ``paused``."""
+        label = None
+        if steps_done_in_epoch:
+            run = self.run
+            written = self.points.save(model=self.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                                       epoch=epoch, steps_done_in_epoch=steps_done_in_epoch, global_step=global_step,
+                                       losses=losses, reporter=self.reporter)
+            if written is None:
+                self.reporter.log("paused without a resume point: the job will continue from its newest "
+                                  "epoch checkpoint", level="warning")
+            else:
+                label = f"epoch-{epoch}-step-{global_step}"
+        self.reporter.emit(Paused(step=global_step, resume_point=label))

@@ -3,7 +3,8 @@
 Events are JSON lines on the real stdout, one per line and flushed at once, because the launcher
 parses stdout line by line and library chatter must never reach it. Stop requests come as SIGTERM
 or as stdin closing (the launcher died); both only set a flag, which the training loop polls at
-safe points, so a checkpoint is never half-written by a signal handler.
+safe points, so a checkpoint is never half-written by a signal handler. A pause request comes as
+SIGUSR1 and sets a flag of its own, which the loop polls between optimizer steps.
 """
 
 from __future__ import annotations
@@ -49,11 +50,20 @@ class StopFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._pause = threading.Event()
         self._armed = False
         self.reason: str | None = None
 
     def is_set(self) -> bool:
         return self._event.is_set()
+
+    def pause_requested(self) -> bool:
+        """SIGUSR1 arrived: write a resume point at the next step boundary and stop (``paused``).
+        Never raises, even before the loop is armed: the loop sees it before its first step."""
+        return self._pause.is_set()
+
+    def request_pause(self) -> None:
+        self._pause.set()
 
     def arm(self) -> None:
         """From now on a stop only sets the flag, for the training loop to see at a safe point.
@@ -81,6 +91,7 @@ class StopFlag:
         """
         signal.signal(signal.SIGTERM, lambda *_: self._on_signal("SIGTERM"))
         signal.signal(signal.SIGINT, lambda *_: self._on_signal("SIGINT"))
+        signal.signal(signal.SIGUSR1, lambda *_: self.request_pause())
         try:
             mode = os.fstat(sys.stdin.fileno()).st_mode
         except (OSError, ValueError, AttributeError):

@@ -9,6 +9,9 @@ epoch are done (the epoch's batch order is a function of the seed and the epoch,
 exactly those batches), and those steps' losses. Only the newest is kept, and all are removed once
 an epoch checkpoint supersedes them. Writing one is best effort: a failure is logged and training
 goes on, since the epoch checkpoints still protect the job.
+
+A pause (``EpochLoop`` on SIGUSR1) writes one at once, whenever the last was written, so the job
+continues from exactly the step where it stopped.
 """
 
 from __future__ import annotations
@@ -43,10 +46,11 @@ class ResumePoints:
         return self.every_seconds is not None and time.monotonic() - self._last >= self.every_seconds
 
     def save(self, *, model, optimizer, scheduler, epoch: int, steps_done_in_epoch: int, global_step: int,
-             losses: list[float], reporter) -> None:  # reporter: reporting.Reporter
-        """Write a resume point after ``global_step``, then drop the older ones."""
+             losses: list[float], reporter) -> Path | None:  # reporter: reporting.Reporter
+        """Write a resume point after ``global_step``, then drop the older ones; its folder, or
+        None when none could be written."""
         if self.folder is None:
-            return  # never due: the job has no resume folder
+            return None  # never due: the job has no resume folder
         self._last = time.monotonic()
         training_state = checkpoints.training_state(optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                                                     global_step=global_step, steps_done_in_epoch=steps_done_in_epoch,
@@ -58,8 +62,9 @@ class ResumePoints:
                                                training_state=training_state, trainer_state=trainer_state)
         except OSError as exc:
             reporter.log(f"could not write a resume point at step {global_step}: {exc}", level="warning")
-            return
+            return None
         self._remove(keep=written)
+        return written
 
     def clear(self) -> None:
         """Drop every resume point: an epoch checkpoint now holds everything they held."""

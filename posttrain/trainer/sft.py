@@ -105,7 +105,7 @@ def _evaluate(model, examples, batches: list[list[int]], *, pad_id: int, precisi
 
 
 def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
-    """Train as the spec's recipe says, reporting events; returns "completed" or "cancelled"."""
+    """Train as the spec's recipe says, reporting events; returns "completed", "cancelled" or "paused"."""
     recipe, plan = spec.recipe, spec.plan
     data = recipe.data
     # Check every row's layout before the slow imports and model load: a bad row fails in a second.

@@ -4,6 +4,12 @@ The trainer speaks JSON lines on stdout (docs/trainer-protocol.md). This launche
 it renews it while the trainer lives, and every write it makes is guarded by (owner, attempt),
 so once the job has moved on (cancelled, requeued after a lost lease) nothing it says counts.
 
+A renewal that finds the job ``pausing`` (the user paused it) asks the trainer to pause: SIGUSR1
+once it has reported ``started`` (its handler is installed by then), after which it writes a resume
+point at the next step boundary, reports ``paused`` and exits; before that, nothing has been
+trained, so it is simply stopped. Either way the job is then parked (``paused``, no lease, the
+attempt not charged) and the slot is free.
+
 A store hiccup (``StoreUnavailable``: locked by another process, a dropped connection) does not
 end the attempt: a missed lease renewal is tried again at the next beat, and every other write
 (events, checkpoints, the job's end) is retried with backoff until it lands or the lease is
@@ -35,6 +41,7 @@ from posttrain.domain.protocol import (
     Completed,
     Failed,
     FailureCode,
+    Paused,
     ProtocolError,
     Started,
     StepMetric,
@@ -87,8 +94,8 @@ class _Held(_Lease):
 
 @dataclass
 class _Outcome:
-    terminal: Completed | Cancelled | Failed | None = None
-    stop_reason: str | None = None  # why we asked the trainer to stop: "lease_lost" | "shutdown"
+    terminal: Completed | Cancelled | Paused | Failed | None = None
+    stop_reason: str | None = None  # why we asked the trainer to stop: "lease_lost" | "shutdown" | "pause"
     stderr_tail: list[str] = field(default_factory=list)
 
 
@@ -116,6 +123,8 @@ class Launcher:
         self._outcome = _Outcome()
         self._process: subprocess.Popen[bytes] | None = None
         self._store_waits = 0  # writes currently waiting for the store to come back
+        self._started = threading.Event()  # the trainer reported ``started``: its SIGUSR1 handler is in place
+        self._pause_sent = False
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -221,8 +230,10 @@ class Launcher:
                 elif now - last_renewal >= interval and not self._lost.is_set():
                     last_renewal = now
                     try:
-                        self.store.renew_lease(job_id=self.job.id, owner=self.owner,
-                                               attempt=self.attempt, lease_seconds=self.config.lease_seconds)
+                        status = self.store.renew_lease(job_id=self.job.id, owner=self.owner,
+                                                        attempt=self.attempt, lease_seconds=self.config.lease_seconds)
+                        if status is JobStatus.PAUSING:
+                            self._pause()
                     except LeaseLost:
                         self._moved_on()
                     except StoreUnavailable as exc:  # try again at the next beat; the lease still runs
@@ -239,6 +250,21 @@ class Launcher:
                 self._process.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 pass
+
+    def _pause(self) -> None:
+        """The user paused the job: ask the trainer once (see the module's docstring)."""
+        if self._pause_sent or self._outcome.stop_reason:
+            return
+        self._pause_sent = True
+        assert self._process is not None
+        log.info("pausing %s", self.job.job_uuid, extra={"action": "trainer_pausing", "job_id": self.job.id})
+        if self._started.is_set():
+            try:
+                os.kill(self._process.pid, signal.SIGUSR1)  # the trainer only: its children keep the default
+            except ProcessLookupError:
+                pass
+        else:
+            self._outcome.stop_reason = "pause"
 
     def _terminate(self) -> None:
         if self._process and self._process.poll() is None:
@@ -295,6 +321,8 @@ class Launcher:
                 self._moved_on()
 
     def _handle(self, event: AnyEvent) -> None:
+        if isinstance(event, Started):
+            self._started.set()
         if isinstance(event, TERMINAL_EVENTS):
             self._outcome.terminal = event
         elif not self._lost.is_set():
@@ -376,6 +404,11 @@ class Launcher:
         common = _Held(job_id=self.job.id, **self._lease())
         if outcome.stop_reason == "shutdown":
             self.store.release(**common, reason="worker shut down", count_attempt=False)
+        elif isinstance(terminal, Paused):
+            where = f"resume point {terminal.resume_point}" if terminal.resume_point else "its newest checkpoint"
+            self.store.park(**common, reason=f"paused after step {terminal.step}; continues from {where}")
+        elif outcome.stop_reason == "pause":
+            self.store.park(**common, reason="paused before the first step")
         elif isinstance(terminal, Completed):
             self.store.finish(**common, status=JobStatus.COMPLETED)
         elif isinstance(terminal, Failed):

@@ -1,6 +1,7 @@
 """The ``posttrain datasets …`` / ``posttrain jobs …`` commands, run as real processes against a real
 server (the ``live_server`` fixture): register and read a dataset, submit a YAML config and watch it
-train to the end, read its status, artifacts and events, cancel a long job, and fail readably.
+train to the end, read its status, artifacts and events, cancel, pause and resume a long job, and fail
+readably.
 """
 
 from __future__ import annotations
@@ -214,3 +215,31 @@ def test_dataset_rm(live_server, dataset, trained):
     assert ok(cli(live_server.base_url, "datasets", "rm", dataset)).strip() == f"removed {dataset}"
     assert dataset not in ok(cli(live_server.base_url, "datasets", "list"))
     assert live_server.get(f"/v1/datasets/{dataset}").status_code == 404
+
+
+def test_pause_and_resume_a_long_job(live_server, dataset, tmp_path):
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml_config(str(live_server.tiny_model_path), dataset, epochs=50, steps=100))
+    job_uuid = f"cli-pause-{uuid.uuid4().hex[:8]}"
+    assert ok(cli(live_server.base_url, "jobs", "submit", str(config), "--job-uuid", job_uuid)).strip() == job_uuid
+
+    def own_status() -> str:
+        page = live_server.get("/v1/post-training/job/events", params={"job_uuid": job_uuid, "after": 10**9})
+        return page.json()["status"]
+
+    def wait(status: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while own_status() != status:
+            assert time.monotonic() < deadline, f"the job never became {status}"
+            time.sleep(0.2)
+
+    wait("in_progress")
+    words = ok(cli(live_server.base_url, "jobs", "pause", job_uuid)).split()
+    assert words[0] == job_uuid and words[1] in ("pausing", "paused")
+    wait("paused", timeout=30)
+    assert "paused" in ok(cli(live_server.base_url, "jobs", "status", job_uuid))
+    assert "409" in one_error_line(cli(live_server.base_url, "jobs", "pause", job_uuid))
+    words = ok(cli(live_server.base_url, "jobs", "resume", job_uuid)).split()
+    assert words[0] == job_uuid and words[1] in ("scheduled", "in_progress")  # a worker may claim it at once
+    assert "409" in one_error_line(cli(live_server.base_url, "jobs", "resume", job_uuid))
+    assert ok(cli(live_server.base_url, "jobs", "cancel", job_uuid)).split() == [job_uuid, "cancelled"]

@@ -1,6 +1,6 @@
 """The dashboard, end to end: a real server process trains a real tiny job while headless Chromium
 (Debian's ``chromium``, driven by Playwright) watches its loss curve grow, sees its checkpoints,
-cancels a second job from its page, and previews a dataset's rows.
+cancels a second job from its page, pauses and resumes a third, and previews a dataset's rows.
 
 Needs /usr/bin/chromium and the ``playwright`` package (``bash scripts/setup-browser`` installs
 both); without them the module is skipped, except under CI, where it fails.
@@ -282,3 +282,28 @@ def test_with_api_keys_a_browser_signs_in_and_follows_its_own_job(tmp_path, tiny
         assert page.goto(server.base_url + f"/ui/jobs/{jobs['alice']}").url.endswith("/ui/login")
     finally:
         stop_server(server)
+
+
+def _own_status(server, job_uuid: str) -> str:
+    return server.get("/v1/post-training/job/events", params={"job_uuid": job_uuid, "after": 10**9}).json()["status"]
+
+
+def test_pause_and_resume_a_running_job_from_its_page(server, colours, page):
+    job_uuid = _submit(server, colours, n_epochs=200, max_steps_per_epoch=8)
+    page.goto(server.base_url + f"/ui/jobs/{job_uuid}")
+    _wait(lambda: _points(page), 120, "the job to train its first step")
+    assert page.is_visible("#pause") and not page.is_visible("#resume")
+
+    page.click("#pause")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'paused'", timeout=30_000)
+    assert _own_status(server, job_uuid) == "paused" and _status(server, job_uuid) == "scheduled"  # spec's view
+    assert page.is_visible("#resume") and not page.is_visible("#pause") and not page.is_disabled("#cancel")
+    paused_at = _points(page)
+
+    page.click("#resume")
+    page.wait_for_function("() => ['scheduled', 'in_progress'].includes(document.getElementById('status').textContent)")
+    _wait(lambda: _points(page) > paused_at, 120, "the resumed job to train on")
+    assert _own_status(server, job_uuid) == "in_progress" and page.is_visible("#pause")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#cancel")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'cancelled'", timeout=15_000)

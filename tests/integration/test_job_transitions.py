@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from posttrain.domain.jobs import JobKind, JobStatus, Move
+from posttrain.domain.jobs import LEASED_STATUSES, JobKind, JobStatus, Move
 from posttrain.errors import InvalidTransition, LeaseLost, TransitionRefused
 from posttrain.services.jobs import JobService
 from posttrain.settings import Settings
@@ -37,12 +37,16 @@ def _job_in(store: JobStore, status: JobStatus, *, max_attempts: int = 2):
     job = _submit(store, f"job-{status.value}", max_attempts=max_attempts)
     if status is JobStatus.CANCELLED:
         store.cancel(job_id=job.id)
+    elif status is JobStatus.PAUSED:
+        store.pause(job_id=job.id)
     elif status is not JobStatus.SCHEDULED:
         job = store.claim_next(owner=OWNER, lease_seconds=30)
         if status in (JobStatus.COMPLETED, JobStatus.FAILED):
             store.finish(job_id=job.id, owner=OWNER, attempt=job.attempt, status=status,
                          error_code="bad_row" if status is JobStatus.FAILED else None,
                          error_message="row 3: no text" if status is JobStatus.FAILED else None)
+        elif status is JobStatus.PAUSING:
+            store.pause(job_id=job.id)
     got = store.get(job_id=job.id)
     assert got.status is status
     return got
@@ -136,12 +140,23 @@ def _attempt(store: JobStore, move: Move, job) -> None:
         store.finish(**lease, status=JobStatus.FAILED, error_code="error", error_message="late")
     elif move is Move.REQUEUE:
         store.release(**lease, reason="late")
+    elif move in (Move.PAUSE, Move.HOLD):
+        store.pause(job_id=job.id)
+    elif move is Move.PARK:
+        store.park(**lease, reason="late")
+    elif move is Move.RESUME:
+        store.resume(job_id=job.id)
     else:
         raise AssertionError(move)
 
 
+#: The user's moves (no lease); the user's pause makes whichever of hold and pause applies.
+USER_MOVES = {Move.CANCEL, Move.PAUSE, Move.HOLD, Move.RESUME}
+PAUSABLE = Move.PAUSE.sources | Move.HOLD.sources
 ILLEGAL = [(status, move) for status in JobStatus for move in Move
-           if status not in move.sources and move is not Move.CLAIM]
+           if status not in move.sources and move is not Move.CLAIM
+           and not (move in (Move.PAUSE, Move.HOLD) and status in PAUSABLE)
+           and not (move is Move.REQUEUE and status in Move.PARK.sources)]  # release parks a pausing job
 
 
 @pytest.mark.parametrize(("status", "move"), ILLEGAL, ids=[f"{s.value}-{m.value}" for s, m in ILLEGAL])
@@ -151,7 +166,7 @@ def test_an_illegal_move_raises_with_the_status_and_changes_nothing(store, statu
     with pytest.raises(TransitionRefused) as refused:
         _attempt(store, move, job)
     assert refused.value.status == status.value and refused.value.status_code == 409
-    assert isinstance(refused.value, LeaseLost) == (move is not Move.CANCEL)  # the launcher's moves are leased
+    assert isinstance(refused.value, LeaseLost) == (move not in USER_MOVES)  # the launcher's moves are leased
     assert _snapshot(store, job.id) == before
 
 
@@ -164,7 +179,7 @@ def test_only_scheduled_jobs_are_claimed(store, status):
     assert _snapshot(store, job.id) == before
 
 
-@pytest.mark.parametrize("status", [s for s in JobStatus if s is not JobStatus.IN_PROGRESS])
+@pytest.mark.parametrize("status", [s for s in JobStatus if s not in LEASED_STATUSES])
 def test_lease_writes_need_a_running_job(store, status):
     job = _job_in(store, status)
     before = _snapshot(store, job.id)

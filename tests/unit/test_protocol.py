@@ -15,6 +15,7 @@ from posttrain.domain.protocol import (
     Failed,
     FailureCode,
     LogLine,
+    Paused,
     ProtocolError,
     Started,
     StepMetric,
@@ -32,6 +33,7 @@ METRIC = StepMetric(step=3, epoch=1, loss=1.5, lr=1e-3, tokens_per_s=900.0, toke
                       validation_loss=1.8, perplexity=6.05, write_seconds=0.4),
     LogLine(message="hello", level="warning"),
     Completed(), Cancelled(), Failed(code=FailureCode.BAD_ROW, message="row 3: no answer"),
+    Paused(step=12, resume_point="epoch-2-step-12"), Paused(step=8),
 ])
 def test_every_event_reads_back_as_itself(event):
     assert parse_line(event.to_line()) == event

@@ -3,6 +3,7 @@
 "use strict";
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+const PAUSABLE = new Set(["scheduled", "in_progress"]);
 const SVG_NS = "http://www.w3.org/2000/svg";
 
 function el(tag, attrs, text) {
@@ -203,6 +204,7 @@ function startJobPage() {
   const q = encodeURIComponent(jobUuid);
   const $ = (id) => document.getElementById(id);
   const chart = $("chart"), statusEl = $("status"), cancel = $("cancel"), log = $("log");
+  const pause = $("pause"), resume = $("resume");
   const train = new Map(); // step -> loss (a resumed attempt overwrites the steps it repeats)
   const validation = new Map(); // epoch -> {step, loss}
   const checkpoints = new Map(); // identifier -> checkpoint event data
@@ -214,6 +216,8 @@ function startJobPage() {
     statusEl.textContent = value;
     statusEl.className = `status ${value}`;
     cancel.disabled = TERMINAL.has(value);
+    pause.hidden = !PAUSABLE.has(value);
+    resume.hidden = value !== "paused";
   }
 
   function renderCheckpoints() {
@@ -312,6 +316,27 @@ function startJobPage() {
       cancel.disabled = TERMINAL.has(status);
     }
   });
+
+  // Pause and resume: our own endpoints, with the page's CSRF token like the cancel.
+  async function control(button, action) {
+    button.disabled = true;
+    $("cancel-message").textContent = `${action}…`;
+    try {
+      const response = await fetch(`/v1/posttrain/jobs/${q}/${action}`, {
+        method: "POST",
+        headers: { "X-CSRF-Token": csrfToken() },
+      });
+      const answer = await response.json().catch(() => ({}));
+      if (!response.ok) throw new Error(answer.detail || `${response.status} ${response.statusText}`);
+      $("cancel-message").textContent = `${action} requested`;
+      setStatus(answer.status); // the poll keeps it current from here (pausing, then paused)
+    } catch (err) {
+      $("cancel-message").textContent = `${action} failed: ${err.message}`;
+    }
+    button.disabled = false;
+  }
+  pause.addEventListener("click", () => control(pause, "pause"));
+  resume.addEventListener("click", () => control(resume, "resume"));
 
   render();
   poll();
