@@ -156,9 +156,9 @@ def _closed(example: dict[str, Any], allowed: frozenset[str], *, prefix: str = "
 
 
 def _supervised(example: dict[str, Any]) -> dict[str, Any]:
-    _closed(example, _SFT_KEYS)
-    if "messages" not in example:
+    if "messages" not in example:  # before the unknown keys: a line of another format lacks this first
         raise _Bad("messages", "missing_messages", "'messages' is missing")
+    _closed(example, _SFT_KEYS)
     messages = _messages(example["messages"], param="messages", weighted=True)
     answers = [m for m in messages if m["role"] == "assistant"]
     if not answers:
@@ -183,9 +183,9 @@ def _answer(example: dict[str, Any], key: str) -> str:
 
 
 def _preference(example: dict[str, Any]) -> dict[str, Any]:
-    _closed(example, _DPO_KEYS)
-    if "input" not in example:
+    if "input" not in example:  # before the unknown keys, as for supervised lines
         raise _Bad("input", "missing_input", "'input' is missing")
+    _closed(example, _DPO_KEYS)
     prompt_input = example["input"]
     if not isinstance(prompt_input, dict):
         raise _Bad("input", "invalid_input", "'input' must be an object with 'messages'")

@@ -243,11 +243,11 @@ def test_unknown_or_another_tenants_training_file_is_404_and_a_bad_file_is_400(k
     assert theirs.json()["error"]["message"].replace(alices["id"], "X") == \
         missing.json()["error"]["message"].replace("file-000000000000000000000000", "X")
     bad = upload(keyed_client, b'{"messages": []}\nnot json\n', headers=as_(BOB)).json()
-    assert_openai_error(create_job(keyed_client, tiny_model_path, bad["id"], headers=as_(BOB)), 400, "line",
-                        param="training_file", code="invalid_file_format")
+    assert_openai_error(create_job(keyed_client, tiny_model_path, bad["id"], headers=as_(BOB)), 400, "Line 1",
+                        "'messages' must not be empty", param="training_file", code="empty_messages")
     no_messages = upload(keyed_client, b'{"prompt": "a", "completion": "b"}\n', headers=as_(BOB)).json()
     assert_openai_error(create_job(keyed_client, tiny_model_path, no_messages["id"], headers=as_(BOB)), 400,
-                        "line 1", param="training_file")
+                        "Line 1", "messages", param="training_file", code="missing_messages")
     assert keyed_client.get("/v1/fine_tuning/jobs", headers=as_(BOB)).json()["data"] == []
     assert_openai_error(keyed_client.get("/v1/fine_tuning/jobs/ftjob-nope", headers=as_(BOB)), 404,
                         code="fine_tuning_job_not_found")
@@ -299,13 +299,12 @@ def test_a_dpo_job_trains_openais_preference_rows_with_its_beta(client, services
     assert stored.kind.value == "dpo" and stored.plan.recipe.dpo.beta == 0.3
     first = json.loads(Path(stored.plan.train_rows_path).read_text().splitlines()[0])
     assert first == {"prompt": [{"role": "user", "content": "colour 0?"}],
-                     "chosen": [{"role": "assistant", "content": "blue"}],
-                     "rejected": [{"role": "assistant", "content": "I cannot say"}]}
+                     "chosen": "blue", "rejected": "I cannot say"}
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["method"]["type"] == "dpo"
 
 
 def test_a_dpo_job_on_chat_rows_is_refused_naming_the_line(client, services, tiny_model_path):
     file = upload(client).json()
     response = create_job(client, tiny_model_path, file["id"], method={"type": "dpo"})
-    assert_openai_error(response, 400, "line 1", "preference row", param="training_file", code="invalid_file_format")
+    assert_openai_error(response, 400, "Line 1", "'input' is missing", param="training_file", code="missing_input")
     assert services.jobs.list_jobs(tenant="default") == []
