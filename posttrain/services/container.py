@@ -56,7 +56,7 @@ def build_services(settings: Settings) -> Services:
     settings.ensure_dirs()
     engine = make_engine(settings.resolved_database_url, busy_timeout_seconds=settings.store_busy_timeout_seconds)
     migrate(engine)
-    job_store = JobStore(engine)
+    job_store = JobStore(engine, listed_checkpoints=settings.max_checkpoints_per_job)
     dataset_store = DatasetStore(engine, settings.datasets_dir)
     remove_orphans(engine, dataset_store, settings.jobs_dir)
     return Services(

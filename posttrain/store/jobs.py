@@ -19,7 +19,21 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, overload
 
-from sqlalchemy import ColumnElement, Engine, Insert, Table, Update, and_, exists, func, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Insert,
+    Table,
+    Update,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
@@ -118,11 +132,22 @@ def _job(row: RowMapping, ckpts: tuple[Checkpoint, ...] = ()) -> Job:
     )
 
 
-class JobStore:
-    """All reads and writes of jobs, checkpoints and job events."""
+#: The most checkpoints a job is read with when the store is not told otherwise (the bound of
+#: ``POSTTRAIN_MAX_CHECKPOINTS_PER_JOB``).
+MAX_LISTED_CHECKPOINTS = 1000
 
-    def __init__(self, engine: Engine) -> None:
+
+class JobStore:
+    """All reads and writes of jobs, checkpoints and job events.
+
+    A job is read with at most its newest ``listed_checkpoints`` checkpoints (one ``LIMIT``), so a
+    status poll or an event stream costs the same whatever a job recorded; ``record_checkpoint``
+    with ``keep`` also deletes the rows beyond the newest ``keep``, as the trainer deletes their
+    folders."""
+
+    def __init__(self, engine: Engine, *, listed_checkpoints: int = MAX_LISTED_CHECKPOINTS) -> None:
         self.engine = engine
+        self.listed_checkpoints = listed_checkpoints
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -154,11 +179,14 @@ class JobStore:
         return _checkpoint(row) if row is not None else None
 
     def _checkpoints(self, conn: Connection, job_id: str) -> tuple[Checkpoint, ...]:
+        """The job's newest ``listed_checkpoints`` checkpoints, oldest first."""
         rows = conn.execute(
             select(checkpoints, jobs.c.job_uuid).join(jobs, jobs.c.id == checkpoints.c.job_id)
-            .where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.epoch, checkpoints.c.step)
+            .where(checkpoints.c.job_id == job_id)
+            .order_by(checkpoints.c.epoch.desc(), checkpoints.c.step.desc(), checkpoints.c.id.desc())
+            .limit(self.listed_checkpoints)
         ).mappings()
-        return tuple(_checkpoint(r) for r in rows)
+        return tuple(reversed([_checkpoint(r) for r in rows]))
 
     def list(self, *, tenant: str | None = None, status: JobStatus | None = None, limit: int | None = None) -> list[Job]:
         query = select(jobs).order_by(jobs.c.scheduled_at, jobs.c.id)
@@ -411,8 +439,11 @@ class JobStore:
         train_loss: float | None,
         validation_loss: float | None,
         perplexity: float | None,
+        keep: int | None = None,
     ) -> None:
-        """Record a checkpoint that is complete on disk; idempotent per identifier.
+        """Record a checkpoint that is complete on disk; idempotent per identifier. With ``keep``,
+        the job's rows beyond its newest ``keep`` checkpoints are deleted in the same transaction
+        (the trainer deletes their folders), so the status lists only what exists.
 
         Only while this launcher holds the job in progress: a checkpoint reported after the job
         was cancelled or requeued is dropped with ``LeaseLost``. The row goes in with one
@@ -430,6 +461,12 @@ class JobStore:
                               "train_loss": train_loss, "validation_loss": validation_loss, "perplexity": perplexity})
             elif conn.execute(select(jobs.c.id).where(_held(job_id, owner, attempt))).first() is None:
                 raise self._refusal(conn, None, job_id, (owner, attempt), doing="record a checkpoint")
+            if keep is not None:
+                newest = (select(checkpoints.c.id).where(checkpoints.c.job_id == job_id)
+                          .order_by(checkpoints.c.epoch.desc(), checkpoints.c.step.desc(), checkpoints.c.id.desc())
+                          .limit(keep))
+                conn.execute(delete(checkpoints).where(checkpoints.c.job_id == job_id,
+                                                       checkpoints.c.id.not_in(newest)))
 
     def append_events(self, *, job_id: str, owner: str, attempt: int,
                       events: builtins.list[tuple[str, dict[str, Any]]]) -> None:
