@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from posttrain.api.problems import problem
-from posttrain.errors import RateLimited, ServiceError, Unauthorized
+from posttrain.errors import RateLimited, ServiceError, StoreUnavailable, Unauthorized
 from posttrain.services.access import (
     CSRF_COOKIE,
     CSRF_HEADER,
@@ -95,7 +95,11 @@ class Gate:
             return problem(413, f"the request body is larger than {self.max_body_bytes} bytes", instance=path)
         state: dict[str, Any] = scope.setdefault("state", {})
         cookies = _cookies(headers.get("cookie"))
-        session = self.access.session(cookies.get(SESSION_COOKIE)) if self.access.enabled else None
+        try:  # sessions are in the store, which may be busy or unreachable: a 503, never a 500
+            session = self.access.session(cookies.get(SESSION_COOKIE)) if self.access.enabled else None
+        except StoreUnavailable as exc:
+            return problem(exc.status_code, exc.detail, title=exc.title, instance=path,
+                           headers={"Retry-After": str(exc.retry_after)})
         state["session"] = session
         state["session_id"] = cookies.get(SESSION_COOKIE) if session is not None else None
         state["csrf_cookie"] = cookies.get(CSRF_COOKIE)

@@ -17,6 +17,7 @@ from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.engine import at_head, make_engine, migrate, store_usable
 from posttrain.store.jobs import JobStore
+from posttrain.store.sessions import SessionStore
 from posttrain.store.tables import jobs as jobs_table
 
 log = logging.getLogger("posttrain.services")
@@ -64,7 +65,7 @@ def build_services(settings: Settings) -> Services:
         engine=engine,
         jobs=JobService(store=job_store, datasets=dataset_store, settings=settings),
         datasets=DatasetService(store=dataset_store, settings=settings),
-        access=build_access(settings),
+        access=build_access(settings, engine),
     )
 
 
@@ -88,8 +89,9 @@ def remove_orphans(engine: Engine, dataset_store: DatasetStore, jobs_dir: Path) 
         log.info("removed orphans of a killed process", extra={"action": "orphans_removed", "paths": removed})
 
 
-def build_access(settings: Settings) -> AccessControl:
+def build_access(settings: Settings, engine: Engine | None = None) -> AccessControl:
     keys = parse_key_lines(settings.api_keys_file.read_text()) if settings.api_keys_file else {}
     if settings.api_keys_file and not keys:
         raise ValueError(f"{settings.api_keys_file} holds no API keys; add one with `posttrain keys create TENANT`")
-    return AccessControl(keys=keys, requests_per_minute=settings.rate_limit_per_minute)
+    return AccessControl(keys=keys, requests_per_minute=settings.rate_limit_per_minute,
+                         sessions=SessionStore(engine) if engine is not None else None)
