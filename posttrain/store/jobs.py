@@ -155,18 +155,20 @@ class JobStore:
         """One job, by the service's key, with its checkpoints."""
         return self._one(jobs.c.id == job_id)
 
-    def find(self, *, tenant: str, job_uuid: str, with_payload: bool = True) -> Job | None:
+    def find(self, *, tenant: str, job_uuid: str, with_payload: bool = True, with_checkpoints: bool = True) -> Job | None:
         """The tenant's job that the client named ``job_uuid``. ``with_payload=False`` leaves the
-        request and plan JSON unread (an empty request, no plan): the status endpoint, polled hard, needs neither."""
-        return self._one(and_(jobs.c.tenant == tenant, jobs.c.job_uuid == job_uuid), with_payload=with_payload)
+        request and plan JSON unread (an empty request, no plan): the status endpoint, polled hard, needs neither.
+        ``with_checkpoints=False`` reads none of its checkpoints (an event stream's poll needs only the status)."""
+        return self._one(and_(jobs.c.tenant == tenant, jobs.c.job_uuid == job_uuid), with_payload=with_payload,
+                         with_checkpoints=with_checkpoints)
 
-    def _one(self, where: ColumnElement[bool], *, with_payload: bool = True) -> Job | None:
+    def _one(self, where: ColumnElement[bool], *, with_payload: bool = True, with_checkpoints: bool = True) -> Job | None:
         columns = list(jobs.c) if with_payload else [c for c in jobs.c if c.name not in ("request", "plan")]
         with self.engine.connect() as conn:
             row = conn.execute(select(*columns).where(where)).mappings().first()
             if row is None:
                 return None
-            return _job(row, self._checkpoints(conn, row["id"]))
+            return _job(row, self._checkpoints(conn, row["id"]) if with_checkpoints else ())
 
     def find_checkpoint(self, *, tenant: str, reference: str) -> Checkpoint | None:
         """The tenant's own checkpoint whose identifier or path is ``reference``, if any."""

@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from posttrain.api.app import create_app
 from posttrain.demo import colour_rows
@@ -72,8 +73,24 @@ def test_status_and_event_streams_of_a_job_with_2000_checkpoint_rows_read_at_mos
             assert [c["epoch"] for c in listed] == list(range(1994, 2001))
             assert listed[-1]["identifier"] == f"{job.job_uuid}-epoch-2000"
             assert elapsed < 5, elapsed
-            page = client.get("/v1/post-training/job/events", params={"job_uuid": job.job_uuid, "limit": 10})
-            assert page.status_code == 200 and len(page.json()["data"]) == 10
+            # What each request asks the database for (a listener on the app's own engine): the
+            # status reads checkpoints with a LIMIT; an event page reads none.
+            statements: list[str] = []
+
+            def seen(_conn, _cursor, statement, *_args) -> None:
+                statements.append(statement)
+
+            event.listen(services.engine, "before_cursor_execute", seen)
+            try:
+                assert client.get("/v1/post-training/job/status", params={"job_uuid": job.job_uuid}).status_code == 200
+                reads = [q for q in statements if "FROM checkpoints" in q]
+                assert len(reads) == 1 and "LIMIT" in reads[0], reads
+                statements.clear()
+                page = client.get("/v1/post-training/job/events", params={"job_uuid": job.job_uuid, "limit": 10})
+                assert page.status_code == 200 and len(page.json()["data"]) == 10
+                assert not [q for q in statements if "FROM checkpoints" in q], statements
+            finally:
+                event.remove(services.engine, "before_cursor_execute", seen)
             with client.stream("GET", "/v1/post-training/job/events", params={"job_uuid": job.job_uuid, "after": 0},
                                headers={"Accept": "text/event-stream"}) as stream:
                 assert stream.status_code == 200
