@@ -9,6 +9,9 @@ the store deletes the rows of the deleted ones, and a job is read with at most t
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import uuid
 
@@ -19,12 +22,13 @@ from sqlalchemy import event
 from posttrain.api.app import create_app
 from posttrain.demo import colour_rows
 from posttrain.domain.jobs import JobKind
-from posttrain.domain.recipes import JobPlan, build_recipe
+from posttrain.domain.recipes import JobPlan, TrainerSpec, build_recipe
 from posttrain.services.container import build_services
 from posttrain.settings import Settings
 from posttrain.store.jobs import new_job_id
 from tests.conftest import start_server, stop_server
-from tests.integration.test_api import lora_request
+from tests.integration.test_api import assert_problem, lora_request, register
+from tests.worker_helpers import launch_config
 
 
 def _claimed(store, tmp_path, job_uuid: str = "ckpt-many"):
@@ -109,14 +113,57 @@ def test_the_settings_bound_the_keep():
         Settings(keep_checkpoints=0)
 
 
+SFT = "/v1/post-training/supervised-fine-tune"
+HEADER = "X-Posttrain-Keep-Checkpoints"
+
+
+def test_the_keep_header_goes_into_the_jobs_recipe_and_a_bad_one_is_a_400(client, services, settings, tiny_model_path):
+    """The Llama Stack body is closed (additionalProperties: false), so the number rides in our own
+    header; a bad value is a 400 naming the header and creates nothing."""
+    register(client)
+    for bad, words in (("abc", ["whole number"]), ("-1", ["whole number"]), ("0", ["greater than or equal"]),
+                       ("1001", ["less than or equal"])):
+        assert_problem(client.post(SFT, json=lora_request(str(tiny_model_path), "toy"), headers={HEADER: bad}), 400,
+                       HEADER, *words)
+    assert client.get("/v1/post-training/jobs").json() == {"data": []}
+    assert list(settings.jobs_dir.iterdir()) == []
+
+    body = lora_request(str(tiny_model_path), "toy")
+    assert client.post(SFT, json=body, headers={HEADER: "3"}).status_code == 200
+    job = services.jobs.store.find(tenant="default", job_uuid=body["job_uuid"])
+    assert job.plan.recipe.keep_checkpoints == 3
+    plain = lora_request(str(tiny_model_path), "toy")
+    assert client.post(SFT, json=plain).status_code == 200
+    assert services.jobs.store.find(tenant="default", job_uuid=plain["job_uuid"]).plan.recipe.keep_checkpoints is None
+
+
+@pytest.mark.parametrize(("asked", "default", "cap", "kept"),
+                         [(None, 5, 20, 5), (3, 5, 20, 3), (50, 5, 20, 20), (None, 30, 20, 20), (None, None, None, None)])
+def test_the_launcher_keeps_the_recipes_number_else_the_default_never_over_the_cap(store, tmp_path, asked, default,
+                                                                                  cap, kept):
+    from posttrain.worker.launcher import Launcher
+
+    job_id = new_job_id()
+    plan = JobPlan(recipe=build_recipe({"method": "sft", "keep_checkpoints": asked}), model=str(tmp_path / "model"),
+                   output_dir=str(tmp_path / "out"), train_rows_path=str(tmp_path / "train.jsonl"))
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    job = store.create(job_id=job_id, job_uuid="k", tenant="default", kind=JobKind.SFT, request={}, plan=plan,
+                       max_attempts=1)
+    launcher = Launcher(job=job, owner="w1", store=store,
+                        config=launch_config(keep_checkpoints=default, max_checkpoints_per_job=cap))
+    spec = launcher._spec()
+    assert TrainerSpec.model_validate_json(spec.read_text()).keep_checkpoints == kept
+
+
 @pytest.mark.slow
 def test_a_real_run_of_many_tiny_epochs_keeps_only_n_checkpoints(tmp_path, tiny_model_path):
-    """A real ``posttrain serve`` trains 9 one-step epochs with keep-last 2 (the operator's cap 3
-    over a default of 5): 2 folders left on disk, 2 in the status, the newest; 9 checkpoint
-    events."""
+    """A real ``posttrain serve`` trains 9 one-step epochs asking (``posttrain jobs submit
+    --keep-checkpoints 2``, i.e. the header) to keep 2, under
+    the operator's default of 5 and cap of 3: 2 folders left on disk, 2 in the status, the newest;
+    9 checkpoint events."""
     home = tmp_path / "home"
     home.mkdir()
-    server = start_server(home, tiny_model_path, extra_env={"POSTTRAIN_KEEP_CHECKPOINTS": "2",
+    server = start_server(home, tiny_model_path, extra_env={"POSTTRAIN_KEEP_CHECKPOINTS": "5",
                                                             "POSTTRAIN_MAX_CHECKPOINTS_PER_JOB": "3"})
     try:
         response = server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": "colours",
@@ -125,7 +172,14 @@ def test_a_real_run_of_many_tiny_epochs_keeps_only_n_checkpoints(tmp_path, tiny_
         body = lora_request(str(tiny_model_path), "colours")
         body["job_uuid"] = f"many-{uuid.uuid4().hex[:8]}"
         body["training_config"].update(n_epochs=9, max_steps_per_epoch=1, max_validation_steps=1)
-        assert server.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+        config = tmp_path / "job.json"
+        config.write_text(json.dumps(body))
+        # Through the real command line: `posttrain jobs submit --keep-checkpoints 2` sends the header.
+        submitted = subprocess.run([sys.executable, "-m", "posttrain", "jobs", "submit", str(config),
+                                    "--keep-checkpoints", "2", "--url", server.base_url],
+                                   capture_output=True, text=True, timeout=120)
+        assert submitted.returncode == 0, submitted.stderr
+        assert submitted.stdout.strip() == body["job_uuid"]
         deadline = time.monotonic() + 300
         while True:
             status = server.get("/v1/post-training/job/status", params={"job_uuid": body["job_uuid"]}).json()
