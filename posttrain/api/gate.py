@@ -13,6 +13,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import urlsplit
 
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -66,7 +67,12 @@ class Gate:
             await send(message)
 
         try:
-            refusal = self._admit(scope)
+            # A session cookie is looked up in the store: off the event loop, so a slow store
+            # never stalls the requests that need none (/healthz, API-key clients).
+            if self.access.enabled and any(k == b"cookie" and SESSION_COOKIE.encode() in v for k, v in scope["headers"]):
+                refusal = await run_in_threadpool(self._admit, scope)
+            else:
+                refusal = self._admit(scope)
             if refusal is None and not _has_length(scope):
                 receive, refusal = await self._buffer_unannounced_body(scope, receive)
             if refusal is not None:

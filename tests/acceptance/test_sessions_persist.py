@@ -130,3 +130,59 @@ def test_a_key_taken_out_of_the_keys_file_opens_none_of_its_sessions(settings, t
             assert client.get("/", follow_redirects=False).status_code == 303
     finally:
         services.close()
+
+
+_SESSIONS_HOLDER = """
+import sys, time
+import psycopg
+with psycopg.connect(sys.argv[1]) as connection:
+    connection.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_session_lookup_on_a_locked_store_is_a_503_and_stalls_nobody_else(settings, tmp_path):
+    """Another process holds the sessions table locked: a request with a session cookie waits for
+    the store's lock timeout in a worker thread and answers 503 with Retry-After, while /healthz
+    (on the event loop) answers at once."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from posttrain.api.app import create_app
+    from posttrain.services.container import build_services
+
+    keys = tmp_path / "keys-locked"
+    keys.write_text(f"alice:{digest(ALICE)}\n")
+    services = build_services(settings.model_copy(update={"api_keys_file": keys, "allowed_hosts": ["testserver"],
+                                                          "store_busy_timeout_seconds": 3}))
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    holder = subprocess.Popen([sys.executable, "-c", _SESSIONS_HOLDER, dsn, "8"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
+            answers: dict[str, object] = {}
+
+            def browser() -> None:
+                answers["page"] = client.get("/", cookies={"posttrain_session": "some-session-id"},
+                                             follow_redirects=False)
+
+            thread = threading.Thread(target=browser)
+            thread.start()
+            time.sleep(0.5)  # the cookie request is now waiting on the lock
+            started = time.monotonic()
+            assert client.get("/healthz").status_code == 200
+            assert time.monotonic() - started < 1.0
+            thread.join(timeout=30)
+            page = answers["page"]
+            assert page.status_code == 503 and "Retry-After" in page.headers, page.text
+    finally:
+        holder.kill()
+        holder.wait()
+        services.close()
