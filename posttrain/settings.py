@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     resume_point_seconds: float = Field(default=600.0, ge=0, description="Seconds of training between mid-epoch "
                                         "resume points (model or adapter, optimizer, position in the data) in the "
                                         "job's folder, so a lost job redoes at most this much of an epoch. 0: none.")
+    keep_checkpoints: int = Field(default=5, ge=1, description="Epoch checkpoints a job keeps when its recipe names "
+                                  "no number: the newest this many; older folders (and their rows in the job's "
+                                  "status) are deleted as new ones are written.")
+    max_checkpoints_per_job: int = Field(default=20, ge=1, le=1000, description="The most epoch checkpoints any job "
+                                         "keeps, whatever its recipe asks; also the most a job's status lists.")
     compile: Literal["auto", "on", "off"] = Field(
         default="auto", description="torch.compile the model: auto when a job's remaining training, timed on its "
         "first steps, is over 5 minutes (compiling each decoder layer costs ~10-50 s; ~1.25x faster after); on: always; "

@@ -13,11 +13,12 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import urlsplit
 
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from posttrain.api.problems import problem
-from posttrain.errors import RateLimited, ServiceError, Unauthorized
+from posttrain.errors import RateLimited, ServiceError, StoreUnavailable, Unauthorized
 from posttrain.services.access import (
     CSRF_COOKIE,
     CSRF_HEADER,
@@ -66,7 +67,12 @@ class Gate:
             await send(message)
 
         try:
-            refusal = self._admit(scope)
+            # A session cookie is looked up in the store: off the event loop, so a slow store
+            # never stalls the requests that need none (/healthz, API-key clients).
+            if self.access.enabled and any(k == b"cookie" and SESSION_COOKIE.encode() in v for k, v in scope["headers"]):
+                refusal = await run_in_threadpool(self._admit, scope)
+            else:
+                refusal = self._admit(scope)
             if refusal is None and not _has_length(scope):
                 receive, refusal = await self._buffer_unannounced_body(scope, receive)
             if refusal is not None:
@@ -95,7 +101,11 @@ class Gate:
             return problem(413, f"the request body is larger than {self.max_body_bytes} bytes", instance=path)
         state: dict[str, Any] = scope.setdefault("state", {})
         cookies = _cookies(headers.get("cookie"))
-        session = self.access.session(cookies.get(SESSION_COOKIE)) if self.access.enabled else None
+        try:  # sessions are in the store, which may be busy or unreachable: a 503, never a 500
+            session = self.access.session(cookies.get(SESSION_COOKIE)) if self.access.enabled else None
+        except StoreUnavailable as exc:
+            return problem(exc.status_code, exc.detail, title=exc.title, instance=path,
+                           headers={"Retry-After": str(exc.retry_after)})
         state["session"] = session
         state["session_id"] = cookies.get(SESSION_COOKIE) if session is not None else None
         state["csrf_cookie"] = cookies.get(CSRF_COOKIE)

@@ -39,7 +39,13 @@ FIELD_NAMES = {
     "qat": "algorithm_config",
     "dpo": "algorithm_config",
     "tensorboard": "logger_config",
+    "keep_checkpoints": "X-Posttrain-Keep-Checkpoints",
 }
+
+#: Our extension beside the Llama Stack body, which is closed (additionalProperties: false): a
+#: request header asking the job to keep only its newest N epoch checkpoints (at most the operator's
+#: POSTTRAIN_MAX_CHECKPOINTS_PER_JOB; without it, POSTTRAIN_KEEP_CHECKPOINTS).
+KEEP_CHECKPOINTS_HEADER = "X-Posttrain-Keep-Checkpoints"
 
 #: Llama Stack's attention module names, and the Hugging Face spelling of the output projection.
 ATTENTION_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "output_proj",
@@ -58,9 +64,20 @@ SFT_NAMES = SubmissionNames(model="model", dataset_id="training_config.data_conf
 DPO_NAMES = SFT_NAMES.model_copy(update={"model": "finetuned_model"})
 
 
-def sft_submission(body: SupervisedFineTuneRequest) -> Submission:
-    """A supervised fine-tune: LoRA, QAT, or (no algorithm_config) every weight."""
-    recipe = _common_recipe(body.training_config, body.hyperparam_search_config, body.logger_config)
+def keep_checkpoints(header: str | None) -> int | None:
+    """The ``X-Posttrain-Keep-Checkpoints`` header's number, None when absent; a 400 naming the
+    header when it is no decimal integer (the recipe bounds the number itself)."""
+    if header is None:
+        return None
+    if not header.strip().isascii() or not header.strip().isdigit() or len(header.strip()) > 9:
+        raise RecipeInvalid(field=KEEP_CHECKPOINTS_HEADER, reason=f"must be a whole number of checkpoints, got {header!r}")
+    return int(header.strip())
+
+
+def sft_submission(body: SupervisedFineTuneRequest, keep: int | None = None) -> Submission:
+    """A supervised fine-tune: LoRA, QAT, or (no algorithm_config) every weight. ``keep``: the
+    ``X-Posttrain-Keep-Checkpoints`` header's number."""
+    recipe = _common_recipe(body.training_config, body.hyperparam_search_config, body.logger_config, keep)
     recipe["method"] = JobKind.SFT.value
     algorithm = body.algorithm_config
     if isinstance(algorithm, LoraFinetuningConfig):
@@ -70,11 +87,11 @@ def sft_submission(body: SupervisedFineTuneRequest) -> Submission:
     return _submission(body.job_uuid, body.model, body.training_config, body.checkpoint_dir, recipe, SFT_NAMES)
 
 
-def dpo_submission(body: PreferenceOptimizeRequest) -> Submission:
+def dpo_submission(body: PreferenceOptimizeRequest, keep: int | None = None) -> Submission:
     """Preference optimization. The spec's DPO config holds only beta and loss_type, so the adapter
     is the recipe's default one. Clients 0.2.x send {reward_scale, reward_clip, epsilon, gamma}
     (an older shape with no DPO meaning): beta 0.1, sigmoid, and a note in the job's log."""
-    recipe = _common_recipe(body.training_config, body.hyperparam_search_config, body.logger_config)
+    recipe = _common_recipe(body.training_config, body.hyperparam_search_config, body.logger_config, keep)
     recipe["method"] = JobKind.DPO.value
     recipe["adapter"] = DPO_ADAPTER.model_dump()
     algorithm = body.algorithm_config
@@ -113,7 +130,8 @@ def renamed(refusal: RecipeInvalid) -> RecipeInvalid:
     return RecipeInvalid(field=field or None, reason=refusal.reason).renamed(FIELD_NAMES)
 
 
-def _common_recipe(training: TrainingConfig, search: dict[str, Any], logger: dict[str, Any]) -> dict[str, Any]:
+def _common_recipe(training: TrainingConfig, search: dict[str, Any], logger: dict[str, Any],
+                   keep: int | None = None) -> dict[str, Any]:
     """The recipe fields SFT and DPO requests share, with the refusals of what has no home."""
     if search:
         keys = ", ".join(sorted(search))
@@ -139,6 +157,8 @@ def _common_recipe(training: TrainingConfig, search: dict[str, Any], logger: dic
     }
     if training.dtype is not None:
         recipe["dtype"] = training.dtype
+    if keep is not None:
+        recipe["keep_checkpoints"] = keep
     if training.optimizer_config is not None:
         recipe["optimizer"] = training.optimizer_config.model_dump()
     return recipe

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from posttrain.domain.jobs import Job
 from posttrain.services.access import (
@@ -141,11 +142,13 @@ async def log_in(request: Request) -> Response:
     body = await request.body()
     if not same_token(_form_field(body, CSRF_FIELD), request.state.csrf_cookie):
         return _forbidden(request)
-    opened = access.open_session(_form_field(body, "api_key"))
+    # The sessions are in the store: written off the event loop.
+    opened = await run_in_threadpool(access.open_session, _form_field(body, "api_key"))
     if opened is None:
         return _page(request, "login.html", status_code=401, page="login", error="That API key is not valid.")
     session_id, _session = opened
-    access.close_session(request.state.session_id)  # a browser signing in again leaves no old session
+    # A browser signing in again leaves no old session.
+    await run_in_threadpool(access.close_session, request.state.session_id)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="strict", path="/",
                         max_age=int(access.session_seconds), secure=request.url.scheme == "https")
@@ -159,7 +162,7 @@ async def log_out(request: Request) -> Response:
     if session is not None:
         if not same_token(_form_field(await request.body(), CSRF_FIELD), session.csrf_token):
             return _forbidden(request)
-        _access(request).close_session(request.state.session_id)
+        await run_in_threadpool(_access(request).close_session, request.state.session_id)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

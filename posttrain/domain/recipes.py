@@ -46,6 +46,9 @@ MAX_STEPS_PER_EPOCH = 100_000_000
 MAX_GRADIENT_ACCUMULATION = 65536
 MAX_VALIDATION_STEPS = 10_000_000
 MAX_BATCH_SIZE = 65536
+#: The most epoch checkpoints a recipe may ask a job to keep (the operator's
+#: ``POSTTRAIN_MAX_CHECKPOINTS_PER_JOB`` bounds it further).
+MAX_KEEP_CHECKPOINTS = 1000
 
 
 class JobKind(str, enum.Enum):
@@ -159,6 +162,9 @@ class Recipe(RecipePart):
     dpo: DPOLoss | None = None
     tensorboard: bool = Field(False, description="write TensorBoard event files next to the checkpoints")
     seed: int = DEFAULT_SEED
+    keep_checkpoints: int | None = Field(None, ge=1, le=MAX_KEEP_CHECKPOINTS, description=(
+        "keep only the newest this many epoch checkpoints (older folders are deleted as new ones are written); "
+        "None: the operator's POSTTRAIN_KEEP_CHECKPOINTS; always at most POSTTRAIN_MAX_CHECKPOINTS_PER_JOB"))
     #: What the door accepted but could not honour as asked, for the job's log (e.g. the DPO
     #: options of an older client, which have no DPO meaning).
     notes: tuple[str, ...] = ()
@@ -307,6 +313,8 @@ class TrainerSpec(RecipePart):
     threads: int | None = None
     trust_remote_code: bool = False
     save_merged: bool = False
+    #: The newest epoch checkpoints the trainer keeps on disk (older ones are deleted); None keeps all.
+    keep_checkpoints: int | None = Field(None, ge=1)
 
     @property
     def recipe(self) -> Recipe:

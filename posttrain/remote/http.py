@@ -144,8 +144,8 @@ class Client:
     def get(self, path: str, **params: Any) -> Any:
         return self.call("GET", path, params={k: v for k, v in params.items() if v is not None} or None)
 
-    def post(self, path: str, body: Any) -> Any:
-        return self.call("POST", path, json=body)
+    def post(self, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+        return self.call("POST", path, json=body, headers=headers)
 
     def delete(self, path: str) -> Any:
         return self.call("DELETE", path)

@@ -88,6 +88,10 @@ def submit(
     watch: Annotated[bool, typer.Option("--watch", help="Watch the job to its end (exit 1 unless completed).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the endpoint and the body; send nothing.")] = False,
     poll: Annotated[bool, typer.Option("--poll", help="With --watch: poll event pages instead of streaming.")] = False,
+    keep_checkpoints: Annotated[int | None, typer.Option(
+        help="Keep only the newest N epoch checkpoints (sent as the X-Posttrain-Keep-Checkpoints header; the "
+             "server's POSTTRAIN_MAX_CHECKPOINTS_PER_JOB bounds it; default: the server's POSTTRAIN_KEEP_CHECKPOINTS).",
+        show_default=False)] = None,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
 ) -> None:
@@ -104,12 +108,13 @@ def submit(
     body.setdefault("hyperparam_search_config", {})
     body.setdefault("logger_config", {})
     path = f"/v1/post-training/{method_of(body)}"
+    headers = {"X-Posttrain-Keep-Checkpoints": str(keep_checkpoints)} if keep_checkpoints is not None else None
     if dry_run:
-        say(f"POST {path}")
+        say(f"POST {path}" + "".join(f"\n{name}: {value}" for name, value in (headers or {}).items()))
         print_json(body)
         return
     with client(ctx, url, api_key) as api:
-        created = api.post(path, body)
+        created = api.post(path, body, headers=headers)
         say(created.get("job_uuid", body["job_uuid"]) if isinstance(created, dict) else body["job_uuid"])
         if watch:
             watch_or_exit(api, [body["job_uuid"]], poll)

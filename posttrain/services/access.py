@@ -14,8 +14,10 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from posttrain.errors import RateLimited, Unauthorized
+from posttrain.store.sessions import SessionStore
 
 DEFAULT_TENANT = "default"
 
@@ -60,6 +62,12 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def csrf_token_of(session_id: str) -> str:
+    """A session's CSRF token (synchronizer), derived from its id: nothing to store, the same on
+    every server, and not computable from the digest the store keeps."""
+    return hashlib.sha256(b"posttrain-csrf:" + session_id.encode()).hexdigest()
+
+
 def same_token(given: str | None, expected: str | None) -> bool:
     """Constant-time comparison; an empty or missing token never matches."""
     return bool(given) and bool(expected) and secrets.compare_digest(str(given), str(expected))
@@ -86,12 +94,11 @@ class AccessControl:
     keys: dict[str, str] = field(default_factory=dict)
     requests_per_minute: int | None = None
     session_seconds: float = SESSION_SECONDS
+    #: Dashboard sessions, in the store: they survive a restart and open on every API server
+    #: sharing the database.
+    sessions: SessionStore | None = None
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    #: Dashboard sessions by the digest of their id (the id itself is only in the browser's cookie).
-    #: Kept in this process's memory, not the database: a restart signs every browser out, and
-    #: behind several API servers a browser must stick to one (or sign in again).
-    _sessions: dict[str, Session] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -114,36 +121,38 @@ class AccessControl:
         return self.keys.get(digest(key.strip())) if key.strip() else None
 
     def open_session(self, key: str) -> tuple[str, Session] | None:
-        """Sign a browser in with a key: (the new session's id for its cookie, the session), or None."""
+        """Sign a browser in with a key: (the new session's id for its cookie, the session), or None.
+        The store keeps only the id's digest."""
         tenant = self.tenant_for_key(key)
         if tenant is None:
             return None
         session_id = new_token()
-        session = Session(tenant=tenant, identity=digest(key.strip()), csrf_token=new_token(),
-                          expires_at=time.time() + self.session_seconds)
-        with self._lock:
-            now = time.time()
-            for stale in [k for k, s in self._sessions.items() if s.expires_at <= now]:
-                del self._sessions[stale]
-            self._sessions[digest(session_id)] = session
-        return session_id, session
+        expires_at = datetime.now(UTC) + timedelta(seconds=self.session_seconds)
+        self._session_store().open(token_digest=digest(session_id), tenant=tenant, key_digest=digest(key.strip()),
+                                   expires_at=expires_at)
+        return session_id, Session(tenant=tenant, identity=digest(key.strip()), csrf_token=csrf_token_of(session_id),
+                                   expires_at=expires_at.timestamp())
 
     def session(self, session_id: str | None) -> Session | None:
-        """The live session a cookie names; None when unknown, revoked or expired."""
-        if not session_id:
+        """The live session a cookie names; None when unknown, revoked, expired, or opened with a
+        key that is no longer in the keys file."""
+        if not session_id or not self.keys:
             return None
-        with self._lock:
-            session = self._sessions.get(digest(session_id))
-            if session is not None and session.expires_at <= time.time():
-                del self._sessions[digest(session_id)]
-                return None
-        return session
+        stored = self._session_store().find(token_digest=digest(session_id))
+        if stored is None or self.keys.get(stored.key_digest) != stored.tenant:
+            return None
+        return Session(tenant=stored.tenant, identity=stored.key_digest, csrf_token=csrf_token_of(session_id),
+                       expires_at=stored.expires_at.timestamp())
 
     def close_session(self, session_id: str | None) -> None:
-        """Sign out: the cookie's id no longer opens anything, wherever a copy of it is."""
+        """Sign out: the cookie's id no longer opens anything, wherever a copy of it is, on any server."""
         if session_id:
-            with self._lock:
-                self._sessions.pop(digest(session_id), None)
+            self._session_store().close(token_digest=digest(session_id))
+
+    def _session_store(self) -> SessionStore:
+        if self.sessions is None:
+            raise RuntimeError("dashboard sessions need a session store (build_access gives one)")
+        return self.sessions
 
     def check_rate(self, identity: str) -> None:
         """Token bucket per key: ``requests_per_minute`` sustained, bursts up to the same number."""

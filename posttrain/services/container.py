@@ -20,6 +20,7 @@ from posttrain.store.datasets import DatasetStore
 from posttrain.store.engine import at_head, make_engine, migrate, store_usable
 from posttrain.store.files import FileStore
 from posttrain.store.jobs import JobStore
+from posttrain.store.sessions import SessionStore
 from posttrain.store.tables import jobs as jobs_table
 
 log = logging.getLogger("posttrain.services")
@@ -69,7 +70,7 @@ def build_services(settings: Settings) -> Services:
     settings.ensure_dirs()
     engine = make_engine(settings.resolved_database_url, busy_timeout_seconds=settings.store_busy_timeout_seconds)
     migrate(engine)
-    job_store = JobStore(engine)
+    job_store = JobStore(engine, listed_checkpoints=settings.max_checkpoints_per_job)
     dataset_store = DatasetStore(engine, settings.datasets_dir)
     remove_orphans(engine, dataset_store, settings.jobs_dir)
     swept = FileStore.remove_temp_files(uploads_dir(settings), older_than=PROCESS_START - ORPHAN_GRACE_SECONDS)
@@ -81,7 +82,7 @@ def build_services(settings: Settings) -> Services:
         engine=engine,
         jobs=JobService(store=job_store, datasets=dataset_store, settings=settings),
         datasets=DatasetService(store=dataset_store, settings=settings),
-        access=build_access(settings),
+        access=build_access(settings, engine),
     )
 
 
@@ -110,8 +111,9 @@ def remove_orphans(engine: Engine, dataset_store: DatasetStore, jobs_dir: Path) 
         log.info("removed orphans of a killed process", extra={"action": "orphans_removed", "paths": removed})
 
 
-def build_access(settings: Settings) -> AccessControl:
+def build_access(settings: Settings, engine: Engine | None = None) -> AccessControl:
     keys = parse_key_lines(settings.api_keys_file.read_text()) if settings.api_keys_file else {}
     if settings.api_keys_file and not keys:
         raise ValueError(f"{settings.api_keys_file} holds no API keys; add one with `posttrain keys create TENANT`")
-    return AccessControl(keys=keys, requests_per_minute=settings.rate_limit_per_minute)
+    return AccessControl(keys=keys, requests_per_minute=settings.rate_limit_per_minute,
+                         sessions=SessionStore(engine) if engine is not None else None)

@@ -158,8 +158,9 @@ class JobService:
 
     # -- read and cancel -----------------------------------------------------------------------
 
-    def get(self, *, tenant: str, job_uuid: str, with_payload: bool = True) -> Job:
-        job = self.store.find(tenant=tenant, job_uuid=job_uuid, with_payload=with_payload)
+    def get(self, *, tenant: str, job_uuid: str, with_payload: bool = True, with_checkpoints: bool = True) -> Job:
+        job = self.store.find(tenant=tenant, job_uuid=job_uuid, with_payload=with_payload,
+                              with_checkpoints=with_checkpoints)
         if job is None:
             raise JobNotFound(f"no training job with job_uuid '{job_uuid}'")
         return job

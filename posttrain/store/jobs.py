@@ -20,7 +20,21 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, overload
 
-from sqlalchemy import ColumnElement, Engine, Insert, Table, Update, and_, exists, func, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Insert,
+    Table,
+    Update,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
@@ -119,11 +133,22 @@ def _job(row: RowMapping, ckpts: tuple[Checkpoint, ...] = ()) -> Job:
     )
 
 
-class JobStore:
-    """All reads and writes of jobs, checkpoints and job events."""
+#: The most checkpoints a job is read with when the store is not told otherwise (the bound of
+#: ``POSTTRAIN_MAX_CHECKPOINTS_PER_JOB``).
+MAX_LISTED_CHECKPOINTS = 1000
 
-    def __init__(self, engine: Engine) -> None:
+
+class JobStore:
+    """All reads and writes of jobs, checkpoints and job events.
+
+    A job is read with at most its newest ``listed_checkpoints`` checkpoints (one ``LIMIT``), so a
+    status poll or an event stream costs the same whatever a job recorded; ``record_checkpoint``
+    with ``keep`` also deletes the rows beyond the newest ``keep``, as the trainer deletes their
+    folders."""
+
+    def __init__(self, engine: Engine, *, listed_checkpoints: int = MAX_LISTED_CHECKPOINTS) -> None:
         self.engine = engine
+        self.listed_checkpoints = listed_checkpoints
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -131,18 +156,20 @@ class JobStore:
         """One job, by the service's key, with its checkpoints."""
         return self._one(jobs.c.id == job_id)
 
-    def find(self, *, tenant: str, job_uuid: str, with_payload: bool = True) -> Job | None:
+    def find(self, *, tenant: str, job_uuid: str, with_payload: bool = True, with_checkpoints: bool = True) -> Job | None:
         """The tenant's job that the client named ``job_uuid``. ``with_payload=False`` leaves the
-        request and plan JSON unread (an empty request, no plan): the status endpoint, polled hard, needs neither."""
-        return self._one(and_(jobs.c.tenant == tenant, jobs.c.job_uuid == job_uuid), with_payload=with_payload)
+        request and plan JSON unread (an empty request, no plan): the status endpoint, polled hard, needs neither.
+        ``with_checkpoints=False`` reads none of its checkpoints (an event stream's poll needs only the status)."""
+        return self._one(and_(jobs.c.tenant == tenant, jobs.c.job_uuid == job_uuid), with_payload=with_payload,
+                         with_checkpoints=with_checkpoints)
 
-    def _one(self, where: ColumnElement[bool], *, with_payload: bool = True) -> Job | None:
+    def _one(self, where: ColumnElement[bool], *, with_payload: bool = True, with_checkpoints: bool = True) -> Job | None:
         columns = list(jobs.c) if with_payload else [c for c in jobs.c if c.name not in ("request", "plan")]
         with self.engine.connect() as conn:
             row = conn.execute(select(*columns).where(where)).mappings().first()
             if row is None:
                 return None
-            return _job(row, self._checkpoints(conn, row["id"]))
+            return _job(row, self._checkpoints(conn, row["id"]) if with_checkpoints else ())
 
     def find_checkpoint(self, *, tenant: str, reference: str) -> Checkpoint | None:
         """The tenant's own checkpoint whose identifier or path is ``reference``, if any."""
@@ -155,11 +182,14 @@ class JobStore:
         return _checkpoint(row) if row is not None else None
 
     def _checkpoints(self, conn: Connection, job_id: str) -> tuple[Checkpoint, ...]:
+        """The job's newest ``listed_checkpoints`` checkpoints, oldest first."""
         rows = conn.execute(
             select(checkpoints, jobs.c.job_uuid).join(jobs, jobs.c.id == checkpoints.c.job_id)
-            .where(checkpoints.c.job_id == job_id).order_by(checkpoints.c.epoch, checkpoints.c.step)
+            .where(checkpoints.c.job_id == job_id)
+            .order_by(checkpoints.c.epoch.desc(), checkpoints.c.step.desc(), checkpoints.c.id.desc())
+            .limit(self.listed_checkpoints)
         ).mappings()
-        return tuple(_checkpoint(r) for r in rows)
+        return tuple(reversed([_checkpoint(r) for r in rows]))
 
     def list(self, *, tenant: str | None = None, status: JobStatus | None = None, limit: int | None = None) -> list[Job]:
         query = select(jobs).order_by(jobs.c.scheduled_at, jobs.c.id)
@@ -470,10 +500,13 @@ class JobStore:
         validation_loss: float | None,
         perplexity: float | None,
         metrics: Mapping[str, float] | None = None,
+        keep: int | None = None,
     ) -> None:
         """Record a checkpoint that is complete on disk; idempotent per identifier. ``metrics``: the
         trainer's further measurements (OpenAI's token accuracies, ``full_valid_loss``), kept in the
-        checkpoint's event, not in columns of their own.
+        checkpoint's event, not in columns of their own. With ``keep``, the job's rows beyond its
+        newest ``keep`` checkpoints are deleted in the same transaction (the trainer deletes their
+        folders), so the status lists only what exists.
 
         Only while this launcher holds the job in progress: a checkpoint reported after the job
         was cancelled or requeued is dropped with ``LeaseLost``. The row goes in with one
@@ -492,6 +525,12 @@ class JobStore:
                               **(metrics or {})})
             elif conn.execute(select(jobs.c.id).where(_held(job_id, owner, attempt))).first() is None:
                 raise self._refusal(conn, None, job_id, (owner, attempt), doing="record a checkpoint")
+            if keep is not None:
+                newest = (select(checkpoints.c.id).where(checkpoints.c.job_id == job_id)
+                          .order_by(checkpoints.c.epoch.desc(), checkpoints.c.step.desc(), checkpoints.c.id.desc())
+                          .limit(keep))
+                conn.execute(delete(checkpoints).where(checkpoints.c.job_id == job_id,
+                                                       checkpoints.c.id.not_in(newest)))
 
     def append_events(self, *, job_id: str, owner: str, attempt: int,
                       events: builtins.list[tuple[str, dict[str, Any]]]) -> None:

@@ -114,3 +114,19 @@ files = Table(
     Column("path", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+
+
+#: Dashboard sign-in sessions (migration 0004): in the store, not one process's memory, so a session
+#: survives a restart and opens on every API server of one PostgreSQL. Only the digest of the
+#: session's id is kept (the id itself is in the browser's cookie); ``key_digest`` is the API key it
+#: was opened with, so a key removed from the keys file opens none of its sessions.
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("token_digest", String(80), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("key_digest", String(80), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("revoked", Boolean, nullable=False, default=False),
+)

@@ -42,6 +42,26 @@ def find_checkpoints(*, output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def prune_checkpoints(*, output_dir: Path, keep: int) -> list[Path]:
+    """Delete the complete checkpoints older than the newest ``keep`` (``keep`` >= 1); the folders
+    deleted, oldest first. The newest is always kept, and it is the one a resume starts from (a
+    mid-epoch resume point lives in the job's own folder and holds its own weights)."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    older = [folder for _epoch, folder in find_checkpoints(output_dir=output_dir)][:-keep]
+    for folder in older:
+        # Renamed out of the epoch_<N> pattern first: a kill mid-delete leaves no half folder that
+        # looks complete. The .tmp name is one write_folder already ignores and replaces.
+        doomed = folder.with_name(folder.name + ".tmp")
+        if doomed.exists():
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    if older:
+        _fsync_dir(output_dir)
+    return older
+
+
 def read_trainer_state(*, folder: Path) -> dict[str, Any]:
     return json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
 

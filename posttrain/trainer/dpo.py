@@ -372,7 +372,8 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
             state={"lora": True, "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
                    "merged_adapter": plan.adapter, **layout.state,
                    "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}},
-            merge_base=layout.merge_base, save_model=layout.save_model, token_metrics=token_metrics)
+            merge_base=layout.merge_base, save_model=layout.save_model, token_metrics=token_metrics,
+            keep=spec.keep_checkpoints)
 
     loop = EpochLoop(model=model, run=run, recipe=recipe, unit_lengths=[pair_length(e) for e in train], seed=seed,
                      precision=precision, compiler=Compiler(spec.compile), points=points, reporter=reporter,

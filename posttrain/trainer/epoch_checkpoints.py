@@ -30,7 +30,7 @@ def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Pat
                            run: Optimization, epoch: int, global_step: int, losses: list[float],
                            validation_loss: float, state: dict[str, Any], merge_base,
                            nll_for_perplexity: float | None = None, save_model=None,
-                           token_metrics: dict[str, float] | None = None) -> None:
+                           token_metrics: dict[str, float] | None = None, keep: int | None = None) -> None:
     """An epoch's checkpoint, SFT's or DPO's: the train/validation metrics, the method's own
     ``state`` in trainer_state.json, the optimizer/scheduler/RNG state to resume from, and its
     ``checkpoint`` event with the time the write took.
@@ -38,7 +38,11 @@ def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Pat
     ``perplexity`` is exp of ``nll_for_perplexity``, a mean per-token negative log-likelihood: by default
     the validation loss (SFT's loss is one); DPO passes its policy's NLL of the chosen answers, since
     exp of a DPO loss is no perplexity. ``save_model`` as in ``checkpoints.write_checkpoint``.
-    ``token_metrics``: any of ``protocol.CHECKPOINT_METRICS`` the method measured."""
+    ``token_metrics``: any of ``protocol.CHECKPOINT_METRICS`` the method measured.
+
+    With ``keep`` (the spec's ``keep_checkpoints``), the checkpoints older than the newest ``keep``
+    are deleted once this one is written and reported, so a job of many tiny epochs holds a
+    bounded number of folders; the launcher deletes their rows when it records this one."""
     nll = validation_loss if nll_for_perplexity is None else nll_for_perplexity
     metrics = {"train_loss": sum(losses) / len(losses), "validation_loss": validation_loss,
                "perplexity": perplexity(nll), **(token_metrics or {})}
@@ -52,6 +56,8 @@ def write_epoch_checkpoint(reporter: Reporter, *, job_uuid: str, output_dir: Pat
                                           merge_base=merge_base, save_model=save_model)
     emit_checkpoint(reporter, job_uuid=job_uuid, folder=folder, state=trainer_state,
                     write_seconds=time.perf_counter() - writing)
+    if keep is not None:
+        checkpoints.prune_checkpoints(output_dir=output_dir, keep=keep)
 
 
 def emit_checkpoint(reporter: Reporter, *, job_uuid: str, folder: Path, state: dict[str, Any],

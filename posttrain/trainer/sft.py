@@ -230,7 +230,7 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
                                run=run, epoch=epoch, global_step=global_step, losses=losses,
                                validation_loss=validation_loss, state={"lora": lora},
                                merge_base=merge_base if spec.save_merged and lora else None,
-                               token_metrics=token_metrics)
+                               token_metrics=token_metrics, keep=spec.keep_checkpoints)
 
     # Not compiled over bitsandbytes' 4-bit layers: never tried here, and a failed compile would cost
     # minutes of a job for nothing.

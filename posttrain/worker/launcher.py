@@ -77,6 +77,10 @@ class LaunchConfig:
     nice: int = 10
     trust_remote_code: bool = False
     save_merged: bool = False
+    #: Epoch checkpoints a job keeps when its recipe names no number, and the most any job keeps
+    #: (``POSTTRAIN_KEEP_CHECKPOINTS``, ``POSTTRAIN_MAX_CHECKPOINTS_PER_JOB``); None: no bound.
+    keep_checkpoints: int | None = None
+    max_checkpoints_per_job: int | None = None
     python: str = sys.executable
     #: What ``python -m`` runs: the trainer, or in tests a stand-in speaking its protocol
     #: (docs/trainer-protocol.md) without the training stack.
@@ -163,6 +167,7 @@ class Launcher:
             threads=self.config.threads,
             trust_remote_code=self.config.trust_remote_code,
             save_merged=self.config.save_merged,
+            keep_checkpoints=self._keep(),
         )
         path = folder / f"spec-attempt-{self.attempt}.json"
         path.write_text(spec.model_dump_json(indent=2))
@@ -358,6 +363,15 @@ class Launcher:
             if waiting:
                 self._store_waits -= 1
 
+    def _keep(self) -> int | None:
+        """How many epoch checkpoints this job keeps: its recipe's number, else the operator's
+        default, never over the operator's cap (None: all)."""
+        plan = self.job.plan
+        asked = plan.recipe.keep_checkpoints if plan is not None else None
+        bounds = [n for n in (asked or self.config.keep_checkpoints, self.config.max_checkpoints_per_job)
+                  if n is not None]
+        return min(bounds) if bounds else None
+
     def _lease(self) -> _Lease:
         """What every write under this launcher's lease names: who holds the job, for which attempt."""
         return _Lease(owner=self.owner, attempt=self.attempt)
@@ -381,6 +395,7 @@ class Launcher:
                 identifier=event.identifier, epoch=event.epoch, step=event.step, path=event.path,
                 train_loss=event.train_loss, validation_loss=event.validation_loss, perplexity=event.perplexity,
                 metrics=event.token_metrics(),
+                keep=self._keep(),
             )
         else:
             self.store.append_event(job_id=job_id, **lease, type=event.kind, data=event.to_dict())

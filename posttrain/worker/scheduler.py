@@ -121,4 +121,6 @@ def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.se
         nice=settings.trainer_nice,
         trust_remote_code=settings.trust_remote_code,
         save_merged=settings.save_merged_checkpoints,
+        keep_checkpoints=settings.keep_checkpoints,
+        max_checkpoints_per_job=settings.max_checkpoints_per_job,
     )

@@ -40,7 +40,9 @@ def _submit_long_job(server) -> str:
                                       "source": {"type": "rows", "rows": colour_rows(repeat=8)}})
     body = lora_request(str(server.tiny_model_path), "colours")
     body["training_config"].update(n_epochs=LONG_EPOCHS, max_steps_per_epoch=32)
-    assert server.post("/v1/post-training/supervised-fine-tune", json=body).status_code == 200
+    # Every epoch's checkpoint is kept (the server's default keeps the newest 5), so the test sees them all.
+    assert server.post("/v1/post-training/supervised-fine-tune", json=body,
+                       headers={"X-Posttrain-Keep-Checkpoints": str(LONG_EPOCHS)}).status_code == 200
     return body["job_uuid"]
 
 

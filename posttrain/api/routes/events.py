@@ -27,7 +27,8 @@ STREAM_POLL_SECONDS = 0.5
 
 
 def _page(jobs: JobService, tenant: str, job_uuid: str, after: int, limit: int) -> JobEventsPublic:
-    job = jobs.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
+    # Only the status: an event stream polls this twice a second, whatever the job recorded.
+    job = jobs.get(tenant=tenant, job_uuid=job_uuid, with_payload=False, with_checkpoints=False)
     events = jobs.events(job, after=after, limit=limit)
     return JobEventsPublic(
         job_uuid=job_uuid,
@@ -79,7 +80,7 @@ def job_events(
 ) -> StreamingResponse | JobEventsPublic:
     """A job's state changes, per-step metrics, checkpoints, log lines and error, in order."""
     if accept and "text/event-stream" in accept:
-        jobs.get(tenant=tenant, job_uuid=job_uuid)  # 404 before the stream starts
+        jobs.get(tenant=tenant, job_uuid=job_uuid, with_payload=False, with_checkpoints=False)  # 404 before the stream
         start = _resume_point(last_event_id, after)
         return StreamingResponse(_stream(jobs, tenant, job_uuid, start, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

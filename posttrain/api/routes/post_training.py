@@ -6,7 +6,7 @@ Path generations: clients 0.2.x call ``/v1/post-training/…``; 0.3 to 0.5 call
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from posttrain.api import llama_stack_recipes
 from posttrain.api.deps import JobServiceDep, TenantDep
@@ -26,16 +26,22 @@ router = APIRouter(tags=["PostTraining"], route_class=StrictJSONRoute)
 JobUUIDQuery = Query(description="The UUID of the job.")
 
 
-def supervised_fine_tune(body: SupervisedFineTuneRequest, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJob:
+def _keep(request: Request) -> int | None:
+    return llama_stack_recipes.keep_checkpoints(request.headers.get(llama_stack_recipes.KEEP_CHECKPOINTS_HEADER))
+
+
+def supervised_fine_tune(body: SupervisedFineTuneRequest, jobs: JobServiceDep, tenant: TenantDep,
+                         request: Request) -> PostTrainingJob:
     """Run supervised fine-tuning (LoRA, or a full fine-tune without algorithm_config)."""
-    job = jobs.submit(tenant=tenant, submission=llama_stack_recipes.sft_submission(body),
+    job = jobs.submit(tenant=tenant, submission=llama_stack_recipes.sft_submission(body, _keep(request)),
                       request=body.model_dump(mode="json", exclude_unset=True))
     return PostTrainingJob(job_uuid=job.job_uuid)
 
 
-def preference_optimize(body: PreferenceOptimizeRequest, jobs: JobServiceDep, tenant: TenantDep) -> PostTrainingJob:
+def preference_optimize(body: PreferenceOptimizeRequest, jobs: JobServiceDep, tenant: TenantDep,
+                        request: Request) -> PostTrainingJob:
     """Run preference optimization (DPO)."""
-    job = jobs.submit(tenant=tenant, submission=llama_stack_recipes.dpo_submission(body),
+    job = jobs.submit(tenant=tenant, submission=llama_stack_recipes.dpo_submission(body, _keep(request)),
                       request=body.model_dump(mode="json", exclude_unset=True))
     return PostTrainingJob(job_uuid=job.job_uuid)
 
