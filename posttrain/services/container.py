@@ -92,4 +92,6 @@ def build_access(settings: Settings) -> AccessControl:
     keys = parse_key_lines(settings.api_keys_file.read_text()) if settings.api_keys_file else {}
     if settings.api_keys_file and not keys:
         raise ValueError(f"{settings.api_keys_file} holds no API keys; add one with `posttrain keys create TENANT`")
-    return AccessControl(keys=keys, requests_per_minute=settings.rate_limit_per_minute)
+    return AccessControl(keys=keys, requests_per_minute=settings.rate_limit_per_minute,
+                         failed_auth_per_minute=settings.failed_auth_per_minute,
+                         sign_in_attempts_per_minute=settings.sign_in_attempts_per_minute)
