@@ -3,6 +3,7 @@ and the app, and starts them. Nothing imports this module."""
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -82,6 +83,7 @@ def serve(
     import uvicorn
 
     from posttrain.api.app import create_app
+    from posttrain.api.connections import ConnectionLimits, limited_protocol
     from posttrain.services.container import build_services
 
     _logging(log_level)
@@ -91,10 +93,18 @@ def serve(
         _prepare_demo(settings, services)
     background = _scheduler(settings) if worker and settings.run_worker and settings.worker_slots > 0 else None
     application = create_app(settings, services=services, background=background)
+    # What start-up built lives as long as the process: frozen, the cycle collector's full passes
+    # (each holding the GIL, so the event loop waits) no longer walk it.
+    gc.collect()
+    gc.freeze()
     console.print(f"posttrain serving on http://{host or settings.host}:{port or settings.port} "
                   f"(data folder {settings.resolved_home})")
+    limits = ConnectionLimits(header_seconds=settings.header_timeout_seconds,
+                              body_idle_seconds=settings.body_timeout_seconds,
+                              per_address=settings.connections_per_address)
     uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level=log_level.lower(),
-                log_config=None)
+                log_config=None, http=limited_protocol(limits),
+                timeout_keep_alive=settings.keep_alive_seconds)  # type: ignore[arg-type]  # a float works
 
 
 @app.command()

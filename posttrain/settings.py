@@ -99,13 +99,33 @@ class Settings(BaseSettings):
         default=None,
         description="File of 'tenant:sha256:<hex>' lines (see `posttrain keys create`); when set, every call needs a key.",
     )
-    rate_limit_per_minute: int | None = Field(default=None, ge=1, description="Requests a minute per API key (429 past it).")
+    rate_limit_per_minute: int | None = Field(default=None, ge=1, description="Requests a minute per API key, or per "
+                                              "client address on a server without keys (429 past it).")
     max_queued_jobs_per_tenant: int | None = Field(
         default=None, ge=1, description="Scheduled + running jobs one tenant may have at once (429 past it)."
     )
     log_format: str = Field(default="text", pattern="^(text|json)$", description="text, or json: one object per line.")
     max_dataset_rows: int | None = Field(default=1_000_000, description="Most rows one dataset may hold.")
     max_body_bytes: int = Field(default=64 * 1024 * 1024, description="Largest request body accepted (413 past it).")
+    open_max_body_bytes: int = Field(
+        default=16 * 1024, ge=1, description="Largest request body on a path that needs no API key (the dashboard's "
+        "sign-in form, health, docs): 413 past it, refused before any of it is read.")
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="A connection must send a request's complete headers within this many seconds "
+        "of opening, or of its last answer; else it is closed (slow or idle connections).")
+    body_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="A connection sending a request body is closed when no byte of it arrives for "
+        "this many seconds.")
+    keep_alive_seconds: float = Field(default=5.0, gt=0, description="An idle connection between two requests is "
+                                      "closed after this many seconds.")
+    connections_per_address: int | None = Field(
+        default=64, ge=1, description="Open connections one client address (IPv6: its /64) may hold; the next is "
+        "answered 503 and closed. None: no cap.")
+    failed_auth_per_minute: int | None = Field(
+        default=60, ge=1, description="Requests a minute one client address may make with no key or a wrong one before "
+        "it gets 429 (with Retry-After) instead of 401; a valid key is not affected.")
+    sign_in_attempts_per_minute: int | None = Field(
+        default=10, ge=1, description="Dashboard sign-in attempts (POST /ui/login) a minute per client address (429 past it).")
     allow_http_datasets: bool = Field(
         default=False, description="Let dataset URIs be http(s):// URLs, fetched once at registration."
     )

@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     observe = metrics.install_metrics(app, services.jobs)
     app.add_middleware(Gate, access=services.access, max_body_bytes=settings.max_body_bytes, observe=observe,
-                       allowed_hosts=settings.allowed_host_names)
+                       allowed_hosts=settings.allowed_host_names, open_max_body_bytes=settings.open_max_body_bytes)
 
     for router in (post_training.router, datasets.router, events.router, job_control.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)

@@ -1,7 +1,9 @@
 """The door every request passes: the Host allow-list (DNS rebinding), the refusal of what a
-browser can send from another site (CSRF), body size, API key or dashboard session -> tenant, the
-per-key rate limit, and the request metrics. A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which costs about a
-millisecond a request, a third of what a status poll costs in all).
+browser can send from another site (CSRF), body size (small on the paths open without a key),
+API key or dashboard session -> tenant, the rate limits (per key; per client address for callers
+without a valid key and for sign-in attempts), and the request metrics. A plain ASGI middleware
+(not Starlette's BaseHTTPMiddleware, which costs about a millisecond a request, a third of what a
+status poll costs in all).
 """
 
 from __future__ import annotations
@@ -47,11 +49,14 @@ Observer = Callable[[str, str, int, float], None]
 
 class Gate:
     def __init__(self, app: ASGIApp, *, access: AccessControl, max_body_bytes: int, observe: Observer,
-                 allowed_hosts: Collection[str] = ("localhost",)) -> None:
+                 allowed_hosts: Collection[str] = ("localhost",), open_max_body_bytes: int = 16 * 1024) -> None:
         self.app = app
         self.access = access
         self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
         self.max_body_bytes = max_body_bytes
+        #: Anyone may send to an open path, so its body limit is small: a 60 MB sign-in form was read
+        #: and parsed whole on the event loop (every other request waited; four at once took 5 GB).
+        self.open_max_body_bytes = min(open_max_body_bytes, max_body_bytes)
         self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,8 +102,10 @@ class Gate:
             if refusal is not None:
                 return refusal
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return problem(413, f"the request body is larger than {self.max_body_bytes} bytes", instance=path)
+        limit = self._body_limit(path)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _too_large(limit, path)
+        address = _client_address(scope)
         state: dict[str, Any] = scope.setdefault("state", {})
         cookies = _cookies(headers.get("cookie"))
         try:  # sessions are in the store, which may be busy or unreachable: a 503, never a 500
@@ -109,29 +116,40 @@ class Gate:
         state["session"] = session
         state["session_id"] = cookies.get(SESSION_COOKIE) if session is not None else None
         state["csrf_cookie"] = cookies.get(CSRF_COOKIE)
-        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        if _is_open(path):
             state["tenant"] = DEFAULT_TENANT
+            if path == "/ui/login" and unsafe:
+                try:
+                    self.access.charge_sign_in(address)
+                except RateLimited as exc:
+                    return _refusal(exc, path)
             return None
         authorization = headers.get("authorization")
         if unsafe and path not in FORM_PATHS and not _csrf_passed(headers, authorization, session, state["csrf_cookie"]):
             return problem(403, f"a browser's state-changing call needs the page's CSRF token in {CSRF_HEADER}",
                            instance=path)
+        identity: str | None
         try:
             if authorization is None and session is not None:
                 state["tenant"], identity = session.tenant, session.identity
             else:
                 state["tenant"], identity = self.access.authenticate(authorization)
-            self.access.check_rate(identity)
+        except Unauthorized as exc:
+            try:
+                self.access.charge_failed_auth(address)  # key guessing, and floods of refused calls
+            except RateLimited as limited:
+                return _refusal(limited, path)
+            if scope["method"] == "GET" and _is_dashboard_page(path):
+                return RedirectResponse("/ui/login", status_code=303)
+            return _refusal(exc, path)
+        try:
+            self.access.check_rate(identity, address)
         except ServiceError as exc:
-            extra = None
-            if isinstance(exc, RateLimited):
-                extra = {"Retry-After": str(exc.retry_after)}
-            elif isinstance(exc, Unauthorized):
-                if scope["method"] == "GET" and _is_dashboard_page(path):
-                    return RedirectResponse("/ui/login", status_code=303)
-                extra = {"WWW-Authenticate": "Bearer"}
-            return problem(exc.status_code, exc.detail, title=exc.title, instance=path, headers=extra)
+            return _refusal(exc, path)
         return None
+
+    def _body_limit(self, path: str) -> int:
+        return self.open_max_body_bytes if _is_open(path) else self.max_body_bytes
 
     async def _buffer_unannounced_body(self, scope: Scope, receive: Receive):  # noqa: ANN202
         """A chunked body announces no length: read it here, up to the limit, then replay it.
@@ -140,15 +158,15 @@ class Gate:
         """
         messages: list[Message] = []
         size = 0
+        limit = self._body_limit(scope["path"])
         while True:
             message = await receive()
             messages.append(message)
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_body_bytes:
-                return receive, problem(413, f"the request body is larger than {self.max_body_bytes} bytes",
-                                        instance=scope["path"])
+            if size > limit:
+                return receive, _too_large(limit, scope["path"])
             if not message.get("more_body", False):
                 break
 
@@ -156,6 +174,29 @@ class Gate:
             return messages.pop(0) if messages else await receive()
 
         return replay, None
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+def _client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def _too_large(limit: int, path: str) -> JSONResponse:
+    return problem(413, f"the request body is larger than {limit} bytes", instance=path)
+
+
+def _refusal(exc: ServiceError, path: str) -> JSONResponse:
+    """A refusal as its Problem, with the header it calls for (Retry-After on 429, the scheme on 401)."""
+    extra = None
+    if isinstance(exc, RateLimited):
+        extra = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, Unauthorized):
+        extra = {"WWW-Authenticate": "Bearer"}
+    return problem(exc.status_code, exc.detail, title=exc.title, instance=path, headers=extra)
 
 
 def _has_length(scope: Scope) -> bool:

@@ -1,5 +1,6 @@
 """Who is calling, and whether they may call now: API keys (stored hashed) mapped to tenants,
-and a per-key request rate limit.
+and request rate limits: per key, and per client address where there is no key (a keyless server,
+requests with no key or a wrong one, dashboard sign-in attempts), so no caller spends another's budget.
 
 Keys come from configuration as ``sha256:<hex>`` digests, never in clear: ``posttrain keys create``
 prints a new key once and writes only its digest. With no keys configured the server is open
@@ -9,6 +10,7 @@ prints a new key once and writes only its digest. With no keys configured the se
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import secrets
 import threading
@@ -83,31 +85,57 @@ class Session:
     expires_at: float
 
 
+def address_key(host: str | None) -> str:
+    """The client address that limits are counted by: the address itself, or for IPv6 its /64 (one
+    host is usually given a whole /64, so counting single addresses would let it take 2^64 buckets)."""
+    if not host:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 @dataclass
 class _Bucket:
     tokens: float
     updated: float
 
 
+#: Past this many buckets, full (idle) ones are dropped, so many addresses cannot grow memory for ever.
+PRUNE_BUCKETS_PAST = 10_000
+
+
 @dataclass
 class AccessControl:
     keys: dict[str, str] = field(default_factory=dict)
     requests_per_minute: int | None = None
+    #: Requests with no key or a wrong one, per client address (stricter than a key's own limit).
+    failed_auth_per_minute: int | None = 60
+    #: Dashboard sign-in attempts per client address (stricter still: each one guesses a key).
+    sign_in_attempts_per_minute: int | None = 10
     session_seconds: float = SESSION_SECONDS
     #: Dashboard sessions, in the store: they survive a restart and open on every API server
     #: sharing the database.
     sessions: SessionStore | None = None
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _buckets: dict[tuple[str, str], _Bucket] = field(default_factory=dict)
+    _prune_at: int = PRUNE_BUCKETS_PAST
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def enabled(self) -> bool:
         return bool(self.keys)
 
-    def authenticate(self, authorization: str | None) -> tuple[str, str]:
-        """(tenant, rate-limit identity) for an ``Authorization: Bearer <key>`` header."""
+    def authenticate(self, authorization: str | None) -> tuple[str, str | None]:
+        """(tenant, rate-limit identity) for an ``Authorization: Bearer <key>`` header; the identity
+        is None on a server without keys (its callers are told apart by address)."""
         if not self.keys:
-            return DEFAULT_TENANT, DEFAULT_TENANT
+            return DEFAULT_TENANT, None
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
@@ -154,21 +182,45 @@ class AccessControl:
             raise RuntimeError("dashboard sessions need a session store (build_access gives one)")
         return self.sessions
 
-    def check_rate(self, identity: str) -> None:
-        """Token bucket per key: ``requests_per_minute`` sustained, bursts up to the same number."""
-        if not self.requests_per_minute:
-            return
-        capacity = float(self.requests_per_minute)
+    def check_rate(self, identity: str | None, address: str) -> None:
+        """``requests_per_minute`` per key, or per client address for a caller without one."""
+        if self.requests_per_minute:
+            who = "with this key" if identity else "from this address"
+            self._take("key" if identity else "address", identity or address_key(address),
+                       self.requests_per_minute, f"requests a minute {who}")
+
+    def charge_failed_auth(self, address: str) -> None:
+        """Count a request with no key or a wrong one against its address: RateLimited past the limit."""
+        if self.failed_auth_per_minute:
+            self._take("failed", address_key(address), self.failed_auth_per_minute,
+                       "requests a minute without a valid API key from this address")
+
+    def charge_sign_in(self, address: str) -> None:
+        """Count a dashboard sign-in attempt against its address: RateLimited past the limit."""
+        if self.sign_in_attempts_per_minute:
+            self._take("sign-in", address_key(address), self.sign_in_attempts_per_minute,
+                       "sign-in attempts a minute from this address")
+
+    def _take(self, kind: str, who: str, per_minute: int, what: str) -> None:
+        """Token bucket: ``per_minute`` sustained, bursts up to the same number."""
+        capacity = float(per_minute)
         per_second = capacity / 60.0
         now = time.monotonic()
         with self._lock:
-            bucket = self._buckets.get(identity) or _Bucket(tokens=capacity, updated=now)
+            if len(self._buckets) > self._prune_at:
+                self._prune(now)
+            bucket = self._buckets.get((kind, who)) or _Bucket(tokens=capacity, updated=now)
             bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * per_second)
             bucket.updated = now
+            self._buckets[(kind, who)] = bucket
             if bucket.tokens < 1.0:
-                self._buckets[identity] = bucket
                 wait = math.ceil((1.0 - bucket.tokens) / per_second)
-                raise RateLimited(f"more than {self.requests_per_minute} requests a minute with this key; "
-                                  f"try again in {wait} s", retry_after=wait)
+                raise RateLimited(f"more than {per_minute} {what}; try again in {wait} s",
+                                  retry_after=wait)
             bucket.tokens -= 1.0
-            self._buckets[identity] = bucket
+
+    def _prune(self, now: float) -> None:
+        """Drop buckets idle long enough to be full again (the slowest refills in a minute)."""
+        for key in [k for k, b in self._buckets.items() if now - b.updated >= 60.0]:
+            del self._buckets[key]
+        self._prune_at = max(PRUNE_BUCKETS_PAST, 2 * len(self._buckets))

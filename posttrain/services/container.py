@@ -116,4 +116,6 @@ def build_access(settings: Settings, engine: Engine | None = None) -> AccessCont
     if settings.api_keys_file and not keys:
         raise ValueError(f"{settings.api_keys_file} holds no API keys; add one with `posttrain keys create TENANT`")
     return AccessControl(keys=keys, requests_per_minute=settings.rate_limit_per_minute,
-                         sessions=SessionStore(engine) if engine is not None else None)
+                         sessions=SessionStore(engine) if engine is not None else None,
+                         failed_auth_per_minute=settings.failed_auth_per_minute,
+                         sign_in_attempts_per_minute=settings.sign_in_attempts_per_minute)
