@@ -228,7 +228,13 @@ def test_bad_hyperparameters_and_unsupported_options_are_400_naming_the_param(cl
     assert services.jobs.list_jobs(tenant="default") == []
 
 
-def test_unknown_model_is_404_model_not_found_naming_the_known_ones(client, services, tiny_model_path):
+def test_unknown_model_is_404_model_not_found_naming_the_known_ones(client, services, tiny_model_path, tmp_path):
+    # A model root of its own: the session's shared one gathers other tests' models, and the
+    # refusal names only the first few.
+    root = tmp_path / "only-models"
+    root.mkdir()
+    (root / tiny_model_path.name).symlink_to(tiny_model_path, target_is_directory=True)
+    services.settings.model_roots = [root]
     file = upload(client).json()
     response = client.post("/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": file["id"]})
     assert_openai_error(response, 404, "gpt-4o-mini", tiny_model_path.name, param="model", code="model_not_found")
