@@ -115,13 +115,13 @@ def method_of(body: CreateFineTuningJob) -> Literal["supervised", "dpo"]:
 WANDB_KEYS = {"project", "name", "entity", "tags"}
 
 
-def wandb_installed() -> bool:
-    """Whether ``wandb`` can be imported here, found without importing it (it is heavy, and the
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here, found without importing it (wandb is heavy, and the
     request path never imports it: the trainer does)."""
-    return importlib.util.find_spec("wandb") is not None
+    return importlib.util.find_spec(module) is not None
 
 
-def wandb_run(body: CreateFineTuningJob, *, mode: str, installed: bool | None = None) -> WandbRun | None:
+def wandb_run(body: CreateFineTuningJob, *, mode: str, module: str = "wandb") -> WandbRun | None:
     """The W&B run the body's ``integrations`` ask for, or None; refused (naming the field) when
     the operator has not set W&B up (``POSTTRAIN_WANDB_MODE`` off, or wandb not installed) or the
     integration is not one this server knows. Never accepted and ignored."""
@@ -134,7 +134,7 @@ def wandb_run(body: CreateFineTuningJob, *, mode: str, installed: bool | None = 
     if mode == "off":
         raise Refusal("integrations", "this server does not log to Weights & Biases (the operator has not set "
                       "POSTTRAIN_WANDB_MODE); leave integrations out (the job's metrics are in its events)")
-    if not (wandb_installed() if installed is None else installed):
+    if not installed(module):
         raise Refusal("integrations", "wandb is not installed on this server, so it cannot log to Weights & "
                       "Biases; leave integrations out (the job's metrics are in its events)")
     if len(body.integrations) > 1:
