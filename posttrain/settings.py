@@ -163,7 +163,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_wandb_dir(self) -> Path:
-        return (self.wandb_dir or self.resolved_home / "wandb").expanduser().resolve()
+        return (self.resolved_home / (self.wandb_dir or Path("wandb")).expanduser()).resolve()
 
     @property
     def datasets_dir(self) -> Path:

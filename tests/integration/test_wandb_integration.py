@@ -238,3 +238,14 @@ def test_an_openai_job_with_a_wandb_integration_logs_its_metrics_to_an_offline_r
         {s: pytest.approx(loss, rel=1e-6) for s, loss in steps.items()}
     assert logged["summary"]["train_loss"] == pytest.approx(steps[2], rel=1e-6)
     assert "checkpoint/validation_loss" in logged["summary"] and logged["exit_code"] == 0
+
+
+def test_the_wandb_folder_is_under_home_unless_set(tmp_path, monkeypatch):
+    from posttrain.settings import Settings
+    from posttrain.worker.scheduler import launch_config_from
+
+    monkeypatch.setenv("POSTTRAIN_WANDB_MODE", "offline")
+    assert Settings(home=tmp_path).resolved_wandb_dir == tmp_path.resolve() / "wandb"
+    assert Settings(home=tmp_path, wandb_dir=Path("runs")).resolved_wandb_dir == tmp_path.resolve() / "runs"
+    config = launch_config_from(Settings(home=tmp_path, wandb_dir=tmp_path / "elsewhere"))
+    assert (config.wandb_mode, config.wandb_dir) == ("offline", str((tmp_path / "elsewhere").resolve()))
