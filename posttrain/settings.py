@@ -60,6 +60,12 @@ class Settings(BaseSettings):
                                "while a slot is idle: the next job skips seconds of start-up. 0 turns this off.")
     save_merged_checkpoints: bool = Field(default=False, description="Also write each LoRA checkpoint merged into its "
                                           "base (checkpoint/merged/): loads without peft, costs a model's size on disk.")
+    wandb_mode: Literal["off", "offline", "online"] = Field(
+        default="off", description="Weights & Biases logging of OpenAI jobs that ask for it (integrations: "
+        "[{type: wandb}]): off refuses them (400); offline writes each run under POSTTRAIN_WANDB_DIR (upload later "
+        "with `wandb sync`); online sends it with the worker's W&B login (WANDB_API_KEY). Needs `pip install wandb`.")
+    wandb_dir: Path | None = Field(default=None, description="Where the trainer writes W&B run files (an offline "
+                                   "run's whole log); default <home>/wandb.")
     trainer_nice: int = Field(default=10, ge=0, le=19, description="Niceness of trainer processes so the API stays responsive.")
     device: str = Field(default="auto", description="auto | cpu | cuda")
     gpus: list[str] | None = Field(default=None, description="GPU ids to run jobs on, one job per GPU (each trainer "
@@ -154,6 +160,10 @@ class Settings(BaseSettings):
         """The Host names the gate accepts (lower case, no port); IP addresses are always accepted."""
         names = {"localhost", self.host.strip("[]").lower()} | {h.strip().strip("[]").lower() for h in self.allowed_hosts}
         return frozenset(n for n in names if n)
+
+    @property
+    def resolved_wandb_dir(self) -> Path:
+        return (self.resolved_home / (self.wandb_dir or Path("wandb")).expanduser()).resolve()
 
     @property
     def datasets_dir(self) -> Path:

@@ -3,17 +3,19 @@
 The body's shape is checked by ``CreateFineTuningJob`` (closed, like OpenAI's schema); this module
 resolves OpenAI's ``"auto"`` hyperparameters to this server's choices, turns the learning-rate
 *multiplier* into a learning rate (``DEFAULT_LEARNING_RATE`` x multiplier), and refuses what the
-API can ask for and this server cannot do (reinforcement, DPO for now, integrations). Every other
+API can ask for and this server cannot do (reinforcement; a W&B integration the operator has not
+set up: ``wandb_run``). Every other
 check is the recipe's; its refusals come back with the field spelled as the body spells it
 (``optimizer.lr`` -> ``method.supervised.hyperparameters.learning_rate_multiplier``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from posttrain.domain.recipes import (
     DEFAULT_LEARNING_RATE,
@@ -22,7 +24,9 @@ from posttrain.domain.recipes import (
     JobKind,
     Submission,
     SubmissionNames,
+    WandbRun,
     build_submission,
+    recipe_error,
 )
 from posttrain.errors import RecipeInvalid
 
@@ -102,12 +106,71 @@ def method_of(body: CreateFineTuningJob) -> Literal["supervised", "dpo"]:
         if body.method is not None and other != kind and getattr(body.method, other) is not None:
             raise Refusal(f"method.{other}", f"method.type is {kind!r}: send its options in method.{kind}, "
                           f"not method.{other}")
-    if body.integrations:
-        raise Refusal("integrations", "this server sends no job to Weights & Biases or any other integration; "
-                      "leave integrations out (the job's metrics are in its events)")
     if body.metadata is not None:
         check_metadata(body.metadata)
     return kind
+
+
+#: What each W&B integration's ``wandb`` object may hold (OpenAI's ``FineTuningIntegration``).
+WANDB_KEYS = {"project", "name", "entity", "tags"}
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here, found without importing it (wandb is heavy, and the
+    request path never imports it: the trainer does)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def wandb_run(body: CreateFineTuningJob, *, mode: str, module: str = "wandb") -> WandbRun | None:
+    """The W&B run the body's ``integrations`` ask for, or None; refused (naming the field) when
+    the operator has not set W&B up (``POSTTRAIN_WANDB_MODE`` off, or wandb not installed) or the
+    integration is not one this server knows. Never accepted and ignored."""
+    if not body.integrations:
+        return None
+    for index, item in enumerate(body.integrations):
+        if item.get("type") != "wandb":
+            raise Refusal(f"integrations.{index}.type", "the only integration this server has is "
+                          f"'wandb' (Weights & Biases), got {item.get('type')!r}")
+    if mode == "off":
+        raise Refusal("integrations", "this server does not log to Weights & Biases (the operator has not set "
+                      "POSTTRAIN_WANDB_MODE); leave integrations out (the job's metrics are in its events)")
+    if not installed(module):
+        raise Refusal("integrations", "wandb is not installed on this server, so it cannot log to Weights & "
+                      "Biases; leave integrations out (the job's metrics are in its events)")
+    if len(body.integrations) > 1:
+        raise Refusal("integrations.1", "at most one wandb integration a job (one run)")
+    item = body.integrations[0]
+    unknown = sorted(set(item) - {"type", "wandb"})
+    if unknown:
+        raise Refusal(f"integrations.0.{unknown[0]}", "an integration holds only type and wandb")
+    options = item.get("wandb")
+    if not isinstance(options, dict):
+        raise Refusal("integrations.0.wandb", "must be an object with at least project")
+    unknown = sorted(set(options) - WANDB_KEYS)
+    if unknown:
+        raise Refusal(f"integrations.0.wandb.{unknown[0]}", f"not a W&B option: send {', '.join(sorted(WANDB_KEYS))}")
+    if options.get("project") is None:
+        raise Refusal("integrations.0.wandb.project", "the W&B project is required")
+    for key in ("project", "name", "entity"):
+        if options.get(key) is not None and not isinstance(options[key], str):
+            raise Refusal(f"integrations.0.wandb.{key}", f"must be a string, got {options[key]!r}")
+    tags = options.get("tags")
+    if tags is not None and (not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags)):
+        raise Refusal("integrations.0.wandb.tags", "must be a list of strings")
+    try:
+        return WandbRun.model_validate({**options, "tags": tuple(tags or ())})
+    except ValidationError as exc:
+        refusal = recipe_error(exc)
+        raise Refusal(f"integrations.0.wandb.{refusal.field}" if refusal.field else "integrations.0.wandb",
+                      refusal.reason) from None
+
+
+def integrations_object(run: WandbRun | None) -> list[dict[str, Any]]:
+    """The job's ``integrations`` as OpenAI shows them: what was accepted, with the run's name."""
+    if run is None:
+        return []
+    return [{"type": "wandb", "wandb": {"project": run.project, "name": run.name, "entity": run.entity,
+                                        "tags": list(run.tags)}}]
 
 
 def check_metadata(metadata: dict[str, str]) -> None:
@@ -165,10 +228,14 @@ def resolved_hyperparameters(body: CreateFineTuningJob) -> tuple[dict[str, Any],
 
 
 def submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, dataset_id: str,
-               validation_dataset_id: str | None, train_rows: int, validation_rows: int) -> Submission:
+               validation_dataset_id: str | None, train_rows: int, validation_rows: int,
+               wandb: WandbRun | None) -> Submission:
     """A supervised or DPO job: a LoRA adapter on the architecture's attention layers (OpenAI's API
     has no adapter options), over every training row each epoch, validated on the whole validation
-    file; DPO with the sigmoid loss and the body's beta."""
+    file; DPO with the sigmoid loss and the body's beta. ``wandb`` is ``wandb_run``'s answer for the
+    body (no default: a caller that skipped the check must not drop the integrations unseen)."""
+    if bool(body.integrations) != (wandb is not None):
+        raise AssertionError("submission() needs wandb_run(body)'s answer for a body with integrations")
     hyper, where = resolved_hyperparameters(body)
     batch = hyper["batch_size"]
     names = {"schedule.n_epochs": f"{where}.n_epochs", "data.batch_size": f"{where}.batch_size",
@@ -186,6 +253,8 @@ def submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, dataset_
     }
     if dpo:
         recipe["dpo"] = {"beta": hyper["beta"], "loss_type": "sigmoid"}
+    if wandb is not None:
+        recipe["wandb"] = wandb.model_dump()
     try:
         return build_submission({
             "job_uuid": job_uuid, "model": model, "dataset_id": dataset_id,

@@ -148,6 +148,38 @@ class DPOLoss(RecipePart):
 DPO_ADAPTER = LoRA(architecture_defaults=True, rank=8, alpha=16)
 
 
+#: W&B's own bounds: a project or entity name of at most 128 characters, none of ``/\#?%:``; a
+#: tag of at most 64 characters.
+MAX_WANDB_NAME, MAX_WANDB_TAG, MAX_WANDB_TAGS = 128, 64, 50
+_WANDB_FORBIDDEN = set("/\\#?%:")
+
+
+class WandbRun(RecipePart):
+    """The Weights & Biases run a job logs its step and checkpoint metrics to (OpenAI's
+    ``integrations: [{"type": "wandb", ...}]``). Where it is written (offline files, or the W&B
+    server) is the operator's choice, carried by the ``TrainerSpec``, not the client's."""
+
+    project: str = Field(min_length=1, max_length=MAX_WANDB_NAME, description="the W&B project")
+    name: str | None = Field(None, min_length=1, max_length=MAX_WANDB_NAME,
+                             description="the run's display name; None: the job's id")
+    entity: str | None = Field(None, min_length=1, max_length=MAX_WANDB_NAME,
+                               description="the W&B team or user; None: the login's default entity")
+    tags: tuple[str, ...] = Field((), max_length=MAX_WANDB_TAGS, description=(
+        f"tags on the run (at most {MAX_WANDB_TAGS}, each 1 to {MAX_WANDB_TAG} characters)"))
+
+    @model_validator(mode="after")
+    def _names_wandb_accepts(self) -> WandbRun:
+        for field in ("project", "entity"):
+            value = getattr(self, field)
+            if value is not None and (set(value) & _WANDB_FORBIDDEN or not is_printable_id(value)):
+                raise _at(field, "W&B names may not hold any of / \\ # ? % : or control characters, "
+                          f"got {value!r}")
+        for index, tag in enumerate(self.tags):
+            if not 0 < len(tag) <= MAX_WANDB_TAG or not is_printable_id(tag):
+                raise _at(f"tags.{index}", f"a tag is 1 to {MAX_WANDB_TAG} printable characters, got {tag!r}")
+        return self
+
+
 class Recipe(RecipePart):
     """Everything that decides what a job computes, for every method."""
 
@@ -161,6 +193,8 @@ class Recipe(RecipePart):
     qat: QAT | None = None
     dpo: DPOLoss | None = None
     tensorboard: bool = Field(False, description="write TensorBoard event files next to the checkpoints")
+    wandb: WandbRun | None = Field(None, description="also log the metrics to this Weights & Biases run "
+                                   "(where to, offline or online, is the worker's POSTTRAIN_WANDB_MODE)")
     seed: int = DEFAULT_SEED
     keep_checkpoints: int | None = Field(None, ge=1, le=MAX_KEEP_CHECKPOINTS, description=(
         "keep only the newest this many epoch checkpoints (older folders are deleted as new ones are written); "
@@ -315,6 +349,9 @@ class TrainerSpec(RecipePart):
     save_merged: bool = False
     #: The newest epoch checkpoints the trainer keeps on disk (older ones are deleted); None keeps all.
     keep_checkpoints: int | None = Field(None, ge=1)
+    #: How this worker logs a recipe's ``wandb`` run (``POSTTRAIN_WANDB_MODE``), and where its files go.
+    wandb_mode: Literal["off", "offline", "online"] = "off"
+    wandb_dir: str | None = None
 
     @property
     def recipe(self) -> Recipe:

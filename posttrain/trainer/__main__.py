@@ -95,16 +95,23 @@ def _run(spec: TrainerSpec, *, reporter, stop) -> str:
 
 
 def _run_logged(spec: TrainerSpec, *, reporter, stop) -> str:
-    """Run, with the job's TensorBoard log when the recipe asks for one. The log is closed on
-    every way out (done, cancelled, failed), so what it holds is on disk to look at."""
-    from posttrain.trainer.tensorboard_log import reporter_for
+    """Run, with the job's TensorBoard log and W&B run when the recipe asks for them. Both are
+    closed on every way out (done, paused, cancelled, failed), so what they hold is on disk to
+    look at; the W&B run is marked failed when the trainer raised."""
+    from posttrain.trainer import tensorboard_log, wandb_log
 
-    run_reporter = reporter_for(spec, reporter)
+    logged = tensorboard_log.reporter_for(spec, reporter)
+    run_reporter = wandb_log.reporter_for(spec, logged)
+    failed = True
     try:
-        return _run(spec, reporter=run_reporter, stop=stop)
+        outcome = _run(spec, reporter=run_reporter, stop=stop)
+        failed = False
+        return outcome
     finally:
-        if run_reporter is not reporter:
-            run_reporter.close()
+        if run_reporter is not logged:
+            run_reporter.close(exit_code=1 if failed else 0)
+        if logged is not reporter:
+            logged.close()
 
 
 def main(argv: list[str] | None = None) -> int:

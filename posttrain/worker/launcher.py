@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypedDict, TypeVar
+from typing import IO, Any, Literal, TypedDict, TypeVar
 
 from posttrain.domain.jobs import Job, JobStatus
 from posttrain.domain.pins import pin_problem
@@ -81,6 +81,9 @@ class LaunchConfig:
     #: (``POSTTRAIN_KEEP_CHECKPOINTS``, ``POSTTRAIN_MAX_CHECKPOINTS_PER_JOB``); None: no bound.
     keep_checkpoints: int | None = None
     max_checkpoints_per_job: int | None = None
+    #: ``POSTTRAIN_WANDB_MODE`` and ``POSTTRAIN_WANDB_DIR``, for the jobs whose recipe asks for a W&B run.
+    wandb_mode: Literal["off", "offline", "online"] = "off"
+    wandb_dir: str | None = None
     python: str = sys.executable
     #: What ``python -m`` runs: the trainer, or in tests a stand-in speaking its protocol
     #: (docs/trainer-protocol.md) without the training stack.
@@ -168,6 +171,8 @@ class Launcher:
             trust_remote_code=self.config.trust_remote_code,
             save_merged=self.config.save_merged,
             keep_checkpoints=self._keep(),
+            wandb_mode=self.config.wandb_mode,
+            wandb_dir=self.config.wandb_dir,
         )
         path = folder / f"spec-attempt-{self.attempt}.json"
         path.write_text(spec.model_dump_json(indent=2))

@@ -123,4 +123,6 @@ def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.se
         save_merged=settings.save_merged_checkpoints,
         keep_checkpoints=settings.keep_checkpoints,
         max_checkpoints_per_job=settings.max_checkpoints_per_job,
+        wandb_mode=settings.wandb_mode,
+        wandb_dir=str(settings.resolved_wandb_dir),
     )

@@ -121,6 +121,7 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 def create_job(body: CreateFineTuningJob, service: FineTuningDep, tenant: TenantDep) -> dict[str, Any]:
     """Create a fine-tuning job on an uploaded training file (supervised: chat rows; dpo: preference rows)."""
     method = openai_recipes.method_of(body)
+    wandb = openai_recipes.wandb_run(body, mode=service.settings.wandb_mode)
     hyperparameters, _ = openai_recipes.resolved_hyperparameters(body)
     job_uuid = new_openai_job_id()
 
@@ -128,14 +129,14 @@ def create_job(body: CreateFineTuningJob, service: FineTuningDep, tenant: Tenant
         return openai_recipes.submission(
             body, job_uuid=job_uuid, model=staged.model.reference, dataset_id=staged.dataset_id,
             validation_dataset_id=staged.validation_dataset_id, train_rows=staged.train_rows,
-            validation_rows=staged.validation_rows)
+            validation_rows=staged.validation_rows, wandb=wandb)
 
     openai: dict[str, Any] = {"model": body.model, "training_file": body.training_file, "validation_file": body.validation_file,
               "suffix": body.suffix, "metadata": body.metadata,
               "seed": body.seed if body.seed is not None else openai_recipes.DEFAULT_SEED,
               "hyperparameters": openai_recipes.top_level_hyperparameters(hyperparameters),
               "method": openai_recipes.method_object(body, hyperparameters),
-              "integrations": []}
+              "integrations": openai_recipes.integrations_object(wandb)}
     job = service.create(tenant=tenant, job_uuid=job_uuid, model=body.model, training_file=body.training_file,
                          validation_file=body.validation_file, method=method, build=build, openai=openai)
     return job_object(job, service)
