@@ -10,7 +10,8 @@ with plain ``httpx`` on the OpenAI paths, times:
 * resume → the first *new* step of the paused job;
 * then inserts ``--jobs`` finished jobs (copies of the first job's row) into the store directly, and
   times ``GET /v1/fine_tuning/jobs?limit=20`` (first page, and a page deep in the list) against
-  ``GET /healthz`` and the Llama Stack ``GET /v1/post-training/jobs`` in the same run, as ratios.
+  ``GET /healthz`` and the Llama Stack ``GET /v1/post-training/jobs`` in the same run, as ratios,
+  and the endpoint's one store query alone (``JobStore.list_newest``, from this process).
 
     .venv/bin/python bench/openai_jobs.py [--jobs 10000] [--requests 400]
 
@@ -149,6 +150,25 @@ def latencies_ms(client: httpx.Client, path: str, requests: int, params: dict | 
     return sorted(out)
 
 
+def store_latencies_ms(home: Path, requests: int) -> list[float]:
+    """The list endpoint's one store query alone, from this process on the server's SQLite file
+    (what the endpoint costs beyond it is shaping the 20 job objects)."""
+    from posttrain.store.engine import make_engine
+    from posttrain.store.jobs import JobStore
+
+    engine = make_engine(f"sqlite:///{home / 'posttrain.db'}")
+    store = JobStore(engine)
+    for _ in range(10):
+        store.list_newest(tenant="default", limit=21)
+    out = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        store.list_newest(tenant="default", limit=21)
+        out.append((time.perf_counter() - started) * 1000)
+    engine.dispose()
+    return sorted(out)
+
+
 def pct(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
@@ -211,7 +231,7 @@ def main() -> None:
             fill_store(f"sqlite:///{home / 'posttrain.db'}", first, args.jobs)
             print(f"inserted {args.jobs} finished jobs into the store in {time.monotonic() - started:.1f} s")
             listed = client.get("/v1/fine_tuning/jobs", params={"limit": 1000}).json()["data"]
-            depth = min(len(listed), 1000) if len(listed) > 1020 else len(listed) // 2
+            depth = 1000 if len(listed) == 1000 and args.jobs > 1020 else len(listed) // 2
             deep = listed[depth - 1]["id"]
             rows = [("GET /healthz (baseline)", latencies_ms(client, "/healthz", args.requests)),
                     ("GET /v1/fine_tuning/jobs?limit=20", latencies_ms(client, "/v1/fine_tuning/jobs", args.requests,
@@ -222,7 +242,8 @@ def main() -> None:
                         client, "/v1/fine_tuning/jobs", max(20, args.requests // 10),
                         {"limit": 20, "metadata[team]": "none"})),
                     (f"GET /v1/post-training/jobs (all {args.jobs + 2} ids)",
-                     latencies_ms(client, "/v1/post-training/jobs", max(20, args.requests // 10)))]
+                     latencies_ms(client, "/v1/post-training/jobs", max(20, args.requests // 10))),
+                    ("JobStore.list_newest(limit=21), in-process", store_latencies_ms(home, args.requests))]
     finally:
         stop_server(server)
     health = rows[0][1]
