@@ -13,7 +13,7 @@ with plain ``httpx`` on the OpenAI paths, times:
   ``GET /healthz`` and the Llama Stack ``GET /v1/post-training/jobs`` in the same run, as ratios,
   and the endpoint's one store query alone (``JobStore.list_newest``, from this process).
 
-    .venv/bin/python bench/openai_jobs.py [--jobs 10000] [--requests 400]
+    .venv/bin/python bench/openai_jobs.py [--jobs 10000] [--requests 400] [--keep]
 
 Pause and resume use the OpenAI paths ``/v1/fine_tuning/jobs/{id}/pause|resume`` when the server
 has them, else our own ``/v1/posttrain/jobs/{job_uuid}/pause|resume`` (the same job id).
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10_000, help="finished jobs inserted before the list timing")
     parser.add_argument("--requests", type=int, default=400, help="requests per timed endpoint")
     parser.add_argument("--rows", type=int, default=64, help="rows of the first job's training file")
+    parser.add_argument("--keep", action="store_true", help="keep the data folder (server log, store)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="openai-bench-"))
     model = create_tiny_model(work / "models" / "tiny-llama")
@@ -246,6 +248,10 @@ def main() -> None:
                     ("JobStore.list_newest(limit=21), in-process", store_latencies_ms(home, args.requests))]
     finally:
         stop_server(server)
+        if args.keep:
+            print(f"data folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     health = rows[0][1]
     print(f"\n{'endpoint':44} {'p50 ms':>8} {'p99 ms':>8}   p50/p99 vs /healthz")
     for name, ordered in rows:
