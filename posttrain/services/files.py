@@ -97,14 +97,9 @@ class FileService:
         """OpenAI's cursor paging: the files after the one named ``after`` in ``order``."""
         if not 1 <= limit <= MAX_FILES_PAGE:
             raise FileInvalid(f"limit: must be 1 to {MAX_FILES_PAGE}, got {limit}", param="limit")
-        found = self.store.list(tenant=tenant, purpose=purpose)
-        if order == "desc":
-            found.reverse()
-        if after is not None:
-            ids = [f.id for f in found]
-            if after not in ids:
-                raise FileInvalid(f"after: no file '{after}' to page after", param="after")
-            found = found[ids.index(after) + 1:]
+        found = self.store.list(tenant=tenant, purpose=purpose, limit=limit + 1, after_id=after, order=order)
+        if found is None:
+            raise FileInvalid(f"after: no file '{after}' to page after", param="after")
         return FilePage(data=found[:limit], has_more=len(found) > limit)
 
     def content(self, *, tenant: str, file_id: str) -> Iterator[bytes]:

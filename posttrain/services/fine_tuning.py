@@ -123,14 +123,12 @@ class FineTuningService:
     def list(self, *, tenant: str, after: str | None, limit: int,
              metadata: dict[str, str]) -> tuple[builtins.list[Job], bool]:
         """The tenant's jobs, newest first, after the job named ``after``, whose OpenAI metadata
-        holds every pair of ``metadata``; and whether more follow."""
-        found = [job for job in reversed(self.jobs.list_jobs(tenant=tenant))
-                 if all(openai_fields(job).get("metadata", {}).get(k) == v for k, v in metadata.items())]
-        if after is not None:
-            ids = [job.job_uuid for job in found]
-            if after not in ids:
-                raise FileInvalid(f"after: no fine-tuning job '{after}' to page after", param="after")
-            found = found[ids.index(after) + 1:]
+        holds every pair of ``metadata``; and whether more follow. Paged in the store (one keyset
+        query with ``LIMIT``, the metadata matched in SQL), never by reading every job."""
+        found = self.jobs.store.list_newest(tenant=tenant, limit=limit + 1, after_uuid=after,
+                                            request_object=(OPENAI_KEY, "metadata"), request_matches=metadata)
+        if found is None:
+            raise FileInvalid(f"after: no fine-tuning job '{after}' to page after", param="after")
         return found[:limit], len(found) > limit
 
     def cancel(self, *, tenant: str, job_id: str) -> Job:
@@ -140,6 +138,12 @@ class FineTuningService:
     def events(self, job: Job) -> builtins.list[JobEvent]:
         """All of the job's events, oldest first."""
         return self.jobs.store.events(job_id=job.id, after=0, limit=10_000_000)
+
+    def events_page(self, job: Job, *, before: int | None, limit: int) -> tuple[builtins.list[JobEvent], bool]:
+        """A page of the job's events, newest first, those older than event ``before`` (its
+        ``seq``); and whether more follow. One ``LIMIT`` query in the store."""
+        found = self.jobs.store.events_newest(job_id=job.id, before=before, limit=limit + 1)
+        return found[:limit], len(found) > limit
 
     def latest_metric(self, job: Job) -> JobEvent | None:
         return self.jobs.store.latest_event(job_id=job.id, type="metric")

@@ -12,9 +12,9 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, insert, select, tuple_
 from sqlalchemy.engine import RowMapping
 
 from posttrain.domain.files import StoredFile
@@ -114,14 +114,29 @@ class FileStore:
             row = conn.execute(select(files).where(files.c.tenant == tenant, files.c.id == file_id)).mappings().first()
         return _file(row) if row else None
 
-    def list(self, *, tenant: str, purpose: str | None = None) -> builtins.list[StoredFile]:
-        """The tenant's files, oldest first (ties by id)."""
+    def list(self, *, tenant: str, limit: int, order: Literal["asc", "desc"] = "desc", after_id: str | None = None,
+             purpose: str | None = None) -> builtins.list[StoredFile] | None:
+        """Up to ``limit`` of the tenant's files in ``order`` of (``created_at``, ``id``), starting
+        after the file ``after_id``; ``None`` when the tenant has no such file. One keyset query on
+        the index ``(tenant, created_at, id)`` with ``LIMIT``: a page costs the same however many
+        files the tenant has."""
         query = select(files).where(files.c.tenant == tenant)
         if purpose is not None:
             query = query.where(files.c.purpose == purpose)
+        key = tuple_(files.c.created_at, files.c.id)
         with self.engine.connect() as conn:
-            rows = conn.execute(query.order_by(files.c.created_at, files.c.id)).mappings()
-            return [_file(r) for r in rows]
+            if after_id is not None:
+                cursor = conn.execute(select(files.c.created_at, files.c.id)
+                                      .where(files.c.tenant == tenant, files.c.id == after_id)).first()
+                if cursor is None:
+                    return None
+                at = tuple_(cursor[0], cursor[1])
+                query = query.where(key < at if order == "desc" else key > at)
+            if order == "desc":
+                query = query.order_by(files.c.created_at.desc(), files.c.id.desc())
+            else:
+                query = query.order_by(files.c.created_at, files.c.id)
+            return [_file(r) for r in conn.execute(query.limit(limit)).mappings()]
 
     def open(self, stored: StoredFile) -> IO[bytes]:
         return Path(stored.path).open("rb")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import builtins
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, overload
 
@@ -33,6 +33,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import Connection, RowMapping
@@ -202,6 +203,29 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_job(r) for r in conn.execute(query).mappings()]
 
+    def list_newest(self, *, tenant: str, limit: int, after_uuid: str | None = None,
+                    request_object: Sequence[str] = (), request_matches: Mapping[str, str] | None = None,
+                    ) -> builtins.list[Job] | None:
+        """Up to ``limit`` of the tenant's jobs, newest first (``scheduled_at``, then ``id``,
+        descending), starting after the job the client named ``after_uuid``; ``None`` when the tenant
+        has no such job. ``request_matches`` keeps the jobs whose request holds, in the JSON object at
+        ``request_object``, each of its keys with exactly its (string) value.
+
+        One keyset query on the index ``(tenant, scheduled_at, id)`` with ``LIMIT``, the filter
+        applied in SQL, so a page costs the same however many jobs the tenant has."""
+        query = select(jobs).where(jobs.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            if after_uuid is not None:
+                cursor = conn.execute(select(jobs.c.scheduled_at, jobs.c.id)
+                                      .where(jobs.c.tenant == tenant, jobs.c.job_uuid == after_uuid)).first()
+                if cursor is None:
+                    return None
+                query = query.where(tuple_(jobs.c.scheduled_at, jobs.c.id) < tuple_(cursor[0], cursor[1]))
+            for key, value in (request_matches or {}).items():
+                query = query.where(_json_holds(conn.dialect.name, request_object, key, value))
+            query = query.order_by(jobs.c.scheduled_at.desc(), jobs.c.id.desc()).limit(limit)
+            return [_job(r) for r in conn.execute(query).mappings()]
+
     def list_uuids(self, *, tenant: str | None = None) -> builtins.list[str]:
         query = select(jobs.c.job_uuid).order_by(jobs.c.scheduled_at, jobs.c.id)
         if tenant is not None:
@@ -240,6 +264,16 @@ class JobStore:
             .order_by(job_events.c.seq)
             .limit(limit)
         )
+        with self.engine.connect() as conn:
+            return [_event(r) for r in conn.execute(query).mappings()]
+
+    def events_newest(self, *, job_id: str, before: int | None, limit: int) -> builtins.list[JobEvent]:
+        """Up to ``limit`` of the job's events, newest first, those with ``seq`` below ``before``
+        (all when None): one ``LIMIT`` query down the index ``(job_id, seq)``."""
+        query = select(job_events).where(job_events.c.job_id == job_id)
+        if before is not None:
+            query = query.where(job_events.c.seq < before)
+        query = query.order_by(job_events.c.seq.desc()).limit(limit)
         with self.engine.connect() as conn:
             return [_event(r) for r in conn.execute(query).mappings()]
 
@@ -607,6 +641,27 @@ class JobStore:
     @staticmethod
     def _append(conn: Connection, job_id: str, type_: str, data: dict[str, Any]) -> None:
         conn.execute(insert(job_events).values(job_id=job_id, created_at=utcnow(), type=type_, data=data))
+
+
+def _json_holds(dialect: str, path: Sequence[str], key: str, value: str) -> ColumnElement[bool]:
+    """``request`` holds, in its object at ``path``, ``key`` with the string ``value``.
+
+    The key is the client's text, so it is always a bound parameter, never spliced into a JSON path:
+    PostgreSQL walks ``path`` with ``->`` and reads the key with ``->>``; SQLite's JSON paths cannot
+    quote every key, so there the object's members are listed with ``json_each`` and matched as
+    columns. A job without the object (a Llama Stack job, metadata null) matches nothing."""
+    if dialect == "sqlite":
+        if any('"' in part for part in path):
+            raise ValueError(f"a JSON path part with a double quote cannot be spelled for SQLite: {path!r}")
+        where = "$" + "".join(f'."{part}"' for part in path)
+        members = func.json_each(jobs.c.request, where).table_valued("key", "value", "type")
+        return exists(select(literal(1)).select_from(members).where(
+            members.c.key == key, members.c.type == "text", members.c.value == value))
+    node: Any = jobs.c.request
+    for part in path:
+        node = node[part]
+    held: ColumnElement[bool] = node[key].as_string() == value
+    return held
 
 
 def _in(statuses: frozenset[JobStatus]) -> ColumnElement[bool]:

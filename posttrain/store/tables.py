@@ -58,6 +58,8 @@ jobs = Table(
     Column("error_message", Text),
     Column("resources", JSON, nullable=False, default=dict),
     Index("ix_jobs_status_scheduled_at", "status", "scheduled_at"),
+    # A tenant's jobs newest first, paged by (scheduled_at, id): GET /v1/fine_tuning/jobs (migration 0006).
+    Index("ix_jobs_tenant_scheduled_at_id", "tenant", "scheduled_at", "id"),
     UniqueConstraint("tenant", "job_uuid", name="uq_jobs_tenant_job_uuid"),
 )
 
@@ -113,6 +115,8 @@ files = Table(
     Column("bytes", BigInteger, nullable=False),
     Column("path", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # A tenant's files in upload order, paged by (created_at, id): GET /v1/files (migration 0006).
+    Index("ix_files_tenant_created_at_id", "tenant", "created_at", "id"),
 )
 
 

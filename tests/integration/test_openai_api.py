@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -110,6 +111,49 @@ def test_a_malformed_upload_is_refused(client, settings):
     assert_openai_error(missing_purpose, 400, "purpose", param="purpose")
     missing_file = client.post("/v1/files", files={"purpose": (None, "fine-tune")})
     assert_openai_error(missing_file, 400, "file", param="file")
+    assert uploads_on_disk(settings) == []
+
+
+def raw_upload(*, file_first: bool) -> tuple[bytes, str]:
+    """An upload's body as bytes, its file part before or after ``purpose``."""
+    files = {"file": ("order.jsonl", CHAT_LINES, "application/jsonl")}
+    parts = {**files, "purpose": (None, b"fine-tune", None)} if file_first else {"purpose": (None, b"fine-tune", None),
+                                                                                **files}
+    request = httpx.Request("POST", "http://x/v1/files", files=parts)
+    return request.read(), request.headers["content-type"]
+
+
+@pytest.mark.parametrize("file_first", [True, False])
+def test_the_file_part_may_come_before_or_after_purpose(client, file_first):
+    body, content_type = raw_upload(file_first=file_first)
+    assert (body.index(b'name="file"') < body.index(b'name="purpose"')) is file_first
+    file = client.post("/v1/files", content=body, headers={"content-type": content_type}).json()
+    assert file["filename"] == "order.jsonl" and file["bytes"] == len(CHAT_LINES)
+    assert client.get(f"/v1/files/{file['id']}/content").content == CHAT_LINES
+
+
+@pytest.mark.parametrize("cut", [8, 300])
+def test_a_truncated_upload_is_400_and_nothing_kept(client, settings, cut):
+    body, content_type = raw_upload(file_first=True)
+    response = client.post("/v1/files", content=body[:-cut], headers={"content-type": content_type})
+    assert_openai_error(response, 400, "closing boundary", param="file")
+    assert client.get("/v1/files").json()["data"] == []
+    assert uploads_on_disk(settings) == []
+
+
+def test_a_streamed_upload_past_the_body_limit_is_413_and_nothing_kept(client, services, settings):
+    """Sent chunked (no Content-Length), so only the streaming write can tell it is too large."""
+    services.settings.max_body_bytes = 1000
+    body, content_type = raw_upload(file_first=False)
+    body = body.replace(CHAT_LINES, CHAT_LINES * 10)
+
+    def chunks():
+        for start in range(0, len(body), 256):
+            yield body[start:start + 256]
+
+    response = client.post("/v1/files", content=chunks(), headers={"content-type": content_type})
+    assert_openai_error(response, 413, "1000")
+    assert client.get("/v1/files").json()["data"] == []
     assert uploads_on_disk(settings) == []
 
 

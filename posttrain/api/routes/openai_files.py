@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from posttrain.api.deps import TenantDep
-from posttrain.api.multipart_upload import MAX_FIELD_BYTES, Data, MultipartInvalid, MultipartReader, boundary_of
+from posttrain.api.multipart_upload import UploadForm, boundary_of
 from posttrain.domain.files import StoredFile
 from posttrain.services.files import FileInvalid, FileService
 
@@ -47,40 +47,18 @@ async def upload_file(request: Request, files: FileServiceDep, tenant: TenantDep
 
     The bytes go to a temp file in the tenant's folder as they arrive; the file is kept only when
     the whole body was read and its fields are accepted."""
-    reader = MultipartReader(boundary_of(request.headers.get("content-type", "")))
+    form = UploadForm(boundary_of(request.headers.get("content-type", "")))
     pending = await run_in_threadpool(files.begin_upload, tenant=tenant)
     try:
-        fields: dict[str, bytearray] = {}
-        filename: str | None = None
-        current: str | None = None
         async for chunk in request.stream():
-            data = bytearray()  # this chunk's file bytes, written in one call
-            for event in reader.feed(chunk):
-                if isinstance(event, Data):
-                    if current == "file":
-                        data += event.data
-                    elif current is not None:
-                        fields[current] += event.data
-                        if len(fields[current]) > MAX_FIELD_BYTES:
-                            raise MultipartInvalid(f"{current}: longer than {MAX_FIELD_BYTES} bytes")
-                    continue
-                if event.name == "file":
-                    if filename is not None:
-                        raise MultipartInvalid("file: sent twice; send one file per upload")
-                    filename = event.filename or "upload"
-                    current = "file"
-                else:
-                    current = event.name
-                    fields[current] = bytearray()
+            data = form.feed(chunk)  # this chunk's file bytes, written in one call
             if data:
-                await run_in_threadpool(files.write, pending, bytes(data))
-        if not reader.done:
-            raise MultipartInvalid("the multipart body ended before its closing boundary")
-        if filename is None:
-            raise MultipartInvalid("file: field required")
-        if "purpose" not in fields:
+                await run_in_threadpool(files.write, pending, data)
+        form.finish()
+        if "purpose" not in form.fields:
             raise FileInvalid("purpose: field required ('fine-tune')", param="purpose")
-        purpose = fields["purpose"].decode("utf-8", "replace").strip()
+        purpose = form.fields["purpose"].decode("utf-8", "replace").strip()
+        filename = form.filename or "upload"
         stored = await run_in_threadpool(lambda: files.finish_upload(pending, filename=filename, purpose=purpose))
     except BaseException:
         pending.abort()

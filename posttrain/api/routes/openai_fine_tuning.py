@@ -169,13 +169,15 @@ def list_events(job_id: str, service: FineTuningDep, tenant: TenantDep,
                 after: str | None = Query(None, description="The id of the event this page starts after."),
                 limit: int = Query(20, ge=1, le=10000)) -> dict[str, Any]:
     """The job's events, newest first: state changes, per-step metrics, checkpoints, log lines."""
-    events = list(reversed(service.events(service.get(tenant=tenant, job_id=job_id))))
+    job = service.get(tenant=tenant, job_id=job_id)
+    before = None
     if after is not None:
         seq = after.removeprefix("ftevent-")
         if not seq.isascii() or not seq.isdigit():
             raise openai_recipes.Refusal("after", f"not an event id of this job: {after!r}")
-        events = [e for e in events if e.seq < int(seq)]
-    return _page([event_object(e) for e in events[:limit]], len(events) > limit)
+        before = int(seq)
+    events, has_more = service.events_page(job, before=before, limit=limit)
+    return _page([event_object(e) for e in events], has_more)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
