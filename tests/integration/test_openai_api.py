@@ -194,15 +194,17 @@ def test_jobs_list_newest_first_with_paging_and_metadata_filter_and_llama_stack_
     file = upload(client).json()
     first = create_job(client, tiny_model_path, file["id"], metadata={"team": "a"}).json()
     second = create_job(client, tiny_model_path, file["id"], metadata={"team": "b"}).json()
+    bare = create_job(client, tiny_model_path, file["id"]).json()  # no metadata: null, and skipped by a filter
+    assert bare["metadata"] is None
     register(client, "toy")
     llama = lora_request(str(tiny_model_path), "toy")
     assert client.post("/v1/post-training/supervised-fine-tune", json=llama).status_code == 200
     listed = client.get("/v1/fine_tuning/jobs").json()
-    assert [j["id"] for j in listed["data"]] == [llama["job_uuid"], second["id"], first["id"]]
+    assert [j["id"] for j in listed["data"]] == [llama["job_uuid"], bare["id"], second["id"], first["id"]]
     llama_job = listed["data"][0]
     assert llama_job["training_file"] == "toy" and llama_job["method"]["type"] == "supervised"
     assert llama_job["hyperparameters"]["learning_rate_multiplier"] == pytest.approx(10.0)  # lr 1e-3
-    page = client.get("/v1/fine_tuning/jobs", params={"limit": 1, "after": llama["job_uuid"]}).json()
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 1, "after": bare["id"]}).json()
     assert [j["id"] for j in page["data"]] == [second["id"]] and page["has_more"] is True
     filtered = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "a"}).json()
     assert [j["id"] for j in filtered["data"]] == [first["id"]]

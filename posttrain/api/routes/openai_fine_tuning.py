@@ -223,6 +223,8 @@ def create_job(body: CreateFineTuningJob, service: FineTuningDep, tenant: Tenant
               "hyperparameters": openai_recipes.top_level_hyperparameters(hyperparameters),
               "method": openai_recipes.method_object(body, hyperparameters),
               "integrations": []}
+    if body.metadata is None:
+        del openai["metadata"]  # absent, not null: the list's metadata filter reads a missing key as no metadata
     job = service.create(tenant=tenant, job_uuid=job_uuid, model=body.model, training_file=body.training_file,
                          validation_file=body.validation_file, method=method, build=build, openai=openai)
     return job_object(job, service)
