@@ -135,18 +135,62 @@ class FineTuningService:
         self.get(tenant=tenant, job_id=job_id)
         return self.jobs.cancel(tenant=tenant, job_uuid=job_id)
 
+    def pause(self, *, tenant: str, job_id: str) -> Job:
+        """Pause a queued (``paused`` at once) or running (``pausing``, then ``paused``) job; 404
+        when the tenant has no such job (another tenant's included), 409 when it cannot be paused."""
+        self.get(tenant=tenant, job_id=job_id)
+        self.jobs.pause(tenant=tenant, job_uuid=job_id)
+        return self.get(tenant=tenant, job_id=job_id)  # with its request and plan, for its OpenAI fields
+
+    def resume(self, *, tenant: str, job_id: str) -> Job:
+        """Queue a paused job again, to continue from where it stopped; 404 as ``pause``, 409 when
+        it is not ``paused``."""
+        self.get(tenant=tenant, job_id=job_id)
+        self.jobs.resume(tenant=tenant, job_uuid=job_id)
+        return self.get(tenant=tenant, job_id=job_id)
+
     def events(self, job: Job) -> builtins.list[JobEvent]:
         """All of the job's events, oldest first."""
         return self.jobs.store.events(job_id=job.id, after=0, limit=10_000_000)
 
-    def events_page(self, job: Job, *, before: int | None, limit: int) -> tuple[builtins.list[JobEvent], bool]:
-        """A page of the job's events, newest first, those older than event ``before`` (its
-        ``seq``); and whether more follow. One ``LIMIT`` query in the store."""
-        found = self.jobs.store.events_newest(job_id=job.id, before=before, limit=limit + 1)
-        return found[:limit], len(found) > limit
-
     def latest_metric(self, job: Job) -> JobEvent | None:
         return self.jobs.store.latest_event(job_id=job.id, type="metric")
+
+
+#: How many of the latest steps the finish estimate's step rate is measured over.
+RATE_WINDOW = 20
+
+
+def trained_tokens(events: Iterable[JobEvent]) -> int | None:
+    """The real (non-padding) tokens the job trained on, from its metric events' ``tokens``: a
+    step run twice (a requeue after a lost worker repeats the steps since the last checkpoint)
+    counts once, as its last run. None when no metric event carries a count."""
+    per_step: dict[int, int] = {}
+    for event in events:
+        if event.type == "metric" and isinstance(event.data.get("tokens"), int) \
+                and isinstance(event.data.get("step"), int):
+            per_step[event.data["step"]] = event.data["tokens"]
+    return sum(per_step.values()) if per_step else None
+
+
+def estimated_finish(events: builtins.list[JobEvent], now: float) -> int | None:
+    """Unix seconds when the job should finish: ``now`` plus the steps left times the mean seconds
+    per step over the latest ``RATE_WINDOW`` steps of the current run (wall-clock between their
+    metric events, so validation and checkpoint writes count; the trainer's own ``step_seconds``
+    when only one step is known). None before the run's first step."""
+    started = max((i for i, e in enumerate(events) if e.type == "started"), default=-1)
+    metrics = [e for e in events[started + 1:] if e.type == "metric" and isinstance(e.data.get("step"), int)]
+    if not metrics or not metrics[-1].data.get("total_steps"):
+        return None
+    window, last = metrics[-RATE_WINDOW:], metrics[-1]
+    first = window[0]
+    steps = last.data["step"] - first.data["step"]
+    if steps > 0:
+        per_step = (last.created_at - first.created_at).total_seconds() / steps
+    else:
+        per_step = float(last.data.get("step_seconds") or 0.0)
+    left = max(0, int(last.data["total_steps"]) - last.data["step"])
+    return int(now + left * per_step)
 
 
 def openai_fields(job: Job) -> dict[str, Any]:

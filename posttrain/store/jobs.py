@@ -267,16 +267,6 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_event(r) for r in conn.execute(query).mappings()]
 
-    def events_newest(self, *, job_id: str, before: int | None, limit: int) -> builtins.list[JobEvent]:
-        """Up to ``limit`` of the job's events, newest first, those with ``seq`` below ``before``
-        (all when None): one ``LIMIT`` query down the index ``(job_id, seq)``."""
-        query = select(job_events).where(job_events.c.job_id == job_id)
-        if before is not None:
-            query = query.where(job_events.c.seq < before)
-        query = query.order_by(job_events.c.seq.desc()).limit(limit)
-        with self.engine.connect() as conn:
-            return [_event(r) for r in conn.execute(query).mappings()]
-
     # -- submit and cancel (the API side) ------------------------------------------------------
 
     def create(

@@ -9,10 +9,11 @@ the venvs ``scripts/setup-openai-venvs`` creates under ``.venv-openai/<version>/
 
 Scenarios: ``lifecycle`` (upload, create, poll to succeeded, events, checkpoints, list with a
 metadata filter, cancel a second job, delete the file), ``dpo`` (preference rows trained to
-succeeded) and ``errors`` (the SDK's own exception
-classes, with OpenAI's ``param`` and ``code``). The last stdout line is a JSON summary
-``{"ok": true, "version": ..., ...}``; on failure the traceback goes to stderr and the exit
-status is 1. The only thing that differs from code written for OpenAI is ``base_url``.
+succeeded), ``pause`` (pause a running job, see it ``pausing`` then ``paused``, resume it and
+train it to succeeded; its checkpoints' token accuracies and validation metrics, its metrics
+events) and ``errors`` (the SDK's own exception classes, with OpenAI's ``param`` and ``code``).
+The last stdout line is a JSON summary ``{"ok": true, "version": ..., ...}``; on failure the
+traceback goes to stderr and the exit status is 1. The only thing that differs from code written for OpenAI is ``base_url``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def lifecycle(client: OpenAI, model: str) -> dict:
     assert client.files.content(uploaded.id).content.decode().splitlines()[0] == json.dumps(ROWS[0])
     assert uploaded.id in [f.id for f in client.files.list(purpose="fine-tune")]
 
+    run = f"sdk-{openai.__version__}-{time.time_ns()}"  # the server is shared by every scenario and release
     job = client.fine_tuning.jobs.create(
-        model=model, training_file=uploaded.id, suffix="colours", seed=3, metadata={"run": "sdk"},
+        model=model, training_file=uploaded.id, suffix="colours", seed=3, metadata={"run": run},
         method={"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2}}})
     assert job.status in ("validating_files", "queued", "running"), job
@@ -71,8 +73,10 @@ def lifecycle(client: OpenAI, model: str) -> dict:
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     assert len(checkpoints) == 1 and checkpoints[0].step_number >= 1, checkpoints
     assert checkpoints[0].metrics.train_loss is not None, checkpoints
+    assert_accuracy(checkpoints[0].metrics.train_mean_token_accuracy)
+    assert all(0.0 <= e.data["train_mean_token_accuracy"] <= 1.0 for e in metrics), metrics
 
-    listed = client.fine_tuning.jobs.list(metadata={"run": "sdk"})
+    listed = client.fine_tuning.jobs.list(metadata={"run": run})
     assert [j.id for j in listed.data] == [job.id], listed
 
     second = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id,
@@ -83,6 +87,77 @@ def lifecycle(client: OpenAI, model: str) -> dict:
     deleted = client.files.delete(uploaded.id)
     assert deleted.deleted and deleted.id == uploaded.id
     return {"job": job.id, "status": job.status, "events": len(events), "checkpoints": len(checkpoints)}
+
+
+def assert_accuracy(value) -> None:
+    assert isinstance(value, float) and 0.0 <= value <= 1.0, value
+
+
+def wait_for(client: OpenAI, job, statuses: tuple[str, ...], *, poll: float = 1.0):
+    deadline = time.monotonic() + POLL_SECONDS
+    while job.status not in statuses:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job still {job.status} after {POLL_SECONDS} s, waiting for {statuses}")
+        time.sleep(poll)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    return job
+
+
+def pause(client: OpenAI, model: str) -> dict:
+    uploaded = training_file(client)
+    validation = training_file(client)
+    job = client.fine_tuning.jobs.create(
+        model=model, training_file=uploaded.id, validation_file=validation.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 1}}})
+    job = wait_for(client, job, ("running", "succeeded", "failed"), poll=0.1)
+    assert job.status == "running", job
+    deadline = time.monotonic() + POLL_SECONDS  # paused once it has trained a step, so there is a step to resume after
+    while not [e for e in client.fine_tuning.jobs.list_events(job.id, limit=5) if e.type == "metrics"]:
+        assert time.monotonic() < deadline, "no metrics event"
+        time.sleep(0.1)
+    paused = client.fine_tuning.jobs.pause(job.id)
+    assert paused.id == job.id and paused.status in ("pausing", "paused"), paused
+    first_status = paused.status
+    paused = wait_for(client, paused, ("paused", "succeeded", "failed"), poll=0.2)
+    assert paused.status == "paused" and paused.finished_at is None and paused.fine_tuned_model is None, paused
+    refused = {}
+    try:
+        client.fine_tuning.jobs.resume(uploaded.id.replace("file-", "ftjob-"))
+    except openai.NotFoundError as exc:
+        refused["missing"] = exc.code
+    resumed = client.fine_tuning.jobs.resume(job.id)
+    assert resumed.status in ("queued", "running"), resumed
+    try:
+        client.fine_tuning.jobs.resume(job.id)
+    except openai.ConflictError as exc:
+        refused["not_paused"] = exc.status_code
+    assert refused == {"missing": "fine_tuning_job_not_found", "not_paused": 409}, refused
+    done = wait_for(client, resumed, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded" and done.trained_tokens and done.trained_tokens > 0, done
+    assert done.fine_tuned_model and done.finished_at, done
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=1000))
+    messages = [e.message for e in events]
+    for message in ("Job paused", "Job resumed", "Fine-tuning job started", "The job has successfully completed"):
+        assert message in messages, messages
+    metrics = [e for e in events if e.type == "metrics"]
+    steps = sorted({e.data["step"] for e in metrics})
+    assert steps == list(range(1, metrics[0].data["total_steps"] + 1)), steps  # every step, none lost to the pause
+    for event in metrics:
+        assert_accuracy(event.data["train_mean_token_accuracy"])
+        assert event.data["train_loss"] is not None and event.data["total_steps"] == 16, event
+
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in checkpoints] == [16, 8], checkpoints
+    for checkpoint in checkpoints:
+        m = checkpoint.metrics
+        assert m.step == checkpoint.step_number and m.train_loss is not None and m.valid_loss is not None, m
+        assert m.full_valid_loss is not None and m.full_valid_loss > 0, m
+        for accuracy in (m.train_mean_token_accuracy, m.valid_mean_token_accuracy, m.full_valid_mean_token_accuracy):
+            assert_accuracy(accuracy)
+        assert checkpoint.fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-{checkpoint.step_number}"
+    return {"job": job.id, "status": done.status, "first_pause_status": first_status,
+            "checkpoints": len(checkpoints), "trained_tokens": done.trained_tokens}
 
 
 def dpo(client: OpenAI, model: str) -> dict:
@@ -136,7 +211,7 @@ def errors(client: OpenAI, model: str) -> dict:
     return {"errors": seen}
 
 
-SCENARIOS = {"lifecycle": lifecycle, "dpo": dpo, "errors": errors}
+SCENARIOS = {"lifecycle": lifecycle, "dpo": dpo, "pause": pause, "errors": errors}
 
 
 def main() -> int:

@@ -18,12 +18,12 @@ DRIVER = Path(__file__).resolve().with_name("openai_driver.py")
 
 # Keep in sync with scripts/setup-openai-venvs.
 SDK_VERSIONS = ("3.57.0", "1.109.1")
-TIMEOUT_S = {"lifecycle": 420, "dpo": 420, "errors": 120}
+TIMEOUT_S = {"lifecycle": 420, "dpo": 420, "pause": 540, "errors": 120}
 
 pytestmark = [pytest.mark.clients, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("scenario", ["lifecycle", "dpo", "errors"])
+@pytest.mark.parametrize("scenario", ["lifecycle", "dpo", "pause", "errors"])
 @pytest.mark.parametrize("version", SDK_VERSIONS)
 def test_openai_sdk(request: pytest.FixtureRequest, version: str, scenario: str) -> None:
     python = VENVS / version / "bin" / "python"
@@ -42,3 +42,7 @@ def test_openai_sdk(request: pytest.FixtureRequest, version: str, scenario: str)
     assert summary["ok"] is True and summary["version"] == version and summary["scenario"] == scenario, report
     if scenario in ("lifecycle", "dpo"):
         assert summary["status"] == "succeeded" and summary["checkpoints"] == 1, report
+    if scenario == "pause":
+        # The SDKs' status literal lacks pausing/paused; both keep the string as the server sent it.
+        assert summary["status"] == "succeeded" and summary["checkpoints"] == 2, report
+        assert summary["first_pause_status"] in ("pausing", "paused"), report

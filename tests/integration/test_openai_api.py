@@ -6,6 +6,7 @@ leaving nothing behind. (The SDKs themselves drive a real server in tests/client
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from posttrain.api.app import create_app
+from posttrain.domain.jobs import JobStatus
 from posttrain.services.access import digest
 from posttrain.services.container import build_services
 
@@ -236,15 +238,17 @@ def test_jobs_list_newest_first_with_paging_and_metadata_filter_and_llama_stack_
     file = upload(client).json()
     first = create_job(client, tiny_model_path, file["id"], metadata={"team": "a"}).json()
     second = create_job(client, tiny_model_path, file["id"], metadata={"team": "b"}).json()
+    bare = create_job(client, tiny_model_path, file["id"]).json()  # no metadata: null, and skipped by a filter
+    assert bare["metadata"] is None
     register(client, "toy")
     llama = lora_request(str(tiny_model_path), "toy")
     assert client.post("/v1/post-training/supervised-fine-tune", json=llama).status_code == 200
     listed = client.get("/v1/fine_tuning/jobs").json()
-    assert [j["id"] for j in listed["data"]] == [llama["job_uuid"], second["id"], first["id"]]
+    assert [j["id"] for j in listed["data"]] == [llama["job_uuid"], bare["id"], second["id"], first["id"]]
     llama_job = listed["data"][0]
     assert llama_job["training_file"] == "toy" and llama_job["method"]["type"] == "supervised"
     assert llama_job["hyperparameters"]["learning_rate_multiplier"] == pytest.approx(10.0)  # lr 1e-3
-    page = client.get("/v1/fine_tuning/jobs", params={"limit": 1, "after": llama["job_uuid"]}).json()
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 1, "after": bare["id"]}).json()
     assert [j["id"] for j in page["data"]] == [second["id"]] and page["has_more"] is True
     filtered = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "a"}).json()
     assert [j["id"] for j in filtered["data"]] == [first["id"]]
@@ -358,3 +362,171 @@ def test_a_dpo_job_on_chat_rows_is_refused_naming_the_line(client, services, tin
     response = create_job(client, tiny_model_path, file["id"], method={"type": "dpo"})
     assert_openai_error(response, 400, "Line 1", "'input' is missing", param="training_file", code="missing_input")
     assert services.jobs.list_jobs(tenant="default") == []
+
+
+# -- pause, resume, progress and what a finished job shows --------------------------------------
+
+
+WORKER = "test-worker"
+
+
+def claimed_job(client, services, tiny_model_path, **fields):
+    """An OpenAI job claimed by a stand-in launcher (the test writes what a trainer would report)."""
+    file = upload(client).json()
+    job = create_job(client, tiny_model_path, file["id"], **fields).json()
+    claimed = services.jobs.store.claim_next(owner=WORKER, lease_seconds=60)
+    assert claimed is not None and claimed.job_uuid == job["id"]
+    return job, claimed
+
+
+def report(services, claimed, kind: str, **data) -> None:
+    services.jobs.store.append_event(job_id=claimed.id, owner=WORKER, attempt=claimed.attempt, type=kind, data=data)
+
+
+def step(number: int, *, total: int = 4, tokens: int = 30, **extra) -> dict:
+    return {"step": number, "epoch": 1, "loss": 2.0 / number, "lr": 1e-4, "tokens_per_s": 100.0, "tokens": tokens,
+            "padding_fraction": 0.1, "step_seconds": 0.5, "total_steps": total, **extra}
+
+
+def test_pause_and_resume_a_queued_job_and_409_when_it_cannot(client, tiny_model_path):
+    file = upload(client).json()
+    job = create_job(client, tiny_model_path, file["id"]).json()
+    paused = client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause")
+    assert paused.status_code == 200, paused.text
+    assert paused.json()["status"] == "paused" and paused.json()["finished_at"] is None
+    assert paused.json()["hyperparameters"] == job["hyperparameters"]  # the whole job object, not a bare row
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "paused"
+    assert_openai_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause"), 409, "paused", code="conflict")
+    resumed = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued", resumed.text
+    assert_openai_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume"), 409, "scheduled", code="conflict")
+    messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
+    assert messages == ["Job resumed", "Job paused", "Job queued"]
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert_openai_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause"), 409, "cancelled")
+    assert_openai_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume"), 409, "cancelled")
+
+
+def test_a_running_job_is_pausing_until_its_trainer_stops_and_a_finished_one_cannot_be_paused(
+        client, services, tiny_model_path):
+    job, claimed = claimed_job(client, services, tiny_model_path)
+    pausing = client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause").json()
+    assert pausing["status"] == "pausing" and pausing["estimated_finish"] is None
+    assert_openai_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume"), 409, "pausing")
+    services.jobs.store.park(job_id=claimed.id, owner=WORKER, attempt=claimed.attempt, reason="paused at step 1")
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "paused"
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").json()["status"] == "queued"
+    again = services.jobs.store.claim_next(owner=WORKER, lease_seconds=60)
+    services.jobs.store.finish(job_id=again.id, owner=WORKER, attempt=again.attempt, status=JobStatus.COMPLETED)
+    assert_openai_error(client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause"), 409, "completed", code="conflict")
+    messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
+    assert messages[:6] == ["The job has successfully completed",
+                            f"New fine-tuned model created: ft:{tiny_model_path.name}:default:{job['id']}",
+                            "Fine-tuning job started", "Job resumed", "Job paused", "Job pausing"]
+
+
+def test_a_finished_jobs_tokens_checkpoints_and_metrics_events_are_the_trainers(client, services, tiny_model_path):
+    job, claimed = claimed_job(client, services, tiny_model_path, suffix="col")
+    report(services, claimed, "started", resources={}, total_steps=4)
+    for number in (1, 2):
+        report(services, claimed, "metric", **step(number, train_mean_token_accuracy=0.25 * number))
+    report(services, claimed, "metric", **step(2, tokens=31, train_mean_token_accuracy=0.5))  # step 2 run again
+    report(services, claimed, "metric", **step(3, valid_loss=1.5, valid_mean_token_accuracy=0.4))
+    store = services.jobs.store
+    store.record_checkpoint(job_id=claimed.id, owner=WORKER, attempt=claimed.attempt, identifier="c-1", epoch=1,
+                            step=3, path="/nowhere/epoch_1", train_loss=1.2, validation_loss=1.4, perplexity=4.0,
+                            metrics={"train_mean_token_accuracy": 0.6, "valid_mean_token_accuracy": 0.45,
+                                     "full_valid_loss": 1.35, "full_valid_mean_token_accuracy": 0.47})
+    store.record_checkpoint(job_id=claimed.id, owner=WORKER, attempt=claimed.attempt, identifier="c-2", epoch=2,
+                            step=4, path="/nowhere/epoch_2", train_loss=1.1, validation_loss=None, perplexity=None)
+    running = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert running["status"] == "running" and running["trained_tokens"] is None and running["fine_tuned_model"] is None
+    store.finish(job_id=claimed.id, owner=WORKER, attempt=claimed.attempt, status=JobStatus.COMPLETED)
+
+    done = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded" and done["trained_tokens"] == 30 + 31 + 30  # step 2 counted once
+    assert done["fine_tuned_model"] == f"ft:{tiny_model_path.name}:col:{job['id']}" and done["finished_at"]
+    assert done["estimated_finish"] is None
+
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()
+    newest, first = checkpoints["data"]
+    assert first["object"] == "fine_tuning.job.checkpoint" and first["id"].startswith("ftckpt-")
+    assert first["fine_tuned_model_checkpoint"] == f"{done['fine_tuned_model']}:ckpt-step-3"
+    assert first["step_number"] == 3 and first["fine_tuning_job_id"] == job["id"]
+    assert first["metrics"] == {"step": 3, "train_loss": 1.2, "train_mean_token_accuracy": 0.6, "valid_loss": 1.4,
+                                "valid_mean_token_accuracy": 0.45, "full_valid_loss": 1.35,
+                                "full_valid_mean_token_accuracy": 0.47}
+    assert newest["metrics"] == {"step": 4, "train_loss": 1.1, "train_mean_token_accuracy": None, "valid_loss": None,
+                                 "valid_mean_token_accuracy": None, "full_valid_loss": None,
+                                 "full_valid_mean_token_accuracy": None}
+    page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 1}).json()
+    assert [c["id"] for c in page["data"]] == [newest["id"]] and page["has_more"] is True
+    page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"after": newest["id"]}).json()
+    assert [c["id"] for c in page["data"]] == [first["id"]] and page["has_more"] is False
+    assert_openai_error(client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"after": "ftckpt-x"}),
+                        400, param="after")
+
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    assert metrics[0] == {"step": 3, "train_loss": pytest.approx(2 / 3), "train_mean_token_accuracy": None,
+                          "total_steps": 4, "valid_loss": 1.5, "valid_mean_token_accuracy": 0.4}
+    assert metrics[-1] == {"step": 1, "train_loss": 2.0, "train_mean_token_accuracy": 0.25, "total_steps": 4}
+    assert f"Checkpoint created at step 3 with Snapshot ID: {done['fine_tuned_model']}:ckpt-step-3" in \
+        [e["message"] for e in events]
+    page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 2}).json()
+    rest = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"after": page["data"][-1]["id"]}).json()
+    assert [e["id"] for e in page["data"] + rest["data"]] == [e["id"] for e in events]
+
+
+def test_estimated_finish_is_from_the_measured_step_rate_while_running(client, services, tiny_model_path):
+    job, claimed = claimed_job(client, services, tiny_model_path)
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["estimated_finish"] is None  # no step yet
+    report(services, claimed, "started", resources={}, total_steps=11)
+    report(services, claimed, "metric", **step(1, total=11, step_seconds=100.0))
+    before = time.time()
+    estimate = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["estimated_finish"]
+    assert before + 1000 - 2 <= estimate <= time.time() + 1000 + 1  # one step: the trainer's 100 s, 10 left
+    time.sleep(1.0)
+    report(services, claimed, "metric", **step(3, total=11, step_seconds=100.0))
+    before = time.time()
+    estimate = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["estimated_finish"]
+    # Two steps took about a second of wall-clock (0.5 s each): 8 left is about 4 s, not 800.
+    assert before + 3 <= estimate <= time.time() + 30
+
+
+def test_another_tenants_job_is_a_404_identical_to_a_missing_one_on_every_job_path(keyed_client, tiny_model_path):
+    file = upload(keyed_client, headers=as_(ALICE)).json()
+    job = create_job(keyed_client, tiny_model_path, file["id"], headers=as_(ALICE)).json()
+    missing_id = "ftjob-000000000000000000000000"
+    for method, tail in [("post", "pause"), ("post", "resume"), ("post", "cancel"), ("get", "events"),
+                         ("get", "checkpoints"), ("get", "")]:
+        theirs = getattr(keyed_client, method)(f"/v1/fine_tuning/jobs/{job['id']}/{tail}".rstrip("/"),
+                                               headers=as_(BOB))
+        missing = getattr(keyed_client, method)(f"/v1/fine_tuning/jobs/{missing_id}/{tail}".rstrip("/"),
+                                                headers=as_(BOB))
+        assert theirs.status_code == missing.status_code == 404, (tail, theirs.text)
+        assert theirs.json()["error"]["code"] == "fine_tuning_job_not_found"
+        assert theirs.json() == json.loads(missing.text.replace(missing_id, job["id"])), tail
+    assert keyed_client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=as_(ALICE)).json()["status"] == "queued"
+
+
+def test_openai_and_llama_stack_jobs_are_one_list_on_both_apis(client, tiny_model_path):
+    from tests.integration.test_api import lora_request, register
+    from tests.spec import validate_response
+
+    file = upload(client).json()
+    openai_job = create_job(client, tiny_model_path, file["id"]).json()
+    register(client, "toy")
+    llama = lora_request(str(tiny_model_path), "toy")
+    assert client.post("/v1/post-training/supervised-fine-tune", json=llama).status_code == 200
+    assert client.post(f"/v1/fine_tuning/jobs/{llama['job_uuid']}/pause").json()["status"] == "paused"
+    assert {j["id"] for j in client.get("/v1/fine_tuning/jobs").json()["data"]} == {openai_job["id"],
+                                                                                    llama["job_uuid"]}
+    assert client.get(f"/v1/fine_tuning/jobs/{llama['job_uuid']}").json()["status"] == "paused"
+    client.post(f"/v1/fine_tuning/jobs/{openai_job['id']}/pause")
+    listed = client.get("/v1/post-training/jobs")
+    validate_response(listed, "/v1/post-training/jobs")
+    assert {j["job_uuid"] for j in listed.json()["data"]} == {openai_job["id"], llama["job_uuid"]}
+    status = client.get("/v1/post-training/job/status", params={"job_uuid": openai_job["id"]})
+    validate_response(status, "/v1/post-training/job/status")
+    assert status.json()["job_uuid"] == openai_job["id"] and status.json()["status"] == "scheduled"

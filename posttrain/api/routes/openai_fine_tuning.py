@@ -7,6 +7,7 @@ jobs included (their id is their job_uuid); refusals leave in OpenAI's error env
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,14 +19,31 @@ from posttrain.api.json_body import StrictJSONRoute
 from posttrain.api.openai_recipes import CreateFineTuningJob
 from posttrain.domain.jobs import Job, JobEvent, JobKind, JobStatus
 from posttrain.domain.recipes import DEFAULT_LEARNING_RATE
-from posttrain.services.fine_tuning import FineTuningService, StagedData, new_openai_job_id, openai_fields
+from posttrain.services.fine_tuning import (
+    FineTuningService,
+    StagedData,
+    estimated_finish,
+    new_openai_job_id,
+    openai_fields,
+    trained_tokens,
+)
 
 router = APIRouter(tags=["OpenAI Fine-tuning"], route_class=StrictJSONRoute)
 
 #: Our statuses as OpenAI's (files are checked at create, so no job is ever ``validating_files``).
+#: ``pausing`` and ``paused`` are not in the SDKs' ``FineTuningJob.status`` literal; both SDK
+#: releases tested keep the string as sent (docs/openai-api.md).
 STATUSES = {JobStatus.SCHEDULED: "queued", JobStatus.IN_PROGRESS: "running", JobStatus.COMPLETED: "succeeded",
-            JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}
+            JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled", JobStatus.PAUSING: "pausing",
+            JobStatus.PAUSED: "paused"}
 LEVELS = {"warning": "warn", "warn": "warn", "error": "error"}
+#: A state event's message, as OpenAI words them where it has the event.
+STATE_MESSAGES = {JobStatus.SCHEDULED: "Job queued", JobStatus.IN_PROGRESS: "Fine-tuning job started",
+                  JobStatus.COMPLETED: "The job has successfully completed", JobStatus.FAILED: "Job failed",
+                  JobStatus.CANCELLED: "Job cancelled", JobStatus.PAUSING: "Job pausing",
+                  JobStatus.PAUSED: "Job paused"}
+#: The optional metrics a step's ``metrics`` event carries when the trainer measured them.
+STEP_EXTRAS = ("valid_loss", "valid_mean_token_accuracy")
 
 
 def _service(request: Request) -> FineTuningService:
@@ -56,61 +74,130 @@ def _llama_stack_fields(job: Job) -> dict[str, Any]:
             "method": {"type": kind, kind: {"hyperparameters": method_hyper}}, "integrations": []}
 
 
+def fine_tuned_model(job: Job, fields: dict[str, Any]) -> str:
+    """The name OpenAI gives the trained model: ``ft:<model>:<suffix or tenant>:<job id>``."""
+    return f"ft:{fields['model']}:{fields.get('suffix') or job.tenant}:{job.job_uuid}"
+
+
+def _fields(job: Job) -> dict[str, Any]:
+    return openai_fields(job) or _llama_stack_fields(job)
+
+
 def job_object(job: Job, service: FineTuningService) -> dict[str, Any]:
-    fields = openai_fields(job) or _llama_stack_fields(job)
+    fields = _fields(job)
     status = STATUSES[job.status]
     model, suffix = fields["model"], fields.get("suffix")
-    trained_tokens = estimated_finish = None
-    if status == "succeeded":
-        trained_tokens = sum(int(e.data.get("tokens") or 0) for e in service.events(job) if e.type == "metric")
-    elif status == "running":
-        metric = service.latest_metric(job)
-        if metric is not None and metric.data.get("total_steps"):
-            left = max(0, int(metric.data["total_steps"]) - int(metric.data.get("step", 0)))
-            estimated_finish = int(metric.created_at.timestamp() + left * float(metric.data.get("step_seconds", 0)))
+    trained = finish = None
+    if status in ("succeeded", "running"):
+        events = service.events(job)
+        if status == "succeeded":
+            trained = trained_tokens(events)
+        else:
+            finish = estimated_finish(events, time.time())
     error = None
     if status == "failed":
         error = {"code": job.error_code or "error", "message": job.error_message or "the job failed", "param": None}
     return {
         "id": job.job_uuid, "object": "fine_tuning.job", "created_at": _ts(job.scheduled_at),
-        "finished_at": _ts(job.completed_at), "model": model,
-        "fine_tuned_model": f"ft:{model}:{suffix or job.tenant}:{job.job_uuid}" if status == "succeeded" else None,
+        "finished_at": _ts(job.completed_at) if job.is_terminal else None, "model": model,
+        "fine_tuned_model": fine_tuned_model(job, fields) if status == "succeeded" else None,
         "organization_id": f"org-{job.tenant}", "status": status, "error": error,
-        "hyperparameters": fields["hyperparameters"], "method": fields["method"], "trained_tokens": trained_tokens,
-        "estimated_finish": estimated_finish, "result_files": [], "seed": fields["seed"],
+        "hyperparameters": fields["hyperparameters"], "method": fields["method"], "trained_tokens": trained,
+        "estimated_finish": finish, "result_files": [], "seed": fields["seed"],
         "metadata": fields.get("metadata"), "integrations": fields.get("integrations") or [],
         "training_file": fields["training_file"], "validation_file": fields.get("validation_file"),
         "user_provided_suffix": suffix,
     }
 
 
-def event_object(event: JobEvent) -> dict[str, Any]:
-    data, kind, level = event.data, "message", "info"
-    payload: dict[str, Any] | None = None
-    if event.type == "state":
-        status = data.get("status", "")
-        named = STATUSES.get(JobStatus(status), status) if status in JobStatus._value2member_map_ else status
-        message = f"Job {named}" + (f": {data['reason']}" if data.get("reason") else "")
-        level = "error" if named == "failed" else "info"
-    elif event.type == "started":
-        message = f"Training started ({data.get('total_steps', '?')} steps)"
-    elif event.type == "metric":
-        kind = "metrics"
-        payload = {"step": data.get("step"), "train_loss": data.get("loss"), "total_steps": data.get("total_steps"),
-                   "learning_rate": data.get("lr"), "epoch": data.get("epoch"), "tokens": data.get("tokens")}
-        loss = data.get("loss")
-        message = f"Step {data.get('step')}/{data.get('total_steps')}: training loss={loss:.4f}" if loss is not None \
-            else f"Step {data.get('step')}/{data.get('total_steps')}"
-    elif event.type == "checkpoint":
-        message = f"Checkpoint created at step {data.get('step')} (epoch {data.get('epoch')})"
-        payload = {"step": data.get("step"), "train_loss": data.get("train_loss"),
-                   "valid_loss": data.get("validation_loss")}
-    elif event.type == "log":
-        message, level = str(data.get("message", "")), LEVELS.get(str(data.get("level", "info")).lower(), "info")
-    else:
-        message = event.type
-    return {"id": f"ftevent-{event.seq}", "object": "fine_tuning.job.event", "created_at": _ts(event.created_at),
-            "level": level, "message": message, "type": kind, "data": payload}
+def _state_message(data: dict[str, Any], previous: str | None) -> tuple[str, str]:
+    """A state event's message and level: OpenAI's words, the reason after a colon when there is
+    one (a queued job after a pause reads "Job resumed", after a lost worker "Job requeued")."""
+    raw, reason = str(data.get("status", "")), data.get("reason")
+    status = JobStatus(raw) if raw in JobStatus._value2member_map_ else None
+    if status is None:
+        return f"Job {raw}", "info"
+    message = STATE_MESSAGES[status]
+    if status is JobStatus.SCHEDULED and previous is not None:
+        message = "Job resumed" if previous == JobStatus.PAUSED.value else "Job requeued"
+    if reason and (status is JobStatus.FAILED or message == "Job requeued"):
+        message += f": {reason}"
+    return message, "error" if status is JobStatus.FAILED else "info"
+
+
+def event_objects(job: Job, events: list[JobEvent]) -> list[dict[str, Any]]:
+    """The job's events as OpenAI's, oldest first: state changes as messages (a completed job's
+    also says "New fine-tuned model created"), each step as a ``metrics`` event, checkpoints and
+    trainer log lines as messages."""
+    fields, previous, out = _fields(job), None, []
+
+    def add(event: JobEvent, message: str, *, level: str = "info", kind: str = "message",
+            data: dict[str, Any] | None = None, key: str = "") -> None:
+        out.append({"id": f"ftevent-{event.seq}{key}", "object": "fine_tuning.job.event",
+                    "created_at": _ts(event.created_at), "level": level, "message": message, "type": kind,
+                    "data": data})
+
+    for event in events:
+        data = event.data
+        if event.type == "state":
+            if data.get("status") == JobStatus.COMPLETED.value:
+                add(event, f"New fine-tuned model created: {fine_tuned_model(job, fields)}", key="-model")
+            message, level = _state_message(data, previous)
+            previous = str(data.get("status"))
+            add(event, message, level=level)
+        elif event.type == "metric":
+            metrics = {"step": data.get("step"), "train_loss": data.get("loss"),
+                       "train_mean_token_accuracy": data.get("train_mean_token_accuracy"),
+                       "total_steps": data.get("total_steps")}
+            metrics |= {name: data[name] for name in STEP_EXTRAS if data.get(name) is not None}
+            loss = data.get("loss")
+            message = f"Step {data.get('step')}/{data.get('total_steps')}" + \
+                (f": training loss={loss:.4f}" if isinstance(loss, (int, float)) else "")
+            add(event, message, kind="metrics", data=metrics)
+        elif event.type == "checkpoint":
+            add(event, f"Checkpoint created at step {data.get('step')} with Snapshot ID: "
+                       f"{fine_tuned_model(job, fields)}:ckpt-step-{data.get('step')}")
+        elif event.type == "log":
+            add(event, str(data.get("message", "")), level=LEVELS.get(str(data.get("level", "info")).lower(), "info"))
+        elif event.type == "started":
+            add(event, f"Training started ({data.get('total_steps', '?')} steps)")
+        else:
+            add(event, event.type)
+    return out
+
+
+def checkpoint_objects(job: Job, events: list[JobEvent]) -> list[dict[str, Any]]:
+    """The job's checkpoints on disk, newest first, with the metrics the trainer measured for each
+    (kept in its checkpoint event; None where it measured none, as without a validation file)."""
+    fields = _fields(job)
+    measured = {e.data.get("identifier"): e.data for e in events if e.type == "checkpoint"}
+    objects = []
+    for c in reversed(job.checkpoints):
+        data = measured.get(c.identifier, {})
+        objects.append({
+            "id": f"ftckpt-{job.id}-{c.epoch}", "object": "fine_tuning.job.checkpoint",
+            "created_at": _ts(c.created_at), "fine_tuning_job_id": job.job_uuid, "step_number": c.step,
+            "fine_tuned_model_checkpoint": f"{fine_tuned_model(job, fields)}:ckpt-step-{c.step}",
+            "metrics": {"step": c.step,
+                        "train_loss": data.get("train_loss", c.metrics.train_loss if c.metrics else None),
+                        "train_mean_token_accuracy": data.get("train_mean_token_accuracy"),
+                        "valid_loss": data.get("validation_loss",
+                                               c.metrics.validation_loss if c.metrics else None),
+                        "valid_mean_token_accuracy": data.get("valid_mean_token_accuracy"),
+                        "full_valid_loss": data.get("full_valid_loss"),
+                        "full_valid_mean_token_accuracy": data.get("full_valid_mean_token_accuracy")},
+        })
+    return objects
+
+
+def _after(objects: list[dict[str, Any]], after: str | None, what: str) -> list[dict[str, Any]]:
+    """The objects after the one whose id is ``after`` (OpenAI's cursor); an id not among them is a 400."""
+    if after is None:
+        return objects
+    ids = [o["id"] for o in objects]
+    if after not in ids:
+        raise openai_recipes.Refusal("after", f"not {what} id of this job: {after!r}")
+    return objects[ids.index(after) + 1:]
 
 
 def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
@@ -137,6 +224,8 @@ def create_job(body: CreateFineTuningJob, service: FineTuningDep, tenant: Tenant
               "hyperparameters": openai_recipes.top_level_hyperparameters(hyperparameters),
               "method": openai_recipes.method_object(body, hyperparameters),
               "integrations": openai_recipes.integrations_object(wandb)}
+    if body.metadata is None:
+        del openai["metadata"]  # absent, not null: the list's metadata filter reads a missing key as no metadata
     job = service.create(tenant=tenant, job_uuid=job_uuid, model=body.model, training_file=body.training_file,
                          validation_file=body.validation_file, method=method, build=build, openai=openai)
     return job_object(job, service)
@@ -164,20 +253,27 @@ def cancel_job(job_id: str, service: FineTuningDep, tenant: TenantDep) -> dict[s
     return job_object(service.cancel(tenant=tenant, job_id=job_id), service)
 
 
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+def pause_job(job_id: str, service: FineTuningDep, tenant: TenantDep) -> dict[str, Any]:
+    """Pause a queued job (``paused`` at once) or a running one (``pausing`` until its trainer has
+    written a resume point, then ``paused``); any other status is a 409."""
+    return job_object(service.pause(tenant=tenant, job_id=job_id), service)
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+def resume_job(job_id: str, service: FineTuningDep, tenant: TenantDep) -> dict[str, Any]:
+    """Queue a paused job again; it continues from the step where it paused. Not paused: 409."""
+    return job_object(service.resume(tenant=tenant, job_id=job_id), service)
+
+
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 def list_events(job_id: str, service: FineTuningDep, tenant: TenantDep,
                 after: str | None = Query(None, description="The id of the event this page starts after."),
                 limit: int = Query(20, ge=1, le=10000)) -> dict[str, Any]:
     """The job's events, newest first: state changes, per-step metrics, checkpoints, log lines."""
     job = service.get(tenant=tenant, job_id=job_id)
-    before = None
-    if after is not None:
-        seq = after.removeprefix("ftevent-")
-        if not seq.isascii() or not seq.isdigit():
-            raise openai_recipes.Refusal("after", f"not an event id of this job: {after!r}")
-        before = int(seq)
-    events, has_more = service.events_page(job, before=before, limit=limit)
-    return _page([event_object(e) for e in events], has_more)
+    objects = _after(list(reversed(event_objects(job, service.events(job)))), after, "an event")
+    return _page(objects[:limit], len(objects) > limit)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
@@ -186,21 +282,7 @@ def list_checkpoints(job_id: str, service: FineTuningDep, tenant: TenantDep,
                      limit: int = Query(10, ge=1, le=1000)) -> dict[str, Any]:
     """The job's checkpoints (one per epoch), newest first."""
     job = service.get(tenant=tenant, job_id=job_id)
-    fields = openai_fields(job) or _llama_stack_fields(job)
-    objects = [{
-        "id": f"ftckpt-{job.id}-{c.epoch}", "object": "fine_tuning.job.checkpoint", "created_at": _ts(c.created_at),
-        "fine_tuning_job_id": job.job_uuid, "step_number": c.step,
-        "fine_tuned_model_checkpoint": f"ft:{fields['model']}:{fields.get('suffix') or job.tenant}:{job.job_uuid}"
-                                       f":ckpt-step-{c.step}",
-        "metrics": {"step": c.step, "train_loss": c.metrics.train_loss if c.metrics else None,
-                    "valid_loss": c.metrics.validation_loss if c.metrics else None,
-                    "full_valid_loss": c.metrics.validation_loss if c.metrics else None},
-    } for c in reversed(job.checkpoints)]
-    if after is not None:
-        ids = [o["id"] for o in objects]
-        if after not in ids:
-            raise openai_recipes.Refusal("after", f"not a checkpoint id of this job: {after!r}")
-        objects = objects[ids.index(after) + 1:]
+    objects = _after(checkpoint_objects(job, service.events(job)), after, "a checkpoint")
     page = objects[:limit]
     body = _page(page, len(objects) > limit)
     body.update(first_id=page[0]["id"] if page else None, last_id=page[-1]["id"] if page else None)
