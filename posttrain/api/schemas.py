@@ -303,6 +303,10 @@ class DatasetPublic(SpecModel):
 
     @classmethod
     def from_dataset(cls, dataset: Dataset) -> DatasetPublic:
+        """The dataset as register, list and retrieve answer it: metadata only. A rows source
+        answers ``{"type": "rows", "rows": []}`` (its rows come from paged iterrows), so registering
+        46 MB of inline rows does not send 46 MB back."""
+        source = {**dataset.source, "rows": []} if dataset.source.get("type") == "rows" else dataset.source
         return cls.model_validate(
             {
                 "identifier": dataset.identifier,
@@ -310,7 +314,7 @@ class DatasetPublic(SpecModel):
                 "provider_id": dataset_provider_id(dataset.source),
                 "type": "dataset",
                 "purpose": dataset.purpose,
-                "source": dataset.source,
+                "source": source,
                 "metadata": dataset.metadata,
             },
             strict=False,

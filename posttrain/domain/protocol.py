@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 class FailureCode(str, enum.Enum):
     """Why a job failed: the stable token in the job's ``error_code`` and its ``failed`` event.
 
-    The trainer reports the first six and ``path_changed`` (which the launcher reports too, when it
+    The trainer reports the first six, ``checkpoint_refused`` and ``path_changed`` (which the launcher reports too, when it
     refuses to start a trainer on a swapped folder); the store assigns ``trainer_lost`` and ``worker_lost`` when a job runs out of
     attempts (its trainer, or the worker running it, was lost too often).
     """
@@ -32,6 +32,7 @@ class FailureCode(str, enum.Enum):
     USAGE = "usage"  #: the trainer was started without a spec file
     ERROR = "error"  #: anything else (the message says what)
     PATH_CHANGED = "path_changed"  #: a folder checked at submit was swapped (a link, another folder) before use
+    CHECKPOINT_REFUSED = "checkpoint_refused"  #: a resume's training state held more than tensors and plain data
     TRAINER_LOST = "trainer_lost"  #: the trainer exited without finishing, attempts used up
     WORKER_LOST = "worker_lost"  #: the worker holding the job stopped renewing its lease, attempts used up
 

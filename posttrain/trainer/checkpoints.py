@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from posttrain.trainer.errors import CheckpointWriteError
+from posttrain.trainer.errors import CheckpointRefusedError, CheckpointWriteError
 from posttrain.trainer.loading import check_pinned, check_pinned_descriptor
 
 TRAINER_STATE = "trainer_state.json"
@@ -67,10 +67,16 @@ def read_trainer_state(*, folder: Path) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
+    """The RNG states as plain data (tensors, ints, floats, strings, tuples), so the file loads
+    under ``torch.load(weights_only=True)``: numpy's state (a ``(str, uint32 array, int, int,
+    float)`` tuple) is kept as a dict with its keys in an int64 tensor."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                   "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -81,7 +87,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     import torch
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    np.random.set_state((saved["bit_generator"], np.asarray(saved["keys"].numpy(), dtype=np.uint32),
+                         saved["pos"], saved["has_gauss"], saved["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -231,7 +239,25 @@ def training_state(*, optimizer, scheduler, epoch: int, global_step: int, **posi
 
 
 def load_training_state(*, folder: Path) -> dict[str, Any]:
+    """The training state saved in ``folder``, read with ``weights_only=True``: tensors and plain
+    data only, never an arbitrary pickle. The folder may lie in a tenant's own file area, so a
+    planted ``training_state.pt`` must not run code as the server's user when the job resumes.
+    A file that holds anything else (a crafted pickle, or one written before the RNG states were
+    saved as plain data, which held a numpy array) is refused with ``CheckpointRefusedError``."""
+    import pickle
+
     import torch
 
-    # Our own file (optimizer, scheduler and RNG states hold numpy/python objects).
-    return torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
+    path = folder / TRAINING_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"it names {found.group(1)}" if found else f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise CheckpointRefusedError(
+            f"{path} holds more than tensors and plain data, so it was not loaded and nothing in it ran ({what}); "
+            "a checkpoint written by an older server version, or a file this server did not write"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointRefusedError(f"{path} is not a training state (a {type(state).__name__}, not a dict)")
+    return state

@@ -37,3 +37,11 @@ class PathChangedError(TrainerError):
     written to it."""
 
     code: ClassVar[FailureCode] = FailureCode.PATH_CHANGED
+
+
+class CheckpointRefusedError(TrainerError):
+    """A checkpoint's ``training_state.pt`` holds more than tensors and plain data (a crafted
+    pickle, or a file from before the RNG states were saved as plain data): it is not loaded, since
+    loading it could run code, and the resume fails instead."""
+
+    code: ClassVar[FailureCode] = FailureCode.CHECKPOINT_REFUSED

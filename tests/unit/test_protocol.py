@@ -68,4 +68,4 @@ def test_an_unknown_failure_code_reads_as_error():
 
 def test_failure_codes_are_the_documented_tokens():
     assert {code.value for code in FailureCode} == {"bad_row", "disk_full", "out_of_memory", "invalid_config", "usage",
-                                                    "error", "path_changed", "trainer_lost", "worker_lost"}
+                                                    "error", "path_changed", "checkpoint_refused", "trainer_lost", "worker_lost"}
