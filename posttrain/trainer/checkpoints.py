@@ -8,6 +8,7 @@ crash or kill mid-write leaves only a ``.tmp`` folder, which is ignored and late
 from __future__ import annotations
 
 import errno
+import importlib
 import io
 import json
 import os
@@ -88,8 +89,11 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
     random.setstate(state["python"])
     saved = state["numpy"]
-    np.random.set_state((saved["bit_generator"], np.asarray(saved["keys"].numpy(), dtype=np.uint32),
-                         saved["pos"], saved["has_gauss"], saved["cached_gaussian"]))
+    if isinstance(saved, tuple):  # written before the states were plain data: numpy's own tuple
+        np.random.set_state(saved)
+    else:
+        np.random.set_state((saved["bit_generator"], np.asarray(saved["keys"].numpy(), dtype=np.uint32),
+                             saved["pos"], saved["has_gauss"], saved["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -242,15 +246,21 @@ def load_training_state(*, folder: Path) -> dict[str, Any]:
     """The training state saved in ``folder``, read with ``weights_only=True``: tensors and plain
     data only, never an arbitrary pickle. The folder may lie in a tenant's own file area, so a
     planted ``training_state.pt`` must not run code as the server's user when the job resumes.
-    A file that holds anything else (a crafted pickle, or one written before the RNG states were
-    saved as plain data, which held a numpy array) is refused with ``CheckpointRefusedError``."""
+    Checkpoints written before the RNG states were plain data hold numpy's state as a numpy
+    array: the few numpy globals that rebuild an array (and run nothing else) are allowed, so
+    those resume too. A file that holds anything else (a crafted pickle) is refused with
+    ``CheckpointRefusedError``."""
     import pickle
 
+    import numpy as np
     import torch
 
     path = folder / TRAINING_STATE
+    reconstruct = importlib.import_module("numpy._core.multiarray")._reconstruct
+    array_globals = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(array_globals):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         what = f"it names {found.group(1)}" if found else f"{type(exc).__name__}: {str(exc)[:200]}"
