@@ -1,11 +1,12 @@
 """A bounded storm of hostile and careless clients against a real server while a job trains and a
 normal client polls its status; then an audit of what the storm left in the store.
 
-Run: .venv/bin/python bench/abuse.py [--seconds 60] [--quiet-seconds 10] [--keep]
+Run: .venv/bin/python bench/abuse.py [--seconds 60] [--quiet-seconds 10] [--rate 200] [--keep]
 
 A real `posttrain serve` (local worker, SQLite, API keys for two tenants) trains one LoRA job of
 tenant ``alice`` for the whole run. Alice's normal client polls the job's status first alone (the
-quiet p99) and then while tenant ``bob`` and keyless strangers attack:
+quiet p99) and then while tenant ``bob`` and keyless strangers attack, each from a loopback
+address of its own (127.0.0.2-9; alice is 127.0.0.1):
 
 - big bodies to the open sign-in form and to authenticated registrations;
 - idle connections held open, headers and bodies sent a byte at a time;
@@ -14,10 +15,12 @@ quiet p99) and then while tenant ``bob`` and keyless strangers attack:
 - bad input: lone surrogates, NaN and huge numbers, over-long and escaping paths, ids with ``/``;
 - floods of submits past the queue quota; reads of alice's job and dataset by bob.
 
-It prints the requests tried, how many got a 5xx, the integrity violations an audit finds
-afterwards (a dataset record whose rows file is missing or holds another row count, a job without
-its folder or a folder without its job, anything of alice's bob could read), alice's status p99
-during the storm against the quiet one, and the server's peak RSS. Targets: no 5xx, 0 violations,
+The storm is bounded: all attackers together open at most ``--rate`` requests and connections a
+second (``--rate 0``: as fast as they can, which saturates the server's CPU). It prints the
+requests tried, how many got a 5xx, the integrity violations an audit finds afterwards (a dataset
+record whose rows file is missing or holds another row count, a job without its folder or a
+folder without its job, anything of alice's bob could read), alice's status p99 during the storm
+against the quiet one, and the server's peak RSS. Targets: no 5xx, 0 violations,
 p99 within 3x of quiet, peak RSS bounded by configuration (printed beside it).
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import shutil
 import socket
@@ -48,13 +52,23 @@ from tests.conftest import start_server, stop_server
 from tests.integration.test_api import lora_request
 
 BIG_BODY_BYTES = 20 * 1024 * 1024
+#: Each attacker connects from a loopback address of its own (Linux routes all of 127/8 to lo), and
+#: alice from 127.0.0.1: per-address limits then treat them as the different clients they stand for.
+ADDRESSES = {"big": "127.0.0.2", "idle": "127.0.0.3", "slow": "127.0.0.4", "keys": "127.0.0.5",
+             "races": "127.0.0.6", "bad": "127.0.0.7", "flood": "127.0.0.8", "snoop": "127.0.0.9"}
+
+
+def client_from(address: str, base: str, **kwargs) -> httpx.Client:
+    return httpx.Client(base_url=base, transport=httpx.HTTPTransport(local_address=address), **kwargs)
 
 
 class Tally:
     """Requests tried and status codes seen, shared by the attacker threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, rate: float = 0.0) -> None:
         self.lock = threading.Lock()
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.next_slot = time.monotonic()
         self.codes: Counter[str] = Counter()
         self.five_xx: list[str] = []
         self.violations: list[str] = []
@@ -69,6 +83,15 @@ class Tally:
                 self.five_xx.append(f"{kind} {response.request.method} {response.request.url.path} -> "
                                     f"{response.status_code} {response.text[:200]}")
 
+    def pace(self) -> None:
+        """Wait for this request's slot: all attackers together send at most ``rate`` a second
+        (0: as fast as they can)."""
+        if not self.interval:
+            return
+        with self.lock:
+            slot = self.next_slot = max(self.next_slot + self.interval, time.monotonic())
+        time.sleep(max(0.0, slot - time.monotonic()))
+
     def violation(self, what: str) -> None:
         with self.lock:
             self.violations.append(what)
@@ -79,6 +102,7 @@ class Tally:
 
 
 def _call(tally: Tally, kind: str, client: httpx.Client, method: str, path: str, **kwargs) -> httpx.Response | None:
+    tally.pace()
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
@@ -92,7 +116,7 @@ def _call(tally: Tally, kind: str, client: httpx.Client, method: str, path: str,
 
 def big_bodies(tally: Tally, base: str, bob: str, deadline: float) -> None:
     body = b"x" * BIG_BODY_BYTES
-    with httpx.Client(base_url=base, timeout=30) as client:
+    with client_from(ADDRESSES["big"], base, timeout=30) as client:
         while time.monotonic() < deadline:
             _call(tally, "big-login", client, "POST", "/ui/login", content=body,
                   headers={"content-type": "application/x-www-form-urlencoded"})
@@ -105,11 +129,13 @@ def held_sockets(tally: Tally, base: str, deadline: float, *, count: int = 300, 
     server closes them."""
     host, port = urlsplit(base).hostname, urlsplit(base).port
     kind = "slow-headers" if slow else "idle-socket"
+    source = (ADDRESSES["slow" if slow else "idle"], 0)
     sockets: list[socket.socket] = []
     while time.monotonic() < deadline:
         while len(sockets) < count and time.monotonic() < deadline:
+            tally.pace()
             try:
-                sockets.append(socket.create_connection((host, port), timeout=2))
+                sockets.append(socket.create_connection((host, port), timeout=2, source_address=source))
                 tally.saw(kind, None, error="opened")
             except OSError:
                 tally.saw(kind, None, error="refused")
@@ -134,7 +160,7 @@ def held_sockets(tally: Tally, base: str, deadline: float, *, count: int = 300, 
 
 
 def wrong_keys(tally: Tally, base: str, deadline: float) -> None:
-    with httpx.Client(base_url=base, timeout=10) as client:
+    with client_from(ADDRESSES["keys"], base, timeout=10) as client:
         while time.monotonic() < deadline:
             _call(tally, "wrong-key", client, "GET", "/v1/post-training/jobs",
                   headers={"authorization": f"Bearer {new_key()}"})
@@ -144,7 +170,7 @@ def wrong_keys(tally: Tally, base: str, deadline: float) -> None:
 def dataset_races(tally: Tally, base: str, bob: str, deadline: float, *, seed: int) -> None:
     rng = random.Random(seed)
     headers = {"authorization": f"Bearer {bob}"}
-    with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
+    with client_from(ADDRESSES["races"], base, timeout=30, headers=headers) as client:
         while time.monotonic() < deadline:
             name = f"race-{rng.randrange(3)}"
             rows = colour_rows(repeat=rng.randrange(1, 6))
@@ -180,7 +206,7 @@ def bad_input(tally: Tally, base: str, bob: str, model: str, deadline: float) ->
     for change in ({"job_uuid": "a/../../b"}, {"job_uuid": "x" * 300},
                    {"checkpoint_dir": "/etc"}, {"checkpoint_dir": "/" + "d" * 300}):
         submits.append(json.dumps(lora_request(model, "bob-data", **change)).encode())
-    with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
+    with client_from(ADDRESSES["bad"], base, timeout=30, headers=headers) as client:
         while time.monotonic() < deadline:
             for body in bodies:
                 _call(tally, "bad-register", client, "POST", "/v1/datasets", content=body)
@@ -191,7 +217,7 @@ def bad_input(tally: Tally, base: str, bob: str, model: str, deadline: float) ->
 
 
 def submit_flood(tally: Tally, base: str, bob: str, model: str, deadline: float) -> None:
-    with httpx.Client(base_url=base, timeout=30, headers={"authorization": f"Bearer {bob}"}) as client:
+    with client_from(ADDRESSES["flood"], base, timeout=30, headers={"authorization": f"Bearer {bob}"}) as client:
         while time.monotonic() < deadline:
             response = _call(tally, "flood-submit", client, "POST", "/v1/post-training/supervised-fine-tune",
                              json=lora_request(model, "bob-data"))
@@ -206,7 +232,7 @@ def snooping(tally: Tally, base: str, bob: str, alice_job: str, deadline: float)
              ("GET", "/v1/post-training/job/artifacts", {"job_uuid": alice_job}),
              ("GET", "/v1/datasets/alice-data", None),
              ("GET", "/v1/datasetio/iterrows/alice-data", None)]
-    with httpx.Client(base_url=base, timeout=30, headers={"authorization": f"Bearer {bob}"}) as client:
+    with client_from(ADDRESSES["snoop"], base, timeout=30, headers={"authorization": f"Bearer {bob}"}) as client:
         while time.monotonic() < deadline:
             for method, path, params in reads:
                 response = _call(tally, "snoop", client, method, path, params=params)
@@ -220,7 +246,22 @@ def snooping(tally: Tally, base: str, bob: str, alice_job: str, deadline: float)
 
 # -- the normal client, the audit, the server's memory ----------------------------------------------
 
-def poll_status(client: httpx.Client, job_uuid: str, seconds: float) -> list[float]:
+def poll_status(base: str, key: str, job_uuid: str, seconds: float, results: multiprocessing.Queue) -> None:
+    """Alice's normal client, in a process of its own: its latencies are the server's, not this
+    process's attacker threads' contention for one interpreter."""
+    with httpx.Client(base_url=base, timeout=60, headers={"authorization": f"Bearer {key}"}) as client:
+        results.put(_poll(client, job_uuid, seconds))
+
+
+def polled(base: str, key: str, job_uuid: str, seconds: float) -> multiprocessing.Process:
+    results: multiprocessing.Queue = multiprocessing.Queue()
+    process = multiprocessing.Process(target=poll_status, args=(base, key, job_uuid, seconds, results))
+    process.start()
+    process.results = results  # type: ignore[attr-defined]
+    return process
+
+
+def _poll(client: httpx.Client, job_uuid: str, seconds: float) -> list[float]:
     latencies = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -286,6 +327,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the storm")
     parser.add_argument("--quiet-seconds", type=float, default=10.0, help="alice polling alone, before the storm")
+    parser.add_argument("--rate", type=float, default=200.0,
+                        help="requests and connections a second, all attackers together (0: unbounded)")
     parser.add_argument("--keep", action="store_true", help="keep the data folder")
     args = parser.parse_args()
 
@@ -298,7 +341,7 @@ def main() -> None:
     env = {"POSTTRAIN_API_KEYS_FILE": str(keys), "POSTTRAIN_RATE_LIMIT_PER_MINUTE": "6000",
            "POSTTRAIN_MAX_QUEUED_JOBS_PER_TENANT": "3"}
     server = start_server(home, model, extra_env=env)
-    tally = Tally()
+    tally = Tally(args.rate)
     try:
         pid = server.process.pid
         rss_start = rss_now_mib(pid)
@@ -316,7 +359,10 @@ def main() -> None:
                                params={"job_uuid": job["job_uuid"]}).json()["status"] != "in_progress":
             time.sleep(0.2)
 
-        quiet = poll_status(alice_client, job["job_uuid"], args.quiet_seconds)
+        quiet_poller = polled(server.base_url, alice, job["job_uuid"], args.quiet_seconds)
+        quiet = quiet_poller.results.get()
+        quiet_poller.join()
+        stormy_poller = polled(server.base_url, alice, job["job_uuid"], args.seconds)
         deadline = time.monotonic() + args.seconds
         attackers = [
             threading.Thread(target=big_bodies, args=(tally, server.base_url, bob, deadline)),
@@ -331,7 +377,8 @@ def main() -> None:
         ]
         for thread in attackers:
             thread.start()
-        stormy = poll_status(alice_client, job["job_uuid"], args.seconds)
+        stormy = stormy_poller.results.get()
+        stormy_poller.join()
         for thread in attackers:
             thread.join(timeout=120)
         status = alice_client.get("/v1/post-training/job/status", params={"job_uuid": job["job_uuid"]}).json()
@@ -346,7 +393,8 @@ def main() -> None:
     checked = audit(home, tally)
 
     ratio = p99(stormy) / p99(quiet)
-    print(f"requests tried:           {tally.tried}")
+    rate = f"{args.rate:.0f} a second at most" if args.rate else "unbounded"
+    print(f"requests tried:           {tally.tried} in {args.seconds:.0f} s ({rate})")
     print(f"5xx answers:              {len(tally.five_xx)}  (target 0)")
     for line in tally.five_xx[:10]:
         print(f"    {line}")

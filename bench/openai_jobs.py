@@ -220,7 +220,7 @@ def main() -> None:
             wait_for(client, second, is_step(), what="first step of the second job")
             print(f"slot released: a second job created while the first is paused -> its first step: "
                   f"{time.monotonic() - started:.2f} s")
-            wait_for(client, second, lambda e: e["message"].startswith("Job succeeded"), what="success")
+            wait_for(client, second, lambda e: e["message"] == "The job has successfully completed", what="success")
 
             started = time.monotonic()
             resume_path = control(client, first, "resume")

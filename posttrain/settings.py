@@ -126,7 +126,7 @@ class Settings(BaseSettings):
                                       "closed after this many seconds.")
     connections_per_address: int | None = Field(
         default=64, ge=1, description="Open connections one client address (IPv6: its /64) may hold; the next is "
-        "answered 503 and closed. None: no cap.")
+        "answered 429 and closed. None: no cap.")
     failed_auth_per_minute: int | None = Field(
         default=60, ge=1, description="Requests a minute one client address may make with no key or a wrong one before "
         "it gets 429 (with Retry-After) instead of 401; a valid key is not affected.")

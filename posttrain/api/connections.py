@@ -32,10 +32,11 @@ class ConnectionLimits:
 
 
 def _over_cap_answer(cap: int) -> bytes:
-    body = json.dumps({"status": 503, "title": "Service Unavailable",
+    """429, not 503: the server is up; this one client address holds more than its share."""
+    body = json.dumps({"status": 429, "title": "Too Many Requests",
                        "detail": f"this address already holds {cap} open connections to this server; "
                                  "close some or reuse them"}).encode()
-    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\n"
+    return (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\n"
             b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
