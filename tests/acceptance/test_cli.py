@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -69,14 +70,18 @@ training_config:
 """
 
 
-@pytest.fixture(scope="module")
-def dataset(live_server, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("cli") / "colours.jsonl"
+def register_colours(live_server, folder: Path) -> str:
+    path = folder / "colours.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     dataset_id = f"cli-colours-{uuid.uuid4().hex[:6]}"
     out = ok(cli(live_server.base_url, "datasets", "register", str(path), "--id", dataset_id))
     assert out.strip() == dataset_id
     return dataset_id
+
+
+@pytest.fixture(scope="module")
+def dataset(live_server, tmp_path_factory) -> str:
+    return register_colours(live_server, tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +222,8 @@ def test_dataset_rm(live_server, dataset, trained):
     assert live_server.get(f"/v1/datasets/{dataset}").status_code == 404
 
 
-def test_pause_and_resume_a_long_job(live_server, dataset, tmp_path):
+def test_pause_and_resume_a_long_job(live_server, tmp_path):
+    dataset = register_colours(live_server, tmp_path)  # its own: test_dataset_rm removes the module's
     config = tmp_path / "long.yaml"
     config.write_text(yaml_config(str(live_server.tiny_model_path), dataset, epochs=50, steps=100))
     job_uuid = f"cli-pause-{uuid.uuid4().hex[:8]}"

@@ -34,8 +34,8 @@ ROWS = [{"messages": [{"role": "system", "content": "You name colours."},
 POLL_SECONDS = 240
 
 
-def training_file(client: OpenAI):
-    data = "".join(json.dumps(row) + "\n" for row in ROWS).encode()
+def training_file(client: OpenAI, *, repeat: int = 1):
+    data = "".join(json.dumps(row) + "\n" for row in ROWS * repeat).encode()
     return client.files.create(file=("colours.jsonl", io.BytesIO(data)), purpose="fine-tune")
 
 
@@ -103,8 +103,13 @@ def wait_for(client: OpenAI, job, statuses: tuple[str, ...], *, poll: float = 1.
     return job
 
 
+#: The pause scenario's file is the rows this many times over: long enough (2 epochs of batch 1)
+#: that the pause, asked for after the first step, lands before the job ends on a fast machine.
+PAUSE_REPEAT = 40
+
+
 def pause(client: OpenAI, model: str) -> dict:
-    uploaded = training_file(client)
+    uploaded = training_file(client, repeat=PAUSE_REPEAT)
     validation = training_file(client)
     job = client.fine_tuning.jobs.create(
         model=model, training_file=uploaded.id, validation_file=validation.id,
@@ -141,14 +146,15 @@ def pause(client: OpenAI, model: str) -> dict:
     for message in ("Job paused", "Job resumed", "Fine-tuning job started", "The job has successfully completed"):
         assert message in messages, messages
     metrics = [e for e in events if e.type == "metrics"]
+    steps_per_epoch = len(ROWS) * PAUSE_REPEAT
     steps = sorted({e.data["step"] for e in metrics})
     assert steps == list(range(1, metrics[0].data["total_steps"] + 1)), steps  # every step, none lost to the pause
     for event in metrics:
         assert_accuracy(event.data["train_mean_token_accuracy"])
-        assert event.data["train_loss"] is not None and event.data["total_steps"] == 16, event
+        assert event.data["train_loss"] is not None and event.data["total_steps"] == 2 * steps_per_epoch, event
 
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
-    assert [c.step_number for c in checkpoints] == [16, 8], checkpoints
+    assert [c.step_number for c in checkpoints] == [2 * steps_per_epoch, steps_per_epoch], checkpoints
     for checkpoint in checkpoints:
         m = checkpoint.metrics
         assert m.step == checkpoint.step_number and m.train_loss is not None and m.valid_loss is not None, m
