@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,13 +188,7 @@ class JobService:
 
         ``JobNotFound`` (404) when the tenant has no such job; ``InvalidTransition`` (409) when it
         is pausing, paused or terminal. Returns the job as it is now."""
-        job = self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
-        try:
-            self.store.pause(job_id=job.id)
-        except TransitionRefused as refused:
-            raise InvalidTransition(
-                f"job '{job_uuid}' is {refused.status}; only a scheduled or running job can be paused") from refused
-        return self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
+        return self._move(tenant, job_uuid, self.store.pause, "only a scheduled or running job can be paused")
 
     def resume(self, *, tenant: str, job_uuid: str) -> Job:
         """Put a paused job back in the queue (``scheduled``); when a worker trains it again it
@@ -202,12 +197,15 @@ class JobService:
         ``JobNotFound`` (404) when the tenant has no such job; ``InvalidTransition`` (409) when it
         is not ``paused`` (a ``pausing`` one included: resume it once it has paused). Returns the
         job as it is now."""
+        return self._move(tenant, job_uuid, self.store.resume, "only a paused job can be resumed")
+
+    def _move(self, tenant: str, job_uuid: str, move: Callable[..., object], allowed: str) -> Job:
+        """Make the store ``move`` on the tenant's job; a refused move is a 409 saying what is ``allowed``."""
         job = self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
         try:
-            self.store.resume(job_id=job.id)
+            move(job_id=job.id)
         except TransitionRefused as refused:
-            raise InvalidTransition(
-                f"job '{job_uuid}' is {refused.status}; only a paused job can be resumed") from refused
+            raise InvalidTransition(f"job '{job_uuid}' is {refused.status}; {allowed}") from refused
         return self.get(tenant=tenant, job_uuid=job_uuid, with_payload=False)
 
     def events(self, job: Job, *, after: int, limit: int):  # noqa: ANN201

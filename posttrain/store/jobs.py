@@ -453,12 +453,13 @@ class JobStore:
             if held is None:
                 raise self._refusal(conn, Move.REQUEUE, job_id, (owner, attempt))
             max_attempts = held.max_attempts
+            # Parked or requeued, the job gives its lease back; an attempt not charged is handed back.
+            released: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
+            if not count_attempt:
+                released["attempt"] = jobs.c.attempt - 1
             if held.status in {s.value for s in Move.PARK.sources}:
-                parked: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
-                if not count_attempt:
-                    parked["attempt"] = jobs.c.attempt - 1
                 self._transition(conn, Move.PARK, job_id=job_id, lease=(owner, attempt), event={"reason": reason},
-                                 values=parked)
+                                 values=released)
                 return Move.PARK.target
             if count_attempt and attempt >= max_attempts:
                 message = f"{reason}; no attempts left ({attempt} of {max_attempts} used)"
@@ -467,11 +468,8 @@ class JobStore:
                                  values=dict(completed_at=utcnow(), error_code=FailureCode.TRAINER_LOST.value,
                                              error_message=message))
                 return Move.FAIL.target
-            values: dict[str, Any] = dict(lease_owner=None, lease_expires_at=None)
-            if not count_attempt:
-                values["attempt"] = jobs.c.attempt - 1
             self._transition(conn, Move.REQUEUE, job_id=job_id, lease=(owner, attempt), event={"reason": reason},
-                             values=values)
+                             values=released)
             return Move.REQUEUE.target
 
     def requeue_expired(self, *, now: datetime | None = None) -> builtins.list[tuple[str, JobStatus]]:

@@ -53,12 +53,7 @@ def lifecycle(client: OpenAI, model: str) -> dict:
             "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2}}})
     assert job.status in ("validating_files", "queued", "running"), job
     assert job.hyperparameters.n_epochs == 1 and job.method.type == "supervised", job
-    deadline = time.monotonic() + POLL_SECONDS
-    while job.status not in ("succeeded", "failed", "cancelled"):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job still {job.status} after {POLL_SECONDS} s")
-        time.sleep(1)
-        job = client.fine_tuning.jobs.retrieve(job.id)
+    job = wait_for(client, job, ("succeeded", "failed", "cancelled"))
     assert job.status == "succeeded", job
     assert job.fine_tuned_model and job.fine_tuned_model.startswith(f"ft:{model}:colours:"), job
     assert job.finished_at and job.trained_tokens and job.trained_tokens > 0, job
@@ -175,12 +170,7 @@ def dpo(client: OpenAI, model: str) -> dict:
     job = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id, method={
         "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 3}}})
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2, job
-    deadline = time.monotonic() + POLL_SECONDS
-    while job.status not in ("succeeded", "failed", "cancelled"):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job still {job.status} after {POLL_SECONDS} s")
-        time.sleep(1)
-        job = client.fine_tuning.jobs.retrieve(job.id)
+    job = wait_for(client, job, ("succeeded", "failed", "cancelled"))
     assert job.status == "succeeded", job
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     assert len(checkpoints) == 1, checkpoints

@@ -33,7 +33,7 @@ JSONL = "".join(json.dumps(row) + "\n" for row in ROWS)
 
 @pytest.fixture
 def shared(tmp_path) -> Path:
-    folder = tmp_path / "shared"
+    folder = tmp_path / "read-by-all"
     folder.mkdir()
     (folder / "common.jsonl").write_text(JSONL)
     return folder
