@@ -1,7 +1,7 @@
 """A bounded storm of hostile and careless clients against a real server while a job trains and a
 normal client polls its status; then an audit of what the storm left in the store.
 
-Run: .venv/bin/python bench/abuse.py [--seconds 60] [--quiet-seconds 10] [--rate 200] [--keep]
+Run: .venv/bin/python bench/abuse.py [--seconds 60] [--quiet-seconds 10] [--rate 200] [--only big,slow] [--keep]
 
 A real `posttrain serve` (local worker, SQLite, API keys for two tenants) trains one LoRA job of
 tenant ``alice`` for the whole run. Alice's normal client polls the job's status first alone (the
@@ -244,6 +244,22 @@ def snooping(tally: Tally, base: str, bob: str, alice_job: str, deadline: float)
                 tally.violation("bob cancelled alice's job")
 
 
+ATTACKERS = ("big", "idle", "slow", "keys", "races", "bad", "flood", "snoop")
+
+
+def _attackers(tally: Tally, base: str, bob: str, model: str, alice_job: str, deadline: float):
+    """Each attacker thread's (name, target, args, kwargs); names as ``ATTACKERS`` (``--only``)."""
+    yield "big", big_bodies, (tally, base, bob, deadline), {}
+    yield "idle", held_sockets, (tally, base, deadline), {}
+    yield "slow", held_sockets, (tally, base, deadline), {"slow": True}
+    yield "keys", wrong_keys, (tally, base, deadline), {}
+    for n in range(3):
+        yield "races", dataset_races, (tally, base, bob, deadline), {"seed": n}
+    yield "bad", bad_input, (tally, base, bob, model, deadline), {}
+    yield "flood", submit_flood, (tally, base, bob, model, deadline), {}
+    yield "snoop", snooping, (tally, base, bob, alice_job, deadline), {}
+
+
 # -- the normal client, the audit, the server's memory ----------------------------------------------
 
 def poll_status(base: str, key: str, job_uuid: str, seconds: float, results: multiprocessing.Queue) -> None:
@@ -330,7 +346,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0,
                         help="requests and connections a second, all attackers together (0: unbounded)")
     parser.add_argument("--keep", action="store_true", help="keep the data folder")
+    parser.add_argument("--only", default="", help=f"comma-separated attackers to run (of {', '.join(ATTACKERS)})")
     args = parser.parse_args()
+    args_only = {name for name in args.only.split(",") if name}
+    if args_only - set(ATTACKERS):
+        parser.error(f"unknown attackers: {', '.join(sorted(args_only - set(ATTACKERS)))}")
 
     home = Path(tempfile.mkdtemp(prefix="posttrain-abuse-"))
     model = home / "models" / "tiny-llama"
@@ -364,17 +384,10 @@ def main() -> None:
         quiet_poller.join()
         stormy_poller = polled(server.base_url, alice, job["job_uuid"], args.seconds)
         deadline = time.monotonic() + args.seconds
-        attackers = [
-            threading.Thread(target=big_bodies, args=(tally, server.base_url, bob, deadline)),
-            threading.Thread(target=held_sockets, args=(tally, server.base_url, deadline)),
-            threading.Thread(target=held_sockets, args=(tally, server.base_url, deadline), kwargs={"slow": True}),
-            threading.Thread(target=wrong_keys, args=(tally, server.base_url, deadline)),
-            *(threading.Thread(target=dataset_races, args=(tally, server.base_url, bob, deadline),
-                               kwargs={"seed": n}) for n in range(3)),
-            threading.Thread(target=bad_input, args=(tally, server.base_url, bob, str(model), deadline)),
-            threading.Thread(target=submit_flood, args=(tally, server.base_url, bob, str(model), deadline)),
-            threading.Thread(target=snooping, args=(tally, server.base_url, bob, job["job_uuid"], deadline)),
-        ]
+        attackers = [threading.Thread(target=target, args=args, kwargs=kwargs)
+                     for name, target, args, kwargs in _attackers(tally, server.base_url, bob, str(model),
+                                                                  job["job_uuid"], deadline)
+                     if not args_only or name in args_only]
         for thread in attackers:
             thread.start()
         stormy = stormy_poller.results.get()

@@ -132,6 +132,10 @@ class Settings(BaseSettings):
         "it gets 429 (with Retry-After) instead of 401; a valid key is not affected.")
     sign_in_attempts_per_minute: int | None = Field(
         default=10, ge=1, description="Dashboard sign-in attempts (POST /ui/login) a minute per client address (429 past it).")
+    body_bytes_per_minute: int | None = Field(
+        default=256 * 1024 * 1024, ge=1, description="Request body bytes a minute per API key (per client address "
+        "without keys), counted from Content-Length before the body is read; 429 with Retry-After past it. Bursts "
+        "reach a quarter of it, or one largest body. None: no budget.")
     allow_http_datasets: bool = Field(
         default=False, description="Let dataset URIs be http(s):// URLs, fetched once at registration."
     )

@@ -144,8 +144,11 @@ class Gate:
             return _refusal(exc, path)
         try:
             self.access.check_rate(identity, address)
+            if length is not None and length.isdigit():
+                self.access.charge_body(identity, address, int(length))
         except ServiceError as exc:
             return _refusal(exc, path)
+        state["rate_identity"] = identity
         return None
 
     def _body_limit(self, path: str) -> int:
@@ -169,6 +172,11 @@ class Gate:
                 return receive, _too_large(limit, scope["path"])
             if not message.get("more_body", False):
                 break
+        if not _is_open(scope["path"]):
+            try:
+                self.access.charge_body(scope["state"].get("rate_identity"), _client_address(scope), size)
+            except ServiceError as exc:
+                return receive, _refusal(exc, scope["path"])
 
         async def replay() -> Message:
             return messages.pop(0) if messages else await receive()

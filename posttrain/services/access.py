@@ -119,6 +119,11 @@ class AccessControl:
     failed_auth_per_minute: int | None = 60
     #: Dashboard sign-in attempts per client address (stricter still: each one guesses a key).
     sign_in_attempts_per_minute: int | None = 10
+    #: Request body bytes a minute per key (per address without keys): what one client's uploads may
+    #: cost the server, whose every body is read and parsed by the process that answers everyone.
+    body_bytes_per_minute: int | None = None
+    #: The most one body may be (the gate's 413 limit): the body budget's burst always admits one.
+    max_body_bytes: int = 0
     session_seconds: float = SESSION_SECONDS
     #: Dashboard sessions, in the store: they survive a restart and open on every API server
     #: sharing the database.
@@ -201,10 +206,20 @@ class AccessControl:
             self._take("sign-in", address_key(address), self.sign_in_attempts_per_minute,
                        "sign-in attempts a minute from this address")
 
-    def _take(self, kind: str, who: str, per_minute: int, what: str) -> None:
-        """Token bucket: ``per_minute`` sustained, bursts up to the same number."""
-        capacity = float(per_minute)
-        per_second = capacity / 60.0
+    def charge_body(self, identity: str | None, address: str, size: int) -> None:
+        """Count ``size`` body bytes against the caller's budget, before any is read: RateLimited
+        past ``body_bytes_per_minute``. Bursts reach a quarter minute's budget, or one largest body."""
+        if self.body_bytes_per_minute and size > 0:
+            who = "with this key" if identity else "from this address"
+            self._take("bytes" if identity else "address-bytes", identity or address_key(address),
+                       self.body_bytes_per_minute, f"request body bytes a minute {who}", cost=float(size),
+                       capacity=float(max(self.body_bytes_per_minute // 4, self.max_body_bytes)))
+
+    def _take(self, kind: str, who: str, per_minute: int, what: str, *, cost: float = 1.0,
+              capacity: float | None = None) -> None:
+        """Token bucket: ``per_minute`` sustained; bursts up to ``capacity`` (default the same number)."""
+        per_second = per_minute / 60.0
+        capacity = float(per_minute) if capacity is None else capacity
         now = time.monotonic()
         with self._lock:
             if len(self._buckets) > self._prune_at:
@@ -213,11 +228,11 @@ class AccessControl:
             bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * per_second)
             bucket.updated = now
             self._buckets[(kind, who)] = bucket
-            if bucket.tokens < 1.0:
-                wait = math.ceil((1.0 - bucket.tokens) / per_second)
+            if bucket.tokens < cost:
+                wait = math.ceil((cost - bucket.tokens) / per_second)
                 raise RateLimited(f"more than {per_minute} {what}; try again in {wait} s",
                                   retry_after=wait)
-            bucket.tokens -= 1.0
+            bucket.tokens -= cost
 
     def _prune(self, now: float) -> None:
         """Drop buckets idle long enough to be full again (the slowest refills in a minute)."""

@@ -118,4 +118,6 @@ def build_access(settings: Settings, engine: Engine | None = None) -> AccessCont
     return AccessControl(keys=keys, requests_per_minute=settings.rate_limit_per_minute,
                          sessions=SessionStore(engine) if engine is not None else None,
                          failed_auth_per_minute=settings.failed_auth_per_minute,
-                         sign_in_attempts_per_minute=settings.sign_in_attempts_per_minute)
+                         sign_in_attempts_per_minute=settings.sign_in_attempts_per_minute,
+                         body_bytes_per_minute=settings.body_bytes_per_minute,
+                         max_body_bytes=settings.max_body_bytes)

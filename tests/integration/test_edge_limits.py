@@ -16,7 +16,7 @@ import pytest
 
 from posttrain.services.access import digest
 from tests.conftest import start_server, stop_server
-from tests.integration.test_access import ALICE, as_
+from tests.integration.test_access import ALICE, BOB, as_
 from tests.integration.test_api import assert_problem
 
 HEADER_SECONDS, BODY_SECONDS, KEEP_ALIVE_SECONDS = 3.0, 3.0, 1.0
@@ -33,7 +33,9 @@ def keyed_server(tmp_path_factory, tiny_model_path):
         "POSTTRAIN_WORKER_SLOTS": "0", "POSTTRAIN_API_KEYS_FILE": str(keys),
         "POSTTRAIN_HEADER_TIMEOUT_SECONDS": str(HEADER_SECONDS), "POSTTRAIN_BODY_TIMEOUT_SECONDS": str(BODY_SECONDS),
         "POSTTRAIN_KEEP_ALIVE_SECONDS": str(KEEP_ALIVE_SECONDS), "POSTTRAIN_CONNECTIONS_PER_ADDRESS": str(PER_ADDRESS),
-        "POSTTRAIN_FAILED_AUTH_PER_MINUTE": str(FAILED_AUTH), "POSTTRAIN_SIGN_IN_ATTEMPTS_PER_MINUTE": str(SIGN_INS)})
+        "POSTTRAIN_FAILED_AUTH_PER_MINUTE": str(FAILED_AUTH), "POSTTRAIN_SIGN_IN_ATTEMPTS_PER_MINUTE": str(SIGN_INS),
+        # The big-body tests below send 60+ MB as alice; the body budget has its own test and server.
+        "POSTTRAIN_BODY_BYTES_PER_MINUTE": str(1 << 30)})
     yield server
     stop_server(server)
 
@@ -170,6 +172,54 @@ def test_a_46_mb_registration_does_not_stall_the_event_loop(keyed_server):
     assert registered.json()["identifier"] == "big-ok" and registered.json()["source"] == {"type": "rows", "rows": []}
     assert len(registered.content) < 4096, len(registered.content)
     probe.assert_never_stalled(took)
+
+
+BUDGET_BODY_BYTES = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory, tiny_model_path):
+    """Keys for alice and bob; each key may send 2 MiB of bodies a minute, bursts of one 1 MiB body."""
+    home = tmp_path_factory.mktemp("edge-budget-home")
+    keys = home / "keys"
+    keys.write_text(f"alice:{digest(ALICE)}\nbob:{digest(BOB)}\n")
+    server = start_server(home, tiny_model_path, extra_env={
+        "POSTTRAIN_WORKER_SLOTS": "0", "POSTTRAIN_API_KEYS_FILE": str(keys),
+        "POSTTRAIN_MAX_BODY_BYTES": str(BUDGET_BODY_BYTES),
+        "POSTTRAIN_BODY_BYTES_PER_MINUTE": str(2 * BUDGET_BODY_BYTES)})
+    yield server
+    stop_server(server)
+
+
+def test_a_key_past_its_body_budget_is_refused_before_its_body_is_read(budget_server):
+    """A tenant that streams big bodies at the server pays for them out of a byte budget: the
+    body past it is answered 429 from its headers alone, and another key is not affected."""
+    junk = b"x" * (BUDGET_BODY_BYTES - 4096)  # not JSON: cheap to refuse, but every byte is read
+    with client_from("127.0.0.10", budget_server) as client:
+        first = client.post("/v1/datasets", content=junk, headers={**as_(BOB), "Content-Type": "application/json"})
+        assert first.status_code == 400, first.text  # read and refused as JSON: it was within the budget
+        second = client.post("/v1/datasets", content=junk, headers={**as_(BOB), "Content-Type": "application/json"})
+    assert_problem(second, 429, "request body bytes a minute with this key")
+    assert 1 <= int(second.headers["Retry-After"]) <= 60
+
+    # Refused from the headers: the server answers though not one byte of the body was sent.
+    sock = connect_from("127.0.0.10", budget_server)
+    sock.settimeout(10)
+    sock.sendall(b"POST /v1/datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + BOB.encode() + b"\r\nContent-Length: 1000000\r\n\r\n")
+    answer = sock.recv(4096)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+
+    # A chunked body (no length) is counted as it is read.
+    with client_from("127.0.0.10", budget_server) as client:
+        chunked = client.post("/v1/datasets", content=iter([b"x" * 65536] * 4),
+                              headers={**as_(BOB), "Content-Type": "application/json"})
+    assert_problem(chunked, 429, "request body bytes a minute")
+
+    with client_from("127.0.0.11", budget_server) as client:
+        other = client.post("/v1/datasets", content=junk, headers={**as_(ALICE), "Content-Type": "application/json"})
+    assert other.status_code == 400, other.text
 
 
 def test_idle_and_slow_connections_are_closed(keyed_server):
