@@ -112,19 +112,22 @@ class ServingClient:
                 await asyncio.to_thread(self._start)
                 self._client = None
             if self._client is None:
-                self._client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(self._socket)),
-                                                 base_url="http://serving", timeout=httpx.Timeout(30.0))
+                self._client = self._new_client()
                 await self._wait_ready(self._client)
             return self._client
 
     def _existing_client(self) -> httpx.AsyncClient | None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        """A client on the running worker's socket for this event loop; None when no worker runs."""
+        if not self.running:
             return None
-        if not self.running or self._client is None or self._client_loop is not loop:
-            return None
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client, self._client_loop, self._lock = self._new_client(), loop, asyncio.Lock()
         return self._client
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(self._socket)),
+                                 base_url="http://serving", timeout=httpx.Timeout(30.0))
 
     # -- the protocol ----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
