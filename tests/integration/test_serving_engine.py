@@ -247,3 +247,41 @@ def test_the_memory_budget_evicts_the_least_recently_used_base(tmp_path_factory,
         assert run(serving.stats())["bases"] == []
     finally:
         serving.close()
+
+
+def test_an_adapter_is_evicted_before_its_base_and_the_base_serves_on(tmp_path_factory, models):
+    from pathlib import Path
+
+    base_bytes = Path(models["base"], "model.safetensors").stat().st_size
+    adapter_bytes = Path(models["a"], "adapter_model.safetensors").stat().st_size
+    serving = ServingClient(Settings(home=tmp_path_factory.mktemp("lru-adapters"),
+                                     serve_memory_bytes=base_bytes + int(adapter_bytes * 1.5), serve_threads=1))
+    try:
+        a, b = served(models["base"], models["a"]), served(models["base"], models["b"])
+        text_a = text_of(run(collect(serving, request(a, max_tokens=6))))
+        run(collect(serving, request(b, max_tokens=2)))
+        stats = run(serving.stats())
+        assert [ad["path"] for ad in stats["adapters"]] == [models["b"]]
+        assert [(b_["path"], b_["loads"]) for b_ in stats["bases"]] == [(models["base"], 1)]
+        assert text_of(run(collect(serving, request(a, max_tokens=6)))) == text_a  # reloaded, same weights
+        run(serving.forget(models["a"]))  # the last adapter: the base runs plain again
+        base_text = text_of(run(collect(serving, request(served(models["base"]), max_tokens=6))))
+        assert base_text and base_text != text_a
+        assert run(serving.stats())["adapters"] == []
+    finally:
+        serving.close()
+
+
+def test_a_worker_that_died_is_started_again(tmp_path_factory, models):
+    serving = ServingClient(Settings(home=tmp_path_factory.mktemp("restart-home"), serve_threads=1))
+    try:
+        assert run(serving.stats())["running"] is False  # nothing started before the first request
+        run(serving.forget(models["base"]))  # a no-op while no worker runs
+        first = run(collect(serving, request(served(models["base"]), max_tokens=3)))
+        serving._process.kill()  # the worker this client started, by its own handle
+        serving._process.wait()
+        again = run(collect(serving, request(served(models["base"]), max_tokens=3)))
+        assert text_of(again) == text_of(first) and serving.starts == 2
+    finally:
+        serving.close()
+    assert not serving.running
