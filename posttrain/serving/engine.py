@@ -234,6 +234,11 @@ class Engine:
                 self._waiting.popleft()
                 ticket.end(ErrorEvent(code=exc.code, message=str(exc)))
                 continue
+            except Exception as exc:  # anything else fails this request alone, never the running batch
+                log.exception("request could not start", extra={"action": "serve_generation_failed"})
+                self._waiting.popleft()
+                ticket.end(ErrorEvent(code=GENERATION_FAILED, message=str(exc)))
+                continue
             self._waiting.popleft()
             ticket.rows_left = len(rows)
             ticket.emit(StartedEvent(prompt_tokens=len(rows[0].prompt_ids)))

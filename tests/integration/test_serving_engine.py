@@ -177,13 +177,17 @@ def test_two_adapters_of_one_base_share_a_batch_each_giving_its_own_text(client,
     assert sorted(ad["path"] for ad in stats["adapters"]) == sorted([models["a"], models["b"]])
 
 
-def test_a_reader_that_goes_away_frees_its_slot(client, tmp_path_factory):
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """Wider and with room for many tokens, so a generation outlasts its reader by far."""
     from posttrain.trainer.tiny_model import create_tiny_model
 
-    # Wider and with room for many tokens, so the generation outlasts the reader by far.
-    long_model = create_tiny_model(tmp_path_factory.mktemp("long-model") / "m", hidden_size=128, num_layers=4,
-                                   intermediate_size=256, max_position_embeddings=4096)
-    req = request(served(str(long_model)), "The cat", max_tokens=4000, temperature=1.0, seed=11, n=2)
+    return str(create_tiny_model(tmp_path_factory.mktemp("long-model") / "m", hidden_size=128, num_layers=4,
+                                 intermediate_size=256, max_position_embeddings=4096))
+
+
+def test_a_reader_that_goes_away_frees_its_slot(client, long_model):
+    req = request(served(long_model), "The cat", max_tokens=4000, temperature=1.0, seed=11, n=2)
     before = run(client.stats())["cancelled_rows_total"]
 
     async def read_a_little():
@@ -285,3 +289,29 @@ def test_a_worker_that_died_is_started_again(tmp_path_factory, models):
     finally:
         serving.close()
     assert not serving.running
+
+
+def test_a_full_worker_refuses_as_overloaded_and_a_freed_slot_lets_the_waiting_one_start(tmp_path_factory,
+                                                                                           long_model):
+    serving = ServingClient(Settings(home=tmp_path_factory.mktemp("full-home"), serve_max_batch=1,
+                                     serve_max_waiting=1, serve_threads=1))
+    long_request = request(served(long_model), max_tokens=4000, temperature=1.0, seed=1)
+
+    async def scenario():
+        async with aclosing(serving.generate(long_request)) as first:
+            assert isinstance(await anext(first), StartedEvent)
+            waiting = asyncio.create_task(collect(serving, request(served(long_model), max_tokens=2)))
+            for _ in range(500):  # the worker's own count, polled: it has no event to wait on
+                if (await serving.stats())["waiting_requests"] >= 1:
+                    break
+                await asyncio.sleep(0.02)
+            refused = await collect(serving, request(served(long_model), max_tokens=2))
+        # The first reader went away: its slot goes to the waiting request, which now runs.
+        return refused, await asyncio.wait_for(waiting, 60)
+
+    try:
+        refused, waited = run(scenario())
+        assert len(refused) == 1 and isinstance(refused[0], ErrorEvent) and refused[0].code == "overloaded"
+        assert isinstance(waited[0], StartedEvent) and isinstance(waited[-1], FinishedEvent)
+    finally:
+        serving.close()
