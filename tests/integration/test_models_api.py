@@ -280,6 +280,16 @@ def test_exports_load_with_transformers_and_give_the_checkpoints_logits(client, 
     assert torch.allclose(from_merged, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(untrained, expected, atol=1e-3), "the adapter changed nothing: the test proves nothing"
 
+    # A checkpoint that holds its own merged/ exports that folder, no merge run.
+    with_merged = tmp_path / "with-merged"
+    shutil.copytree(trained_adapter, with_merged)
+    shutil.copytree(merged, with_merged / "merged")
+    (with_merged / "merged" / "marker.txt").write_text("the checkpoint's own merged/")
+    job, _ = finished_job(client, services, tiny_model_path, with_merged, steps=(2,))
+    own = untar(client.get(f"/v1/posttrain/models/ft:{tiny_model_path.name}:default:{job['id']}/export"),
+                tmp_path / "own")
+    assert (own / "marker.txt").read_text() == "the checkpoint's own merged/"
+
 
 def test_a_full_fine_tune_exports_as_itself_and_refuses_adapter(client, services, tiny_model_path, tmp_path):
     job, _ = finished_job(client, services, tiny_model_path, tiny_model_path, steps=(2,))
