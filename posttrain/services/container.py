@@ -16,6 +16,7 @@ from posttrain.services.files import FileService
 from posttrain.services.fine_tuning import FineTuningService
 from posttrain.services.jobs import JobService
 from posttrain.services.model_catalog import ModelCatalog
+from posttrain.services.serving import ServingClient
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.engine import at_head, make_engine, migrate, store_usable
@@ -47,8 +48,12 @@ class Services:
     fine_tuning: FineTuningService | None = None
     #: Every model a tenant can use by id: the bases and what its jobs trained (the models API).
     models: ModelCatalog | None = None
+    #: The serving worker's client (started on the first generation request, stopped on close).
+    serving: ServingClient | None = None
 
     def __post_init__(self) -> None:
+        if self.serving is None:
+            self.serving = ServingClient(self.settings)
         if self.files is None:
             self.files = FileService(store=FileStore(self.engine, uploads_dir(self.settings)), settings=self.settings)
         if self.fine_tuning is None:
@@ -68,6 +73,8 @@ class Services:
             return False
 
     def close(self) -> None:
+        if self.serving is not None:
+            self.serving.close()
         self.engine.dispose()
 
 
