@@ -305,3 +305,29 @@ def test_a_full_fine_tune_exports_as_itself_and_refuses_adapter(client, services
     assert base.status_code == 400
     missing = client.get(f"/v1/posttrain/models/{ft}x/export")
     assert missing.status_code == 404 and missing.json()["status"] == 404
+
+
+@pytest.mark.slow
+def test_a_deleted_model_is_forgotten_by_the_serving_worker(client, services, tiny_model_path, trained_adapter):
+    import asyncio
+    from contextlib import aclosing
+
+    from posttrain.domain.serving import GenerationRequest, SamplingParams, TokenEvent
+
+    services.settings.serve_threads = 1
+    job, _ = finished_job(client, services, tiny_model_path, trained_adapter, steps=(2,))
+    ft = f"ft:{tiny_model_path.name}:default:{job['id']}"
+    model = services.models.resolve("default", ft)
+    request = GenerationRequest(model=model, sampling=SamplingParams(max_tokens=2, temperature=0.0), prompt="The sky")
+
+    async def generate() -> list:
+        async with aclosing(services.serving.generate(request)) as stream:
+            return [event async for event in stream]
+
+    def loaded_adapters() -> list[str]:
+        return [a["path"] for a in asyncio.run(services.serving.stats())["adapters"]]
+
+    assert any(isinstance(e, TokenEvent) for e in asyncio.run(generate()))
+    assert model.adapter_path in loaded_adapters()
+    assert client.delete(f"/v1/models/{ft}").status_code == 200
+    assert model.adapter_path not in loaded_adapters()
