@@ -38,7 +38,7 @@ def printable(text: str) -> str:
 
 
 #: Path prefixes that belong to the OpenAI fine-tuning API: its errors use OpenAI's envelope.
-OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning")
+OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning", "/v1/models")
 
 #: OpenAI's error ``type`` and default ``code`` for each status (docs/openai-api.md).
 OPENAI_ERROR_KINDS: dict[int, tuple[str, str | None]] = {
