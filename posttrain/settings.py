@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     )
     hf_cache: Path = Field(default_factory=_default_hf_cache, description="Hugging Face hub cache searched for model ids.")
     trust_remote_code: bool = Field(default=False, description="Allow models that ship their own code.")
+    allow_python_graders: bool | None = Field(
+        default=None,
+        description="Accept reinforcement jobs whose grader runs the tenant's Python (in the trainer's sandbox). "
+        "Default: yes on a server without API keys (its one user runs their own code), no on a server with keys; "
+        "true or false decides for either.",
+    )
     api_keys_file: Path | None = Field(
         default=None,
         description="File of 'tenant:sha256:<hex>' lines (see `posttrain keys create`); when set, every call needs a key.",
