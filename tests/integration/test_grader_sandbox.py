@@ -1,0 +1,208 @@
+"""The python-grader sandbox against hostile graders, through real unshare'd processes.
+
+Each attack (a socket to a live server, reading the server's database file, a fork bomb, 10 GB of
+memory, an endless loop, garbage on every descriptor, a crash, a CPU burn, a huge file, undoing the
+mounts) scores 0 with a reason, quickly, and a good grader scores right after it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from posttrain.domain.graders import parse_grader
+from posttrain.trainer.grading import SandboxLimits, score_batch
+from posttrain.trainer.grading.sandbox import run_python_grader
+
+pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare is not installed")
+
+LIMITS = SandboxLimits(per_sample_seconds=5.0, cpu_seconds=20, memory_bytes=1 << 30, max_processes=32)
+GOOD = """
+import numpy
+
+def grade(sample, item):
+    return float(numpy.float64(sample["output_text"] == item["label"]))
+"""
+
+
+def _grade(source: str, limits: SandboxLimits = LIMITS, n: int = 1) -> list:
+    pairs = [{"sample": {"output_text": f"s{k}"}, "item": {"label": f"s{k}"}} for k in range(n)]
+    return run_python_grader(textwrap.dedent(source), pairs, limits)
+
+
+def _grader(body: str) -> str:
+    return "def grade(sample, item):\n" + textwrap.indent(textwrap.dedent(body), "    ")
+
+
+@pytest.fixture
+def data_folder():
+    """A stand-in for the server's data folder, somewhere nobody may read (not /tmp: the sandbox replaces
+    /tmp, /var/tmp and /dev/shm anyway), holding a database file anyone could read."""
+    for parent in ("/var/lib", "/srv", str(Path(__file__).resolve().parents[2])):
+        if os.access(parent, os.W_OK):
+            break
+    folder = Path(tempfile.mkdtemp(prefix="posttrain-sandbox-test-", dir=parent))
+    folder.chmod(0o755)
+    database = folder / "posttrain.db"
+    database.write_text("tenant secrets")
+    database.chmod(0o644)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def _assert_good_grader_still_scores(limits: SandboxLimits = LIMITS) -> None:
+    results = score_batch(parse_grader({"type": "python", "name": "good", "source": GOOD}),
+                          [{"output_text": "a"}, {"output_text": "b"}], [{"label": "a"}, {"label": "a"}], limits)
+    assert [(r.score, r.error) for r in results] == [(1.0, None), (0.0, None)]
+
+
+def test_a_good_grader_scores_a_batch_in_one_quick_sandbox():
+    started = time.monotonic()
+    outcomes = _grade(GOOD, n=50)
+    assert [o.score for o in outcomes] == [1.0] * 50 and all(o.error is None for o in outcomes)
+    assert time.monotonic() - started < 15
+
+
+def test_no_network_even_to_a_server_on_loopback():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    try:
+        [outcome] = _grade(_grader(f"""
+            import socket
+            socket.create_connection(("127.0.0.1", {port}), timeout=2)
+            return 1.0
+        """))
+    finally:
+        listener.close()
+    assert outcome.score == 0.0 and "OSError" in (outcome.error or "") and accepted == []
+    _assert_good_grader_still_scores()
+
+
+def test_the_data_folder_is_hidden_and_stays_hidden(data_folder):
+    reader = _grader(f"""
+        return 1.0 if open("{data_folder}/posttrain.db").read() == "tenant secrets" else 0.5
+    """)
+    # Control: without hiding it, nobody can read this file, so the hiding below is what stops the grader.
+    assert [o.score for o in _grade(reader)] == [1.0]
+    hidden = SandboxLimits(**{**LIMITS.__dict__, "hidden_paths": (str(data_folder),)})
+    [outcome] = _grade(reader, hidden)
+    assert outcome.score == 0.0 and ("FileNotFoundError" in outcome.error or "PermissionError" in outcome.error)
+    [outcome] = _grade(_grader(f"""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.umount2(b"{data_folder}", 2)
+        libc.umount2(b"/tmp", 2)
+        return 1.0 if open("{data_folder}/posttrain.db").read() == "tenant secrets" else 0.5
+    """), hidden)
+    assert outcome.score == 0.0 and outcome.error
+    _assert_good_grader_still_scores(hidden)
+
+
+def test_the_environment_and_home_are_clean(monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_SECRET_FOR_TEST", "server secret")
+    [outcome] = _grade(_grader("""
+        import os
+        assert "POSTTRAIN_SECRET_FOR_TEST" not in os.environ, "leaked"
+        assert os.listdir(".") == [] and os.getcwd() == "/tmp/work"
+        assert sorted(os.listdir("/tmp")) == ["work"]
+        return 1.0
+    """))
+    assert (outcome.score, outcome.error) == (1.0, None)
+
+
+def test_a_fork_bomb_is_stopped():
+    started = time.monotonic()
+    [outcome] = _grade(_grader("""
+        import os
+        while True:
+            os.fork()
+    """))
+    assert outcome.score == 0.0 and outcome.error
+    assert time.monotonic() - started < LIMITS.per_sample_seconds + 10
+    _assert_good_grader_still_scores()
+
+
+def test_ten_gigabytes_are_refused():
+    [outcome] = _grade(_grader("""
+        block = bytearray(10 * 1024 ** 3)
+        return 1.0
+    """))
+    assert outcome.score == 0.0 and "MemoryError" in (outcome.error or "")
+    _assert_good_grader_still_scores()
+
+
+def test_an_endless_loop_is_killed_and_the_batch_goes_on():
+    started = time.monotonic()
+    outcomes = _grade(_grader("""
+        while sample["output_text"] == "s1":
+            pass
+        return 1.0
+    """), SandboxLimits(**{**LIMITS.__dict__, "per_sample_seconds": 2.0}), n=3)
+    assert [o.score for o in outcomes] == [1.0, 0.0, 1.0]
+    assert "timed out after 2s" in (outcomes[1].error or "")
+    assert time.monotonic() - started < 12
+
+
+def test_a_cpu_burn_hits_the_cpu_limit():
+    [outcome] = _grade(_grader("""
+        while True:
+            pass
+    """), SandboxLimits(**{**LIMITS.__dict__, "cpu_seconds": 1, "per_sample_seconds": 30.0}))
+    assert outcome.score == 0.0 and "ended before answering" in (outcome.error or "")
+
+
+def test_a_huge_file_hits_the_file_size_limit():
+    [outcome] = _grade(_grader("""
+        with open("big", "wb") as f:
+            f.write(b"x" * (32 << 20))
+        return 1.0
+    """))
+    assert outcome.score == 0.0 and "File too large" in (outcome.error or "")
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ('print("garbage " * 1000)\nreturn "garbage"', "returned str"),
+    ("return float('nan')", "not a finite number"),
+    ("return True", "returned bool"),
+    ("return 1 / 0", "ZeroDivisionError: division by zero (line 2)"),
+    ("raise SystemExit(3)", "SystemExit"),
+])
+def test_bad_results_score_zero_with_the_reason(body, words):
+    outcomes = _grade(_grader(body), n=2)
+    assert [o.score for o in outcomes] == [0.0, 0.0] and all(words in (o.error or "") for o in outcomes)
+
+
+def test_garbage_on_the_result_pipe_is_a_reason_not_a_crash():
+    [outcome] = _grade(_grader("""
+        import os
+        for fd in range(3, 64):
+            try:
+                os.write(fd, b"garbage\\n")
+            except OSError:
+                pass
+        return 1.0
+    """))
+    assert outcome.score == 0.0 and "not JSON" in (outcome.error or "")
+    _assert_good_grader_still_scores()
+
+
+def test_a_source_that_fails_to_load_scores_every_sample_zero():
+    outcomes = _grade("import no_such_module_here\ndef grade(sample, item):\n    return 1.0\n", n=3)
+    assert [o.score for o in outcomes] == [0.0] * 3
+    assert all("failed to load: ModuleNotFoundError" in (o.error or "") for o in outcomes)
+
+
+def test_without_unshare_python_graders_are_refused_not_run_open(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    outcomes = _grade(_grader("return 1.0"), n=2)
+    assert [o.score for o in outcomes] == [0.0, 0.0] and all("unshare" in (o.error or "") for o in outcomes)
