@@ -153,6 +153,18 @@ def test_an_endless_loop_is_killed_and_the_batch_goes_on():
     assert time.monotonic() - started < 12
 
 
+def test_a_grader_that_hangs_on_every_sample_costs_a_few_timeouts_not_one_each():
+    started = time.monotonic()
+    outcomes = _grade(_grader("""
+        while True:
+            pass
+    """), SandboxLimits(**{**LIMITS.__dict__, "per_sample_seconds": 1.0, "max_restarts": 2}), n=20)
+    assert [o.score for o in outcomes] == [0.0] * 20
+    assert [o.error for o in outcomes[:2]] == ["timed out after 1s; the sandbox was killed"] * 2
+    assert all("lost on 2 samples in a row" in (o.error or "") for o in outcomes[2:])
+    assert time.monotonic() - started < 8
+
+
 def test_a_cpu_burn_hits_the_cpu_limit():
     [outcome] = _grade(_grader("""
         while True:

@@ -8,7 +8,9 @@ and only then runs the source. Its results come back as JSON lines on a pipe of 
 
 This side enforces the clock: the child must be ready within ``startup_seconds`` and answer each sample
 within ``per_sample_seconds``; past that the whole process group is killed (the pid namespace dies with
-its pid 1), that sample scores 0 with the reason, and a fresh sandbox goes on with the rest. A line that
+its pid 1), that sample scores 0 with the reason, and a fresh sandbox goes on with the rest (after
+``max_restarts`` sandboxes lost in a row the rest of the batch scores 0 unrun, so a grader that hangs on
+every sample costs a few timeouts, not one per sample). A line that
 is not the expected JSON, or a score that is not a finite number, scores 0 with the reason.
 If ``unshare`` is missing or refused, every sample scores 0 saying so: never run open.
 """
@@ -45,6 +47,7 @@ class SandboxLimits:
     file_size_bytes: int = 16 << 20
     tmpfs_bytes: int = 64 << 20
     hidden_paths: tuple[str, ...] = ()
+    max_restarts: int = 3
 
 
 @dataclass(frozen=True)
@@ -174,8 +177,12 @@ def run_python_grader(source: str, pairs: list[dict[str, Any]],
     """Score each ``{"sample": ..., "item": ...}`` with ``grade(sample, item)`` in the sandbox."""
     limits = limits or SandboxLimits()
     outcomes: list[SampleOutcome] = []
+    lost_in_a_row = 0
     while len(outcomes) < len(pairs):
         start = len(outcomes)
+        if lost_in_a_row >= limits.max_restarts:
+            reason = f"not run: the grader's sandbox was lost on {lost_in_a_row} samples in a row"
+            return outcomes + [SampleOutcome(0.0, reason)] * (len(pairs) - start)
         try:
             run = _Run(source, pairs[start:], limits)
         except (SandboxUnavailable, OSError) as error:
@@ -196,7 +203,9 @@ def run_python_grader(source: str, pairs: list[dict[str, Any]],
                     why = ("the sandbox ended before answering (a limit was hit or the process was killed)"
                            if ended else f"timed out after {limits.per_sample_seconds:g}s; the sandbox was killed")
                     outcomes.append(SampleOutcome(0.0, why))
+                    lost_in_a_row += 1
                     break
+                lost_in_a_row = 0
                 outcomes.append(_parse_outcome(line, index))
         finally:
             run.kill()
