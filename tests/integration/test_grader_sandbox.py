@@ -14,6 +14,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,32 @@ def test_no_network_even_to_a_server_on_loopback():
         listener.close()
     assert outcome.score == 0.0 and "OSError" in (outcome.error or "") and accepted == []
     _assert_good_grader_still_scores()
+
+
+def test_unix_sockets_in_the_temp_and_run_folders_are_out_of_reach():
+    # A network namespace does not cut a socket reached by its path (a database's, docker's): the fresh
+    # tmpfs on /tmp and /run do. Each listener is open to all, so only the sandbox stands in the way.
+    folders = [folder for folder in ("/tmp", "/run") if os.access(folder, os.W_OK)]
+    listeners, paths = [], []
+    for folder in folders:
+        path = f"{folder}/posttrain-sandbox-{uuid.uuid4().hex}.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(path)
+        os.chmod(path, 0o777)  # noqa: S103 - open to all, so that only the sandbox keeps the grader out
+        listener.listen()
+        listeners.append(listener)
+        paths.append(path)
+    try:
+        outcomes = [_grade(_grader(f"""
+            import socket
+            socket.socket(socket.AF_UNIX).connect("{path}")
+            return 1.0
+        """))[0] for path in paths]
+    finally:
+        for listener, path in zip(listeners, paths, strict=True):
+            listener.close()
+            os.unlink(path)
+    assert paths and [(o.score, "FileNotFoundError" in (o.error or "")) for o in outcomes] == [(0.0, True)] * len(paths)
 
 
 def test_the_data_folder_is_hidden_and_stays_hidden(data_folder):

@@ -6,7 +6,8 @@ of the package). It reads one JSON request on stdin, walls itself in, then runs 
 argv). Only the standard library: the walls go up before any user code runs.
 
 Walls, in order: tmpfs over each hidden path (the server's data folder), a fresh size-limited tmpfs on
-/tmp, /var/tmp and /dev/shm (no other tenant's temp files, nothing left behind), the interpreter's
+/tmp, /var/tmp, /dev/shm and /run (no other tenant's temp files, nothing left behind, and none of the
+unix sockets that live there: a network namespace does not cut a socket reached by its file path), the interpreter's
 install made reachable for an unprivileged user, resource limits, then privileges dropped for good
 (real root: uid/gid nobody with no groups; otherwise a nested user namespace, which leaves the user no
 power over these mounts), no_new_privs, a clean environment, stdout/stderr to /dev/null.
@@ -89,7 +90,7 @@ def _make_reachable(paths):
 def _wall_in(request):
     for path in request["hidden_paths"]:
         _hide(path)
-    for path in ("/tmp", "/var/tmp", "/dev/shm"):
+    for path in ("/tmp", "/var/tmp", "/dev/shm", "/run"):
         _fresh_tmpfs(path, request["tmpfs_bytes"])
     as_root = os.getuid() == 0 and request["real_root"]
     if as_root:
