@@ -245,3 +245,13 @@ def test_without_unshare_python_graders_are_refused_not_run_open(monkeypatch, tm
     monkeypatch.setenv("PATH", str(tmp_path))
     outcomes = _grade(_grader("return 1.0"), n=2)
     assert [o.score for o in outcomes] == [0.0, 0.0] and all("unshare" in (o.error or "") for o in outcomes)
+
+
+def test_when_the_namespaces_are_refused_python_graders_are_refused_not_run_open(monkeypatch, tmp_path):
+    refusing = tmp_path / "unshare"
+    refusing.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    outcomes = _grade(_grader("return 1.0"), n=2)
+    assert [o.score for o in outcomes] == [0.0, 0.0]
+    assert all("could not start" in o.error and "Operation not permitted" in o.error for o in outcomes)

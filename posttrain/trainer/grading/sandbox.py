@@ -192,9 +192,12 @@ def run_python_grader(source: str, pairs: list[dict[str, Any]],
             first = run._line(time.monotonic() + limits.startup_seconds)
             message = _ready_message(first)
             if message is not None:
+                ended = run.process.poll() is not None
                 run.kill()
                 tail = run.stderr_tail()
-                reason = message + (f" ({tail})" if tail and first is None else "")
+                if first is None and ended:
+                    message = "the python-grader sandbox could not start (namespaces refused?)"
+                reason = message + (f": {tail}" if tail and first is None else "")
                 return outcomes + [SampleOutcome(0.0, reason)] * (len(pairs) - start)
             for index in range(len(pairs) - start):
                 line = run._line(time.monotonic() + limits.per_sample_seconds)
