@@ -319,6 +319,19 @@ def grader_kinds(grader: Grader) -> set[str]:
 
 # ---------------------------------------------------------------- templating
 
+def make_sample(output_text: str) -> dict[str, Any]:
+    """The ``sample`` namespace of one completion: ``output_text``, and ``output_json`` when the text is
+    a JSON object (as OpenAI fills it), so ``{{sample.output_json.answer}}`` and python graders can use it."""
+    sample: dict[str, Any] = {"output_text": output_text}
+    try:
+        parsed = json.loads(output_text)
+    except (ValueError, RecursionError):
+        return sample
+    if isinstance(parsed, dict):
+        sample["output_json"] = parsed
+    return sample
+
+
 def _split_reference(inner: str) -> tuple[str, list[str | int]]:
     text = inner.strip()
     namespace, dot, rest = text.partition(".")

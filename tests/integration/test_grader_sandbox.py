@@ -72,6 +72,18 @@ def test_a_good_grader_scores_a_batch_in_one_quick_sandbox():
     assert time.monotonic() - started < 15
 
 
+def test_a_multi_grader_combines_a_string_check_and_a_python_grader():
+    grader = parse_grader({"type": "multi", "name": "both", "calculate_output": "0.5 * colour + 0.5 * short",
+                           "graders": {"colour": {"type": "string_check", "name": "colour", "operation": "ilike",
+                                                  "input": "{{sample.output_text}}", "reference": "{{item.colour}}"},
+                                       "short": {"type": "python", "name": "short", "source": _grader(
+                                           "return 1.0 if len(sample['output_text']) < 12 else 0.0")}}})
+    texts = ["Blue", "I think it is blue", "red", "a very long answer: red"]
+    results = score_batch(grader, [{"output_text": t} for t in texts], [{"colour": "blue"}] * 4, LIMITS)
+    assert [r.score for r in results] == [1.0, 0.5, 0.5, 0.0]
+    assert results[1].per_grader == {"colour": 1.0, "short": 0.0} and all(r.error is None for r in results)
+
+
 def test_no_network_even_to_a_server_on_loopback():
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]

@@ -16,6 +16,7 @@ from posttrain.domain.graders import (
     TemplateError,
     evaluate_formula,
     grader_to_json,
+    make_sample,
     parse_grader,
     render_template,
 )
@@ -129,6 +130,13 @@ def test_a_missing_field_is_a_clear_template_error(template, words):
     with pytest.raises(TemplateError) as caught:
         render_template(template, {"output_text": "x"}, {"meta": {"tags": ["a"], "n": 3}})
     assert words in str(caught.value)
+
+
+def test_a_sample_holds_output_json_when_the_text_is_a_json_object():
+    assert make_sample("plain") == {"output_text": "plain"}
+    assert make_sample("[1, 2]") == {"output_text": "[1, 2]"}
+    sample = make_sample('{"answer": "blue", "why": ["sky"]}')
+    assert render_template("{{sample.output_json.answer}} {{sample.output_json.why[0]}}", sample, {}) == "blue sky"
 
 
 def test_a_missing_field_scores_zero_with_the_reason():
