@@ -267,3 +267,11 @@ def test_when_the_namespaces_are_refused_python_graders_are_refused_not_run_open
     outcomes = _grade(_grader("return 1.0"), n=2)
     assert [o.score for o in outcomes] == [0.0, 0.0]
     assert all("could not start" in o.error and "Operation not permitted" in o.error for o in outcomes)
+
+
+def test_a_source_that_never_finishes_loading_is_killed_at_the_startup_limit():
+    started = time.monotonic()
+    outcomes = _grade("while True:\n    pass\ndef grade(sample, item):\n    return 1.0\n",
+                      SandboxLimits(**{**LIMITS.__dict__, "startup_seconds": 1.0}), n=3)
+    assert [o.score for o in outcomes] == [0.0] * 3 and all("did not start in time" in o.error for o in outcomes)
+    assert time.monotonic() - started < 6
