@@ -193,6 +193,16 @@ class Settings(BaseSettings):
     def allowed_shared_file_roots(self) -> list[Path]:
         return [Path(r).expanduser().resolve() for r in self.shared_file_roots]
 
+    @property
+    def grader_hidden_paths(self) -> list[str]:
+        """What a python grader's sandbox hides: the data folder, the file roots (tenants' areas and the
+        shared ones), a SQLite store outside the data folder, and the W&B folder."""
+        paths = [self.resolved_home, *self.allowed_file_roots, *self.allowed_shared_file_roots, self.resolved_wandb_dir]
+        url = self.resolved_database_url
+        if url.startswith("sqlite:///"):
+            paths.append(Path(url.removeprefix("sqlite:///")).expanduser().resolve().parent)
+        return list(dict.fromkeys(str(p) for p in paths))
+
     def ensure_dirs(self) -> None:
         home = self.resolved_home
         for path in (home, self.datasets_dir, self.jobs_dir, home / "models", home / "files"):

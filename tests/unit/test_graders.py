@@ -275,3 +275,11 @@ def test_the_env_variable_sets_it(monkeypatch, tmp_path):
     assert Settings(home=tmp_path).allow_python_graders is True
     assert isinstance(parse_grader(_check("eq")), StringCheckGrader)
     assert math.isfinite(evaluate_formula("1", {}))
+
+
+def test_the_sandbox_hides_the_data_folder_the_file_roots_and_a_sqlite_store_elsewhere(tmp_path):
+    settings = Settings(home=tmp_path / "home", file_roots=[tmp_path / "files"], shared_file_roots=[tmp_path / "ro"],
+                        database_url=f"sqlite:///{tmp_path / 'db' / 'store.db'}")
+    hidden = settings.grader_hidden_paths
+    for path in ("home", "files", "ro", "db"):
+        assert str((tmp_path / path).resolve()) in hidden
