@@ -30,6 +30,8 @@ TEXT_SIMILARITY_METRICS = (
 UNSUPPORTED_METRICS = {"cosine": "the cosine metric needs an embedding model, and this server serves none"}
 MAX_PYTHON_SOURCE_BYTES = 256 * 1024  # OpenAI's limit on a python grader's source
 MAX_FORMULA_CHARS = 1000
+MAX_FORMULA_DEPTH = 64
+MAX_TEMPLATE_CHARS = 100_000
 MAX_SUB_GRADERS = 16
 
 
@@ -118,7 +120,7 @@ SingleGrader = StringCheckGrader | TextSimilarityGrader | PythonGrader | ScoreMo
 Grader = StringCheckGrader | TextSimilarityGrader | PythonGrader | ScoreModelGrader | MultiGrader
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+_TEMPLATE = re.compile(r"\{\{([^{}]*)\}\}")  # no braces inside: linear, whatever the text
 _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 _NAMESPACES = ("sample", "item")
 
@@ -185,6 +187,8 @@ def _threshold(obj: dict[str, Any], param: str) -> float | None:
 
 def _template(obj: dict[str, Any], key: str, param: str) -> str:
     text = _text(obj, key, param)
+    if len(text) > MAX_TEMPLATE_CHARS:
+        raise GraderInvalid(f"{key} is over {MAX_TEMPLATE_CHARS} characters", f"{param}.{key}")
     try:
         check_template(text)
     except TemplateError as error:
@@ -403,9 +407,17 @@ def _formula_tree(formula: str) -> ast.expr:
         raise FormulaError(f"calculate_output is over {MAX_FORMULA_CHARS} characters")
     # OpenAI writes powers as ^; Python's ^ is xor, so it is read as ** (same precedence as a power).
     try:
-        return ast.parse(formula.replace("^", "**"), mode="eval").body
-    except SyntaxError:
+        tree = ast.parse(formula.replace("^", "**"), mode="eval").body
+    except (SyntaxError, RecursionError, MemoryError):
         raise FormulaError(f"calculate_output is not an arithmetic expression: {formula!r}") from None
+    # The checks and the evaluation recurse over the tree: bound its depth before they walk it.
+    stack: list[tuple[ast.AST, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_FORMULA_DEPTH:
+            raise FormulaError(f"calculate_output nests deeper than {MAX_FORMULA_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return tree
 
 
 def _check_node(node: ast.expr, names: set[str]) -> None:

@@ -5,6 +5,7 @@ calculate_output's whitelist, and the submit-time policy (python graders, score_
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -69,6 +70,7 @@ def test_multi_graders_given_as_a_list_are_named_by_their_name():
     ({**_check("eq"), "extra": 1}, "grader.extra", "unknown field"),
     ({**_check("eq"), "reference": "{{ answer }}"}, "grader.reference", "sample.<field>"),
     ({**_check("eq"), "reference": "{{ output.answer }}"}, "grader.reference", "item.<field>"),
+    ({**_check("eq"), "input": "x" * 100_001}, "grader.input", "over 100000"),
     ({**_similarity("bleu"), "evaluation_metric": "jaccard"}, "grader.evaluation_metric", "fuzzy_match"),
     (_similarity("cosine"), "grader.evaluation_metric", "embedding model"),
     ({**_similarity("bleu"), "pass_threshold": "high"}, "grader.pass_threshold", "finite number"),
@@ -95,6 +97,8 @@ def test_multi_graders_given_as_a_list_are_named_by_their_name():
     ({**MULTI, "calculate_output": "abs(answer, close)"}, "grader.calculate_output", "takes 1"),
     ({**MULTI, "calculate_output": "(answer"}, "grader.calculate_output", "not an arithmetic expression"),
     ({**MULTI, "calculate_output": "answer + " * 200}, "grader.calculate_output", "over 1000"),
+    ({**MULTI, "calculate_output": "-" * 900 + "answer"}, "grader.calculate_output", "deeper than 64"),
+    ({**MULTI, "calculate_output": "answer ** " * 90 + "close"}, "grader.calculate_output", "deeper than 64"),
 ])
 def test_a_bad_grader_is_refused_naming_the_field(obj, param, words):
     with pytest.raises(GraderInvalid) as caught:
@@ -137,6 +141,12 @@ def test_a_sample_holds_output_json_when_the_text_is_a_json_object():
     assert make_sample("[1, 2]") == {"output_text": "[1, 2]"}
     sample = make_sample('{"answer": "blue", "why": ["sky"]}')
     assert render_template("{{sample.output_json.answer}} {{sample.output_json.why[0]}}", sample, {}) == "blue sky"
+
+
+def test_a_template_of_many_open_braces_is_checked_in_linear_time():
+    started = time.monotonic()
+    parse_grader(_check("eq", "{{" * 49_000))
+    assert time.monotonic() - started < 2
 
 
 def test_a_missing_field_scores_zero_with_the_reason():
