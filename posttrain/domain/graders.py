@@ -176,13 +176,25 @@ def _name(obj: dict[str, Any], param: str) -> str:
     return name
 
 
+def _finite(value: object) -> float | None:
+    """``value`` as a float if it is a JSON number that a float holds (a 400-digit integer is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _threshold(obj: dict[str, Any], param: str) -> float | None:
     value = obj.get("pass_threshold")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    number = _finite(value)
+    if number is None:
         raise GraderInvalid("pass_threshold must be a finite number", f"{param}.pass_threshold")
-    return float(value)
+    return number
 
 
 def _template(obj: dict[str, Any], key: str, param: str) -> str:
@@ -228,6 +240,9 @@ def _parse_python(obj: dict[str, Any], param: str) -> Grader:
     except SyntaxError as error:
         raise GraderInvalid(f"source is not valid Python: {error.msg} (line {error.lineno})",
                             f"{param}.source") from None
+    except (ValueError, RecursionError, MemoryError):  # null bytes; nesting too deep for the parser
+        raise GraderInvalid("source is not valid Python (null bytes, or nested too deep to parse)",
+                            f"{param}.source") from None
     if not any(isinstance(node, ast.FunctionDef) and node.name == "grade" for node in tree.body):
         raise GraderInvalid("source must define grade(sample, item)", f"{param}.source")
     image_tag = obj.get("image_tag")
@@ -246,15 +261,14 @@ def _parse_score_model(obj: dict[str, Any], param: str) -> Grader:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise GraderInvalid("input must be a non-empty list of message objects", f"{param}.input")
     bounds = obj.get("range", [0, 1])
-    if (not isinstance(bounds, list) or len(bounds) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)
-            or not bounds[0] < bounds[1]):
-        raise GraderInvalid("range must be [low, high] with low < high", f"{param}.range")
+    low, high = [_finite(b) for b in bounds] if isinstance(bounds, list) and len(bounds) == 2 else [None, None]
+    if low is None or high is None or not low < high:
+        raise GraderInvalid("range must be [low, high], two finite numbers with low < high", f"{param}.range")
     sampling = obj.get("sampling_params")
     if sampling is not None and not isinstance(sampling, dict):
         raise GraderInvalid("sampling_params must be an object", f"{param}.sampling_params")
     return ScoreModelGrader(name=_name(obj, param), model=model, input=tuple(messages),
-                            range=(float(bounds[0]), float(bounds[1])), sampling_params=sampling,
+                            range=(low, high), sampling_params=sampling,
                             pass_threshold=_threshold(obj, param))
 
 
