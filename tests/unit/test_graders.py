@@ -298,3 +298,36 @@ def test_the_sandbox_hides_the_data_folder_the_file_roots_and_a_sqlite_store_els
     hidden = settings.grader_hidden_paths
     for path in ("home", "files", "ro", "db"):
         assert str((tmp_path / path).resolve()) in hidden
+
+
+# ---------------------------------------------------------------- any JSON: a GraderInvalid, never a crash
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30) | st.sampled_from(
+        ["string_check", "text_similarity", "python", "score_model", "multi", "eq", "bleu", "{{item.x}}",
+         "{{ sample.output_text }}", "a + b", "def grade(sample, item):\n    return 1\n", 10**400])
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.sampled_from(["type", "name", "input", "reference", "operation",
+                                                           "evaluation_metric", "source", "graders", "model",
+                                                           "range", "calculate_output", "pass_threshold", "a", "b"]),
+                                          inner, max_size=8), max_leaves=20)
+
+
+def test_any_json_is_parsed_or_refused_with_a_param_never_a_crash():
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_json_values())
+    def check(obj):
+        try:
+            grader = parse_grader(obj)
+        except GraderInvalid as error:
+            refusal = error
+        else:
+            assert parse_grader(grader_to_json(grader)) == grader
+            return
+        assert refusal.param.startswith("grader") and refusal.message
+
+    check()
