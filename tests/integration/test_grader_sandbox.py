@@ -12,7 +12,6 @@ import shutil
 import socket
 import tempfile
 import textwrap
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -87,17 +86,18 @@ def test_a_multi_grader_combines_a_string_check_and_a_python_grader():
 def test_no_network_even_to_a_server_on_loopback():
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    accepted = []
-    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
     try:
         [outcome] = _grade(_grader(f"""
             import socket
             socket.create_connection(("127.0.0.1", {port}), timeout=2)
             return 1.0
         """))
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no connection waits in the backlog either
+            listener.accept()
     finally:
         listener.close()
-    assert outcome.score == 0.0 and "OSError" in (outcome.error or "") and accepted == []
+    assert outcome.score == 0.0 and "Network is unreachable" in (outcome.error or "")
     _assert_good_grader_still_scores()
 
 
@@ -145,6 +145,20 @@ def test_the_data_folder_is_hidden_and_stays_hidden(data_folder):
     """), hidden)
     assert outcome.score == 0.0 and outcome.error
     _assert_good_grader_still_scores(hidden)
+
+
+def test_the_grader_writes_nowhere_but_its_own_tmpfs(data_folder):
+    # A folder open to all for writing (as the server's own files are to a non-root server's grader):
+    # only the read-only remount of every mount keeps the grader out.
+    open_to_all = data_folder / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    [outcome] = _grade(_grader(f"""
+        open("scratch", "w").write("mine")
+        open("{open_to_all}/planted.py", "w").write("import os")
+    """))
+    assert outcome.score == 0.0 and "Read-only file system" in (outcome.error or "")
+    assert list(open_to_all.iterdir()) == []
 
 
 def test_the_environment_and_home_are_clean(monkeypatch):

@@ -101,7 +101,7 @@ def _process_limit(extra: int) -> int:
 
 
 class _Run:
-    """One sandbox process over ``pairs``; ``collect`` returns the outcomes it got before it ended."""
+    """One sandbox process over ``pairs``: the request written to its stdin, its result lines read back."""
 
     def __init__(self, source: str, pairs: list[dict[str, Any]], limits: SandboxLimits) -> None:
         self.limits = limits
@@ -117,6 +117,7 @@ class _Run:
             os.close(write_fd)
         self.reader = read_fd
         self.buffer = b""
+        self.ended = False  # the child closed its end: it exited (or was killed), not just slow
         assert self.process.stdin is not None
         try:
             self.process.stdin.write(_request(source, pairs, limits, write_fd))
@@ -135,6 +136,7 @@ class _Run:
                 return None
             chunk = os.read(self.reader, 65536)
             if not chunk:
+                self.ended = True
                 return None
             self.buffer += chunk
         line, _, self.buffer = self.buffer.partition(b"\n")
@@ -192,19 +194,17 @@ def run_python_grader(source: str, pairs: list[dict[str, Any]],
             first = run._line(time.monotonic() + limits.startup_seconds)
             message = _ready_message(first)
             if message is not None:
-                ended = run.process.poll() is not None
                 run.kill()
                 tail = run.stderr_tail()
-                if first is None and ended:
+                if first is None and run.ended:
                     message = "the python-grader sandbox could not start (namespaces refused?)"
                 reason = message + (f": {tail}" if tail and first is None else "")
                 return outcomes + [SampleOutcome(0.0, reason)] * (len(pairs) - start)
             for index in range(len(pairs) - start):
                 line = run._line(time.monotonic() + limits.per_sample_seconds)
                 if line is None:
-                    ended = run.process.poll() is not None
                     why = ("the sandbox ended before answering (a limit was hit or the process was killed)"
-                           if ended else f"timed out after {limits.per_sample_seconds:g}s; the sandbox was killed")
+                           if run.ended else f"timed out after {limits.per_sample_seconds:g}s; the sandbox was killed")
                     outcomes.append(SampleOutcome(0.0, why))
                     lost_in_a_row += 1
                     break

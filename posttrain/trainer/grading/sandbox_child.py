@@ -5,7 +5,8 @@ of the package). It reads one JSON request on stdin, walls itself in, then runs 
 ``grade(sample, item)`` on each pair and writes one JSON line per pair to the result pipe (fd given in
 argv). Only the standard library: the walls go up before any user code runs.
 
-Walls, in order: tmpfs over each hidden path (the server's data folder), a fresh size-limited tmpfs on
+Walls, in order: tmpfs over each hidden path (the server's data folder), every mount read-only, a
+fresh size-limited tmpfs on
 /tmp, /var/tmp, /dev/shm and /run (no other tenant's temp files, nothing left behind, and none of the
 unix sockets that live there: a network namespace does not cut a socket reached by its file path), the interpreter's
 install made reachable for an unprivileged user, resource limits, then privileges dropped for good
@@ -21,6 +22,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import resource
 import signal
 import stat
@@ -28,8 +30,11 @@ import sys
 import traceback
 
 NOBODY = 65534
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 1, 2, 4, 4096, 16384
-MNT_DETACH = 2
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+# Per-mount options a read-only remount must keep (a user namespace may not clear them: EPERM).
+KEPT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024,
+                "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24}
+O_PATH = 0o10000000
 CLONE_NEWUSER = 0x10000000
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -68,33 +73,73 @@ def _closed_ancestor(path):
     return None
 
 
-def _make_reachable(paths):
-    """Let nobody reach ``paths``: each folder nobody cannot pass becomes a 0755 tmpfs holding only them."""
-    staged = []
-    for number, path in enumerate(os.path.realpath(p) for p in paths):
-        closed = _closed_ancestor(path)
-        if closed is not None:
-            stage = f"/tmp/.stage{number}"
-            os.mkdir(stage)
-            _mount(path, stage, None, MS_BIND | MS_REC)
-            staged.append((closed, path, stage))
-    for closed in dict.fromkeys(closed for closed, _, _ in staged):
-        _mount("tmpfs", closed, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0755")
-    for _, path, stage in staged:
+def _mount_points():
+    points = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            points.append((point, fields[5].split(",")))
+    return points
+
+
+def _read_only(point, options):
+    # MS_BIND makes it this mount's flag, in this namespace only; never the filesystem's, never the host's.
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    for option in options:
+        flags |= KEPT_OPTIONS.get(option, 0)
+    _check(_libc.mount(None, point.encode(), None, flags, None), f"read-only remount of {point}")
+
+
+def _all_read_only(strict):
+    """Every mount read-only: the grader writes nowhere but the fresh tmpfs mounted after this (as a
+    non-root server it runs as the server's own user, who could otherwise rewrite the server's code)."""
+    for point, options in dict(_mount_points()).items():
+        if "ro" in options or not os.path.exists(point):
+            continue
+        try:
+            _read_only(point, options)
+        except OSError:
+            if strict:
+                raise
+
+
+def _keep_reachable(paths):
+    """Open the interpreter's folders before the walls go up, to bind them back where a wall covered them."""
+    paths = dict.fromkeys(os.path.realpath(p) for p in paths)
+    return [(path, os.open(path, O_PATH | os.O_DIRECTORY), _closed_ancestor(path)) for path in paths]
+
+
+def _restore(kept, cover_closed):
+    """Bind each kept folder back at its path if a tmpfs now covers it, read-only. As root (running as
+    nobody) a folder nobody cannot pass, such as /root, first becomes a 0755 tmpfs holding only these."""
+    if cover_closed:
+        for folder in dict.fromkeys(closed for _, _, closed in kept if closed is not None):
+            _mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0755")
+    for path, fd, _ in kept:
+        before = os.fstat(fd)
+        try:
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
+                continue
+        except OSError:
+            pass
         os.makedirs(path, mode=0o755, exist_ok=True)
-        _mount(stage, path, None, MS_BIND | MS_REC)
-        _check(_libc.umount2(stage.encode(), MNT_DETACH), "umount stage")
-        os.rmdir(stage)
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        _read_only(path, [])
+    for _, fd, _ in kept:
+        os.close(fd)
 
 
 def _wall_in(request):
+    as_root = os.getuid() == 0 and request["real_root"]
+    kept = _keep_reachable(request["interpreter_paths"])
     for path in request["hidden_paths"]:
         _hide(path)
+    _all_read_only(strict=not as_root)
     for path in ("/tmp", "/var/tmp", "/dev/shm", "/run"):
         _fresh_tmpfs(path, request["tmpfs_bytes"])
-    as_root = os.getuid() == 0 and request["real_root"]
-    if as_root:
-        _make_reachable(request["interpreter_paths"])
+    _restore(kept, cover_closed=as_root)
     work = "/tmp/work"
     os.mkdir(work, 0o700)
     if as_root:
