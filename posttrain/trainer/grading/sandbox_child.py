@@ -5,13 +5,13 @@ of the package). It reads one JSON request on stdin, walls itself in, then runs 
 ``grade(sample, item)`` on each pair and writes one JSON line per pair to the result pipe (fd given in
 argv). Only the standard library: the walls go up before any user code runs.
 
-Walls, in order: tmpfs over each hidden path (the server's data folder), every mount read-only, a
-fresh size-limited tmpfs on
-/tmp, /var/tmp, /dev/shm and /run (no other tenant's temp files, nothing left behind, and none of the
-unix sockets that live there: a network namespace does not cut a socket reached by its file path), the interpreter's
-install made reachable for an unprivileged user, resource limits, then privileges dropped for good
-(real root: uid/gid nobody with no groups; otherwise a nested user namespace, which leaves the user no
-power over these mounts), no_new_privs, a clean environment, stdout/stderr to /dev/null.
+Walls, in order: tmpfs over each hidden path (the server's data folder); every mount read-only; a
+fresh size-limited tmpfs on /tmp, /var/tmp, /dev/shm and /run (no other tenant's temp files, nothing
+left behind, and none of the unix sockets that live there: a network namespace does not cut a socket
+reached by its path); the interpreter's install bound back, read-only, where a wall covered it or an
+unprivileged user could not reach it; resource limits; privileges dropped for good (real root: uid/gid
+nobody with no groups; otherwise a nested user namespace, which leaves the user no power over these
+mounts); no_new_privs; a clean environment; stdout/stderr to /dev/null.
 """
 
 # The fixed /tmp paths are inside the sandbox's own fresh tmpfs; running (exec) the tenant's source and
