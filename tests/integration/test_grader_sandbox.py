@@ -289,3 +289,56 @@ def test_a_source_that_never_finishes_loading_is_killed_at_the_startup_limit():
                       SandboxLimits(**{**LIMITS.__dict__, "startup_seconds": 1.0}), n=3)
     assert [o.score for o in outcomes] == [0.0] * 3 and all("did not start in time" in o.error for o in outcomes)
     assert time.monotonic() - started < 6
+
+
+USER_NAMESPACE_SERVER = """
+import json, sys
+from posttrain.trainer.grading.sandbox import SandboxLimits, can_become_nobody, run_python_grader
+
+folder, open_to_all = sys.argv[1], sys.argv[2]
+source = '''
+import ctypes, os
+
+def grade(sample, item):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sample["output_text"] == "umount":
+        libc.umount2(folder.encode(), 2)
+        libc.umount2(b"/", 2)
+        return 1.0 if os.path.exists(folder + "/posttrain.db") else 0.5
+    if sample["output_text"] == "write":
+        open(open_to_all + "/planted.py", "w").write("import os")
+    return float(open(folder + "/posttrain.db").read() == "tenant secrets")
+'''.replace("open_to_all", repr(open_to_all)).replace("folder", repr(folder))
+pairs = [{"sample": {"output_text": t}, "item": {}} for t in ("read", "umount", "write")]
+outcomes = run_python_grader(source, pairs, SandboxLimits(hidden_paths=(folder,)))
+print(json.dumps({"nobody": can_become_nobody(), "outcomes": [[o.score, o.error] for o in outcomes]}))
+"""
+
+
+def test_a_server_that_cannot_become_nobody_walls_the_grader_in_its_own_user_namespace(data_folder):
+    # Root of a user namespace that maps no nobody (a rootless container; the same path a non-root
+    # server takes): the grader runs as the server's own user, so the read-only mounts and the nested
+    # user namespace are what stop it, not permissions.
+    import json
+    import subprocess
+    import sys
+
+    repo = str(Path(__file__).resolve().parents[2])
+    open_to_all = Path(tempfile.mkdtemp(prefix="posttrain-sandbox-open-", dir=data_folder.parent))
+    open_to_all.chmod(0o777)
+    try:
+        done = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", USER_NAMESPACE_SERVER,
+                               str(data_folder), str(open_to_all)], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": repo}, check=False)
+        planted = list(open_to_all.iterdir())
+    finally:
+        shutil.rmtree(open_to_all)
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip(f"user namespaces are not available here: {done.stderr.strip()}")
+    report = json.loads(done.stdout)
+    assert report["nobody"] is False
+    (read, read_error), (umount, umount_error), (write, write_error) = report["outcomes"]
+    assert read == 0.0 and ("FileNotFoundError" in read_error or "PermissionError" in read_error)
+    assert umount == 0.5 and umount_error is None
+    assert write == 0.0 and "Read-only file system" in write_error
+    assert planted == []

@@ -60,12 +60,31 @@ class SandboxUnavailable(RuntimeError):
     """The namespaces cannot be made here; python graders are refused rather than run open."""
 
 
+NOBODY = 65534
+
+
+def _mapped(map_file: str, wanted: int) -> bool:
+    try:
+        with open(map_file) as lines:
+            ranges = [tuple(int(n) for n in line.split()) for line in lines if line.strip()]
+    except OSError:
+        return False
+    return any(inside <= wanted < inside + count for inside, _, count in ranges)
+
+
+def can_become_nobody() -> bool:
+    """Root that can switch to uid/gid nobody: the grader then runs as nobody. Otherwise (a non-root
+    server, or root of a user namespace without nobody, as in a rootless container) it runs as the
+    server's own user behind a user namespace of its own."""
+    return os.geteuid() == 0 and _mapped("/proc/self/uid_map", NOBODY) and _mapped("/proc/self/gid_map", NOBODY)
+
+
 def _command() -> list[str]:
     unshare = shutil.which("unshare")
     if unshare is None:
         raise SandboxUnavailable("the python-grader sandbox needs util-linux's unshare, which is not installed")
     flags = ["--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child"]
-    if os.geteuid() != 0:
+    if not can_become_nobody():
         flags.insert(0, "--map-root-user")
     return [unshare, *flags]
 
@@ -79,14 +98,14 @@ def _request(source: str, pairs: list[dict[str, Any]], limits: SandboxLimits, fd
         "source": source, "pairs": pairs, "hidden_paths": [os.path.realpath(p) for p in limits.hidden_paths],
         "tmpfs_bytes": limits.tmpfs_bytes, "memory_bytes": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds,
         "file_size_bytes": limits.file_size_bytes, "max_processes": _process_limit(limits.max_processes),
-        "real_root": os.geteuid() == 0, "interpreter_paths": _interpreter_paths(),
+        "real_root": can_become_nobody(), "interpreter_paths": _interpreter_paths(),
     }).encode()
 
 
 def _process_limit(extra: int) -> int:
     """RLIMIT_NPROC counts every task of the real user: as nobody that is the sandboxes alone; as the
     server's own user, its threads count too, so the limit is what it runs now plus ``extra``."""
-    if os.geteuid() == 0:
+    if can_become_nobody():
         return extra
     uid = os.getuid()
     tasks = 0
