@@ -2,17 +2,18 @@
 
 One sandbox process per batch of samples (start-up is paid once, not per sample), built with
 ``unshare``: new network (only a downed loopback), mount and pid namespaces (``--fork --mount-proc
---kill-child``); as a non-root server also a user namespace (``-r``). Inside, ``sandbox_child.py`` hides
-the configured paths, puts fresh tmpfs on the temp folders, drops privileges, sets the resource limits
-and only then runs the source. Its results come back as JSON lines on a pipe of their own.
+--kill-child``), and a user namespace (``--map-root-user``) when this process cannot become nobody.
+Inside, ``sandbox_child.py`` hides the configured paths, makes every mount read-only, puts fresh tmpfs
+on the temp folders, drops privileges, sets the resource limits and only then runs the source. Its
+results come back as JSON lines on a pipe of their own.
 
 This side enforces the clock: the child must be ready within ``startup_seconds`` and answer each sample
 within ``per_sample_seconds``; past that the whole process group is killed (the pid namespace dies with
 its pid 1), that sample scores 0 with the reason, and a fresh sandbox goes on with the rest (after
-``max_restarts`` sandboxes lost in a row the rest of the batch scores 0 unrun, so a grader that hangs on
-every sample costs a few timeouts, not one per sample). A line that
-is not the expected JSON, or a score that is not a finite number, scores 0 with the reason.
-If ``unshare`` is missing or refused, every sample scores 0 saying so: never run open.
+``max_restarts`` sandboxes lost in a row the rest of the batch scores 0 unrun, so a grader that hangs
+on every sample costs a few timeouts, not one per sample). A line that is not the expected JSON, or a
+score that is not a finite number, scores 0 with the reason. If ``unshare`` is missing or refused, or
+a wall fails to go up, every sample scores 0 saying so: never run open.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _interpreter_paths() -> list[str]:
     return sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable))})
 
 
-def _request(source: str, pairs: list[dict[str, Any]], limits: SandboxLimits, fd: int) -> bytes:
+def _request(source: str, pairs: list[dict[str, Any]], limits: SandboxLimits) -> bytes:
     return json.dumps({
         "source": source, "pairs": pairs, "hidden_paths": [os.path.realpath(p) for p in limits.hidden_paths],
         "tmpfs_bytes": limits.tmpfs_bytes, "memory_bytes": limits.memory_bytes, "cpu_seconds": limits.cpu_seconds,
@@ -139,12 +140,12 @@ class _Run:
         self.ended = False  # the child closed its end: it exited (or was killed), not just slow
         assert self.process.stdin is not None
         try:
-            self.process.stdin.write(_request(source, pairs, limits, write_fd))
+            self.process.stdin.write(_request(source, pairs, limits))
             self.process.stdin.close()
         except BrokenPipeError:
             pass
 
-    def _line(self, deadline: float) -> bytes | None:
+    def line(self, deadline: float) -> bytes | None:
         """The next line from the child, or None when it ended or the deadline passed."""
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
@@ -210,7 +211,7 @@ def run_python_grader(source: str, pairs: list[dict[str, Any]],
             reason = str(error) if isinstance(error, SandboxUnavailable) else f"the sandbox could not start: {error}"
             return outcomes + [SampleOutcome(0.0, reason)] * (len(pairs) - start)
         try:
-            first = run._line(time.monotonic() + limits.startup_seconds)
+            first = run.line(time.monotonic() + limits.startup_seconds)
             message = _ready_message(first)
             if message is not None:
                 run.kill()
@@ -220,7 +221,7 @@ def run_python_grader(source: str, pairs: list[dict[str, Any]],
                 reason = message + (f": {tail}" if tail and first is None else "")
                 return outcomes + [SampleOutcome(0.0, reason)] * (len(pairs) - start)
             for index in range(len(pairs) - start):
-                line = run._line(time.monotonic() + limits.per_sample_seconds)
+                line = run.line(time.monotonic() + limits.per_sample_seconds)
                 if line is None:
                     why = ("the sandbox ended before answering (a limit was hit or the process was killed)"
                            if run.ended else f"timed out after {limits.per_sample_seconds:g}s; the sandbox was killed")
