@@ -342,3 +342,9 @@ def test_a_server_that_cannot_become_nobody_walls_the_grader_in_its_own_user_nam
     assert umount == 0.5 and umount_error is None
     assert write == 0.0 and "Read-only file system" in write_error
     assert planted == []
+
+
+def test_an_item_json_cannot_carry_scores_zero_and_starts_nothing():
+    pairs = [{"sample": {"output_text": "a"}, "item": {"when": object()}}]
+    [outcome] = run_python_grader(_grader("return 1.0"), pairs, LIMITS)
+    assert outcome.score == 0.0 and "could not be sent" in (outcome.error or "")

@@ -125,10 +125,12 @@ class _Run:
 
     def __init__(self, source: str, pairs: list[dict[str, Any]], limits: SandboxLimits) -> None:
         self.limits = limits
+        command = _command()
+        request = _request(source, pairs, limits)
         read_fd, write_fd = os.pipe()
         try:
             self.process = subprocess.Popen(
-                [*_command(), sys.executable, "-I", "-c", CHILD_SOURCE, str(write_fd)],
+                [*command, sys.executable, "-I", "-c", CHILD_SOURCE, str(write_fd)],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 pass_fds=(write_fd,), start_new_session=True, cwd="/",
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
@@ -140,10 +142,13 @@ class _Run:
         self.ended = False  # the child closed its end: it exited (or was killed), not just slow
         assert self.process.stdin is not None
         try:
-            self.process.stdin.write(_request(source, pairs, limits))
+            self.process.stdin.write(request)
             self.process.stdin.close()
         except BrokenPipeError:
             pass
+        except BaseException:
+            self.kill()
+            raise
 
     def line(self, deadline: float) -> bytes | None:
         """The next line from the child, or None when it ended or the deadline passed."""
@@ -207,9 +212,13 @@ def run_python_grader(source: str, pairs: list[dict[str, Any]],
             return outcomes + [SampleOutcome(0.0, reason)] * (len(pairs) - start)
         try:
             run = _Run(source, pairs[start:], limits)
-        except (SandboxUnavailable, OSError) as error:
-            reason = str(error) if isinstance(error, SandboxUnavailable) else f"the sandbox could not start: {error}"
+        except SandboxUnavailable as error:
+            return outcomes + [SampleOutcome(0.0, str(error))] * (len(pairs) - start)
+        except (TypeError, ValueError) as error:  # a sample or item that JSON cannot carry
+            reason = f"the samples could not be sent to the grader: {error}"
             return outcomes + [SampleOutcome(0.0, reason)] * (len(pairs) - start)
+        except OSError as error:
+            return outcomes + [SampleOutcome(0.0, f"the sandbox could not start: {error}")] * (len(pairs) - start)
         try:
             first = run.line(time.monotonic() + limits.startup_seconds)
             message = _ready_message(first)
