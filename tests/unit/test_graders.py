@@ -154,6 +154,11 @@ def test_a_template_of_many_open_braces_is_checked_in_linear_time():
     assert time.monotonic() - started < 2
 
 
+def test_a_field_json_cannot_write_scores_zero_with_the_reason():
+    result = score(parse_grader(_check("eq", "{{item.when}}")), {"output_text": "x"}, {"when": object()})
+    assert result.score == 0.0 and "could not be filled" in (result.error or "")
+
+
 def test_a_missing_field_scores_zero_with_the_reason():
     result = score(parse_grader(_check("eq", "{{item.answer}}")), {"output_text": "x"}, {"label": "x"})
     assert result.score == 0.0 and "no field 'answer'" in (result.error or "")

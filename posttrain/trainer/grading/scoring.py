@@ -57,6 +57,8 @@ def _inline(grader: StringCheckGrader | TextSimilarityGrader, sample: Mapping[st
         reference = render_template(grader.reference, sample, item)
     except TemplateError as error:
         return SampleOutcome(0.0, str(error))
+    except (TypeError, ValueError) as error:  # a field JSON cannot write out
+        return SampleOutcome(0.0, f"a template could not be filled: {error}")
     if isinstance(grader, StringCheckGrader):
         return SampleOutcome(_string_check(grader, text, reference))
     try:
