@@ -150,20 +150,18 @@ def _parse(obj: object, param: str, *, allow_multi: bool) -> Grader:
     parser = parsers.get(kind) if isinstance(kind, str) else None
     if parser is None:
         kinds = ", ".join([*parsers, "multi"] if allow_multi else parsers)
-        raise GraderInvalid(f"unknown grader type {kind!r}; one of: {kinds}", f"{param}.type")
+        raise GraderInvalid(f"unknown grader type {str(kind)[:60]!r}; one of: {kinds}", f"{param}.type")
     return parser(obj, param)
 
 
 def _check_keys(obj: dict[str, Any], param: str, allowed: set[str]) -> None:
     for key in obj:
         if key not in allowed | {"type"}:
-            raise GraderInvalid(f"unknown field {key!r} for a {obj['type']} grader", f"{param}.{key}")
+            raise GraderInvalid(f"unknown field {key[:60]!r} for a {obj['type']} grader", f"{param}.{key[:60]}")
 
 
-def _text(obj: dict[str, Any], key: str, param: str, *, required: bool = True) -> str:
+def _text(obj: dict[str, Any], key: str, param: str) -> str:
     value = obj.get(key)
-    if value is None and not required:
-        return ""
     if not isinstance(value, str):
         raise GraderInvalid(f"{key} must be a string", f"{param}.{key}")
     return value
@@ -280,7 +278,7 @@ def _parse_multi(obj: dict[str, Any], param: str) -> Grader:
         pairs = [(item.get("name") if isinstance(item, dict) else None, item, f"{param}.graders[{i}]")
                  for i, item in enumerate(raw)]
     elif isinstance(raw, dict):
-        pairs = [(key, item, f"{param}.graders.{key}") for key, item in raw.items()]
+        pairs = [(key, item, f"{param}.graders.{str(key)[:60]}") for key, item in raw.items()]
     else:
         raise GraderInvalid("graders must be an object of name -> grader", f"{param}.graders")
     if not pairs or len(pairs) > MAX_SUB_GRADERS:
@@ -288,7 +286,7 @@ def _parse_multi(obj: dict[str, Any], param: str) -> Grader:
     graders: dict[str, SingleGrader] = {}
     for key, item, where in pairs:
         if not isinstance(key, str) or not _IDENTIFIER.match(key) or key in _FUNCTIONS:
-            raise GraderInvalid(f"sub-grader name {key!r} must be an identifier (letters, digits, _) usable in "
+            raise GraderInvalid(f"sub-grader name {str(key)[:60]!r} must be an identifier (letters, digits, _) usable in "
                                 "calculate_output, and not a function name", where)
         if key in graders:
             raise GraderInvalid(f"two sub-graders are named {key!r}", where)

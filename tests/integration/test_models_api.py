@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -291,12 +293,18 @@ def test_exports_load_with_transformers_and_give_the_checkpoints_logits(client, 
     assert (own / "marker.txt").read_text() == "the checkpoint's own merged/"
 
 
-def test_a_full_fine_tune_exports_as_itself_and_refuses_adapter(client, services, tiny_model_path, tmp_path):
+def test_a_full_fine_tune_exports_as_itself_and_refuses_adapter(client, services, tiny_model_path, tmp_path, settings):
     job, _ = finished_job(client, services, tiny_model_path, tiny_model_path, steps=(2,))
     ft = f"ft:{tiny_model_path.name}:default:{job['id']}"
+    exports = settings.resolved_home / "exports"
+    stale, fresh = exports / "export-killed", exports / "export-under-way"
+    for leftover in (stale, fresh):
+        (leftover / "merged").mkdir(parents=True)
+    os.utime(stale, (time.time() - 2 * 24 * 3600,) * 2)
     merged = untar(client.get(f"/v1/posttrain/models/{ft}/export", params={"format": "merged"}), tmp_path / "m")
     names = sorted(p.name for p in merged.iterdir())
     assert names == sorted(p.name for p in tiny_model_path.iterdir() if p.is_file())
+    assert not stale.exists() and fresh.is_dir()  # what a killed export left is swept, a recent one kept
     refused = client.get(f"/v1/posttrain/models/{ft}/export", params={"format": "adapter"})
     assert refused.status_code == 400 and "full fine-tune" in refused.json()["detail"]
     bad = client.get(f"/v1/posttrain/models/{ft}/export", params={"format": "gguf"})
