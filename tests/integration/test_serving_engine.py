@@ -282,6 +282,8 @@ def test_a_worker_that_died_is_started_again(tmp_path_factory, models):
         assert run(serving.stats())["running"] is False  # nothing started before the first request
         run(serving.forget(models["base"]))  # a no-op while no worker runs
         first = run(collect(serving, request(served(models["base"]), max_tokens=3)))
+        # The worker's socket, and the folder it lives in, are for this user alone.
+        assert serving._socket.stat().st_mode & 0o077 == 0 and serving.folder.stat().st_mode & 0o077 == 0
         serving._process.kill()  # the worker this client started, by its own handle
         serving._process.wait()
         again = run(collect(serving, request(served(models["base"]), max_tokens=3)))
