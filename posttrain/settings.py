@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     )
     hf_cache: Path = Field(default_factory=_default_hf_cache, description="Hugging Face hub cache searched for model ids.")
     trust_remote_code: bool = Field(default=False, description="Allow models that ship their own code.")
+    allow_python_graders: bool | None = Field(
+        default=None,
+        description="Accept reinforcement jobs whose grader runs the tenant's Python (in the trainer's sandbox). "
+        "Default: yes on a server without API keys (its one user runs their own code), no on a server with keys; "
+        "true or false decides for either.",
+    )
     api_keys_file: Path | None = Field(
         default=None,
         description="File of 'tenant:sha256:<hex>' lines (see `posttrain keys create`); when set, every call needs a key.",
@@ -186,6 +192,16 @@ class Settings(BaseSettings):
     @property
     def allowed_shared_file_roots(self) -> list[Path]:
         return [Path(r).expanduser().resolve() for r in self.shared_file_roots]
+
+    @property
+    def grader_hidden_paths(self) -> list[str]:
+        """What a python grader's sandbox hides: the data folder, the file roots (tenants' areas and the
+        shared ones), a SQLite store outside the data folder, and the W&B folder."""
+        paths = [self.resolved_home, *self.allowed_file_roots, *self.allowed_shared_file_roots, self.resolved_wandb_dir]
+        url = self.resolved_database_url
+        if url.startswith("sqlite:///"):
+            paths.append(Path(url.removeprefix("sqlite:///")).expanduser().resolve().parent)
+        return list(dict.fromkeys(str(p) for p in paths))
 
     def ensure_dirs(self) -> None:
         home = self.resolved_home
