@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
+from posttrain.domain.graders import Grader, GraderInvalid, parse_grader
 from posttrain.domain.recipes import (
     DEFAULT_LEARNING_RATE,
     DEFAULT_SEED,
@@ -138,33 +139,13 @@ def method_of(body: CreateFineTuningJob) -> Literal["supervised", "dpo", "reinfo
     return kind
 
 
-#: The grader types the trainer runs without the graders module (posttrain.domain.graders).
-PLAIN_GRADERS = ("string_check",)
-
-
 def check_grader(grader: dict[str, Any], *, param: str = "method.reinforcement.grader") -> None:
-    """Refuse a grader this server cannot run, naming its field: with ``posttrain.domain.graders``
-    its ``parse_grader`` decides; without it, only a ``string_check`` is run. ``score_model``
-    needs a model this server serves as the judge, which it has not."""
-    kind = grader.get("type")
-    if kind == "score_model":
-        raise Refusal(f"{param}.type", "score_model graders need a judge model served by this server, which it "
-                      "does not have yet; use string_check, text_similarity, python or multi")
-    if installed("posttrain.domain.graders"):
-        from posttrain.domain import graders  # type: ignore[attr-defined,unused-ignore]
-
-        try:
-            graders.parse_grader(grader, param=param)
-        except ValueError as exc:
-            raise Refusal(getattr(exc, "param", param) or param, str(exc)) from None
-        return
-    if kind not in PLAIN_GRADERS:
-        raise Refusal(f"{param}.type", f"this server runs {', '.join(PLAIN_GRADERS)} graders, not {kind!r}")
-    for key in ("input", "reference"):
-        if not isinstance(grader.get(key), str):
-            raise Refusal(f"{param}.{key}", "must be a template string such as '{{sample.output_text}}'")
-    if grader.get("operation", "eq") not in ("eq", "ne", "like", "ilike"):
-        raise Refusal(f"{param}.operation", f"must be eq, ne, like or ilike, got {grader.get('operation')!r}")
+    """Refuse a grader object that cannot be run, naming its field (``domain.graders.parse_grader``);
+    what this server allows to run (python, score_model) is the service's ``check_grader_allowed``."""
+    try:
+        parse_grader(grader, param=param)
+    except GraderInvalid as exc:
+        raise Refusal(exc.param, exc.message) from None
 
 
 #: What each W&B integration's ``wandb`` object may hold (OpenAI's ``FineTuningIntegration``).
@@ -376,6 +357,13 @@ def method_object(body: CreateFineTuningJob, hyperparameters: dict[str, Any]) ->
                                                            "hyperparameters": hyperparameters}}
     kind = "dpo" if "beta" in hyperparameters else "supervised"
     return {"type": kind, kind: {"hyperparameters": hyperparameters}}
+
+
+def grader_of(body: CreateFineTuningJob) -> Grader | None:
+    """The reinforcement method's grader, parsed (``method_of`` has checked it), or None."""
+    if body.method is None or body.method.type != "reinforcement" or body.method.reinforcement is None:
+        return None
+    return parse_grader(body.method.reinforcement.grader, param="method.reinforcement.grader")
 
 
 def top_level_hyperparameters(hyperparameters: dict[str, Any]) -> dict[str, Any]:

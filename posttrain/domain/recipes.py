@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain.domain.graders import GraderInvalid, parse_grader
 from posttrain.domain.pins import PathPin
 from posttrain.errors import RecipeInvalid
 
@@ -150,8 +151,6 @@ class DPOLoss(RecipePart):
 MAX_GENERATIONS = 256
 MAX_COMPLETION_LENGTH = 32768
 MAX_EVAL_SAMPLES = 64
-#: The grader types OpenAI's reinforcement method takes (its ``grader`` object's ``type``).
-GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "multi")
 
 
 class GRPO(RecipePart):
@@ -175,17 +174,19 @@ class GRPO(RecipePart):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's probability mass")
     max_completion_length: int = Field(256, ge=1, le=MAX_COMPLETION_LENGTH, description=(
         f"tokens a sampled completion at most (at most {MAX_COMPLETION_LENGTH})"))
-    grader: dict[str, Any] = Field(description="the grader that scores each completion, as OpenAI's grader object")
+    grader: dict[str, Any] = Field(description="the grader that scores each completion, as OpenAI's grader object "
+                                   "(checked with domain.graders.parse_grader, stored as sent)")
     eval_interval: int = Field(1, ge=1, le=MAX_STEPS_PER_EPOCH, description=(
         "every this many steps, the mean reward on the validation prompts"))
     eval_samples: int = Field(1, ge=1, le=MAX_EVAL_SAMPLES, description=(
         f"completions sampled for each validation prompt (at most {MAX_EVAL_SAMPLES})"))
 
     @model_validator(mode="after")
-    def _grader_named(self) -> GRPO:
-        kind = self.grader.get("type")
-        if kind not in GRADER_TYPES:
-            raise _at("grader.type", f"must be one of {', '.join(GRADER_TYPES)}, got {kind!r}")
+    def _grader_parses(self) -> GRPO:
+        try:
+            parse_grader(self.grader, param="grader")
+        except GraderInvalid as exc:
+            raise _at(exc.param, exc.message) from None
         return self
 
     @property

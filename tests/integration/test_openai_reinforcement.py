@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_openai_api import assert_openai_error, create_job, upload
+from tests.integration.test_openai_api import ALICE, as_, assert_openai_error, create_job, upload
 
 RFT_LINES = "".join(json.dumps({"messages": [{"role": "developer", "content": "Answer with a colour."},
                                              {"role": "user", "content": f"Colour of thing {i}?"}],
@@ -71,7 +71,7 @@ def test_auto_everything_and_reasoning_effort_noted(client, services, tiny_model
     (_method(eval_samples=0), "method.reinforcement.hyperparameters.eval_samples", ["1 to"]),
     (_method(reasoning_effort="extreme"), "method.reinforcement.hyperparameters.reasoning_effort", []),
     (_method(beta=0.1), "method.reinforcement.hyperparameters.beta", []),
-    (_method({"type": "score_model", "name": "judge", "model": "x", "input": []}),
+    (_method({"type": "score_model", "name": "j", "model": "x", "input": [{"role": "user", "content": "Rate it"}]}),
      "method.reinforcement.grader.type", ["judge"]),
     (_method({"type": "telepathy"}), "method.reinforcement.grader.type", []),
     ({"type": "reinforcement", "reinforcement": {"grader": GRADER}, "dpo": {}}, "method.dpo", ["method.reinforcement"]),
@@ -99,3 +99,27 @@ def test_a_bad_training_line_is_refused_naming_the_line(client, services, tiny_m
     response = create_job(client, tiny_model_path, file["id"], method=_method())
     assert_openai_error(response, 400, "Line 1", param="training_file", code=code)
     assert services.jobs.list_jobs(tenant="default") == []
+
+
+@pytest.fixture
+def keyed_client(settings, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from posttrain.api.app import create_app
+    from posttrain.services.access import digest
+    from posttrain.services.container import build_services
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice:{digest(ALICE)}\n")
+    settings.api_keys_file = keys
+    services = build_services(settings)
+    with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
+        yield client
+    services.close()
+
+
+def test_a_python_grader_is_refused_on_a_keyed_server(keyed_client, tiny_model_path):
+    file = upload(keyed_client, RFT_LINES, headers=as_(ALICE)).json()
+    grader = {"type": "python", "name": "py", "source": "def grade(sample, item):\n    return 1.0\n"}
+    response = create_job(keyed_client, tiny_model_path, file["id"], headers=as_(ALICE), method=_method(grader))
+    assert_openai_error(response, 400, "POSTTRAIN_ALLOW_PYTHON_GRADERS", param="method.reinforcement.grader.type")
