@@ -145,3 +145,25 @@ def test_kill_9_mid_job_resumes_from_the_newest_checkpoint(colour_model, tmp_pat
     assert steps == [3, 4, 5, 6]
     assert [e["epoch"] for e in events if e["event"] == "checkpoint"] == [1, 2, 3]
     assert events[-1]["event"] == "completed"
+
+
+def test_pause_writes_a_resume_point_and_the_job_continues_from_it(colour_model, tmp_path):
+    recipe = _grpo_recipe(beta=0.0, eval_interval=100, num_generations=4)
+    recipe["schedule"] = {"n_epochs": 1, "max_steps_per_epoch": 4}
+    spec = _spec(tmp_path, name="grpo-pause", model=colour_model, rows=_grpo_rows(tmp_path), recipe=recipe,
+                 resume_dir=str(tmp_path / "resume"))
+    proc = _start(spec, tmp_path)
+    seen = []
+    for line in proc.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "metric" and seen[-1]["step"] == 1:
+            os.kill(proc.pid, signal.SIGUSR1)
+    events, code = _finish(proc)
+    events = seen + events
+    assert code == 0 and events[-1]["event"] == "paused", events[-3:]
+    paused = events[-1]
+    assert paused["resume_point"] == f"epoch-1-step-{paused['step']}" and paused["step"] < 4
+    resumed = _run(spec, tmp_path)
+    assert resumed[0]["resumed_from"] == f"grpo-pause-epoch-1-step-{paused['step']}"
+    assert [e["step"] for e in resumed if e["event"] == "metric"] == list(range(paused["step"] + 1, 5))
+    assert resumed[-1]["event"] == "completed"

@@ -45,7 +45,10 @@ STATE_MESSAGES = {JobStatus.SCHEDULED: "Job queued", JobStatus.IN_PROGRESS: "Fin
                   JobStatus.CANCELLED: "Job cancelled", JobStatus.PAUSING: "Job pausing",
                   JobStatus.PAUSED: "Job paused"}
 #: The optional metrics a step's ``metrics`` event carries when the trainer measured them.
-STEP_EXTRAS = ("valid_loss", "valid_mean_token_accuracy")
+STEP_EXTRAS = ("valid_loss", "valid_mean_token_accuracy",
+               # a reinforcement job's (trainer/grpo.py)
+               "reward_mean", "reward_std", "valid_reward_mean", "kl", "entropy", "completion_length",
+               "clip_ratio_region")
 
 
 def _service(request: Request) -> FineTuningService:
