@@ -3,8 +3,9 @@
 The body's shape is checked by ``CreateFineTuningJob`` (closed, like OpenAI's schema); this module
 resolves OpenAI's ``"auto"`` hyperparameters to this server's choices, turns the learning-rate
 *multiplier* into a learning rate (``DEFAULT_LEARNING_RATE`` x multiplier), and refuses what the
-API can ask for and this server cannot do (reinforcement; a W&B integration the operator has not
-set up: ``wandb_run``). Every other
+API can ask for and this server cannot do (a grader type this server cannot run; a W&B integration
+the operator has not set up: ``wandb_run``). ``method.type: reinforcement`` becomes a GRPO recipe
+(``reinforcement_options``). Every other
 check is the recipe's; its refusals come back with the field spelled as the body spells it
 (``optimizer.lr`` -> ``method.supervised.hyperparameters.learning_rate_multiplier``).
 """
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
+from posttrain.domain.graders import Grader, GraderInvalid, parse_grader
 from posttrain.domain.recipes import (
     DEFAULT_LEARNING_RATE,
     DEFAULT_SEED,
@@ -35,6 +37,14 @@ AUTO_N_EPOCHS = 3
 AUTO_BATCH_SIZE = 4
 AUTO_LEARNING_RATE_MULTIPLIER = 1.0
 AUTO_BETA, MAX_BETA = 0.1, 2.0
+#: Reinforcement: completions sampled per prompt at compute_multiplier 1 (the multiplier scales it,
+#: at least 2 and at most MAX_GENERATIONS_HERE), validation samples and eval interval for "auto",
+#: and the completion length a job samples up to.
+AUTO_GENERATIONS, MAX_GENERATIONS_HERE = 4, 64
+AUTO_EVAL_SAMPLES, AUTO_EVAL_INTERVAL = 4, 1
+MAX_EVAL_SAMPLES_HERE = 64
+RFT_MAX_COMPLETION_LENGTH = 256
+MAX_COMPUTE_MULTIPLIER = 10.0
 #: OpenAI's own bounds on each hyperparameter, kept so a body valid there is valid here.
 MAX_N_EPOCHS, MAX_BATCH_SIZE, MAX_MULTIPLIER = 50, 256, 10.0
 MAX_SUFFIX = 64
@@ -59,6 +69,20 @@ class DpoHyperparameters(Hyperparameters):
     beta: Auto | StrictFloat | StrictInt | None = None
 
 
+class ReinforcementHyperparameters(Hyperparameters):
+    compute_multiplier: Auto | StrictFloat | StrictInt | None = Field(
+        None, description=f"scales the completions sampled per prompt ({AUTO_GENERATIONS} at 1); above 0, at most "
+        f"{MAX_COMPUTE_MULTIPLIER}, or auto (1)")
+    eval_interval: Auto | StrictInt | None = None
+    eval_samples: Auto | StrictInt | None = None
+    reasoning_effort: Literal["default", "low", "medium", "high"] | None = None
+
+
+class ReinforcementMethod(_Closed):
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class SupervisedMethod(_Closed):
     hyperparameters: Hyperparameters | None = None
 
@@ -71,7 +95,7 @@ class Method(_Closed):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: ReinforcementMethod | None = None
 
 
 class CreateFineTuningJob(_Closed):
@@ -96,12 +120,16 @@ class Refusal(RecipeInvalid):
         self.param = param
 
 
-def method_of(body: CreateFineTuningJob) -> Literal["supervised", "dpo"]:
+def method_of(body: CreateFineTuningJob) -> Literal["supervised", "dpo", "reinforcement"]:
     """The training method the body asks for, refusing those this server has not."""
     kind = body.method.type if body.method else "supervised"
-    if kind == "reinforcement":
-        raise Refusal("method.type", "reinforcement fine-tuning needs graders, which this server does not have; "
-                      "use supervised or dpo")
+    if kind == "reinforcement" and (body.method is None or body.method.reinforcement is None):
+        raise Refusal("method.reinforcement", "a reinforcement job needs method.reinforcement with its grader")
+    if kind == "reinforcement" and body.hyperparameters is not None:
+        raise Refusal("hyperparameters", "a reinforcement job takes its hyperparameters in "
+                      "method.reinforcement.hyperparameters")
+    if kind == "reinforcement" and body.method is not None and body.method.reinforcement is not None:
+        check_grader(body.method.reinforcement.grader)
     for other in ("supervised", "dpo", "reinforcement"):
         if body.method is not None and other != kind and getattr(body.method, other) is not None:
             raise Refusal(f"method.{other}", f"method.type is {kind!r}: send its options in method.{kind}, "
@@ -109,6 +137,15 @@ def method_of(body: CreateFineTuningJob) -> Literal["supervised", "dpo"]:
     if body.metadata is not None:
         check_metadata(body.metadata)
     return kind
+
+
+def check_grader(grader: dict[str, Any], *, param: str = "method.reinforcement.grader") -> None:
+    """Refuse a grader object that cannot be run, naming its field (``domain.graders.parse_grader``);
+    what this server allows to run (python, score_model) is the service's ``check_grader_allowed``."""
+    try:
+        parse_grader(grader, param=param)
+    except GraderInvalid as exc:
+        raise Refusal(exc.param, exc.message) from None
 
 
 #: What each W&B integration's ``wandb`` object may hold (OpenAI's ``FineTuningIntegration``).
@@ -191,6 +228,8 @@ def _hyperparameters(body: CreateFineTuningJob) -> tuple[Hyperparameters, str]:
         nested = method.supervised.hyperparameters
     elif method is not None and kind == "dpo" and method.dpo:
         nested = method.dpo.hyperparameters
+    elif method is not None and kind == "reinforcement" and method.reinforcement:
+        nested = method.reinforcement.hyperparameters or ReinforcementHyperparameters()
     if body.hyperparameters is not None and nested is not None:
         raise Refusal("hyperparameters", f"send the hyperparameters in method.{kind}.hyperparameters only "
                       "(the top-level field is OpenAI's deprecated spelling)")
@@ -224,7 +263,35 @@ def resolved_hyperparameters(body: CreateFineTuningJob) -> tuple[dict[str, Any],
         if not 0 < beta <= MAX_BETA:
             raise Refusal(f"{where}.beta", f"must be above 0 and at most {MAX_BETA}, or 'auto', got {beta}")
         resolved["beta"] = beta
+    if body.method is not None and body.method.type == "reinforcement":
+        resolved |= _reinforcement_hyperparameters(asked, where)
     return resolved, where
+
+
+def _reinforcement_hyperparameters(asked: Hyperparameters, where: str) -> dict[str, Any]:
+    compute = getattr(asked, "compute_multiplier", None)
+    compute = 1.0 if compute in (None, "auto") else float(compute)
+    if not 0 < compute <= MAX_COMPUTE_MULTIPLIER:
+        raise Refusal(f"{where}.compute_multiplier",
+                      f"must be above 0 and at most {MAX_COMPUTE_MULTIPLIER}, or 'auto', got {compute}")
+    interval = getattr(asked, "eval_interval", None)
+    interval = AUTO_EVAL_INTERVAL if interval in (None, "auto") else interval
+    samples = getattr(asked, "eval_samples", None)
+    samples = AUTO_EVAL_SAMPLES if samples in (None, "auto") else samples
+    assert isinstance(interval, int) and isinstance(samples, int)
+    if interval < 1:
+        raise Refusal(f"{where}.eval_interval", f"must be at least 1 or 'auto', got {interval}")
+    if not 1 <= samples <= MAX_EVAL_SAMPLES_HERE:
+        raise Refusal(f"{where}.eval_samples", f"must be 1 to {MAX_EVAL_SAMPLES_HERE} or 'auto', got {samples}")
+    effort = getattr(asked, "reasoning_effort", None) or "default"
+    return {"compute_multiplier": compute, "eval_interval": interval, "eval_samples": samples,
+            "reasoning_effort": effort}
+
+
+def num_generations(compute_multiplier: float) -> int:
+    """Completions sampled per prompt: ``AUTO_GENERATIONS`` times the compute multiplier, rounded,
+    within 2 (a group needs two to compare) and ``MAX_GENERATIONS_HERE``."""
+    return max(2, min(MAX_GENERATIONS_HERE, round(AUTO_GENERATIONS * compute_multiplier)))
 
 
 def submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, dataset_id: str,
@@ -242,8 +309,13 @@ def submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, dataset_
              "optimizer.lr": f"{where}.learning_rate_multiplier", "dpo.beta": f"{where}.beta", "seed": "seed",
              "model": "model", "dataset_id": "training_file", "validation_dataset_id": "validation_file"}
     dpo = "beta" in hyper
-    recipe = {
-        "method": (JobKind.DPO if dpo else JobKind.SFT).value,
+    reinforcement = body.method is not None and body.method.reinforcement is not None \
+        and body.method.type == "reinforcement"
+    names |= {"grpo.num_generations": f"{where}.compute_multiplier", "grpo.eval_interval": f"{where}.eval_interval",
+              "grpo.eval_samples": f"{where}.eval_samples", "grpo.grader": "method.reinforcement.grader"}
+    kind = JobKind.GRPO if reinforcement else JobKind.DPO if dpo else JobKind.SFT
+    recipe: dict[str, Any] = {
+        "method": kind.value,
         "schedule": {"n_epochs": hyper["n_epochs"], "max_steps_per_epoch": max(1, math.ceil(train_rows / batch)),
                      "max_validation_steps": max(1, math.ceil((validation_rows or train_rows) / batch))},
         "data": {"batch_size": batch, "shuffle": True, "data_format": "dialog"},
@@ -253,6 +325,16 @@ def submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, dataset_
     }
     if dpo:
         recipe["dpo"] = {"beta": hyper["beta"], "loss_type": "sigmoid"}
+    if reinforcement:
+        assert body.method is not None and body.method.reinforcement is not None
+        recipe["grpo"] = {"grader": body.method.reinforcement.grader,
+                          "num_generations": num_generations(hyper["compute_multiplier"]),
+                          "eval_interval": hyper["eval_interval"], "eval_samples": hyper["eval_samples"],
+                          "max_completion_length": RFT_MAX_COMPLETION_LENGTH}
+        if hyper["reasoning_effort"] != "default":
+            note = (f"reasoning_effort {hyper['reasoning_effort']!r} has no effect here: the model samples its "
+                    "answer as it is, with no separate reasoning budget")
+            recipe["notes"] = [note]
     if wandb is not None:
         recipe["wandb"] = wandb.model_dump()
     try:
@@ -270,10 +352,21 @@ def submission(body: CreateFineTuningJob, *, job_uuid: str, model: str, dataset_
 
 def method_object(body: CreateFineTuningJob, hyperparameters: dict[str, Any]) -> dict[str, Any]:
     """The job's ``method`` as OpenAI shows it: the values this job trains with."""
+    if body.method is not None and body.method.type == "reinforcement" and body.method.reinforcement is not None:
+        return {"type": "reinforcement", "reinforcement": {"grader": body.method.reinforcement.grader,
+                                                           "hyperparameters": hyperparameters}}
     kind = "dpo" if "beta" in hyperparameters else "supervised"
     return {"type": kind, kind: {"hyperparameters": hyperparameters}}
 
 
+def grader_of(body: CreateFineTuningJob) -> Grader | None:
+    """The reinforcement method's grader, parsed (``method_of`` has checked it), or None."""
+    if body.method is None or body.method.type != "reinforcement" or body.method.reinforcement is None:
+        return None
+    return parse_grader(body.method.reinforcement.grader, param="method.reinforcement.grader")
+
+
 def top_level_hyperparameters(hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """The job's (deprecated) top-level ``hyperparameters``: OpenAI's shape has no beta."""
-    return {key: value for key, value in hyperparameters.items() if key != "beta"}
+    """The job's (deprecated) top-level ``hyperparameters``: OpenAI's shape has only these three."""
+    return {key: value for key, value in hyperparameters.items()
+            if key in ("n_epochs", "batch_size", "learning_rate_multiplier")}

@@ -9,6 +9,10 @@ and returns the rows in the layouts of ``domain.rows``, so the trainer needs not
 - supervised: ``{"messages": [{"role", "content"[, "weight": 0]}]}`` (a dialog row). An assistant
   message with ``"weight": 0`` is kept in the text but not trained on (its tokens get no label).
 - dpo: ``{"prompt": [{"role", "content"}], "chosen": str, "rejected": str}`` (a preference row).
+- reinforcement: ``{"messages": [{"role", "content"}], <reference fields>}`` as OpenAI's reinforcement
+  lines are: the chat the model answers (its last message the user's or developer's: the model
+  writes the answer, so none is given) and any further top-level fields the grader reads as
+  ``{{item.<field>}}`` (kept as they are). The GRPO trainer reads these rows directly.
 
 Choices, and why:
 
@@ -198,18 +202,39 @@ def _preference(example: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def check_fine_tuning_lines(lines: Iterable[str], method: Literal["supervised", "dpo"], *,
+def _reinforcement(example: dict[str, Any]) -> dict[str, Any]:
+    if "messages" not in example:
+        raise _Bad("messages", "missing_messages", "'messages' is missing")
+    for key in _TOOL_KEYS:
+        if example.get(key) is not None:
+            raise _unsupported(key, "tools and functions")
+    last_role = example["messages"][-1].get("role") if isinstance(example["messages"], list) and \
+        example["messages"] and isinstance(example["messages"][-1], dict) else None
+    messages = _messages(example["messages"], param="messages", weighted=False)
+    if last_role not in ("user", "developer"):
+        raise _Bad(f"messages[{len(messages) - 1}].role", "invalid_last_message",
+                   "the last message must be the user's (or developer's): the model writes the answer, which "
+                   "the grader scores; put the reference answer in a field of its own")
+    return {**{k: v for k, v in example.items() if k not in _TOOL_KEYS}, "messages": messages}
+
+
+Method = Literal["supervised", "dpo", "reinforcement"]
+_CONVERTERS = {"supervised": _supervised, "dpo": _preference, "reinforcement": _reinforcement}
+
+
+def check_fine_tuning_lines(lines: Iterable[str], method: Method, *,
                             min_examples: int = MIN_EXAMPLES) -> list[dict[str, Any]]:
     """The examples of an OpenAI fine-tuning JSONL file as our trainer's rows, in file order.
 
     ``lines`` are the file's lines (with or without their newlines). Supervised rows come back as
     ``{"messages": [{"role", "content"[, "weight": 0]}]}``, DPO rows as ``{"prompt": [messages],
-    "chosen": str, "rejected": str}``. Raises ``FineTuningFileInvalid`` for the first broken line
+    "chosen": str, "rejected": str}``, reinforcement rows as ``{"messages": [...], <fields>}``.
+    Raises ``FineTuningFileInvalid`` for the first broken line
     (and for a file with fewer than ``min_examples`` examples, on line 0); never another exception.
     """
-    if method not in ("supervised", "dpo"):
+    if method not in _CONVERTERS:
         raise ValueError(f"unknown fine-tuning method {method!r}")
-    convert = _supervised if method == "supervised" else _preference
+    convert = _CONVERTERS[method]
     rows: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

@@ -20,12 +20,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain.domain.graders import GraderInvalid, parse_grader
 from posttrain.domain.pins import PathPin
 from posttrain.errors import RecipeInvalid
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 AttentionModule = Literal["q_proj", "k_proj", "v_proj", "output_proj"]
 DPOLossType = Literal["sigmoid", "hinge", "ipo", "kto_pair"]
+GRPOLossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
+GRPOScaleRewards = Literal["group", "batch", "none"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
 DataFormat = Literal["instruct", "dialog"]
 OptimizerType = Literal["adam", "adamw", "sgd"]
 
@@ -56,6 +60,7 @@ class JobKind(str, enum.Enum):
 
     SFT = "sft"
     DPO = "dpo"
+    GRPO = "grpo"
 
 
 class RecipePart(BaseModel):
@@ -142,6 +147,53 @@ class DPOLoss(RecipePart):
     loss_type: DPOLossType = "sigmoid"
 
 
+#: Bounds of a GRPO job's sampling: completions a prompt, tokens a completion, validation samples.
+MAX_GENERATIONS = 256
+MAX_COMPLETION_LENGTH = 32768
+MAX_EVAL_SAMPLES = 64
+
+
+class GRPO(RecipePart):
+    """Group relative policy optimization (TRL's ``GRPOTrainer`` formulas, ``trainer/grpo_loss.py``):
+    each step samples ``num_generations`` completions of each prompt, scores them with ``grader``,
+    and pushes up the completions that scored above their group's mean."""
+
+    num_generations: int = Field(4, ge=2, le=MAX_GENERATIONS, description=(
+        f"completions sampled per prompt, the group each one's advantage is relative to (2 to {MAX_GENERATIONS})"))
+    beta: float = Field(0.0, ge=0, le=100, description="weight of the per-token KL to the reference (0: no "
+                        "reference model is run)")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="the ratio's lower clip: 1 - epsilon")
+    epsilon_high: float | None = Field(None, gt=0, le=10, description="the ratio's upper clip: 1 + epsilon_high "
+                                       "(DAPO's clip-higher); None: epsilon")
+    loss_type: GRPOLossType = Field("dapo", description="how the per-token losses are averaged (TRL's names)")
+    scale_rewards: GRPOScaleRewards = Field("group", description="divide the advantages by the group's reward "
+                                            "std, the batch's, or not at all")
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature (also divides the logits "
+                               "the loss scores)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's probability mass")
+    max_completion_length: int = Field(256, ge=1, le=MAX_COMPLETION_LENGTH, description=(
+        f"tokens a sampled completion at most (at most {MAX_COMPLETION_LENGTH})"))
+    grader: dict[str, Any] = Field(description="the grader that scores each completion, as OpenAI's grader object "
+                                   "(checked with domain.graders.parse_grader, stored as sent)")
+    eval_interval: int = Field(1, ge=1, le=MAX_STEPS_PER_EPOCH, description=(
+        "every this many steps, the mean reward on the validation prompts"))
+    eval_samples: int = Field(1, ge=1, le=MAX_EVAL_SAMPLES, description=(
+        f"completions sampled for each validation prompt (at most {MAX_EVAL_SAMPLES})"))
+
+    @model_validator(mode="after")
+    def _grader_parses(self) -> GRPO:
+        try:
+            parse_grader(self.grader, param="grader")
+        except GraderInvalid as exc:
+            raise _at(exc.param, exc.message) from None
+        return self
+
+    @property
+    def upper_epsilon(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
 #: The adapter a DPO job trains when its door offers no LoRA options (Llama Stack's DPO request has
 #: none): the architecture's default attention targets, so the reference model is the same weights
 #: with the adapter switched off and never a second copy in memory.
@@ -192,6 +244,7 @@ class Recipe(RecipePart):
     adapter: LoRA | None = Field(None, description="None: every weight trains (a full fine-tune)")
     qat: QAT | None = None
     dpo: DPOLoss | None = None
+    grpo: GRPO | None = None
     tensorboard: bool = Field(False, description="write TensorBoard event files next to the checkpoints")
     wandb: WandbRun | None = Field(None, description="also log the metrics to this Weights & Biases run "
                                    "(where to, offline or online, is the worker's POSTTRAIN_WANDB_MODE)")
@@ -207,8 +260,12 @@ class Recipe(RecipePart):
     def _method_fits(self) -> Recipe:
         if self.adapter is not None and self.qat is not None:
             raise _at("qat", "a QAT job is a full fine-tune and takes no LoRA adapter")
-        if self.method is JobKind.SFT and self.dpo is not None:
+        if self.method is not JobKind.DPO and self.dpo is not None:
             raise _at("dpo", "only a DPO job takes DPO options")
+        if self.method is not JobKind.GRPO and self.grpo is not None:
+            raise _at("grpo", "only a GRPO job takes GRPO options")
+        if self.method is JobKind.GRPO:
+            self._grpo_fits()
         if self.method is JobKind.DPO:
             if self.dpo is None:
                 raise _at("dpo", "a DPO job needs its DPO options (beta, loss_type)")
@@ -224,6 +281,25 @@ class Recipe(RecipePart):
                           "answers' log-probabilities; the prompt is never trained on); send train_on_input: false "
                           "or leave it out")
         return self
+
+    def _grpo_fits(self) -> None:
+        if self.grpo is None:
+            raise _at("grpo", "a GRPO job needs its GRPO options (num_generations, grader, ...)")
+        if self.qat is not None:
+            raise _at("qat", "not supported for reinforcement fine-tuning")
+        if self.data.packed:
+            raise _at("data.packed", "not supported for reinforcement fine-tuning (completions are sampled, "
+                      "not packed); send packed: false or leave it out")
+        if self.data.train_on_input:
+            raise _at("data.train_on_input", "not supported for reinforcement fine-tuning (only the sampled "
+                      "completions are trained on)")
+        if self.adapter is None and self.grpo.beta > 0:
+            raise _at("grpo.beta", "a full fine-tune with beta > 0 would hold a second, frozen copy of the model "
+                      "as its reference; train a LoRA adapter (its reference is the base with the adapter off) "
+                      "or set beta to 0")
+        if self.data.batch_size * self.grpo.num_generations > MAX_BATCH_SIZE:
+            raise _at("data.batch_size", f"batch_size x num_generations completions a micro-batch is at most "
+                      f"{MAX_BATCH_SIZE}")
 
     @property
     def is_lora(self) -> bool:

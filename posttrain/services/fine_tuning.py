@@ -44,7 +44,8 @@ def new_openai_job_id() -> str:
     return "ftjob-" + secrets.token_hex(12)
 
 
-def training_rows(lines: Iterable[str], method: Literal["supervised", "dpo"], *, param: str) -> list[dict[str, Any]]:
+def training_rows(lines: Iterable[str], method: Literal["supervised", "dpo", "reinforcement"], *,
+                  param: str) -> list[dict[str, Any]]:
     """The internal rows of an OpenAI fine-tuning file, or a refusal naming the line.
 
     ``domain/openai_rows.py`` reads the format (chat rows for ``supervised``, OpenAI's preference
@@ -56,6 +57,8 @@ def training_rows(lines: Iterable[str], method: Literal["supervised", "dpo"], *,
     except FineTuningFileInvalid as exc:
         where = f" ({exc.param})" if exc.param else ""
         raise FileInvalid(f"{param}: {exc.message}{where}", param=param, code=exc.code) from None
+    if method == "reinforcement":  # prompts and reference fields, read by the GRPO trainer as they are
+        return rows
     try:
         require_known_layouts(rows)
     except RowFormatError as exc:
@@ -85,7 +88,7 @@ class FineTuningService:
         self.settings = settings
 
     def create(self, *, tenant: str, job_uuid: str, model: str, training_file: str, validation_file: str | None,
-               method: Literal["supervised", "dpo"], build: SubmissionBuilder, openai: dict[str, Any]) -> Job:
+               method: Literal["supervised", "dpo", "reinforcement"], build: SubmissionBuilder, openai: dict[str, Any]) -> Job:
         """Check the model and files, then submit the job ``build`` makes of them; ``openai`` is kept
         in the job's request. A refusal leaves nothing behind."""
         known = resolve_base_model(model, self.settings)

@@ -65,6 +65,7 @@ def _wait_warm() -> str | None:
     import transformers  # noqa: F401
 
     import posttrain.trainer.dpo
+    import posttrain.trainer.grpo
     import posttrain.trainer.sft  # noqa: F401
 
     arrived.wait()
@@ -89,6 +90,10 @@ def _run(spec: TrainerSpec, *, reporter, stop) -> str:
         from posttrain.trainer.dpo import run_dpo
 
         return run_dpo(spec=spec, reporter=reporter, stop=stop)
+    if spec.recipe.method is JobKind.GRPO:
+        from posttrain.trainer.grpo import run_grpo
+
+        return run_grpo(spec=spec, reporter=reporter, stop=stop)
     from posttrain.trainer.sft import run_sft
 
     return run_sft(spec=spec, reporter=reporter, stop=stop)

@@ -260,7 +260,7 @@ def test_jobs_list_newest_first_with_paging_and_metadata_filter_and_llama_stack_
      "method.supervised.hyperparameters.batch_size", ["1 to 256"]),
     ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier", ["above 0"]),
     ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs", []),
-    ({"method": {"type": "reinforcement"}}, "method.type", ["graders"]),
+    ({"method": {"type": "reinforcement"}}, "method.reinforcement", ["grader"]),
     ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, "method.dpo.hyperparameters.beta",
      ["above 0"]),
     ({"method": {"type": "dpo"}, "hyperparameters": {"n_epochs": 1}}, "hyperparameters", ["method.dpo"]),

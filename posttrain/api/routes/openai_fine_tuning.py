@@ -16,6 +16,7 @@ from posttrain.api import openai_recipes
 from posttrain.api.deps import TenantDep
 from posttrain.api.json_body import StrictJSONRoute
 from posttrain.api.openai_recipes import CreateFineTuningJob
+from posttrain.domain.graders import GraderInvalid
 from posttrain.domain.jobs import Job, JobEvent, JobKind, JobStatus
 from posttrain.domain.recipes import DEFAULT_LEARNING_RATE
 from posttrain.services.fine_tuning import (
@@ -26,6 +27,7 @@ from posttrain.services.fine_tuning import (
     openai_fields,
     trained_tokens,
 )
+from posttrain.services.graders import check_grader_allowed
 from posttrain.services.model_names import base_name_of, checkpoint_model_id, fine_tuned_model_id
 
 router = APIRouter(tags=["OpenAI Fine-tuning"], route_class=StrictJSONRoute)
@@ -43,7 +45,10 @@ STATE_MESSAGES = {JobStatus.SCHEDULED: "Job queued", JobStatus.IN_PROGRESS: "Fin
                   JobStatus.CANCELLED: "Job cancelled", JobStatus.PAUSING: "Job pausing",
                   JobStatus.PAUSED: "Job paused"}
 #: The optional metrics a step's ``metrics`` event carries when the trainer measured them.
-STEP_EXTRAS = ("valid_loss", "valid_mean_token_accuracy")
+STEP_EXTRAS = ("valid_loss", "valid_mean_token_accuracy",
+               # a reinforcement job's (trainer/grpo.py)
+               "reward_mean", "reward_std", "valid_reward_mean", "kl", "entropy", "completion_length",
+               "clip_ratio_region")
 
 
 def _service(request: Request) -> FineTuningService:
@@ -66,7 +71,7 @@ def _llama_stack_fields(job: Job) -> dict[str, Any]:
     if recipe is not None:
         hyper = {"n_epochs": recipe.schedule.n_epochs, "batch_size": recipe.data.batch_size,
                  "learning_rate_multiplier": recipe.optimizer.lr / DEFAULT_LEARNING_RATE}
-    kind = "dpo" if job.kind is JobKind.DPO else "supervised"
+    kind = {JobKind.DPO: "dpo", JobKind.GRPO: "reinforcement"}.get(job.kind, "supervised")
     method_hyper = {**hyper, "beta": recipe.dpo.beta} if recipe is not None and recipe.dpo is not None else hyper
     return {"model": model, "training_file": data.get("dataset_id", ""),
             "validation_file": data.get("validation_dataset_id"), "suffix": None, "metadata": None,
@@ -210,6 +215,13 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 def create_job(body: CreateFineTuningJob, service: FineTuningDep, tenant: TenantDep) -> dict[str, Any]:
     """Create a fine-tuning job on an uploaded training file (supervised: chat rows; dpo: preference rows)."""
     method = openai_recipes.method_of(body)
+    grader = openai_recipes.grader_of(body)
+    if grader is not None:  # what this server runs: python graders by the operator's leave, no score_model
+        try:
+            check_grader_allowed(grader, service.settings, keys_on=service.settings.api_keys_file is not None,
+                                 param="method.reinforcement.grader")
+        except GraderInvalid as exc:
+            raise openai_recipes.Refusal(exc.param, exc.message) from None
     wandb = openai_recipes.wandb_run(body, mode=service.settings.wandb_mode)
     hyperparameters, _ = openai_recipes.resolved_hyperparameters(body)
     job_uuid = new_openai_job_id()

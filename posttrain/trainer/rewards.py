@@ -1,0 +1,40 @@
+"""A GRPO job's rewards: its grader (the recipe's JSON object, ``domain.graders.parse_grader``) run
+over the sampled completions by ``trainer.grading.score_batch`` (python graders in their sandbox, one
+call a batch; a grader that fails scores 0 with the reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.domain.graders import make_sample, parse_grader
+from posttrain.trainer.grading import score_batch
+
+
+@dataclass
+class Scores:
+    """Each completion's reward, each named (sub-)grader's scores, and why any completion scored 0."""
+
+    rewards: list[float]
+    per_grader: dict[str, list[float]] = field(default_factory=dict)
+    errors: list[str | None] = field(default_factory=list)
+
+
+Scorer = Callable[[list[str], list[dict[str, Any]]], Scores]
+
+
+def scorer_for(grader: dict[str, Any]) -> Scorer:
+    """The function that scores completions (texts) against their training lines (items)."""
+    parsed = parse_grader(grader)
+
+    def score(texts: list[str], items: list[dict[str, Any]]) -> Scores:
+        results = score_batch(parsed, [make_sample(t) for t in texts], items)
+        per: dict[str, list[float]] = {}
+        for result in results:
+            for name, value in result.per_grader.items():
+                per.setdefault(name, []).append(float(value))
+        return Scores(rewards=[float(r.score) for r in results], per_grader=per, errors=[r.error for r in results])
+
+    return score
