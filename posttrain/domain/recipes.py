@@ -428,6 +428,9 @@ class TrainerSpec(RecipePart):
     #: How this worker logs a recipe's ``wandb`` run (``POSTTRAIN_WANDB_MODE``), and where its files go.
     wandb_mode: Literal["off", "offline", "online"] = "off"
     wandb_dir: str | None = None
+    #: What a python grader's sandbox hides (the server's data folder, file roots, a SQLite store
+    #: elsewhere, the W&B folder): the tenant's code must not read the server's or other tenants' files.
+    grader_hidden_paths: tuple[str, ...] = ()
 
     @property
     def recipe(self) -> Recipe:

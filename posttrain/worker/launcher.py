@@ -84,6 +84,8 @@ class LaunchConfig:
     #: ``POSTTRAIN_WANDB_MODE`` and ``POSTTRAIN_WANDB_DIR``, for the jobs whose recipe asks for a W&B run.
     wandb_mode: Literal["off", "offline", "online"] = "off"
     wandb_dir: str | None = None
+    #: ``Settings.grader_hidden_paths``: what a GRPO job's python grader may not see.
+    grader_hidden_paths: tuple[str, ...] = ()
     python: str = sys.executable
     #: What ``python -m`` runs: the trainer, or in tests a stand-in speaking its protocol
     #: (docs/trainer-protocol.md) without the training stack.
@@ -173,6 +175,7 @@ class Launcher:
             keep_checkpoints=self._keep(),
             wandb_mode=self.config.wandb_mode,
             wandb_dir=self.config.wandb_dir,
+            grader_hidden_paths=self.config.grader_hidden_paths,
         )
         path = folder / f"spec-attempt-{self.attempt}.json"
         path.write_text(spec.model_dump_json(indent=2))

@@ -125,4 +125,5 @@ def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.se
         max_checkpoints_per_job=settings.max_checkpoints_per_job,
         wandb_mode=settings.wandb_mode,
         wandb_dir=str(settings.resolved_wandb_dir),
+        grader_hidden_paths=tuple(settings.grader_hidden_paths),
     )
