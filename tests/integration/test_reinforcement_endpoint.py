@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from tests.integration.test_api import assert_problem, register
+from tests.integration.test_openai_api import keyed_client  # noqa: F401 - a fixture
 
 PATH = "/v1/posttrain/reinforcement-fine-tune"
 GRADER = {"type": "string_check", "name": "is_red", "input": "{{sample.output_text}}",
@@ -98,3 +99,20 @@ def test_unknown_dataset_and_missing_grader(client, services, tiny_model_path):
     del body["grader"]
     assert_problem(client.post(PATH, json=body), 400, "grader")
     assert services.jobs.list(tenant="default") == []
+
+
+def test_on_a_keyed_server_python_graders_are_refused_and_datasets_stay_the_tenants(keyed_client, tiny_model_path):  # noqa: F811
+    from tests.integration.test_openai_api import ALICE, BOB, as_
+
+    registered = keyed_client.post("/v1/datasets", headers=as_(ALICE), json={
+        "purpose": "post-training/messages", "dataset_id": "alice-rft", "source": {"type": "rows", "rows": ROWS}})
+    assert registered.status_code == 200, registered.text
+    python = {"type": "python", "name": "py", "source": "def grade(sample, item):\n    return 1.0\n"}
+    refused = keyed_client.post(PATH, headers=as_(ALICE), json=rft_request(str(tiny_model_path), "alice-rft",
+                                                                           grader=python))
+    assert_problem(refused, 400, "grader.type", "POSTTRAIN_ALLOW_PYTHON_GRADERS")
+    assert keyed_client.post(PATH, json=rft_request(str(tiny_model_path), "alice-rft")).status_code == 401
+    theirs = keyed_client.post(PATH, headers=as_(BOB), json=rft_request(str(tiny_model_path), "alice-rft"))
+    assert_problem(theirs, 400, "no dataset with id 'alice-rft'")
+    assert keyed_client.get("/v1/post-training/jobs", headers=as_(ALICE)).json()["data"] == []
+    assert keyed_client.get("/v1/post-training/jobs", headers=as_(BOB)).json()["data"] == []
