@@ -310,7 +310,7 @@ def test_pause_and_resume_a_running_job_from_its_page(server, colours, page):
 
 
 def test_a_reinforcement_jobs_page_draws_its_reward_curve_next_to_the_loss(server, page):
-    from tests.acceptance.test_reinforcement_end_to_end import ROWS
+    from tests.acceptance.test_reinforcement_own_endpoint import ROWS
     from tests.integration.test_reinforcement_endpoint import PATH, rft_request
 
     assert server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": "rft-ui",

@@ -1,63 +1,44 @@
-"""A reinforcement job through our own endpoint on a real ``posttrain serve`` process: the real GRPO
-trainer runs it on a tiny model, its reward numbers arrive on the SSE events stream, and the Llama
-Stack status shows its checkpoint like any other job's."""
+"""An OpenAI reinforcement job on a real ``posttrain serve`` with its local worker: the file is
+uploaded, the job created over HTTP, trained by a GRPO trainer process to the end, and its events
+carry the rewards the grader gave."""
 
 from __future__ import annotations
 
 import json
-import uuid
+import time
 
-import httpx
 import pytest
 
-from tests.acceptance.test_serve_end_to_end import _wait_for
-from tests.integration.test_reinforcement_endpoint import PATH, rft_request
+pytestmark = pytest.mark.slow
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
-
-ROWS = [{"messages": [{"role": "user", "content": "Pick a colour."}], "answer": colour}
-        for colour in ("red", "blue", "red", "green")]
+LINES = "".join(json.dumps({"messages": [{"role": "user", "content": f"Pick a colour for thing {i}."}],
+                            "answer": "red"}) + "\n" for i in range(4)).encode()
+GRADER = {"type": "string_check", "name": "is_red", "input": "{{sample.output_text}}",
+          "reference": "{{item.answer}}", "operation": "like"}
 
 
-def test_a_reinforcement_job_streams_its_rewards_and_has_checkpoints(live_server):
-    suffix = uuid.uuid4().hex[:6]
-    for name in ("train", "valid"):
-        response = live_server.post("/v1/datasets", json={"purpose": "post-training/messages",
-                                                          "dataset_id": f"rft-{name}-{suffix}",
-                                                          "source": {"type": "rows", "rows": ROWS}})
-        assert response.status_code == 200, response.text
-    body = rft_request(str(live_server.tiny_model_path), f"rft-train-{suffix}",
-                       grpo={"num_generations": 2, "beta": 0.04, "max_completion_length": 4, "eval_interval": 1,
-                             "eval_samples": 1})
-    body["training_config"]["data_config"]["validation_dataset_id"] = f"rft-valid-{suffix}"
-    assert live_server.post(PATH, json=body).status_code == 200
-    received: list[tuple[str | None, dict]] = []
-    with httpx.stream("GET", live_server.base_url + "/v1/post-training/job/events", params={"job_uuid": body["job_uuid"]},
-                      headers={"Accept": "text/event-stream"}, timeout=300) as response:
-        kind = None
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                kind = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                received.append((kind, json.loads(line.removeprefix("data: "))))
-    assert received[-1] == ("end", {"status": "completed"}), received[-3:]
-    metrics = [event["data"] for kind, event in received if kind == "metric"]
-    assert [m["step"] for m in metrics] == [1, 2]
-    for metric in metrics:
-        assert 0 <= metric["reward_mean"] <= 1 and metric["reward_std"] >= 0 and 0 <= metric["reward/is_red"] <= 1
-        assert sorted(metric) and metric["kl"] >= 0 and metric["completion_length"] > 0 and "valid_reward_mean" in metric
-    final = _wait_for(live_server, body["job_uuid"], {"completed", "failed", "cancelled"})
-    assert final["status"] == "completed" and [c["epoch"] for c in final["checkpoints"]] == [1]
-    (checkpoint,) = final["checkpoints"]
-    # The spec's training_metrics need a validation loss, which a GRPO job does not have: left out.
-    assert checkpoint["path"].endswith("epoch_1") and "training_metrics" not in checkpoint
-
-    # OpenAI's views of the same job carry the rewards too.
-    (opened,) = live_server.get(f"/v1/fine_tuning/jobs/{body['job_uuid']}/checkpoints").json()["data"]
-    epoch_mean = sum(m["reward_mean"] for m in metrics) / 2
-    assert opened["metrics"]["train_reward_mean"] == pytest.approx(epoch_mean)
-    assert opened["metrics"]["valid_reward_mean"] == metrics[-1]["valid_reward_mean"]
-    events = live_server.get(f"/v1/fine_tuning/jobs/{body['job_uuid']}/events", params={"limit": 100}).json()["data"]
-    steps = [e["data"] for e in events if e["type"] == "metrics"]
-    assert sorted(s["step"] for s in steps) == [1, 2] and all("reward_mean" in s and "kl" in s for s in steps)
+def test_an_openai_reinforcement_job_trains_to_the_end(live_server):
+    uploaded = live_server.post("/v1/files", files={"file": ("rft.jsonl", LINES, "application/jsonl")},
+                                data={"purpose": "fine-tune"})
+    assert uploaded.status_code == 200, uploaded.text
+    created = live_server.post("/v1/fine_tuning/jobs", json={
+        "model": live_server.tiny_model_path.name, "training_file": uploaded.json()["id"],
+        "method": {"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {
+            "n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5, "eval_interval": 2, "eval_samples": 1}}}})
+    assert created.status_code == 200, created.text
+    job_id = created.json()["id"]
+    deadline, job = time.monotonic() + 540, created.json()
+    while time.monotonic() < deadline and job["status"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.5)
+        job = live_server.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    if job["status"] != "succeeded":
+        events = live_server.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+        raise AssertionError(f"{job}\n{[e['message'] for e in events]}")
+    assert job["method"]["type"] == "reinforcement"
+    events = live_server.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    assert sorted(m["step"] for m in metrics) == [1, 2]
+    assert all(0 <= m["reward_mean"] <= 1 and m["completion_length"] >= 1 for m in metrics)
+    assert [m for m in metrics if m["step"] == 2][0]["valid_reward_mean"] is not None
+    checkpoints = live_server.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert len(checkpoints) == 1
