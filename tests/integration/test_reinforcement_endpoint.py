@@ -116,3 +116,16 @@ def test_on_a_keyed_server_python_graders_are_refused_and_datasets_stay_the_tena
     assert_problem(theirs, 400, "no dataset with id 'alice-rft'")
     assert keyed_client.get("/v1/post-training/jobs", headers=as_(ALICE)).json()["data"] == []
     assert keyed_client.get("/v1/post-training/jobs", headers=as_(BOB)).json()["data"] == []
+
+
+@pytest.mark.parametrize(("row", "words"), [
+    ({"messages": [{"role": "user", "content": "Pick a colour."}, {"role": "assistant", "content": "red"}],
+      "answer": "red"}, ["row 1", "last message is the assistant's"]),
+    ({"messages": [{"role": "user", "content": 3}]}, ["row 1", "string 'role' and 'content'"]),
+])
+def test_a_row_that_is_no_prompt_is_refused_at_submit_naming_it(client, services, tiny_model_path, row, words):
+    register(client, "rft-bad", rows=[ROWS[0], row])  # both fit the dialog layout, so both register
+    response = client.post(PATH, json=rft_request(str(tiny_model_path), "rft-bad"))
+    assert_problem(response, 400, "training_config.data_config.dataset_id", "rft-bad", *words)
+    assert services.jobs.list(tenant="default") == []
+    assert not list(services.settings.jobs_dir.glob("*/train.jsonl"))
