@@ -29,6 +29,7 @@ from posttrain.api.routes import (
     openai_fine_tuning,
     openai_models,
     post_training,
+    reinforcement,
 )
 from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.dashboard.routes import router as dashboard_router
@@ -86,7 +87,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.add_middleware(Gate, access=services.access, max_body_bytes=settings.max_body_bytes, observe=observe,
                        allowed_hosts=settings.allowed_host_names, open_max_body_bytes=settings.open_max_body_bytes)
 
-    for router in (post_training.router, datasets.router, events.router, job_control.router):
+    for router in (post_training.router, reinforcement.router, datasets.router, events.router, job_control.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
     for router in (openai_files.router, openai_fine_tuning.router, openai_models.router):
         app.include_router(router, responses=OPENAI_ERROR_RESPONSES)

@@ -283,3 +283,31 @@ def require_known_layouts(rows: Iterable[Any]) -> None:
         problem = layout_problem(row, row_index=index)
         if problem is not None:
             raise RowFormatError(f"{problem}; expected one of: {EXPECTED_ANY}", row_index=index)
+
+
+#: What a reinforcement (GRPO) job's rows hold, for refusals.
+EXPECTED_PROMPT = ('{"messages": [...], <reference fields>}, the last message not the assistant\'s (the model '
+                   "writes that answer, the grader scores it)")
+
+
+def normalize_prompt_row(row: Any, *, row_index: int) -> list[dict[str, str]]:
+    """The chat a reinforcement job's row asks the model to continue: its ``messages`` (each with a
+    string role and content), the last not the assistant's. The row's other fields are the
+    reference fields a grader reads (``{{item.<field>}}``) and are not looked at here.
+
+    A dialog row that ends with the answer fits the supervised layouts (``require_known_layouts``
+    lets it register) but is no prompt: a GRPO job refuses it at submit, naming the row."""
+    if not isinstance(row, dict):
+        raise RowFormatError(f"is a {type(row).__name__}, not a JSON object", row_index=row_index)
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RowFormatError(f"needs a non-empty 'messages' list; expected {EXPECTED_PROMPT}", row_index=row_index)
+    chat = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise RowFormatError("each message needs a string 'role' and 'content'", row_index=row_index)
+        chat.append({"role": message["role"], "content": message["content"]})
+    if chat[-1]["role"] == "assistant":
+        raise RowFormatError(f"the last message is the assistant's; expected {EXPECTED_PROMPT}", row_index=row_index)
+    return chat

@@ -69,8 +69,17 @@ def load_config(path: str) -> dict[str, Any]:
 
 
 def method_of(body: dict[str, Any]) -> str:
-    """Which endpoint takes this body: a body naming ``finetuned_model`` is preference optimisation."""
+    """Which endpoint takes this body: a body with a ``grader`` is reinforcement fine-tuning (our own
+    endpoint, GRPO), one naming ``finetuned_model`` preference optimisation, any other supervised."""
+    if "grader" in body:
+        return "reinforcement-fine-tune"
     return "preference-optimize" if "finetuned_model" in body else "supervised-fine-tune"
+
+
+def endpoint_of(body: dict[str, Any]) -> str:
+    """The path that takes this body (reinforcement is ours, beside the Llama Stack paths)."""
+    method = method_of(body)
+    return f"/v1/posttrain/{method}" if method == "reinforcement-fine-tune" else f"/v1/post-training/{method}"
 
 
 # -- event text ---------------------------------------------------------------------------------
@@ -97,7 +106,8 @@ def submit(
 ) -> None:
     """Submit a job from a config file in the API's request shape; prints its job_uuid.
 
-    A body with 'finetuned_model' goes to preference-optimize, any other to supervised-fine-tune.
+    A body with 'grader' goes to /v1/posttrain/reinforcement-fine-tune (GRPO), one with
+    'finetuned_model' to preference-optimize, any other to supervised-fine-tune.
     'hyperparam_search_config' and 'logger_config' default to {} when the file leaves them out.
     """
     body = load_config(config)
@@ -107,7 +117,7 @@ def submit(
         body["job_uuid"] = str(uuid.uuid4())
     body.setdefault("hyperparam_search_config", {})
     body.setdefault("logger_config", {})
-    path = f"/v1/post-training/{method_of(body)}"
+    path = endpoint_of(body)
     headers = {"X-Posttrain-Keep-Checkpoints": str(keep_checkpoints)} if keep_checkpoints is not None else None
     if dry_run:
         say(f"POST {path}" + "".join(f"\n{name}: {value}" for name, value in (headers or {}).items()))

@@ -60,7 +60,7 @@ def describe(event: dict[str, Any]) -> str:
         lr = data.get("lr")
         return (f"epoch {data.get('epoch', '?')} step {data.get('step', '?')}/{data.get('total_steps', '?')} "
                 f"loss {fmt_float(data.get('loss'))} lr {f'{lr:.2e}' if isinstance(lr, (int, float)) else '-'} "
-                f"{fmt_float(data.get('tokens_per_s'), 0)} tok/s")
+                f"{fmt_float(data.get('tokens_per_s'), 0)} tok/s" + _reward_text(data))
     if kind == "checkpoint":
         return (f"checkpoint epoch {data.get('epoch', '?')}: train loss {fmt_float(data.get('train_loss'))}, "
                 f"validation loss {fmt_float(data.get('validation_loss'))}, "
@@ -68,6 +68,16 @@ def describe(event: dict[str, Any]) -> str:
     if kind == "log":
         return f"[{data.get('level', 'info')}] {data.get('message', '')}"
     return json.dumps(data, ensure_ascii=False, default=str)
+
+
+#: A GRPO step's numbers the live line shows, and their labels there.
+REWARD_FIELDS = (("reward_mean", "reward"), ("kl", "kl"), ("valid_reward_mean", "val reward"))
+
+
+def _reward_text(data: dict[str, Any]) -> str:
+    """A GRPO step's reward numbers (mean, KL, validation reward), or "" for a step without them."""
+    parts = [f"{label} {fmt_float(data[key])}" for key, label in REWARD_FIELDS if isinstance(data.get(key), (int, float))]
+    return (" " + " ".join(parts)) if parts else ""
 
 
 def log_line(event: dict[str, Any]) -> str:
@@ -106,6 +116,8 @@ class JobView:
         self.validation_loss: float | None = None
         self.checkpoint_train_loss: float | None = None
         self.perplexity: float | None = None
+        #: A GRPO job's latest reward numbers (reward_mean, kl, valid_reward_mean), by REWARD_FIELDS key.
+        self.rewards: dict[str, float] = {}
         self.checkpoints = 0
         self.failure: str | None = None
         self.reason: str | None = None
@@ -151,6 +163,8 @@ class JobView:
                 self._last_step_of_epoch = self.step
             self.total_steps = data.get("total_steps") or self.total_steps
             self.loss = data.get("loss", self.loss)
+            self.rewards |= {key: float(data[key]) for key, _ in REWARD_FIELDS
+                             if isinstance(data.get(key), (int, float))}
             if isinstance(data.get("tokens_per_s"), (int, float)):
                 self._speeds.append(float(data["tokens_per_s"]))
                 self.tokens_per_s = sum(self._speeds) / len(self._speeds)  # steady over the last few steps
@@ -195,6 +209,7 @@ class JobView:
             parts.append(f"loss {fmt_float(self.loss)}")
         if self.validation_loss is not None:
             parts.append(f"val {fmt_float(self.validation_loss)}")
+        parts += [f"{label} {fmt_float(self.rewards[key])}" for key, label in REWARD_FIELDS if key in self.rewards]
         if not parts and self.status == "scheduled":
             parts.append("waiting for a worker")
         return " · ".join(parts)
@@ -213,6 +228,7 @@ class JobView:
             facts.append(f"validation loss {fmt_float(self.validation_loss)}")
         if self.perplexity is not None:
             facts.append(f"perplexity {fmt_float(self.perplexity, 3)}")
+        facts += [f"{label} {fmt_float(self.rewards[key])}" for key, label in REWARD_FIELDS if key in self.rewards]
         return f"{head}: " + ", ".join(facts)
 
 

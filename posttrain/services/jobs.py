@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from posttrain.domain.jobs import Job, JobKind, JobStatus
 from posttrain.domain.recipes import JobPlan, Submission
+from posttrain.domain.rows import RowFormatError, normalize_prompt_row
 from posttrain.errors import (
     DuplicateJob,
     InvalidRequest,
@@ -110,7 +112,8 @@ class JobService:
         made_output = False
         try:
             for name, dataset_id, field in sources:
-                self._copy_rows(tenant, dataset_id, field, folder / name)
+                self._copy_rows(tenant, dataset_id, field, folder / name,
+                                prompts_only=recipe.method is JobKind.GRPO)
             train_rows = folder / "train.jsonl"
             validation_rows = folder / "validation.jsonl" if len(sources) > 1 else None
             # The server makes the output folder, so the trainer never creates a folder on a path
@@ -143,10 +146,11 @@ class JobService:
         if dataset.row_count == 0:
             raise InvalidRequest(f"{field}: dataset '{dataset_id}' has no rows")
 
-    def _copy_rows(self, tenant: str, dataset_id: str, field: str, target: Path) -> None:
+    def _copy_rows(self, tenant: str, dataset_id: str, field: str, target: Path, *, prompts_only: bool = False) -> None:
         """The job's own copy of a dataset's rows, from the version its record names when the copy
         starts (an append or unregister meanwhile replaces the file, never the open handle's), and
-        no row past the record's ``row_count``."""
+        no row past the record's ``row_count``. ``prompts_only`` (a GRPO job): each row must be a
+        prompt (``normalize_prompt_row``), refused naming the row, not failed in the trainer."""
         opened = self.datasets.open_rows(tenant=tenant, identifier=dataset_id)
         if opened is None:
             raise InvalidRequest(f"{field}: no dataset with id '{dataset_id}'; register it first")
@@ -155,6 +159,11 @@ class JobService:
             for index, line in enumerate(handle):
                 if index >= dataset.row_count:
                     break
+                if prompts_only:
+                    try:
+                        normalize_prompt_row(json.loads(line), row_index=index)
+                    except RowFormatError as exc:
+                        raise InvalidRequest(f"{field}: dataset '{dataset_id}' {exc}") from None
                 out.write(line)
 
     # -- read and cancel -----------------------------------------------------------------------

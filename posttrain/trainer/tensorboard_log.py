@@ -36,13 +36,20 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+#: Metric fields measured on the validation rows, not the step's batch: a GRPO job's mean reward
+#: on the validation prompts every ``eval_interval`` steps, beside the checkpoints' validation loss.
+_VALIDATION_METRICS = {"valid_reward_mean": "validation/reward_mean"}
+
+
 def metric_scalars(fields: dict[str, Any]) -> dict[str, float]:
-    """Every numeric field of a ``metric`` event, as ``train/<name>``."""
+    """Every numeric field of a ``metric`` event, as ``train/<name>`` (a GRPO step's
+    ``reward_mean``, ``reward_std``, ``reward/<grader>``, ``kl``, ``entropy``, clip ratios and
+    ``completion_length`` among them), but ``_VALIDATION_METRICS`` under ``validation/``."""
     scalars = {}
     for name, value in fields.items():
         number = _number(value)
         if name not in _NOT_SCALARS and number is not None:
-            scalars[f"train/{name}"] = number
+            scalars[_VALIDATION_METRICS.get(name, f"train/{name}")] = number
     return scalars
 
 

@@ -307,3 +307,23 @@ def test_pause_and_resume_a_running_job_from_its_page(server, colours, page):
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#cancel")
     page.wait_for_function("() => document.getElementById('status').textContent === 'cancelled'", timeout=15_000)
+
+
+def test_a_reinforcement_jobs_page_draws_its_reward_curve_next_to_the_loss(server, page):
+    from tests.acceptance.test_reinforcement_own_endpoint import ROWS
+    from tests.integration.test_reinforcement_endpoint import PATH, rft_request
+
+    assert server.post("/v1/datasets", json={"purpose": "post-training/messages", "dataset_id": "rft-ui",
+                                             "source": {"type": "rows", "rows": ROWS}}).status_code == 200
+    body = rft_request(str(server.tiny_model_path), "rft-ui",
+                       grpo={"num_generations": 2, "max_completion_length": 4, "eval_interval": 1, "eval_samples": 1})
+    body["training_config"]["data_config"]["validation_dataset_id"] = "rft-ui"
+    assert server.post(PATH, json=body).status_code == 200
+    _wait(lambda: _status(server, body["job_uuid"]) in TERMINAL, 300, "the reinforcement job to end")
+    assert _status(server, body["job_uuid"]) == "completed"
+    page.goto(server.base_url + f"/ui/jobs/{body['job_uuid']}")
+    _wait(lambda: page.get_attribute("#reward-curve", "data-points") == "2", 20, "both steps on the reward curve")
+    assert page.is_visible("#reward-section") and page.get_attribute("#valid-reward-curve", "data-points") == "2"
+    assert _points(page) == 2  # the loss curve beside it
+    assert page.inner_text("#reward-points") == "2 points"
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-reinforcement-job.png"), full_page=True)

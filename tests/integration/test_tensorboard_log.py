@@ -112,6 +112,24 @@ def test_the_wrapper_forwards_every_event_and_logs_the_numbers(tmp_path):
     assert "train/step" not in shown and "train/total_steps" not in shown and shown["train/tokens"] == {1: 10, 2: 10}
 
 
+def test_a_grpo_jobs_rewards_are_train_scalars_and_its_validation_reward_a_validation_one(tmp_path):
+    from posttrain.trainer.tensorboard_log import TensorBoardReporter
+
+    logdir = tmp_path / "tensorboard"
+    reporter = TensorBoardReporter(Recorder(), logdir=logdir)
+    reporter.emit(step_metric(step=1, loss=0.1, lr=1e-3, tokens_per_s=50.0, reward_mean=0.25, reward_std=0.4,
+                              kl=0.01, entropy=2.0, completion_length=5.0, **{"reward/is_red": 0.25}))
+    reporter.emit(step_metric(step=2, loss=0.05, lr=1e-3, tokens_per_s=50.0, reward_mean=0.75, reward_std=0.4,
+                              kl=0.02, entropy=1.5, completion_length=4.0, valid_reward_mean=0.5,
+                              **{"reward/is_red": 0.75}))
+    reporter.close()
+    shown = merged_scalars(logdir)
+    assert shown["train/reward_mean"] == {1: 0.25, 2: 0.75} and shown["train/reward/is_red"] == {1: 0.25, 2: 0.75}
+    assert shown["train/kl"] == {1: pytest.approx(0.01), 2: pytest.approx(0.02)}
+    assert shown["train/entropy"] == {1: 2.0, 2: 1.5} and shown["train/completion_length"] == {1: 5.0, 2: 4.0}
+    assert shown["validation/reward_mean"] == {2: 0.5} and "train/valid_reward_mean" not in shown
+
+
 def test_nothing_is_written_before_the_first_step(tmp_path):
     from posttrain.trainer.tensorboard_log import TensorBoardReporter
 

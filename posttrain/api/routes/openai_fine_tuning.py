@@ -192,9 +192,25 @@ def checkpoint_objects(job: Job, events: list[JobEvent]) -> list[dict[str, Any]]
                                                c.metrics.validation_loss if c.metrics else None),
                         "valid_mean_token_accuracy": data.get("valid_mean_token_accuracy"),
                         "full_valid_loss": data.get("full_valid_loss"),
-                        "full_valid_mean_token_accuracy": data.get("full_valid_mean_token_accuracy")},
+                        "full_valid_mean_token_accuracy": data.get("full_valid_mean_token_accuracy"),
+                        **(_rewards_by(c.step, events) if job.kind is JobKind.GRPO else {})},
         })
     return objects
+
+
+def _rewards_by(step: int, events: list[JobEvent]) -> dict[str, float | None]:
+    """A reinforcement job's rewards at a checkpoint: the mean step reward of the epoch that ends at
+    ``step`` (its steps since the previous checkpoint) and the latest validation reward by then,
+    read from the step metrics (the checkpoint event itself carries losses only)."""
+    previous = max((int(e.data.get("step") or 0) for e in events if e.type == "checkpoint"
+                    and int(e.data.get("step") or 0) < step), default=0)
+    steps = {int(e.data["step"]): e.data for e in events if e.type == "metric" and isinstance(e.data.get("step"), int)}
+    epoch = [d["reward_mean"] for s, d in steps.items() if previous < s <= step
+             and isinstance(d.get("reward_mean"), (int, float))]
+    valid = [d["valid_reward_mean"] for s, d in sorted(steps.items()) if s <= step
+             and isinstance(d.get("valid_reward_mean"), (int, float))]
+    return {"train_reward_mean": sum(epoch) / len(epoch) if epoch else None,
+            "valid_reward_mean": valid[-1] if valid else None}
 
 
 def _after(objects: list[dict[str, Any]], after: str | None, what: str) -> list[dict[str, Any]]:

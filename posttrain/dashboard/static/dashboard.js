@@ -121,15 +121,32 @@ function niceTicks(lo, hi, count) {
 }
 
 function drawChart(chart, train, validation, totalSteps) {
-  const W = 760, H = 300, L = 56, R = 16, T = 12, B = 36;
-  const trainPts = [...train.entries()].sort((a, b) => a[0] - b[0]);
   const valPts = [...validation.values()].filter((v) => v.loss !== null && v.loss !== undefined)
-    .map((v) => [v.step, v.loss]).sort((a, b) => a[0] - b[0]);
+    .map((v) => [v.step, v.loss]);
+  drawCurves(chart, [...train.entries()], valPts, totalSteps,
+    { label: "loss", trainId: "train-curve", validationId: "validation-curve", what: "validation loss",
+      floorZero: true });
+}
+
+// A GRPO job's reward curve: the step's mean reward, and the mean validation reward every
+// eval_interval steps (ids reward-curve and valid-reward-curve); rewards may be negative.
+function drawRewardChart(chart, rewards, validRewards, totalSteps) {
+  drawCurves(chart, [...rewards.entries()], [...validRewards.entries()], totalSteps,
+    { label: "reward", trainId: "reward-curve", validationId: "valid-reward-curve", what: "validation reward",
+      floorZero: false, span: [0, 1] });
+}
+
+// One chart of a per-step curve (a line) and a sparser one (a line with dots), on a shared step axis.
+function drawCurves(chart, trainIn, valIn, totalSteps, opts) {
+  const W = 760, H = 300, L = 56, R = 16, T = 12, B = 36;
+  const { trainId, validationId } = opts;
+  const trainPts = trainIn.slice().sort((a, b) => a[0] - b[0]);
+  const valPts = valIn.slice().sort((a, b) => a[0] - b[0]);
   const all = trainPts.concat(valPts);
   chart.replaceChildren();
   if (!all.length) {
     chart.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "waiting for the first training step…"));
-    chart.append(svg("polyline", { id: "train-curve", class: "train", points: "", "data-points": 0 }));
+    chart.append(svg("polyline", { id: trainId, class: "train", points: "", "data-points": 0 }));
     return;
   }
   // The x axis follows the steps seen so far (with room to grow), up to the job's total steps.
@@ -137,8 +154,11 @@ function drawChart(chart, train, validation, totalSteps) {
   const xMax = totalSteps ? Math.min(Math.max(totalSteps, seen), Math.max(Math.ceil(seen * 1.15), seen + 5)) : seen;
   let yLo = Math.min(...all.map((p) => p[1]));
   let yHi = Math.max(...all.map((p) => p[1]));
+  // A reward chart spans at least [0, 1] (a grader's usual range), so a flat start is not magnified.
+  if (opts.span) { yLo = Math.min(yLo, opts.span[0]); yHi = Math.max(yHi, opts.span[1]); }
   const pad = (yHi - yLo) * 0.08 || Math.abs(yHi) * 0.1 || 1;
-  yLo = Math.max(0, yLo - pad);
+  const floor = opts.floorZero ? 0 : opts.span && yLo >= opts.span[0] ? opts.span[0] : -Infinity;
+  yLo = Math.max(floor, yLo - pad);
   yHi += pad;
   const x = (v) => L + ((W - L - R) * v) / xMax;
   const y = (v) => T + (H - T - B) * (1 - (v - yLo) / (yHi - yLo));
@@ -155,15 +175,15 @@ function drawChart(chart, train, validation, totalSteps) {
   chart.append(svg("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
   chart.append(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "step"));
   chart.append(svg("text", { x: 12, y: (T + H - B) / 2, transform: `rotate(-90 12 ${(T + H - B) / 2})`,
-    "text-anchor": "middle" }, "loss"));
+    "text-anchor": "middle" }, opts.label));
 
   const line = (pts) => pts.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ");
-  chart.append(svg("polyline", { id: "train-curve", class: "train", points: line(trainPts), "data-points": trainPts.length }));
-  chart.append(svg("polyline", { id: "validation-curve", class: "validation", points: line(valPts),
+  chart.append(svg("polyline", { id: trainId, class: "train", points: line(trainPts), "data-points": trainPts.length }));
+  chart.append(svg("polyline", { id: validationId, class: "validation", points: line(valPts),
     "data-points": valPts.length }));
   for (const p of valPts) {
     const dot = svg("circle", { class: "validation", cx: x(p[0]), cy: y(p[1]), r: 3.5 });
-    dot.append(svg("title", {}, `step ${p[0]}: validation loss ${fmt(p[1])}`));
+    dot.append(svg("title", {}, `step ${p[0]}: ${opts.what} ${fmt(p[1])}`));
     chart.append(dot);
   }
 }
@@ -207,6 +227,7 @@ function startJobPage() {
   const pause = $("pause"), resume = $("resume");
   const train = new Map(); // step -> loss (a resumed attempt overwrites the steps it repeats)
   const validation = new Map(); // epoch -> {step, loss}
+  const rewards = new Map(), validRewards = new Map(); // a GRPO job's: step -> mean reward
   const checkpoints = new Map(); // identifier -> checkpoint event data
   let cursor = 0, totalSteps = null, status = statusEl.textContent.trim(), latest = null;
   showTimes(document);
@@ -240,6 +261,8 @@ function startJobPage() {
       const d = e.data || {};
       if (e.type === "metric") {
         if (typeof d.loss === "number") train.set(d.step, d.loss);
+        if (typeof d.reward_mean === "number") rewards.set(d.step, d.reward_mean);
+        if (typeof d.valid_reward_mean === "number") validRewards.set(d.step, d.valid_reward_mean);
         if (d.total_steps) totalSteps = d.total_steps;
         latest = d;
         continue;
@@ -266,6 +289,12 @@ function startJobPage() {
 
   function render() {
     drawChart(chart, train, validation, totalSteps);
+    if (rewards.size || validRewards.size) {
+      $("reward-section").hidden = false;
+      drawRewardChart($("reward-chart"), rewards, validRewards, totalSteps);
+      $("reward-points").textContent = `${rewards.size} point${rewards.size === 1 ? "" : "s"}`;
+      $("valid-reward-points").textContent = `${validRewards.size} point${validRewards.size === 1 ? "" : "s"}`;
+    }
     const plural = (n) => `${n} point${n === 1 ? "" : "s"}`;
     $("train-points").textContent = plural(train.size);
     $("validation-points").textContent = plural([...validation.values()].filter((v) => v.loss != null).length);
