@@ -27,6 +27,7 @@ from posttrain.api.routes import (
     metrics,
     openai_files,
     openai_fine_tuning,
+    openai_inference,
     post_training,
 )
 from posttrain.api.schemas import PROBLEM_RESPONSES
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.files = services.files
     app.state.fine_tuning = services.fine_tuning
     app.state.store_ready = services.ready
+    app.state.services = services
 
     install_problem_handlers(app)
 
@@ -83,7 +85,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     for router in (post_training.router, datasets.router, events.router, job_control.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
-    for router in (openai_files.router, openai_fine_tuning.router):
+    for router in (openai_files.router, openai_fine_tuning.router, openai_inference.router):
         app.include_router(router, responses=OPENAI_ERROR_RESPONSES)
     app.include_router(health.router)
     app.include_router(metrics.router)
