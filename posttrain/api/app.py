@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.access = services.access
     app.state.files = services.files
     app.state.fine_tuning = services.fine_tuning
+    app.state.serving = services.serving
     app.state.store_ready = services.ready
     app.state.services = services
 

@@ -15,6 +15,7 @@ from posttrain.services.datasets import DatasetService
 from posttrain.services.files import FileService
 from posttrain.services.fine_tuning import FineTuningService
 from posttrain.services.jobs import JobService
+from posttrain.services.serving import ServingClient
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.engine import at_head, make_engine, migrate, store_usable
@@ -43,8 +44,12 @@ class Services:
     #: Built from the others when not given (the OpenAI Files and fine-tuning APIs).
     files: FileService | None = None
     fine_tuning: FineTuningService | None = None
+    #: The serving worker's client (started on the first generation request, stopped on close).
+    serving: ServingClient | None = None
 
     def __post_init__(self) -> None:
+        if self.serving is None:
+            self.serving = ServingClient(self.settings)
         if self.files is None:
             self.files = FileService(store=FileStore(self.engine, uploads_dir(self.settings)), settings=self.settings)
         if self.fine_tuning is None:
@@ -62,6 +67,8 @@ class Services:
             return False
 
     def close(self) -> None:
+        if self.serving is not None:
+            self.serving.close()
         self.engine.dispose()
 
 
