@@ -37,8 +37,8 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-#: Path prefixes that belong to the OpenAI fine-tuning and inference APIs: its errors use OpenAI's envelope.
-OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning", "/v1/chat", "/v1/completions")
+#: Path prefixes that belong to the OpenAI fine-tuning, models and inference APIs: their errors use OpenAI's envelope.
+OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning", "/v1/models", "/v1/chat", "/v1/completions")
 
 #: OpenAI's error ``type`` and default ``code`` for each status (docs/openai-api.md).
 OPENAI_ERROR_KINDS: dict[int, tuple[str, str | None]] = {
