@@ -90,6 +90,8 @@ class Engine:
         self._snapshot: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.cancelled_rows_total = 0  #: rows that left a batch early because their reader went away
+        self._admitted: dict[int, Ticket] = {}  #: tickets that got "started" and have not ended
         self._publish()
 
     # -- the HTTP side --------------------------------------------------------------------------
@@ -190,11 +192,13 @@ class Engine:
         return list({id(row.ticket): row.ticket for row in self._batch.rows}.values())
 
     def _publish(self) -> None:
-        tickets = {id(t) for t in self._batch_tickets() if not t.cancelled}
+        self._admitted = {key: t for key, t in self._admitted.items() if not t.done}
+        tickets = {key for key, t in self._admitted.items() if not t.cancelled}
         tickets |= {id(t) for t in self._waiting if not t.cancelled}
         snapshot = self.models.stats()
         snapshot.update(active_requests=len(tickets), active_rows=len(self._batch.rows) if self._batch else 0,
-                        waiting_requests=len(self._waiting), max_batch=self.max_batch)
+                        waiting_requests=len(self._waiting), max_batch=self.max_batch,
+                        cancelled_rows_total=self.cancelled_rows_total)
         with self._lock:
             self._snapshot = snapshot
 
@@ -232,8 +236,15 @@ class Engine:
                 self._waiting.popleft()
                 ticket.end(ErrorEvent(code=exc.code, message=str(exc)))
                 continue
+            except Exception as exc:  # anything else fails this request alone, never the running batch
+                log.exception("request could not start", extra={"action": "serve_generation_failed"})
+                self._waiting.popleft()
+                ticket.end(ErrorEvent(code=GENERATION_FAILED, message=str(exc)))
+                continue
             self._waiting.popleft()
             ticket.rows_left = len(rows)
+            self._admitted[id(ticket)] = ticket
+            self._publish()  # counted as active before its reader can see "started"
             ticket.emit(StartedEvent(prompt_tokens=len(rows[0].prompt_ids)))
             new_rows.extend(rows)
             base_path = model.base_path
@@ -333,6 +344,7 @@ class Engine:
     def _drop_cancelled(self, batch: Batch) -> None:
         for row in batch.rows:
             if row.ticket.cancelled:
+                self.cancelled_rows_total += 1
                 row.ticket.end()
 
     def _sampled(self, batch: Batch, logits: Any) -> list[int]:
@@ -348,6 +360,8 @@ class Engine:
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.generated += 1
             if row.ticket.cancelled:
+                self.cancelled_rows_total += 1
+                row.ticket.end()
                 continue
             if self._emit_token(row, token, logprobs[i] if logprobs is not None and wants_logprobs[i] else None):
                 keep.append(i)
