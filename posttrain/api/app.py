@@ -27,6 +27,7 @@ from posttrain.api.routes import (
     metrics,
     openai_files,
     openai_fine_tuning,
+    openai_inference,
     openai_models,
     post_training,
     reinforcement,
@@ -89,7 +90,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     for router in (post_training.router, reinforcement.router, datasets.router, events.router, job_control.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
-    for router in (openai_files.router, openai_fine_tuning.router, openai_models.router):
+    for router in (openai_files.router, openai_fine_tuning.router, openai_models.router, openai_inference.router):
         app.include_router(router, responses=OPENAI_ERROR_RESPONSES)
     app.include_router(openai_models.export_router, responses=PROBLEM_RESPONSES)
     app.include_router(health.router)
