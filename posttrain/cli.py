@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from posttrain.remote import datasets_app, jobs_app
+from posttrain.remote.chat import chat
 from posttrain.settings import Settings
 
 app = typer.Typer(help="posttrain: fine-tune language models behind the Llama Stack Post-Training API.",
@@ -23,6 +24,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+app.command("chat")(chat)
 console = Console(stderr=True)
 
 

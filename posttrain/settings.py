@@ -148,6 +148,17 @@ class Settings(BaseSettings):
     store_busy_timeout_seconds: float = Field(
         default=3.0, gt=0, le=60, description="How long a store write waits for a lock or a connection before the API "
         "answers 503 with Retry-After (SQLite busy_timeout; PostgreSQL lock_timeout and connect_timeout).")
+    serve_memory_bytes: int = Field(
+        default=8 * 1024**3, ge=1, description="Bytes of model parameters the serving worker keeps loaded (bases and "
+        "LoRA adapters, least recently used evicted first).")
+    serve_max_batch: int = Field(default=32, ge=1, le=1024, description="Most rows (choices) the serving worker "
+                                 "decodes together in one batch.")
+    serve_max_waiting: int = Field(default=1024, ge=1, description="Requests waiting for the serving worker past "
+                                   "which new ones are refused as overloaded.")
+    serve_threads: int | None = Field(default=None, ge=1, description="torch CPU threads of the serving worker; "
+                                      "default: torch's own (all cores).")
+    serve_start_timeout_seconds: float = Field(default=120.0, gt=0, description="How long the API waits for a "
+                                               "newly started serving worker to answer.")
     ready_timeout_seconds: float = Field(default=1.0, gt=0, le=30, description="How long /readyz waits to read and "
                                          "write the store before it answers 503.")
 

@@ -27,11 +27,14 @@ from posttrain.api.routes import (
     metrics,
     openai_files,
     openai_fine_tuning,
+    openai_inference,
+    openai_models,
     post_training,
 )
 from posttrain.api.schemas import PROBLEM_RESPONSES
 from posttrain.dashboard.routes import router as dashboard_router
 from posttrain.services.container import Services, build_services
+from posttrain.services.model_export import ModelExporter
 from posttrain.settings import Settings
 
 
@@ -73,7 +76,11 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.access = services.access
     app.state.files = services.files
     app.state.fine_tuning = services.fine_tuning
+    app.state.serving = services.serving
+    app.state.models = services.models
+    app.state.model_export = ModelExporter(services.models, settings) if services.models is not None else None
     app.state.store_ready = services.ready
+    app.state.services = services
 
     install_problem_handlers(app)
 
@@ -83,8 +90,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     for router in (post_training.router, datasets.router, events.router, job_control.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
-    for router in (openai_files.router, openai_fine_tuning.router):
+    for router in (openai_files.router, openai_fine_tuning.router, openai_inference.router, openai_models.router):
         app.include_router(router, responses=OPENAI_ERROR_RESPONSES)
+    app.include_router(openai_models.export_router, responses=PROBLEM_RESPONSES)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard_router, responses=PROBLEM_RESPONSES)

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from posttrain.errors import RateLimited, RecipeInvalid, ServiceError, StoreUnavailable
+from posttrain.errors import RecipeInvalid, ServiceError
 
 log = logging.getLogger("posttrain.api")
 
@@ -37,8 +37,8 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-#: Path prefixes that belong to the OpenAI fine-tuning API: its errors use OpenAI's envelope.
-OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning")
+#: Path prefixes that belong to the OpenAI fine-tuning, models and inference APIs: their errors use OpenAI's envelope.
+OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning", "/v1/models", "/v1/chat", "/v1/completions")
 
 #: OpenAI's error ``type`` and default ``code`` for each status (docs/openai-api.md).
 OPENAI_ERROR_KINDS: dict[int, tuple[str, str | None]] = {
@@ -171,7 +171,8 @@ def _allowed_methods(request: Request) -> list[str]:
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited | StoreUnavailable) else None
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         if exc.status_code >= 500:
             log.error("service error: %s", exc.detail, extra={"action": "service_error"})
         # OpenAI's ``param``: a refusal's own, else the recipe field a door renamed.

@@ -15,11 +15,14 @@ from posttrain.services.datasets import DatasetService
 from posttrain.services.files import FileService
 from posttrain.services.fine_tuning import FineTuningService
 from posttrain.services.jobs import JobService
+from posttrain.services.model_catalog import ModelCatalog
+from posttrain.services.serving import ServingClient
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.engine import at_head, make_engine, migrate, store_usable
 from posttrain.store.files import FileStore
 from posttrain.store.jobs import JobStore
+from posttrain.store.model_catalog import ModelCatalogStore
 from posttrain.store.sessions import SessionStore
 from posttrain.store.tables import jobs as jobs_table
 
@@ -43,13 +46,21 @@ class Services:
     #: Built from the others when not given (the OpenAI Files and fine-tuning APIs).
     files: FileService | None = None
     fine_tuning: FineTuningService | None = None
+    #: The serving worker's client (started on the first generation request, stopped on close).
+    serving: ServingClient | None = None
+    #: Every model a tenant can use by id: the bases and what its jobs trained (the models API).
+    models: ModelCatalog | None = None
 
     def __post_init__(self) -> None:
+        if self.serving is None:
+            self.serving = ServingClient(self.settings)
         if self.files is None:
             self.files = FileService(store=FileStore(self.engine, uploads_dir(self.settings)), settings=self.settings)
         if self.fine_tuning is None:
             self.fine_tuning = FineTuningService(jobs=self.jobs, files=self.files, datasets=self.jobs.datasets,
                                                  settings=self.settings)
+        if self.models is None:
+            self.models = ModelCatalog(store=ModelCatalogStore(self.engine), settings=self.settings)
 
     def ready(self) -> bool:
         """The store can be read and written within ``ready_timeout_seconds`` and its schema is at
@@ -62,6 +73,8 @@ class Services:
             return False
 
     def close(self) -> None:
+        if self.serving is not None:
+            self.serving.close()
         self.engine.dispose()
 
 

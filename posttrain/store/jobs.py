@@ -175,7 +175,7 @@ class JobStore:
     def find_checkpoint(self, *, tenant: str, reference: str) -> Checkpoint | None:
         """The tenant's own checkpoint whose identifier or path is ``reference``, if any."""
         query = (select(checkpoints, jobs.c.job_uuid).join(jobs, jobs.c.id == checkpoints.c.job_id)
-                 .where(jobs.c.tenant == tenant)
+                 .where(jobs.c.tenant == tenant, checkpoints.c.deleted_at.is_(None))
                  .where((checkpoints.c.identifier == reference) | (checkpoints.c.path == reference.rstrip("/")))
                  .limit(1))
         with self.engine.connect() as conn:
@@ -183,10 +183,10 @@ class JobStore:
         return _checkpoint(row) if row is not None else None
 
     def _checkpoints(self, conn: Connection, job_id: str) -> tuple[Checkpoint, ...]:
-        """The job's newest ``listed_checkpoints`` checkpoints, oldest first."""
+        """The job's newest ``listed_checkpoints`` checkpoints, oldest first (none the user deleted)."""
         rows = conn.execute(
             select(checkpoints, jobs.c.job_uuid).join(jobs, jobs.c.id == checkpoints.c.job_id)
-            .where(checkpoints.c.job_id == job_id)
+            .where(checkpoints.c.job_id == job_id, checkpoints.c.deleted_at.is_(None))
             .order_by(checkpoints.c.epoch.desc(), checkpoints.c.step.desc(), checkpoints.c.id.desc())
             .limit(self.listed_checkpoints)
         ).mappings()

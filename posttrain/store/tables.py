@@ -76,6 +76,9 @@ checkpoints = Table(
     Column("train_loss", Float),
     Column("validation_loss", Float),
     Column("perplexity", Float),
+    # Set when the user deleted the checkpoint's model (migration 0007): its files are gone, the
+    # row stays so the job keeps its history; no read of a job's checkpoints returns it.
+    Column("deleted_at", DateTime(timezone=True)),
     UniqueConstraint("job_id", "identifier", name="uq_checkpoints_job_id_identifier"),
 )
 

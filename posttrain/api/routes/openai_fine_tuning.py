@@ -8,7 +8,6 @@ jobs included (their id is their job_uuid); refusals leave in OpenAI's error env
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -27,6 +26,7 @@ from posttrain.services.fine_tuning import (
     openai_fields,
     trained_tokens,
 )
+from posttrain.services.model_names import base_name_of, checkpoint_model_id, fine_tuned_model_id
 
 router = APIRouter(tags=["OpenAI Fine-tuning"], route_class=StrictJSONRoute)
 
@@ -60,7 +60,7 @@ def _ts(value: Any) -> int | None:
 def _llama_stack_fields(job: Job) -> dict[str, Any]:
     """What a Llama Stack job shows through the OpenAI API: read from its request and plan."""
     request, recipe = job.request or {}, job.plan.recipe if job.plan else None
-    model = request.get("model") or request.get("finetuned_model") or (Path(job.plan.model).name if job.plan else "")
+    model = base_name_of(job)
     data = (request.get("training_config") or {}).get("data_config") or {}
     hyper: dict[str, Any] = {}
     if recipe is not None:
@@ -75,8 +75,10 @@ def _llama_stack_fields(job: Job) -> dict[str, Any]:
 
 
 def fine_tuned_model(job: Job, fields: dict[str, Any]) -> str:
-    """The name OpenAI gives the trained model: ``ft:<model>:<suffix or tenant>:<job id>``."""
-    return f"ft:{fields['model']}:{fields.get('suffix') or job.tenant}:{job.job_uuid}"
+    """The name OpenAI gives the trained model: ``ft:<model>:<suffix or tenant>:<job id>``
+    (``services.model_names``, which the models API resolves)."""
+    return fine_tuned_model_id(base=fields["model"], suffix=fields.get("suffix"), tenant=job.tenant,
+                               job_uuid=job.job_uuid)
 
 
 def _fields(job: Job) -> dict[str, Any]:
@@ -156,7 +158,7 @@ def event_objects(job: Job, events: list[JobEvent]) -> list[dict[str, Any]]:
             add(event, message, kind="metrics", data=metrics)
         elif event.type == "checkpoint":
             add(event, f"Checkpoint created at step {data.get('step')} with Snapshot ID: "
-                       f"{fine_tuned_model(job, fields)}:ckpt-step-{data.get('step')}")
+                       f"{checkpoint_model_id(fine_tuned_model(job, fields), data.get('step'))}")
         elif event.type == "log":
             add(event, str(data.get("message", "")), level=LEVELS.get(str(data.get("level", "info")).lower(), "info"))
         elif event.type == "started":
@@ -177,7 +179,7 @@ def checkpoint_objects(job: Job, events: list[JobEvent]) -> list[dict[str, Any]]
         objects.append({
             "id": f"ftckpt-{job.id}-{c.epoch}", "object": "fine_tuning.job.checkpoint",
             "created_at": _ts(c.created_at), "fine_tuning_job_id": job.job_uuid, "step_number": c.step,
-            "fine_tuned_model_checkpoint": f"{fine_tuned_model(job, fields)}:ckpt-step-{c.step}",
+            "fine_tuned_model_checkpoint": checkpoint_model_id(fine_tuned_model(job, fields), c.step),
             "metrics": {"step": c.step,
                         "train_loss": data.get("train_loss", c.metrics.train_loss if c.metrics else None),
                         "train_mean_token_accuracy": data.get("train_mean_token_accuracy"),

@@ -1,0 +1,61 @@
+"""``python -m posttrain.serving --socket PATH --memory-bytes N``: the serving worker process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m posttrain.serving", description=__doc__)
+    parser.add_argument("--socket", required=True, help="Unix socket path to answer HTTP on")
+    parser.add_argument("--memory-bytes", type=int, required=True, help="budget for the parameters of loaded models")
+    parser.add_argument("--max-batch", type=int, default=32, help="most rows decoded together")
+    parser.add_argument("--max-waiting", type=int, default=1024, help="requests waiting past this are refused")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    import torch
+    import uvicorn
+
+    from posttrain.serving.app import build_app
+    from posttrain.serving.engine import Engine
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    socket = Path(args.socket)
+    socket.parent.mkdir(parents=True, exist_ok=True)
+    if socket.exists():
+        socket.unlink()
+    engine = Engine(memory_bytes=args.memory_bytes, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                    device=device)
+    _exit_with_parent()
+    os.umask(0o077)  # the socket is for this user (the API process) only
+    uvicorn.run(build_app(engine), uds=str(socket), log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _exit_with_parent() -> None:
+    """The API process started this worker: when it goes (even killed), the worker goes too."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
