@@ -1,4 +1,5 @@
-// posttrain dashboard: refreshes the jobs table, and draws a job's live loss curves, checkpoints and log.
+// posttrain dashboard: refreshes the jobs table, draws a job's live loss curves, checkpoints and log,
+// and streams the job page's Try it chats.
 // No framework and no build step. Every text that comes from the server is set with textContent.
 "use strict";
 
@@ -342,9 +343,130 @@ function startJobPage() {
   poll();
 }
 
+// -- Try it: one prompt to a checkpoint of the job and to its base model, both streamed ------------
+
+// What an error response says: OpenAI's envelope ({"error": {"message"}}) on /v1/chat, an RFC 7807
+// problem ({"detail"}) where the gate refused the call before it got there.
+function errorText(body, response) {
+  if (body && body.error && body.error.message) return body.error.message;
+  if (body && body.detail) return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+  return `${response.status} ${response.statusText}`;
+}
+
+// POST /v1/chat/completions with stream: true, appending each chunk's text to `answer` as it comes.
+// The SSE body is read line by line: "data: {chunk}" until "data: [DONE]"; a chunk holding "error"
+// is a failure after the 200 went out.
+async function streamChat(body, answer, meta, signal) {
+  answer.textContent = "";
+  answer.classList.remove("error");
+  meta.textContent = "waiting for the first token…";
+  const started = performance.now();
+  let first = null, finish = null, chunks = 0;
+  const fail = (message) => {
+    answer.classList.add("error");
+    answer.textContent += (answer.textContent ? "\n" : "") + message;
+    meta.textContent = "failed";
+  };
+  let response;
+  try {
+    response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream", "X-CSRF-Token": csrfToken() },
+      body: JSON.stringify(body),
+      signal,
+    });
+  } catch (err) {
+    fail(err.name === "AbortError" ? "stopped" : `request failed: ${err.message}`);
+    return;
+  }
+  if (!response.ok) {
+    fail(errorText(await response.json().catch(() => null), response));
+    return;
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      const lines = buffer.split("\n");
+      buffer = lines.pop();
+      for (const raw of lines) {
+        const line = raw.replace(/\r$/, "");
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") {
+          const seconds = ((performance.now() - started) / 1000).toFixed(2);
+          const ttft = first === null ? "–" : `${((first - started) / 1000).toFixed(2)} s to the first token, `;
+          meta.textContent = `${ttft}${seconds} s in all, ${chunks} chunks, finish_reason ${finish || "–"}`;
+          answer.dataset.done = "true";
+          await reader.cancel().catch(() => {});
+          return;
+        }
+        const chunk = JSON.parse(data);
+        if (chunk.error) {
+          fail(chunk.error.message || JSON.stringify(chunk.error));
+          return;
+        }
+        for (const choice of chunk.choices || []) {
+          const text = choice.delta && choice.delta.content;
+          if (text) {
+            if (first === null) first = performance.now();
+            answer.textContent += text;
+            chunks += 1;
+            meta.textContent = "streaming…";
+          }
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+      }
+    }
+    fail("the stream ended before [DONE]");
+  } catch (err) {
+    fail(err.name === "AbortError" ? "stopped" : `stream failed: ${err.message}`);
+  }
+}
+
+function startTryIt() {
+  const form = document.getElementById("try-form");
+  if (!form) return; // the job has no checkpoint yet
+  const $ = (id) => document.getElementById(id);
+  const select = $("try-model"), send = $("try-send"), stop = $("try-stop");
+  const baseModel = form.dataset.baseModel;
+  let controller = null;
+  select.addEventListener("change", () => { $("try-trained-name").textContent = select.value; });
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const message = $("try-message").value;
+    if (!message.trim()) { $("try-message").focus(); return; }
+    const messages = [];
+    if ($("try-system").value.trim()) messages.push({ role: "system", content: $("try-system").value });
+    messages.push({ role: "user", content: message });
+    const request = (model) => ({
+      model, messages, stream: true,
+      max_tokens: Number($("try-max-tokens").value) || 64,
+      temperature: Number($("try-temperature").value) || 0,
+    });
+    controller = new AbortController();
+    send.disabled = true;
+    stop.hidden = false;
+    $("try-trained-name").textContent = select.value;
+    for (const answer of document.querySelectorAll(".try-answer")) delete answer.dataset.done;
+    const columns = [streamChat(request(select.value), $("try-trained-answer"), $("try-trained-meta"), controller.signal)];
+    if (baseModel) columns.push(streamChat(request(baseModel), $("try-base-answer"), $("try-base-meta"), controller.signal));
+    await Promise.all(columns);
+    send.disabled = false;
+    stop.hidden = true;
+    controller = null;
+  });
+  stop.addEventListener("click", () => { if (controller) controller.abort(); });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "jobs") startJobsPage();
-  else if (page === "job") startJobPage();
+  else if (page === "job") { startJobPage(); startTryIt(); }
   else showTimes(document);
 });

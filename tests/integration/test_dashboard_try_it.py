@@ -1,0 +1,171 @@
+"""The job page's "Try it" panel through the real app, with API keys on and the real serving worker.
+
+The jobs are driven by a stand-in launcher (the test records what a trainer would report), each
+checkpoint a copy of one LoRA adapter the real trainer wrote (``trained_adapter``, once per
+session). The panel offers the job's checkpoints by the ids ``/v1/models`` lists, newest first,
+and the base model beside them; the page's script streams both from ``/v1/chat/completions``
+signed in by the browser's session cookie and the page's CSRF token, exactly as the calls below
+make them. Another tenant's checkpoints never appear, and naming one is the catalogue's 404.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.integration.test_api import ROWS, lora_request
+from tests.integration.test_models_api import trained_adapter  # noqa: F401 - the session fixture
+
+ALICE, BOB = "pt-alice-key", "pt-bob-key"
+WORKER = "test-worker"
+ORIGIN = "http://testserver"
+
+
+@pytest.fixture
+def keyed(settings, tmp_path):
+    """The real app with API keys for alice and bob; ``client.services`` is its services."""
+    from posttrain.api.app import create_app
+    from posttrain.services.access import digest
+    from posttrain.services.container import build_services
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice:{digest(ALICE)}\nbob:{digest(BOB)}\n")
+    settings.api_keys_file = keys
+    services = build_services(settings)
+    with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
+        client.services = services
+        yield client
+    services.close()
+
+
+def _job(client, tiny_model_path: Path, key: str, adapter: Path | None, *, epochs: int = 2) -> str:
+    """A Llama Stack LoRA job of ``key``'s tenant; with ``adapter``, it wrote a copy of it at each
+    epoch's end and completed, else it is still scheduled with no checkpoint."""
+    headers = {"Authorization": f"Bearer {key}"}
+    dataset = f"colours-{key}"
+    registered = client.post("/v1/datasets", headers=headers, json={
+        "purpose": "post-training/messages", "dataset_id": dataset, "source": {"type": "rows", "rows": ROWS}})
+    assert registered.status_code in (200, 409), registered.text
+    body = lora_request(str(tiny_model_path), dataset)
+    assert client.post("/v1/post-training/supervised-fine-tune", headers=headers, json=body).status_code == 200
+    if adapter is None:
+        return body["job_uuid"]
+    store = client.services.jobs.store
+    job = store.claim_next(owner=WORKER, lease_seconds=60)
+    assert job is not None and job.job_uuid == body["job_uuid"]
+    for epoch in range(1, epochs + 1):
+        folder = Path(job.plan.output_dir) / f"epoch_{epoch}"
+        shutil.copytree(adapter, folder)
+        store.record_checkpoint(job_id=job.id, owner=WORKER, attempt=job.attempt, identifier=f"{job.job_uuid}-epoch-{epoch}",
+                                epoch=epoch, step=2 * epoch, path=str(folder), train_loss=1.0, validation_loss=None,
+                                perplexity=None)
+    from posttrain.domain.jobs import JobStatus
+
+    store.finish(job_id=job.id, owner=WORKER, attempt=job.attempt, status=JobStatus.COMPLETED)
+    return body["job_uuid"]
+
+
+def _sign_in(client: TestClient, key: str) -> None:
+    form = client.get("/ui/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    signed_in = client.post("/ui/login", data={"api_key": key, "csrf_token": token}, follow_redirects=False)
+    assert signed_in.status_code == 303, signed_in.text
+
+
+def _csrf(html: str) -> str:
+    return re.search(r'<meta name="csrf-token" content="([^"]+)"', html).group(1)
+
+
+def _options(html: str) -> list[tuple[str, bool]]:
+    select = re.search(r'<select id="try-model">(.*?)</select>', html, re.S).group(1)
+    return [(value, bool(selected)) for value, selected in re.findall(r'<option value="([^"]*)"( selected)?>', select)]
+
+
+def _browser_headers(token: str | None) -> dict[str, str]:
+    """What the page's fetch sends: a same-origin browser call, JSON, the CSRF token (no API key)."""
+    headers = {"Origin": ORIGIN, "Sec-Fetch-Site": "same-origin", "Content-Type": "application/json",
+               "Accept": "text/event-stream"}
+    if token is not None:
+        headers["X-CSRF-Token"] = token
+    return headers
+
+
+def _stream(client: TestClient, body: dict, token: str) -> tuple[str, list[str], str | None]:
+    """The streamed answer as the page reads it: its text, the raw data lines, the finish reason."""
+    text, lines, finish = [], [], None
+    with client.stream("POST", "/v1/chat/completions", headers=_browser_headers(token),
+                       content=json.dumps(body)) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:"):].strip()
+            lines.append(data)
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            assert "error" not in chunk, chunk
+            for choice in chunk["choices"]:
+                text.append(choice["delta"].get("content") or "")
+                finish = choice["finish_reason"] or finish
+    return "".join(text), lines, finish
+
+
+def test_the_panel_offers_the_jobs_checkpoints_and_base_and_streams_both(keyed, tiny_model_path, trained_adapter):  # noqa: F811
+    client = keyed
+    mine = _job(client, tiny_model_path, ALICE, trained_adapter)
+    theirs = _job(client, tiny_model_path, BOB, trained_adapter)
+    _sign_in(client, ALICE)
+
+    page = client.get(f"/ui/jobs/{mine}")
+    assert page.status_code == 200, page.text
+    html = page.text
+    # The job's checkpoints by their /v1/models ids, the newest selected; the base beside them.
+    assert _options(html) == [(f"{mine}-epoch-2", True), (f"{mine}-epoch-1", False)]
+    assert f'data-base-model="{tiny_model_path.name}"' in html
+    assert f'<code class="try-name" id="try-base-name">{tiny_model_path.name}</code>' in html
+    assert 'id="try-none"' not in html
+    assert theirs not in html  # another tenant's checkpoints never appear
+    listed = {m["id"] for m in client.get("/v1/models").json()["data"]}  # the same cookie, a GET: no token needed
+    assert {f"{mine}-epoch-1", f"{mine}-epoch-2", tiny_model_path.name} <= listed
+    assert not any(theirs in model_id for model_id in listed)
+    # Bob's job page is a 404 to Alice, so his checkpoints are never offered to her.
+    assert client.get(f"/ui/jobs/{theirs}").status_code == 404
+
+    # The calls the page's script makes: the same prompt to the checkpoint and to the base, greedy,
+    # streamed; each stream is the greedy answer, ends with [DONE], and says why it stopped.
+    token = _csrf(html)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What colour is sky?"}]
+    for model in (f"{mine}-epoch-2", tiny_model_path.name):
+        body = {"model": model, "messages": messages, "stream": True, "max_tokens": 8, "temperature": 0}
+        text, lines, finish = _stream(client, body, token)
+        assert lines[-1] == "[DONE]" and finish in ("stop", "length"), lines
+        whole = client.post("/v1/chat/completions", headers=_browser_headers(token), json={**body, "stream": False})
+        assert whole.status_code == 200, whole.text
+        assert text == whole.json()["choices"][0]["message"]["content"]
+        assert len(lines) > 2  # the role chunk, then the text came in pieces
+
+    # Without the page's token the session's call is refused (403), before any model is looked up.
+    body = {"model": tiny_model_path.name, "messages": messages, "stream": True, "max_tokens": 4}
+    refused = client.post("/v1/chat/completions", headers=_browser_headers(None), json=body)
+    assert refused.status_code == 403 and "CSRF" in refused.text, refused.text
+    # Naming Bob's checkpoint with Alice's session: the catalogue's 404, in OpenAI's envelope.
+    missing = client.post("/v1/chat/completions", headers=_browser_headers(token),
+                          json={**body, "model": f"{theirs}-epoch-1"})
+    assert missing.status_code == 404, missing.text
+    assert missing.json()["error"]["message"] == f"The model '{theirs}-epoch-1' does not exist"
+
+
+def test_a_job_without_a_checkpoint_shows_no_panel_but_says_why(keyed, tiny_model_path):
+    client = keyed
+    job = _job(client, tiny_model_path, ALICE, None)
+    _sign_in(client, ALICE)
+    html = client.get(f"/ui/jobs/{job}").text
+    assert 'id="try-none"' in html and "No checkpoint to chat with yet" in html
+    assert 'id="try-form"' not in html and 'id="try-model"' not in html
