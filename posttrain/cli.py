@@ -12,13 +12,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from posttrain.remote import datasets_app, jobs_app
+from posttrain.remote import datasets_app, jobs_app, models_app
 from posttrain.remote.chat import chat
 from posttrain.settings import Settings
 
 app = typer.Typer(help="posttrain: fine-tune language models behind the Llama Stack Post-Training API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-models_app = typer.Typer(help="Model folders.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (stored hashed in POSTTRAIN_API_KEYS_FILE).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")

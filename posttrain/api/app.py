@@ -76,9 +76,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.access = services.access
     app.state.files = services.files
     app.state.fine_tuning = services.fine_tuning
-    app.state.serving = services.serving
     app.state.models = services.models
     app.state.model_export = ModelExporter(services.models, settings) if services.models is not None else None
+    app.state.serving = getattr(services, "serving", None)  # the serving worker's client, where one is built
     app.state.store_ready = services.ready
     app.state.services = services
 
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     for router in (post_training.router, datasets.router, events.router, job_control.router):
         app.include_router(router, responses=PROBLEM_RESPONSES)
-    for router in (openai_files.router, openai_fine_tuning.router, openai_inference.router, openai_models.router):
+    for router in (openai_files.router, openai_fine_tuning.router, openai_models.router, openai_inference.router):
         app.include_router(router, responses=OPENAI_ERROR_RESPONSES)
     app.include_router(openai_models.export_router, responses=PROBLEM_RESPONSES)
     app.include_router(health.router)

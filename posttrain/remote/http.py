@@ -8,6 +8,7 @@ A server that cannot be reached becomes a ``ServerUnreachable`` that names the U
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -61,6 +62,8 @@ class ApiError(RemoteError):
             title = str(body.get("title") or phrase)
             raw = body.get("detail")
             detail = raw if isinstance(raw, str) else json.dumps(raw) if raw is not None else ""
+        elif isinstance(body, dict) and isinstance(body.get("error"), dict):  # OpenAI's envelope (/v1/models)
+            detail = str(body["error"].get("message") or "")
         else:
             detail = response.text or "(empty body)"
         request = response.request
@@ -149,6 +152,15 @@ class Client:
 
     def delete(self, path: str) -> Any:
         return self.call("DELETE", path)
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A streamed answer (a download), read with ``iter_bytes``; ``self.timeout`` bounds each read."""
+        try:
+            with self._http.stream(method, path, timeout=httpx.Timeout(30.0, read=self.timeout), **kwargs) as response:
+                yield response
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            raise self._unreachable(exc) from exc
 
     # -- job events ----------------------------------------------------------------------------
 

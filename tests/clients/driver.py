@@ -8,7 +8,7 @@ library, and runs inside one of the per-version venvs that
     .venv-clients/0.6.1/bin/python tests/clients/driver.py \
         --base-url http://127.0.0.1:8321 --model /path/to/tiny-model --scenario lora
 
-Scenarios: ``lora``, ``cancel``, ``errors`` (see the functions below). On success
+Scenarios: ``lora``, ``cancel``, ``errors``, ``models`` (see the functions below). On success
 the last line on stdout is one JSON object ``{"ok": true, "version": ..., ...}``;
 on failure the traceback goes to stderr, a ``{"ok": false, ...}`` line to stdout,
 and the exit status is 1.
@@ -401,7 +401,34 @@ def scenario_errors(client, args) -> dict:
     return {"job_uuid": job_uuid, "conflict_seconds": round(conflict_s, 2)}
 
 
-SCENARIOS = {"lora": scenario_lora, "cancel": scenario_cancel, "errors": scenario_errors}
+def scenario_models(client, args) -> dict:
+    """``models.list()`` parses the server's list (OpenAI's shape with the Llama Stack fields) and
+    ``models.retrieve()`` each of a base and a trained checkpoint (``--trained-model``)."""
+    listed = list(client.models.list())
+    # 0.2.x parse Model (identifier, model_type, provider_id, type); 0.5+ OpenAI's (id, owned_by, created).
+    ids = [field(m, "identifier") if LEGACY else field(m, "id") for m in listed]
+    base = args.model.rstrip("/").rsplit("/", 1)[-1]
+    assert base in ids, ids
+    for m in listed:
+        if LEGACY:
+            assert field(m, "type") == "model" and field(m, "api_model_type") == "llm", m
+            assert field(m, "provider_id") == "posttrain", m
+        else:
+            assert isinstance(field(m, "created"), int) and field(m, "owned_by"), m
+    retrieved = {}
+    for wanted in (base, args.trained_model):
+        if wanted is None:
+            continue
+        assert wanted in ids, (wanted, ids)
+        got = client.models.retrieve(wanted)
+        assert field(got, "identifier") == wanted and field(got, "provider_id") == "posttrain", got
+        retrieved[wanted] = opt_field(got, "provider_resource_id")
+    expect_status_error(llama_stack_client.NotFoundError, 404,
+                        lambda: client.models.retrieve("no-such-model"), "retrieve an unknown model")
+    return {"models": ids, "retrieved": sorted(retrieved)}
+
+
+SCENARIOS = {"lora": scenario_lora, "cancel": scenario_cancel, "errors": scenario_errors, "models": scenario_models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-url", required=True)
     ap.add_argument("--model", required=True, help="model path/id sent as supervised_fine_tune(model=...)")
     ap.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    ap.add_argument("--trained-model", default=None, help="a fine-tuned model id the models scenario retrieves")
     ap.add_argument("--job-timeout", type=float, default=180.0, help="seconds to wait for a job state")
     ap.add_argument("--max-retries", type=int, default=None,
                     help="client max_retries (default: the client's own default, 2)")

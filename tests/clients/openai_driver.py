@@ -11,7 +11,8 @@ Scenarios: ``lifecycle`` (upload, create, poll to succeeded, events, checkpoints
 metadata filter, cancel a second job, delete the file), ``dpo`` (preference rows trained to
 succeeded), ``pause`` (pause a running job, see it ``pausing`` then ``paused``, resume it and
 train it to succeeded; its checkpoints' token accuracies and validation metrics, its metrics
-events) and ``errors`` (the SDK's own exception classes, with OpenAI's ``param`` and ``code``).
+events), ``errors`` (the SDK's own exception classes, with OpenAI's ``param`` and ``code``) and ``models``
+(``client.models`` list/retrieve/delete on what a job trained).
 The last stdout line is a JSON summary ``{"ok": true, "version": ..., ...}``; on failure the
 traceback goes to stderr and the exit status is 1. The only thing that differs from code written for OpenAI is ``base_url``.
 """
@@ -207,7 +208,49 @@ def errors(client: OpenAI, model: str) -> dict:
     return {"errors": seen}
 
 
-SCENARIOS = {"lifecycle": lifecycle, "dpo": dpo, "pause": pause, "errors": errors}
+def models(client: OpenAI, model: str) -> dict:
+    """What a job trained, through ``client.models``: listed with the base, retrieved, deleted
+    (checkpoint by checkpoint), then gone; a base model cannot be deleted."""
+    uploaded = training_file(client)
+    job = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id, suffix="models", method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}})
+    job = wait_for(client, job, ("succeeded", "failed", "cancelled"))
+    assert job.status == "succeeded", job
+    ft = job.fine_tuned_model
+    checkpoints = sorted(c.fine_tuned_model_checkpoint for c in client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert len(checkpoints) == 2, checkpoints
+    listed = {m.id: m for m in client.models.list()}
+    assert model in listed and listed[model].owned_by == "system", listed
+    assert ft in listed and all(c in listed for c in checkpoints), listed
+    got = client.models.retrieve(ft)
+    assert got.id == ft and got.object == "model" and got.owned_by and got.created > 0, got
+    first, final = sorted(checkpoints, key=lambda c: int(c.rsplit("-", 1)[1]))
+    deleted = client.models.delete(first)
+    assert deleted.id == first and deleted.deleted is True, deleted
+    refused = {}
+    try:
+        client.models.retrieve(first)
+    except openai.NotFoundError as exc:
+        refused["deleted"] = exc.code
+    assert client.models.retrieve(ft).id == ft  # the final checkpoint is still there
+    assert client.models.delete(ft).deleted is True
+    try:
+        client.models.retrieve(final)
+    except openai.NotFoundError as exc:
+        refused["final"] = exc.code
+    try:
+        client.models.delete(model)
+    except openai.PermissionDeniedError as exc:
+        refused["base"] = exc.code
+    assert refused == {"deleted": "model_not_found", "final": "model_not_found", "base": "model_not_deletable"}, refused
+    remaining = [m.id for m in client.models.list()]
+    assert ft not in remaining and first not in remaining and final not in remaining, remaining
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"  # the job keeps its history
+    client.files.delete(uploaded.id)
+    return {"job": job.id, "status": job.status, "checkpoints": len(checkpoints), "refused": refused}
+
+
+SCENARIOS = {"lifecycle": lifecycle, "dpo": dpo, "pause": pause, "errors": errors, "models": models}
 
 
 def main() -> int:

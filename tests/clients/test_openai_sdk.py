@@ -18,12 +18,12 @@ DRIVER = Path(__file__).resolve().with_name("openai_driver.py")
 
 # Keep in sync with scripts/setup-openai-venvs.
 SDK_VERSIONS = ("3.57.0", "1.109.1")
-TIMEOUT_S = {"lifecycle": 420, "dpo": 420, "pause": 540, "errors": 120}
+TIMEOUT_S = {"lifecycle": 420, "dpo": 420, "pause": 540, "errors": 120, "models": 420}
 
 pytestmark = [pytest.mark.clients, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("scenario", ["lifecycle", "dpo", "pause", "errors"])
+@pytest.mark.parametrize("scenario", ["lifecycle", "dpo", "pause", "errors", "models"])
 @pytest.mark.parametrize("version", SDK_VERSIONS)
 def test_openai_sdk(request: pytest.FixtureRequest, version: str, scenario: str) -> None:
     python = VENVS / version / "bin" / "python"
@@ -40,6 +40,8 @@ def test_openai_sdk(request: pytest.FixtureRequest, version: str, scenario: str)
     assert proc.returncode == 0, report
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["ok"] is True and summary["version"] == version and summary["scenario"] == scenario, report
+    if scenario == "models":
+        assert summary["status"] == "succeeded" and summary["checkpoints"] == 2, report
     if scenario in ("lifecycle", "dpo"):
         assert summary["status"] == "succeeded" and summary["checkpoints"] == 1, report
     if scenario == "pause":

@@ -49,6 +49,7 @@ from posttrain.domain.serving import (
     TokenEvent,
 )
 from posttrain.errors import RateLimited, ServiceError
+from posttrain.services.serving import ServingUnavailable
 
 log = logging.getLogger("posttrain.api")
 
@@ -166,6 +167,8 @@ async def start(serving: Serving, request: GenerationRequest, *, text_param: str
         first = await anext(events)
     except StopAsyncIteration:
         raise ServingFailed("the serving worker ended the stream before starting") from None
+    except ServingUnavailable as exc:
+        raise ServingFailed(f"the serving worker is not available: {exc}") from None
     if isinstance(first, StartedEvent):
         return Generation(first.prompt_tokens, events, offset)
     with suppress(Exception):
