@@ -11,8 +11,10 @@ make them. Another tenant's checkpoints never appear, and naming one is the cata
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,104 @@ def test_a_job_without_a_checkpoint_shows_no_panel_but_says_why(keyed, tiny_mode
     html = client.get(f"/ui/jobs/{job}").text
     assert 'id="try-none"' in html and "No checkpoint to chat with yet" in html
     assert 'id="try-form"' not in html and 'id="try-model"' not in html
+
+
+# -- in a real browser ------------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _no_browser() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} (Debian's chromium package) is missing"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is missing"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_in_a_browser_one_prompt_streams_into_both_columns(tmp_path, tiny_model_path):
+    """A real server trains a real tiny job; signed in, the browser picks a checkpoint, types a
+    prompt, and sees the checkpoint's and the base's answers stream in side by side: each the
+    greedy answer the API gives a client for the same request."""
+    missing = _no_browser()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must drive a browser: {missing} (run bash scripts/setup-browser)")
+        pytest.skip(f"no browser to drive: {missing} (run bash scripts/setup-browser)")
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    from posttrain.demo import colour_rows
+    from posttrain.services.access import digest
+    from tests.conftest import start_server, stop_server
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice:{digest(ALICE)}\nbob:{digest(BOB)}\n")
+    server = start_server(tmp_path, tiny_model_path, extra_env={"POSTTRAIN_API_KEYS_FILE": str(keys)})
+    alice = {"Authorization": f"Bearer {ALICE}"}
+    try:
+        assert server.post("/v1/datasets", headers=alice, json={
+            "purpose": "post-training/messages", "dataset_id": "colours",
+            "source": {"type": "rows", "rows": colour_rows(repeat=2)}}).status_code == 200
+        body = lora_request(str(tiny_model_path), "colours")
+        body["training_config"].update(n_epochs=2, max_steps_per_epoch=2)
+        body["training_config"]["optimizer_config"].update(lr=2e-2)
+        assert server.post("/v1/post-training/supervised-fine-tune", headers=alice, json=body).status_code == 200
+        job_uuid = body["job_uuid"]
+        deadline = time.monotonic() + 300
+        while (status := server.get("/v1/post-training/job/status", headers=alice,
+                                    params={"job_uuid": job_uuid}).json())["status"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status["status"] == "completed", status
+        newest, oldest = status["checkpoints"][-1]["identifier"], status["checkpoints"][0]["identifier"]
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+                page.set_default_timeout(30_000)
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(server.base_url + "/ui/login")
+                page.fill('input[name="api_key"]', ALICE)
+                page.click('form.sign-in button[type="submit"]')
+                page.wait_for_url(server.base_url + "/")
+                page.goto(server.base_url + f"/ui/jobs/{job_uuid}")
+                options = page.locator("#try-model option")
+                assert options.all_inner_texts() == [newest, oldest]
+                assert page.input_value("#try-model") == newest
+                assert page.inner_text("#try-base-name") == tiny_model_path.name
+
+                page.fill("#try-message", "What colour is sky?")
+                page.fill("#try-max-tokens", "12")
+                page.click("#try-send")
+                assert page.is_disabled("#try-send")  # until both streams end
+                page.wait_for_selector('#try-trained-answer[data-done="true"]', state="attached", timeout=240_000)
+                page.wait_for_selector('#try-base-answer[data-done="true"]', state="attached", timeout=60_000)
+                answers = {"trained": page.text_content("#try-trained-answer"),
+                           "base": page.text_content("#try-base-answer")}
+                assert "finish_reason" in page.inner_text("#try-trained-meta")
+                assert "finish_reason" in page.inner_text("#try-base-meta")
+                page.wait_for_function("() => !document.getElementById('try-send').disabled")
+                page.screenshot(path=str(tmp_path / "dashboard-try-it.png"), full_page=True)
+                assert not errors, f"JavaScript errors on the page: {errors}"
+            finally:
+                browser.close()
+
+        # Each column holds the greedy answer a client gets for the same request.
+        for column, model in (("trained", newest), ("base", tiny_model_path.name)):
+            whole = httpx.post(server.base_url + "/v1/chat/completions", headers=alice, timeout=120, json={
+                "model": model, "messages": [{"role": "user", "content": "What colour is sky?"}],
+                "max_tokens": 12, "temperature": 0})
+            assert whole.status_code == 200, whole.text
+            assert answers[column] == whole.json()["choices"][0]["message"]["content"], (column, answers)
+        assert answers["trained"] and answers["base"], answers
+    finally:
+        stop_server(server)
