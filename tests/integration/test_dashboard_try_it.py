@@ -45,7 +45,7 @@ def keyed(settings, tmp_path):
     services.close()
 
 
-def _job(client, tiny_model_path: Path, key: str, adapter: Path | None, *, epochs: int = 2) -> str:
+def _job(client, tiny_model_path: Path, key: str, adapter: Path | None, *, epochs: int = 2, **fields) -> str:
     """A Llama Stack LoRA job of ``key``'s tenant; with ``adapter``, it wrote a copy of it at each
     epoch's end and completed, else it is still scheduled with no checkpoint."""
     headers = {"Authorization": f"Bearer {key}"}
@@ -53,7 +53,7 @@ def _job(client, tiny_model_path: Path, key: str, adapter: Path | None, *, epoch
     registered = client.post("/v1/datasets", headers=headers, json={
         "purpose": "post-training/messages", "dataset_id": dataset, "source": {"type": "rows", "rows": ROWS}})
     assert registered.status_code in (200, 409), registered.text
-    body = lora_request(str(tiny_model_path), dataset)
+    body = lora_request(str(tiny_model_path), dataset, **fields)
     assert client.post("/v1/post-training/supervised-fine-tune", headers=headers, json=body).status_code == 200
     if adapter is None:
         return body["job_uuid"]
@@ -171,6 +171,32 @@ def test_a_job_without_a_checkpoint_shows_no_panel_but_says_why(keyed, tiny_mode
     html = client.get(f"/ui/jobs/{job}").text
     assert 'id="try-none"' in html and "No checkpoint to chat with yet" in html
     assert 'id="try-form"' not in html and 'id="try-model"' not in html
+
+
+def test_an_openai_jobs_panel_offers_its_fine_tuned_model_then_its_checkpoints(keyed, tiny_model_path,
+                                                                              trained_adapter):  # noqa: F811
+    from tests.integration.test_models_api import finished_job
+
+    client = keyed
+    job, _ = finished_job(client, client.services, tiny_model_path, trained_adapter,
+                          headers={"Authorization": f"Bearer {ALICE}"}, suffix="colours")
+    _sign_in(client, ALICE)
+    html = client.get(f"/ui/jobs/{job['id']}").text
+    ft = f"ft:{tiny_model_path.name}:colours:{job['id']}"
+    assert _options(html) == [(ft, True), (f"{ft}:ckpt-step-4", False), (f"{ft}:ckpt-step-2", False)]
+    assert f'data-base-model="{tiny_model_path.name}"' in html
+
+
+def test_the_panel_shows_ids_as_text(keyed, tiny_model_path, trained_adapter):  # noqa: F811
+    """A job id is the client's text, and the checkpoint ids hold it: escaped, never markup."""
+    client = keyed
+    job = _job(client, tiny_model_path, ALICE, trained_adapter, epochs=1, job_uuid='<img src=x onerror="alert(1)">')
+    _sign_in(client, ALICE)
+    html = client.get("/ui/jobs/" + job.replace('"', "%22")).text
+    panel = html[html.index('<section id="try-it">'):html.index("</section>", html.index('<section id="try-it">'))]
+    assert "<img" not in panel
+    escaped = "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;-epoch-1"
+    assert f'<option value="{escaped}" selected>{escaped}</option>' in panel
 
 
 # -- in a real browser ------------------------------------------------------------------------------
