@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.fine_tuning = services.fine_tuning
     app.state.models = services.models
     app.state.model_export = ModelExporter(services.models, settings) if services.models is not None else None
-    app.state.serving = getattr(services, "serving", None)  # the serving worker's client, where one is built
+    app.state.serving = services.serving
     app.state.store_ready = services.ready
     app.state.services = services
 

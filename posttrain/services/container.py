@@ -46,10 +46,10 @@ class Services:
     #: Built from the others when not given (the OpenAI Files and fine-tuning APIs).
     files: FileService | None = None
     fine_tuning: FineTuningService | None = None
-    #: The serving worker's client (started on the first generation request, stopped on close).
-    serving: ServingClient | None = None
     #: Every model a tenant can use by id: the bases and what its jobs trained (the models API).
     models: ModelCatalog | None = None
+    #: The serving worker's client (started on the first generation request, stopped on close).
+    serving: ServingClient | None = None
 
     def __post_init__(self) -> None:
         if self.serving is None:

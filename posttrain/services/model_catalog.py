@@ -126,7 +126,8 @@ class ModelCatalog:
 
     def delete(self, tenant: str, model_id: str) -> builtins.list[str]:
         """Delete a fine-tuned model's checkpoint files (all of its job's for an ``ft:`` id, the one
-        for a checkpoint id); the folders removed, for the serving worker to forget.
+        for a checkpoint id); the folders removed (with a ``base/`` inside one), for the serving
+        worker to forget.
 
         A base model is refused (403); a job still training or paused is a 409 and nothing changes."""
         if self.is_base(model_id):
@@ -150,6 +151,9 @@ class ModelCatalog:
                 log.warning("checkpoint folder outside its job's output folder left in place",
                             extra={"action": "model_delete_skipped", "path": checkpoint.path})
                 continue
+            starting = folder / STARTING_MODEL
+            if (starting / MODEL_CONFIG).is_file():
+                removed.append(str(starting))  # the base its adapter was served on
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(str(folder))
         log.info("deleted a fine-tuned model's checkpoints", extra={

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,11 @@ FORMATS = ("merged", "adapter")
 TRAINER_FILES = frozenset({"training_state.pt", "trainer_state.json"})
 #: How long a merge may take before the export gives up (a large model on a slow disk).
 MERGE_TIMEOUT_SECONDS = 3600.0
+#: Scratch folders older than this are what a process killed mid-export (or a download cut off
+#: before its clean-up ran) left; the next export removes them.
+STALE_SCRATCH_SECONDS = 24 * 3600.0
+#: One merge at a time: each holds a whole model in memory.
+_MERGES = threading.Semaphore(1)
 
 
 class MergeFailed(ServiceError):
@@ -64,6 +71,16 @@ def _model_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.is_symlink() and p.name not in TRAINER_FILES)
 
 
+def _remove_stale(scratch_root: Path) -> None:
+    cutoff = time.time() - STALE_SCRATCH_SECONDS
+    for leftover in scratch_root.glob("export-*"):
+        try:
+            if leftover.is_dir() and not leftover.is_symlink() and leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            continue
+
+
 class ModelExporter:
     def __init__(self, catalog: ModelCatalog, settings: Settings) -> None:
         self.catalog = catalog
@@ -77,6 +94,7 @@ class ModelExporter:
         model = self.catalog.resolve_trained(tenant, model_id).model
         scratch_root = self.settings.resolved_home / "exports"
         scratch_root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(scratch_root)
         scratch = Path(tempfile.mkdtemp(prefix="export-", dir=scratch_root))
         try:
             folder = self._folder(model.adapter_path, model.base_path, model.tokenizer_path, fmt, scratch)
@@ -115,8 +133,9 @@ class ModelExporter:
             command.append("--trust-remote-code")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=MERGE_TIMEOUT_SECONDS,
-                                  stdin=subprocess.DEVNULL, env=env, check=False)
+            with _MERGES:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=MERGE_TIMEOUT_SECONDS,
+                                      stdin=subprocess.DEVNULL, env=env, check=False)
         except subprocess.TimeoutExpired as exc:
             raise MergeFailed(f"merging the adapter took longer than {MERGE_TIMEOUT_SECONDS:.0f} s") from exc
         if done.returncode != 0 or not (out / MODEL_CONFIG).is_file():

@@ -24,6 +24,7 @@ import httpx
 
 from posttrain.domain.serving import (
     GENERATION_FAILED,
+    OVERLOADED,
     ErrorEvent,
     GenerationRequest,
     ServingProtocolError,
@@ -37,7 +38,8 @@ log = logging.getLogger("posttrain.services")
 #: The longest path a Unix socket may have (108 bytes on Linux, less elsewhere), with room to spare.
 SOCKET_PATH_LIMIT = 100
 WORKER_NOT_RUNNING: dict[str, Any] = {"running": False, "bases": [], "adapters": [], "base_loads_total": 0,
-                                      "memory_bytes": 0, "active_requests": 0}
+                                      "memory_bytes": 0, "active_requests": 0, "active_rows": 0,
+                                      "waiting_requests": 0, "cancelled_rows_total": 0}
 
 
 class ServingUnavailable(Exception):
@@ -112,24 +114,34 @@ class ServingClient:
                 await asyncio.to_thread(self._start)
                 self._client = None
             if self._client is None:
-                self._client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(self._socket)),
-                                                 base_url="http://serving", timeout=httpx.Timeout(30.0))
+                self._client = self._new_client()
                 await self._wait_ready(self._client)
             return self._client
 
     def _existing_client(self) -> httpx.AsyncClient | None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        """A client on the running worker's socket for this event loop; None when no worker runs."""
+        if not self.running:
             return None
-        if not self.running or self._client is None or self._client_loop is not loop:
-            return None
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client, self._client_loop, self._lock = self._new_client(), loop, asyncio.Lock()
         return self._client
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(self._socket)),
+                                 base_url="http://serving", timeout=httpx.Timeout(30.0))
 
     # -- the protocol ----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        """The request's events, typed; close the iterator (``aclose``) to stop the generation early."""
-        client = await self._ready_client()
+        """The request's events, typed; close the iterator (``aclose``) to stop the generation early.
+
+        A worker that cannot be started answers ``overloaded`` (the API's 503), not an exception.
+        """
+        try:
+            client = await self._ready_client()
+        except ServingUnavailable as exc:
+            yield ErrorEvent(code=OVERLOADED, message=f"the serving worker is unavailable: {exc}")
+            return
         for attempt in range(2):
             received = False
             try:
@@ -153,14 +165,21 @@ class ServingClient:
                     yield ErrorEvent(code=GENERATION_FAILED, message=f"the serving worker stopped: {exc}")
                     return
                 log.warning("serving worker unreachable, restarting it", extra={"action": "serving_worker_restart"})
-                client = await self._ready_client(restart=True)
+                try:
+                    client = await self._ready_client(restart=True)
+                except ServingUnavailable as unavailable:
+                    yield ErrorEvent(code=OVERLOADED, message=f"the serving worker is unavailable: {unavailable}")
+                    return
 
     async def stats(self) -> dict[str, Any]:
         """The worker's own accounting (what is loaded, how much memory, active requests); zeros when not running."""
         client = self._existing_client()
         if client is None:
             return dict(WORKER_NOT_RUNNING, memory_budget=self._settings.serve_memory_bytes)
-        response = await client.get("/stats")
+        try:
+            response = await client.get("/stats")
+        except httpx.TransportError:  # it died since: it holds nothing
+            return dict(WORKER_NOT_RUNNING, memory_budget=self._settings.serve_memory_bytes)
         response.raise_for_status()
         body: dict[str, Any] = response.json()
         body["running"] = True

@@ -63,9 +63,21 @@ class Batch:
         kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
                                       use_cache=True, logits_to_keep=1)
         kwargs[self.base.cache_argument] = self.cache
-        if self.base.is_peft:
-            kwargs["adapter_names"] = [row.adapter for row in self.rows]
-        out = self.base.model(**kwargs)
+        model = self.base.model
+        names = {row.adapter for row in self.rows}
+        if not self.base.is_peft:
+            out = model(**kwargs)
+        elif names == {BASE_ROWS}:
+            with model.disable_adapter():
+                out = model(**kwargs)
+        elif len(names) == 1:  # one adapter for every row: peft's plain path, no per-row split
+            name = names.pop()
+            if self.base.active_adapter != name:
+                model.set_adapter(name)
+                self.base.active_adapter = name
+            out = model(**kwargs)
+        else:
+            out = model(**kwargs, adapter_names=[row.adapter for row in self.rows])
         return out.logits[:, -1, :].float()
 
 

@@ -90,6 +90,7 @@ class Engine:
         self._snapshot: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.cancelled_rows_total = 0  #: rows that left a batch early because their reader went away
         self._publish()
 
     # -- the HTTP side --------------------------------------------------------------------------
@@ -194,7 +195,8 @@ class Engine:
         tickets |= {id(t) for t in self._waiting if not t.cancelled}
         snapshot = self.models.stats()
         snapshot.update(active_requests=len(tickets), active_rows=len(self._batch.rows) if self._batch else 0,
-                        waiting_requests=len(self._waiting), max_batch=self.max_batch)
+                        waiting_requests=len(self._waiting), max_batch=self.max_batch,
+                        cancelled_rows_total=self.cancelled_rows_total)
         with self._lock:
             self._snapshot = snapshot
 
@@ -231,6 +233,11 @@ class Engine:
             except RequestRefused as exc:
                 self._waiting.popleft()
                 ticket.end(ErrorEvent(code=exc.code, message=str(exc)))
+                continue
+            except Exception as exc:  # anything else fails this request alone, never the running batch
+                log.exception("request could not start", extra={"action": "serve_generation_failed"})
+                self._waiting.popleft()
+                ticket.end(ErrorEvent(code=GENERATION_FAILED, message=str(exc)))
                 continue
             self._waiting.popleft()
             ticket.rows_left = len(rows)
@@ -333,6 +340,7 @@ class Engine:
     def _drop_cancelled(self, batch: Batch) -> None:
         for row in batch.rows:
             if row.ticket.cancelled:
+                self.cancelled_rows_total += 1
                 row.ticket.end()
 
     def _sampled(self, batch: Batch, logits: Any) -> list[int]:
@@ -348,6 +356,8 @@ class Engine:
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.generated += 1
             if row.ticket.cancelled:
+                self.cancelled_rows_total += 1
+                row.ticket.end()
                 continue
             if self._emit_token(row, token, logprobs[i] if logprobs is not None and wants_logprobs[i] else None):
                 keep.append(i)

@@ -39,6 +39,7 @@ class Base:
     adapter_bytes: dict[str, int] = field(default_factory=dict)
     max_positions: int | None = None
     eos_ids: frozenset[int] = frozenset()
+    active_adapter: str | None = None  #: the peft adapter set active (used when a batch has one adapter only)
     cache_argument: str = "cache"  #: what the model's forward calls its KV cache (older models: past_key_values)
 
     @property
@@ -179,6 +180,7 @@ class ModelStore:
         except Exception as exc:  # a broken adapter is the client's error, not the worker's
             raise ModelUnloadable(f"cannot load the adapter at {path} onto {base.path}: {exc}") from exc
         base.model.eval()
+        base.active_adapter = None  # loading may change which adapter is active
         size = _parameter_bytes(p for n, p in base.model.named_parameters() if f".{name}." in n)
         base.adapters[path] = name
         base.adapter_bytes[path] = size
@@ -212,6 +214,7 @@ class ModelStore:
         base = self._bases[base_path]
         name = base.adapters.pop(path)
         base.adapter_bytes.pop(path, None)
+        base.active_adapter = None
         if base.adapters:
             base.model.delete_adapter(name)
         else:  # the last adapter: unwrap, so the base runs as a plain model again

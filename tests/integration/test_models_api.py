@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -280,13 +282,29 @@ def test_exports_load_with_transformers_and_give_the_checkpoints_logits(client, 
     assert torch.allclose(from_merged, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(untrained, expected, atol=1e-3), "the adapter changed nothing: the test proves nothing"
 
+    # A checkpoint that holds its own merged/ exports that folder, no merge run.
+    with_merged = tmp_path / "with-merged"
+    shutil.copytree(trained_adapter, with_merged)
+    shutil.copytree(merged, with_merged / "merged")
+    (with_merged / "merged" / "marker.txt").write_text("the checkpoint's own merged/")
+    job, _ = finished_job(client, services, tiny_model_path, with_merged, steps=(2,))
+    own = untar(client.get(f"/v1/posttrain/models/ft:{tiny_model_path.name}:default:{job['id']}/export"),
+                tmp_path / "own")
+    assert (own / "marker.txt").read_text() == "the checkpoint's own merged/"
 
-def test_a_full_fine_tune_exports_as_itself_and_refuses_adapter(client, services, tiny_model_path, tmp_path):
+
+def test_a_full_fine_tune_exports_as_itself_and_refuses_adapter(client, services, tiny_model_path, tmp_path, settings):
     job, _ = finished_job(client, services, tiny_model_path, tiny_model_path, steps=(2,))
     ft = f"ft:{tiny_model_path.name}:default:{job['id']}"
+    exports = settings.resolved_home / "exports"
+    stale, fresh = exports / "export-killed", exports / "export-under-way"
+    for leftover in (stale, fresh):
+        (leftover / "merged").mkdir(parents=True)
+    os.utime(stale, (time.time() - 2 * 24 * 3600,) * 2)
     merged = untar(client.get(f"/v1/posttrain/models/{ft}/export", params={"format": "merged"}), tmp_path / "m")
     names = sorted(p.name for p in merged.iterdir())
     assert names == sorted(p.name for p in tiny_model_path.iterdir() if p.is_file())
+    assert not stale.exists() and fresh.is_dir()  # what a killed export left is swept, a recent one kept
     refused = client.get(f"/v1/posttrain/models/{ft}/export", params={"format": "adapter"})
     assert refused.status_code == 400 and "full fine-tune" in refused.json()["detail"]
     bad = client.get(f"/v1/posttrain/models/{ft}/export", params={"format": "gguf"})
@@ -295,3 +313,29 @@ def test_a_full_fine_tune_exports_as_itself_and_refuses_adapter(client, services
     assert base.status_code == 400
     missing = client.get(f"/v1/posttrain/models/{ft}x/export")
     assert missing.status_code == 404 and missing.json()["status"] == 404
+
+
+@pytest.mark.slow
+def test_a_deleted_model_is_forgotten_by_the_serving_worker(client, services, tiny_model_path, trained_adapter):
+    import asyncio
+    from contextlib import aclosing
+
+    from posttrain.domain.serving import GenerationRequest, SamplingParams, TokenEvent
+
+    services.settings.serve_threads = 1
+    job, _ = finished_job(client, services, tiny_model_path, trained_adapter, steps=(2,))
+    ft = f"ft:{tiny_model_path.name}:default:{job['id']}"
+    model = services.models.resolve("default", ft)
+    request = GenerationRequest(model=model, sampling=SamplingParams(max_tokens=2, temperature=0.0), prompt="The sky")
+
+    async def generate() -> list:
+        async with aclosing(services.serving.generate(request)) as stream:
+            return [event async for event in stream]
+
+    def loaded_adapters() -> list[str]:
+        return [a["path"] for a in asyncio.run(services.serving.stats())["adapters"]]
+
+    assert any(isinstance(e, TokenEvent) for e in asyncio.run(generate()))
+    assert model.adapter_path in loaded_adapters()
+    assert client.delete(f"/v1/models/{ft}").status_code == 200
+    assert model.adapter_path not in loaded_adapters()
