@@ -17,7 +17,7 @@ cookie (double-submit). Pages hold it in ``<meta name="csrf-token">`` and in the
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -192,7 +192,7 @@ def job_page(request: Request, job_uuid: str) -> HTMLResponse:
     config = json.dumps({"training_config": job.request.get("training_config"),
                          "algorithm_config": job.request.get("algorithm_config")}, indent=2, default=str)
     return _page(request, "job.html", page="job", job=summary, resources=job.resources, config=config,
-                 try_it=_try_it(request, job))
+                 try_it=_try_it(request, job), rendered_at=datetime.now(UTC).isoformat())
 
 
 def _try_it(request: Request, job: Job) -> TryItModels:

@@ -193,7 +193,7 @@ def test_the_panel_shows_ids_as_text(keyed, tiny_model_path, trained_adapter):  
     job = _job(client, tiny_model_path, ALICE, trained_adapter, epochs=1, job_uuid='<img src=x onerror="alert(1)">')
     _sign_in(client, ALICE)
     html = client.get("/ui/jobs/" + job.replace('"', "%22")).text
-    panel = html[html.index('<section id="try-it">'):html.index("</section>", html.index('<section id="try-it">'))]
+    panel = html[html.index('<section id="try-it"'):html.index("</section>", html.index('<section id="try-it"'))]
     assert "<img" not in panel
     escaped = "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;-epoch-1"
     assert f'<option value="{escaped}" selected>{escaped}</option>' in panel
@@ -245,15 +245,9 @@ def test_in_a_browser_one_prompt_streams_into_both_columns(tmp_path, tiny_model_
         body = lora_request(str(tiny_model_path), "colours")
         body["training_config"].update(n_epochs=2, max_steps_per_epoch=2)
         body["training_config"]["optimizer_config"].update(lr=2e-2)
-        assert server.post("/v1/post-training/supervised-fine-tune", headers=alice, json=body).status_code == 200
-        job_uuid = body["job_uuid"]
-        deadline = time.monotonic() + 300
-        while (status := server.get("/v1/post-training/job/status", headers=alice,
-                                    params={"job_uuid": job_uuid}).json())["status"] not in ("completed", "failed"):
-            assert time.monotonic() < deadline, status
-            time.sleep(0.5)
-        assert status["status"] == "completed", status
-        newest, oldest = status["checkpoints"][-1]["identifier"], status["checkpoints"][0]["identifier"]
+
+        def status() -> dict:
+            return server.get("/v1/post-training/job/status", headers=alice, params={"job_uuid": job_uuid}).json()
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -266,11 +260,29 @@ def test_in_a_browser_one_prompt_streams_into_both_columns(tmp_path, tiny_model_
                 page.fill('input[name="api_key"]', ALICE)
                 page.click('form.sign-in button[type="submit"]')
                 page.wait_for_url(server.base_url + "/")
+                assert server.post("/v1/post-training/supervised-fine-tune", headers=alice, json=body).status_code == 200
+                job_uuid = body["job_uuid"]
+
+                # Opened before the trainer wrote a checkpoint (it takes seconds to start), the page
+                # has no panel, then says when one is ready.
                 page.goto(server.base_url + f"/ui/jobs/{job_uuid}")
+                if page.locator("#try-none").count():
+                    assert "No checkpoint to chat with yet" in page.inner_text("#try-it")
+                    page.wait_for_selector("#try-newer", timeout=240_000)
+                    assert "A checkpoint is ready" in page.inner_text("#try-newer")
+                deadline = time.monotonic() + 300
+                while (done := status())["status"] not in ("completed", "failed"):
+                    assert time.monotonic() < deadline, done
+                    time.sleep(0.5)
+                assert done["status"] == "completed", done
+                newest, oldest = done["checkpoints"][-1]["identifier"], done["checkpoints"][0]["identifier"]
+
+                page.reload()
                 options = page.locator("#try-model option")
                 assert options.all_inner_texts() == [newest, oldest]
                 assert page.input_value("#try-model") == newest
                 assert page.inner_text("#try-base-name") == tiny_model_path.name
+                assert page.locator("#try-newer").count() == 0  # nothing newer than the page
 
                 page.fill("#try-message", "What colour is sky?")
                 page.fill("#try-max-tokens", "12")

@@ -247,6 +247,7 @@ function startJobPage() {
       }
       if (e.type === "started" && d.total_steps) totalSteps = d.total_steps;
       if (e.type === "checkpoint") {
+        tryItNews(e);
         checkpoints.set(d.identifier, d);
         validation.set(d.epoch, { step: d.step, loss: d.validation_loss });
       }
@@ -426,6 +427,19 @@ async function streamChat(body, answer, meta, signal) {
   } catch (err) {
     fail(err.name === "AbortError" ? "stopped" : `stream failed: ${err.message}`);
   }
+}
+
+// The panel lists the checkpoints there were when the page was rendered: one written later is a
+// reload away (the page says so once).
+function tryItNews(event) {
+  const section = document.getElementById("try-it");
+  if (!section || document.getElementById("try-newer")) return;
+  if (Date.parse(event.created_at) <= Date.parse(section.dataset.renderedAt)) return;
+  const none = document.getElementById("try-none");
+  const note = el("p", { id: "try-newer" }, none ? "A checkpoint is ready: " : "A newer checkpoint was written: ");
+  note.append(el("a", { href: "" }, "reload the page to try it"));
+  if (none) none.replaceWith(note);
+  else section.querySelector("h2").after(note);
 }
 
 function startTryIt() {
