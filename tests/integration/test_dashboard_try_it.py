@@ -199,6 +199,18 @@ def test_the_panel_shows_ids_as_text(keyed, tiny_model_path, trained_adapter):  
     assert f'<option value="{escaped}" selected>{escaped}</option>' in panel
 
 
+def test_on_an_open_server_the_pages_double_submit_token_lets_the_chat_through(client):
+    """No API keys: the page's token is the double-submit cookie's, and the chat call passes the
+    gate with it (the unknown model's 404 comes from the route) and is refused without it."""
+    page = client.get("/ui/jobs/no-such-job")
+    token = _csrf(page.text)
+    body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    passed = client.post("/v1/chat/completions", headers=_browser_headers(token), json=body)
+    assert passed.status_code == 404 and passed.json()["error"]["message"] == "The model 'no-such-model' does not exist"
+    refused = client.post("/v1/chat/completions", headers=_browser_headers("not-the-token"), json=body)
+    assert refused.status_code == 403, refused.text
+
+
 # -- in a real browser ------------------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -296,6 +308,15 @@ def test_in_a_browser_one_prompt_streams_into_both_columns(tmp_path, tiny_model_
                 assert "finish_reason" in page.inner_text("#try-base-meta")
                 page.wait_for_function("() => !document.getElementById('try-send').disabled")
                 page.screenshot(path=str(tmp_path / "dashboard-try-it.png"), full_page=True)
+
+                # A refused request: the OpenAI error's message in each column, as text.
+                page.fill("#try-max-tokens", "100000")
+                page.click("#try-send")
+                page.wait_for_selector("#try-trained-answer.error")
+                page.wait_for_selector("#try-base-answer.error")
+                for column in ("#try-trained-answer", "#try-base-answer"):
+                    assert "max_tokens" in page.text_content(column), page.text_content(column)
+                page.wait_for_function("() => !document.getElementById('try-send').disabled")
                 assert not errors, f"JavaScript errors on the page: {errors}"
             finally:
                 browser.close()
