@@ -11,8 +11,9 @@ Scenarios: ``lifecycle`` (upload, create, poll to succeeded, events, checkpoints
 metadata filter, cancel a second job, delete the file), ``dpo`` (preference rows trained to
 succeeded), ``pause`` (pause a running job, see it ``pausing`` then ``paused``, resume it and
 train it to succeeded; its checkpoints' token accuracies and validation metrics, its metrics
-events), ``errors`` (the SDK's own exception classes, with OpenAI's ``param`` and ``code``) and ``models``
-(``client.models`` list/retrieve/delete on what a job trained).
+events), ``errors`` (the SDK's own exception classes, with OpenAI's ``param`` and ``code``), ``models``
+(``client.models`` list/retrieve/delete on what a job trained) and ``chat`` (chat, plain and
+streamed, and completions on a model fine-tuned on ``--pairs``, against its ``--base``).
 The last stdout line is a JSON summary ``{"ok": true, "version": ..., ...}``; on failure the
 traceback goes to stderr and the exit status is 1. The only thing that differs from code written for OpenAI is ``base_url``.
 """
@@ -250,7 +251,57 @@ def models(client: OpenAI, model: str) -> dict:
     return {"job": job.id, "status": job.status, "checkpoints": len(checkpoints), "refused": refused}
 
 
-SCENARIOS = {"lifecycle": lifecycle, "dpo": dpo, "pause": pause, "errors": errors, "models": models}
+#: ``--pairs`` (the prompt -> answer mapping the ``chat`` scenario's model was fine-tuned on) and ``--base``.
+PAIRS: dict[str, str] = {}
+BASE: list[str] = []
+
+
+def chat(client: OpenAI, model: str) -> dict:
+    """Chat and completions on a model fine-tuned on ``PAIRS``, as code written for OpenAI calls
+    them: greedy answers are the trained ones (plain and streamed), the base's are not; usage adds
+    up; refusals are the SDK's own exceptions."""
+    assert PAIRS, "the chat scenario needs --pairs"
+    assert client.models.retrieve(model).id == model
+    base = client.models.retrieve(BASE[0]).id
+    answers, streamed, base_answers = {}, {}, {}
+    for prompt in PAIRS:
+        done = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                              temperature=0, max_completion_tokens=8)
+        assert done.object == "chat.completion" and done.choices[0].finish_reason == "stop", done
+        assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens, done.usage
+        answers[prompt] = done.choices[0].message.content
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                temperature=0, max_tokens=8, stream=True,
+                                                stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant", chunks[0]
+        assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == done.usage.total_tokens, chunks[-1]
+        streamed[prompt] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        base_answers[prompt] = client.chat.completions.create(
+            model=base, messages=[{"role": "user", "content": prompt}], temperature=0,
+            max_tokens=8).choices[0].message.content
+    assert answers == PAIRS and streamed == PAIRS, (answers, streamed)
+    assert all(base_answers[p] != a for p, a in PAIRS.items()), base_answers
+
+    completion = client.completions.create(model=base, prompt="apple", max_tokens=4, temperature=0, logprobs=1)
+    assert completion.object == "text_completion" and completion.choices[0].logprobs.tokens, completion
+    pieces = list(client.completions.create(model=base, prompt="apple", max_tokens=4, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == completion.choices[0].text, pieces
+
+    refused = {}
+    try:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    except openai.NotFoundError as exc:
+        refused["unknown_model"] = exc.code
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    except openai.BadRequestError as exc:
+        refused["tools"] = exc.param
+    assert refused == {"unknown_model": "model_not_found", "tools": "tools"}, refused
+    return {"answers": answers, "refused": refused}
+
+SCENARIOS = {"lifecycle": lifecycle, "dpo": dpo, "pause": pause, "errors": errors, "models": models, "chat": chat}
 
 
 def main() -> int:
@@ -258,7 +309,11 @@ def main() -> int:
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
+    parser.add_argument("--pairs", default="{}", help="chat: the JSON prompt -> answer mapping the model learned")
+    parser.add_argument("--base", default="", help="chat: the base model the fine-tuned one was trained from")
     args = parser.parse_args()
+    PAIRS.update(json.loads(args.pairs))
+    BASE.append(args.base)
     client = OpenAI(base_url=args.base_url.rstrip("/") + "/v1", api_key="unused-on-an-open-server", max_retries=0)
     summary = {"version": openai.__version__, "scenario": args.scenario}
     try:
