@@ -311,7 +311,7 @@ def test_in_a_browser_one_prompt_streams_into_both_columns(tmp_path, tiny_model_
 
                 # A refused request: the OpenAI error's message in each column, as text.
                 page.fill("#try-max-tokens", "100000")
-                page.click("#try-send")
+                page.press("#try-message", "Control+Enter")
                 page.wait_for_selector("#try-trained-answer.error")
                 page.wait_for_selector("#try-base-answer.error")
                 for column in ("#try-trained-answer", "#try-base-answer"):
@@ -329,5 +329,6 @@ def test_in_a_browser_one_prompt_streams_into_both_columns(tmp_path, tiny_model_
             assert whole.status_code == 200, whole.text
             assert answers[column] == whole.json()["choices"][0]["message"]["content"], (column, answers)
         assert answers["trained"] and answers["base"], answers
+        assert answers["trained"] != answers["base"], answers  # the columns differ by what the job learned
     finally:
         stop_server(server)

@@ -476,6 +476,9 @@ function startTryIt() {
     controller = null;
   });
   stop.addEventListener("click", () => { if (controller) controller.abort(); });
+  $("try-message").addEventListener("keydown", (event) => { // Ctrl+Enter (or Cmd+Enter) sends
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !send.disabled) form.requestSubmit();
+  });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
