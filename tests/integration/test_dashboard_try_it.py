@@ -199,6 +199,24 @@ def test_the_panel_shows_ids_as_text(keyed, tiny_model_path, trained_adapter):  
     assert f'<option value="{escaped}" selected>{escaped}</option>' in panel
 
 
+def test_a_base_the_server_does_not_name_leaves_the_checkpoint_alone_in_the_panel(keyed, tiny_model_path,
+                                                                                  trained_adapter):  # noqa: F811
+    """A job trained from a model folder deeper in a model root (allowed, but no base model id names
+    it): the panel offers the checkpoints and says why there is no base column."""
+    import uuid
+
+    nested = tiny_model_path.parent / f"nested-{uuid.uuid4().hex[:8]}" / "model"
+    shutil.copytree(tiny_model_path, nested)
+    try:
+        job = _job(keyed, nested, ALICE, trained_adapter, epochs=1)
+        _sign_in(keyed, ALICE)
+        html = keyed.get(f"/ui/jobs/{job}").text
+        assert _options(html) == [(f"{job}-epoch-1", True)]
+        assert 'data-base-model=""' in html and 'id="try-no-base"' in html and 'id="try-base-answer"' not in html
+    finally:
+        shutil.rmtree(nested.parent, ignore_errors=True)
+
+
 def test_on_an_open_server_the_pages_double_submit_token_lets_the_chat_through(client):
     """No API keys: the page's token is the double-submit cookie's, and the chat call passes the
     gate with it (the unknown model's 404 comes from the route) and is refused without it."""
