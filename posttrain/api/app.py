@@ -80,7 +80,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.state.model_export = ModelExporter(services.models, settings) if services.models is not None else None
     app.state.serving = services.serving
     app.state.store_ready = services.ready
-    app.state.services = services
 
     install_problem_handlers(app)
 

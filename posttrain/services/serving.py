@@ -75,7 +75,8 @@ class ServingClient:
 
     def _start(self) -> None:
         self.stop_worker()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.chmod(0o700)  # the worker's socket and log are this user's alone
         self._socket = self._socket_path()
         settings = self._settings
         command = [sys.executable, "-m", "posttrain.serving", "--socket", str(self._socket),

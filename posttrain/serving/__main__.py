@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -33,16 +34,30 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    socket = Path(args.socket)
-    socket.parent.mkdir(parents=True, exist_ok=True)
-    if socket.exists():
-        socket.unlink()
+    path = Path(args.socket)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
     engine = Engine(memory_bytes=args.memory_bytes, max_batch=args.max_batch, max_waiting=args.max_waiting,
                     device=device)
     _exit_with_parent()
-    os.umask(0o077)  # the socket is for this user (the API process) only
-    uvicorn.run(build_app(engine), uds=str(socket), log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    listener = _private_socket(path)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[listener])
     return 0
+
+
+def _private_socket(path: Path) -> socket.socket:
+    """The listening Unix socket, readable and writable by this user only (uvicorn's own ``uds`` would make it
+    0666, open to every local user)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(previous)
+    os.chmod(path, 0o600)
+    return listener
 
 
 def _exit_with_parent() -> None:

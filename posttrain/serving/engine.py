@@ -91,6 +91,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.cancelled_rows_total = 0  #: rows that left a batch early because their reader went away
+        self._admitted: dict[int, Ticket] = {}  #: tickets that got "started" and have not ended
         self._publish()
 
     # -- the HTTP side --------------------------------------------------------------------------
@@ -191,7 +192,8 @@ class Engine:
         return list({id(row.ticket): row.ticket for row in self._batch.rows}.values())
 
     def _publish(self) -> None:
-        tickets = {id(t) for t in self._batch_tickets() if not t.cancelled}
+        self._admitted = {key: t for key, t in self._admitted.items() if not t.done}
+        tickets = {key for key, t in self._admitted.items() if not t.cancelled}
         tickets |= {id(t) for t in self._waiting if not t.cancelled}
         snapshot = self.models.stats()
         snapshot.update(active_requests=len(tickets), active_rows=len(self._batch.rows) if self._batch else 0,
@@ -241,6 +243,8 @@ class Engine:
                 continue
             self._waiting.popleft()
             ticket.rows_left = len(rows)
+            self._admitted[id(ticket)] = ticket
+            self._publish()  # counted as active before its reader can see "started"
             ticket.emit(StartedEvent(prompt_tokens=len(rows[0].prompt_ids)))
             new_rows.extend(rows)
             base_path = model.base_path

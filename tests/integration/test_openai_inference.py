@@ -304,3 +304,22 @@ def test_a_client_that_goes_away_mid_stream_frees_its_slot(served):
     while worker_stats(home)["active_requests"] != 0:
         assert time.monotonic() < deadline, "the abandoned stream still holds its slot"
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_posttrain_chat_streams_one_line_per_turn(served):
+    import subprocess
+    import sys
+
+    server, model = served["server"], served["fine_tuned_model"]
+    command = [sys.executable, "-m", "posttrain", "chat", model, "--url", server.base_url, "--api-key", ALICE]
+    given = subprocess.run([*command, "-m", "apple", "-m", "snow"], capture_output=True, text=True, timeout=120,
+                           env=server.env, stdin=subprocess.DEVNULL)
+    assert given.returncode == 0, given.stderr
+    # The second turn sees the first (the model was trained on single turns, so it may say anything).
+    assert given.stdout.startswith("red\n") and given.stdout.count("\n") == 2, given.stdout
+    typed = subprocess.run(command, input="sea\n", capture_output=True, text=True, timeout=120, env=server.env)
+    assert typed.returncode == 0 and typed.stdout == "blue\n", typed.stderr
+    refused = subprocess.run([*command[:4], "tiny-gpt2", *command[5:], "-m", "hi"], capture_output=True, text=True,
+                             timeout=120, env=server.env, stdin=subprocess.DEVNULL)
+    assert refused.returncode == 1 and "chat template" in refused.stderr and refused.stdout == ""

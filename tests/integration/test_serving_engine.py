@@ -282,6 +282,8 @@ def test_a_worker_that_died_is_started_again(tmp_path_factory, models):
         assert run(serving.stats())["running"] is False  # nothing started before the first request
         run(serving.forget(models["base"]))  # a no-op while no worker runs
         first = run(collect(serving, request(served(models["base"]), max_tokens=3)))
+        # The worker's socket, and the folder it lives in, are for this user alone.
+        assert serving._socket.stat().st_mode & 0o077 == 0 and serving.folder.stat().st_mode & 0o077 == 0
         serving._process.kill()  # the worker this client started, by its own handle
         serving._process.wait()
         again = run(collect(serving, request(served(models["base"]), max_tokens=3)))
@@ -315,3 +317,31 @@ def test_a_full_worker_refuses_as_overloaded_and_a_freed_slot_lets_the_waiting_o
         assert isinstance(waited[0], StartedEvent) and isinstance(waited[-1], FinishedEvent)
     finally:
         serving.close()
+
+
+def test_left_padding_changes_nothing_for_a_model_with_learned_positions(client, models, long_model):
+    # GPT-2 adds a learned embedding per position: a left-padded row reads the right ones only if its
+    # position ids skip the padding.
+    gpt2 = served(models["gpt2"])
+    short = request(gpt2, "a cat", max_tokens=6, logprobs=True)
+    long_ = request(gpt2, "the teacher writes a short story about", max_tokens=6)
+    alone = run(collect(client, short))
+
+    async def prefilled_together():
+        # Another base's long generation holds the worker, so both requests wait and start in one prefill.
+        async with aclosing(client.generate(request(served(long_model), max_tokens=4000, temperature=1.0,
+                                                    seed=2))) as holder:
+            assert isinstance(await anext(holder), StartedEvent)
+            both = asyncio.gather(collect(client, long_), collect(client, short))
+            for _ in range(500):
+                if (await client.stats())["waiting_requests"] == 2:
+                    break
+                await asyncio.sleep(0.02)
+        return await both
+
+    batched = run(prefilled_together())[1]
+    assert text_of(batched) == text_of(alone) and text_of(alone)
+    # The same distribution at every step, not just the same top token (a random GPT-2's top token hardly
+    # depends on positions).
+    logprobs = [[e.logprob for e in events if isinstance(e, TokenEvent)] for events in (batched, alone)]
+    assert logprobs[0] == pytest.approx(logprobs[1], abs=1e-4)

@@ -92,8 +92,15 @@ class InferenceServices(Protocol):
     def serving(self) -> Serving: ...
 
 
+@dataclass(frozen=True)
+class _AppServices:
+    models: Catalog
+    serving: Serving
+
+
 def _services(request: Request) -> InferenceServices:
-    return request.app.state.services
+    """The catalogue and the serving client the app was built with (``app.state``)."""
+    return _AppServices(models=request.app.state.models, serving=request.app.state.serving)
 
 
 ServicesDep = Annotated[InferenceServices, Depends(_services)]
