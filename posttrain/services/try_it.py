@@ -11,7 +11,7 @@ from pathlib import Path
 from posttrain.domain.jobs import Job
 from posttrain.domain.serving import ServedModel
 from posttrain.services.model_catalog import ModelCatalog
-from posttrain.services.model_names import CHECKPOINT_TAIL, base_name
+from posttrain.services.model_names import CHECKPOINT_TAIL, FINE_TUNED_PREFIX, base_name
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def _same_folder(a: str, b: str | None) -> bool:
 def _newest_first(trained: list[ServedModel]) -> tuple[str, ...]:
     """The catalogue gives the fine-tuned model (no checkpoint tail) then the checkpoints oldest
     first; checkpoints written within one second share ``created``, so the order is kept, reversed."""
-    finals = [m.id for m in trained if CHECKPOINT_TAIL not in m.id and m.id.startswith("ft:")]
+    finals = [m.id for m in trained if m.id.startswith(FINE_TUNED_PREFIX) and CHECKPOINT_TAIL not in m.id]
     rest = [m.id for m in trained if m.id not in finals]
     return tuple(finals + rest[::-1])
 
