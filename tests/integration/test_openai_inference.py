@@ -323,3 +323,23 @@ def test_posttrain_chat_streams_one_line_per_turn(served):
     refused = subprocess.run([*command[:4], "tiny-gpt2", *command[5:], "-m", "hi"], capture_output=True, text=True,
                              timeout=120, env=server.env, stdin=subprocess.DEVNULL)
     assert refused.returncode == 1 and "chat template" in refused.stderr and refused.stdout == ""
+
+
+@pytest.mark.slow
+def test_a_client_that_gives_up_on_a_plain_answer_frees_its_slot(served):
+    home, http = served["home"], served["http"]
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "apple"}], "temperature": 1.0,
+            "max_tokens": 480, "n": 4, "seed": 2}
+    started = time.monotonic()
+    whole = http.post("/v1/chat/completions", json=body)
+    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] > 400
+    full_s = time.monotonic() - started  # what the generation takes when someone waits for it
+    give_up_s = full_s / 4
+    started = time.monotonic()
+    with httpx.Client(base_url=served["server"].base_url, headers=as_(ALICE), timeout=give_up_s) as quitter, \
+            pytest.raises(httpx.ReadTimeout):
+        quitter.post("/v1/chat/completions", json={**body, "seed": 3})
+    while worker_stats(home)["active_requests"] != 0:
+        assert time.monotonic() - started < give_up_s + full_s / 3, (
+            f"the abandoned request still holds its slot (a whole answer takes {full_s:.1f} s)")
+        time.sleep(0.05)

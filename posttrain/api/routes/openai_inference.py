@@ -436,8 +436,8 @@ async def create_chat_completion(body: CreateChatCompletion, tenant: TenantDep,
     body.check()
     model = await _resolve(services.models, tenant, body.model)
     params = sampling(body, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0)
-    request = GenerationRequest(model=model, sampling=params, messages=chat_messages(body))
-    generation = await start(services.serving, request, text_param="messages")
+    wanted = GenerationRequest(model=model, sampling=params, messages=chat_messages(body))
+    generation = await start(services.serving, wanted, text_param="messages")
     events, id_ = merged([generation]), _new_id("chatcmpl")
     if body.stream:
         chunks = ChatChunks(choices=params.n, logprobs=params.logprobs, id_=id_, model=model.id,
@@ -487,6 +487,8 @@ async def create_completion(body: CreateCompletion, tenant: TenantDep, services:
 
 
 async def gather(events: AsyncIterator[StreamEvent], prompt_tokens: int) -> Answer:
+    """Every event of a non-streamed answer. A client that goes away meanwhile cancels this
+    handler (the server does), and the ``finally`` closes the worker streams."""
     answer = Answer(prompt_tokens)
     try:
         async for event in events:
