@@ -1,11 +1,13 @@
 """The dashboard: read-only HTML views over the services, served by the API server itself.
 
 ``/`` lists the caller's jobs, ``/ui/jobs/{job_uuid}`` shows one job (live loss curves,
-checkpoints, log, cancel, pause and resume buttons), ``/ui/datasets`` lists datasets with a preview
-of their rows. The pages are Jinja2 templates plus one vanilla script; the live parts read the
+checkpoints, log, cancel, pause and resume buttons, and a "Try it" panel that chats with one of the
+job's checkpoints beside its base model), ``/ui/datasets`` lists datasets with a preview of their
+rows. The pages are Jinja2 templates plus one vanilla script; the live parts read the
 public JSON endpoints (``/v1/posttrain/jobs``, ``/v1/post-training/job/events``) and cancel, pause
 and resume through ``/v1/post-training/job/cancel`` and ``/v1/posttrain/jobs/{job_uuid}/pause|resume``,
-so the dashboard itself never writes jobs.
+so the dashboard itself never writes jobs. The Try it panel streams from ``/v1/chat/completions``
+like any client, signed in by the page's session and CSRF token.
 
 Every state-changing request a page makes carries a CSRF token: the signed-in session's own
 (synchronizer), or before sign-in and on an open server a random one also kept in an HttpOnly
@@ -15,7 +17,7 @@ cookie (double-submit). Pages hold it in ``<meta name="csrf-token">`` and in the
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -38,6 +40,8 @@ from posttrain.services.access import (
 )
 from posttrain.services.datasets import DatasetService
 from posttrain.services.job_views import JobSummary, JobViews
+from posttrain.services.model_catalog import ModelCatalog
+from posttrain.services.try_it import TryItModels, try_it_models
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -187,7 +191,16 @@ def job_page(request: Request, job_uuid: str) -> HTMLResponse:
     summary = JobSummaryPublic.from_summary(views.summary(job))
     config = json.dumps({"training_config": job.request.get("training_config"),
                          "algorithm_config": job.request.get("algorithm_config")}, indent=2, default=str)
-    return _page(request, "job.html", page="job", job=summary, resources=job.resources, config=config)
+    return _page(request, "job.html", page="job", job=summary, resources=job.resources, config=config,
+                 try_it=_try_it(request, job), rendered_at=datetime.now(UTC).isoformat())
+
+
+def _try_it(request: Request, job: Job) -> TryItModels:
+    """The Try it panel's models: the job's own (as ``/v1/models`` names them) and its base."""
+    catalog: ModelCatalog | None = getattr(request.app.state, "models", None)
+    if catalog is None:
+        return TryItModels(models=(), base=None)
+    return try_it_models(catalog, request.state.tenant, job)
 
 
 @router.get("/ui/datasets", response_class=HTMLResponse, include_in_schema=False)

@@ -109,6 +109,16 @@ class ModelCatalog:
         """A fine-tuned id with its job (the export needs the checkpoint folder); a base is not one."""
         return self._resolve_trained(tenant, model_id)
 
+    def bases(self) -> builtins.list[ServedModel]:
+        """The base models this server can serve now (those whose folder is here)."""
+        return [m for m in (self._base(k) for k in known_models(self.settings)) if m is not None]
+
+    def of_job(self, tenant: str, job_uuid: str) -> builtins.list[ServedModel]:
+        """One of the tenant's jobs' models, as ``list`` names them (its fine-tuned model, then its
+        checkpoints oldest first); nothing for another tenant's job or one without checkpoints."""
+        return [r.model for job in self.store.jobs_with_checkpoints(tenant=tenant, job_uuid=job_uuid)
+                for r in self._job_models(job)]
+
     def is_base(self, model_id: str) -> bool:
         return any(k.name == model_id for k in known_models(self.settings))
 

@@ -1,4 +1,5 @@
-// posttrain dashboard: refreshes the jobs table, and draws a job's live loss curves, checkpoints and log.
+// posttrain dashboard: refreshes the jobs table, draws a job's live loss curves, checkpoints and log,
+// and streams the job page's Try it chats.
 // No framework and no build step. Every text that comes from the server is set with textContent.
 "use strict";
 
@@ -269,6 +270,7 @@ function startJobPage() {
       }
       if (e.type === "started" && d.total_steps) totalSteps = d.total_steps;
       if (e.type === "checkpoint") {
+        tryItNews(e);
         checkpoints.set(d.identifier, d);
         validation.set(d.epoch, { step: d.step, loss: d.validation_loss });
       }
@@ -371,9 +373,146 @@ function startJobPage() {
   poll();
 }
 
+// -- Try it: one prompt to a checkpoint of the job and to its base model, both streamed ------------
+
+// What an error response says: OpenAI's envelope ({"error": {"message"}}) on /v1/chat, an RFC 7807
+// problem ({"detail"}) where the gate refused the call before it got there.
+function errorText(body, response) {
+  if (body && body.error && body.error.message) return body.error.message;
+  if (body && body.detail) return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+  return `${response.status} ${response.statusText}`;
+}
+
+// POST /v1/chat/completions with stream: true, appending each chunk's text to `answer` as it comes.
+// The SSE body is read line by line: "data: {chunk}" until "data: [DONE]"; a chunk holding "error"
+// is a failure after the 200 went out.
+async function streamChat(body, answer, meta, signal) {
+  answer.textContent = "";
+  answer.classList.remove("error");
+  meta.textContent = "waiting for the first token…";
+  const started = performance.now();
+  let first = null, finish = null, chunks = 0;
+  const fail = (message) => {
+    answer.classList.add("error");
+    answer.textContent += (answer.textContent ? "\n" : "") + message;
+    meta.textContent = "failed";
+  };
+  let response;
+  try {
+    response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream", "X-CSRF-Token": csrfToken() },
+      body: JSON.stringify(body),
+      signal,
+    });
+  } catch (err) {
+    fail(err.name === "AbortError" ? "stopped" : `request failed: ${err.message}`);
+    return;
+  }
+  if (!response.ok) {
+    fail(errorText(await response.json().catch(() => null), response));
+    return;
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      const lines = buffer.split("\n");
+      buffer = lines.pop();
+      for (const raw of lines) {
+        const line = raw.replace(/\r$/, "");
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") {
+          const seconds = ((performance.now() - started) / 1000).toFixed(2);
+          const ttft = first === null ? "–" : `${((first - started) / 1000).toFixed(2)} s to the first token, `;
+          meta.textContent = `${ttft}${seconds} s in all, ${chunks} chunks, finish_reason ${finish || "–"}`;
+          answer.dataset.done = "true";
+          await reader.cancel().catch(() => {});
+          return;
+        }
+        const chunk = JSON.parse(data);
+        if (chunk.error) {
+          fail(chunk.error.message || JSON.stringify(chunk.error));
+          return;
+        }
+        for (const choice of chunk.choices || []) {
+          const text = choice.delta && choice.delta.content;
+          if (text) {
+            if (first === null) first = performance.now();
+            answer.textContent += text;
+            chunks += 1;
+            meta.textContent = "streaming…";
+          }
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+      }
+    }
+    fail("the stream ended before [DONE]");
+  } catch (err) {
+    fail(err.name === "AbortError" ? "stopped" : `stream failed: ${err.message}`);
+  }
+}
+
+// The panel lists the checkpoints there were when the page was rendered: one written later is a
+// reload away (the page says so once).
+function tryItNews(event) {
+  const section = document.getElementById("try-it");
+  if (!section || document.getElementById("try-newer")) return;
+  if (Date.parse(event.created_at) <= Date.parse(section.dataset.renderedAt)) return;
+  const none = document.getElementById("try-none");
+  const note = el("p", { id: "try-newer" }, none ? "A checkpoint is ready: " : "A newer checkpoint was written: ");
+  note.append(el("a", { href: "" }, "reload the page to try it"));
+  if (none) none.replaceWith(note);
+  else section.querySelector("h2").after(note);
+}
+
+function startTryIt() {
+  const form = document.getElementById("try-form");
+  if (!form) return; // the job has no checkpoint yet
+  const $ = (id) => document.getElementById(id);
+  const select = $("try-model"), send = $("try-send"), stop = $("try-stop");
+  const baseModel = form.dataset.baseModel;
+  let controller = null;
+  select.addEventListener("change", () => { $("try-trained-name").textContent = select.value; });
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const message = $("try-message").value;
+    if (!message.trim()) { $("try-message").focus(); return; }
+    const messages = [];
+    if ($("try-system").value.trim()) messages.push({ role: "system", content: $("try-system").value });
+    messages.push({ role: "user", content: message });
+    const request = (model) => ({
+      model, messages, stream: true,
+      max_tokens: Number($("try-max-tokens").value) || 64,
+      temperature: Number($("try-temperature").value) || 0,
+    });
+    controller = new AbortController();
+    send.disabled = true;
+    stop.hidden = false;
+    $("try-trained-name").textContent = select.value;
+    for (const answer of document.querySelectorAll(".try-answer")) delete answer.dataset.done;
+    const columns = [streamChat(request(select.value), $("try-trained-answer"), $("try-trained-meta"), controller.signal)];
+    if (baseModel) columns.push(streamChat(request(baseModel), $("try-base-answer"), $("try-base-meta"), controller.signal));
+    await Promise.all(columns);
+    send.disabled = false;
+    stop.hidden = true;
+    controller = null;
+  });
+  stop.addEventListener("click", () => { if (controller) controller.abort(); });
+  $("try-message").addEventListener("keydown", (event) => { // Ctrl+Enter (or Cmd+Enter) sends
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !send.disabled) form.requestSubmit();
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "jobs") startJobsPage();
-  else if (page === "job") startJobPage();
+  else if (page === "job") { startJobPage(); startTryIt(); }
   else showTimes(document);
 });
