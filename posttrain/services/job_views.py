@@ -71,9 +71,12 @@ class JobSummary:
 
 
 def method_of(job: Job) -> str:
-    """``LoRA`` or ``full`` for a fine-tune, ``DPO`` for preference optimisation."""
+    """``LoRA`` or ``full`` for a fine-tune, ``DPO`` for preference optimisation, ``GRPO`` for
+    reinforcement."""
     if job.kind is JobKind.DPO:
         return "DPO"
+    if job.kind is JobKind.GRPO:
+        return "GRPO"
     recipe = job.plan.recipe if job.plan is not None else None
     if recipe is None:
         return "?"
