@@ -349,6 +349,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="both sides (auto: bf16 where the CPU has it natively)")
+    parser.add_argument("--trl-first", action="store_true", help="run TRL's side first (load hits the sides alike?)")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker:
@@ -365,11 +366,15 @@ def main() -> None:
         model = colour_model(work, steps=args.sft_steps)
         rows = write_rows(work / "grpo.jsonl", 64)
         print(f"{warmup} warm-up + {steps} measured steps a side; dtype {'bf16' if bf16 else 'fp32'}", flush=True)
-        ours = run_ours(work=work, model=model, rows=rows, warmup=warmup, steps=steps, threads=args.threads,
-                        dtype="bf16" if bf16 else "fp32")
-        print(f"  ours done: {ours.get('steps_per_s', float('nan')):.3f} steps/s", flush=True)
-        trl = run_trl(work=work, model=model, warmup=warmup, steps=steps, threads=args.threads, bf16=bf16)
-        print(f"  TRL done: {trl.get('steps_per_s', float('nan')):.3f} steps/s", flush=True)
+        sides = {"ours": lambda: run_ours(work=work, model=model, rows=rows, warmup=warmup, steps=steps,
+                                          threads=args.threads, dtype="bf16" if bf16 else "fp32"),
+                 "TRL": lambda: run_trl(work=work, model=model, warmup=warmup, steps=steps, threads=args.threads,
+                                        bf16=bf16)}
+        results = {}
+        for name in (["TRL", "ours"] if args.trl_first else ["ours", "TRL"]):
+            results[name] = sides[name]()
+            print(f"  {name} done: {results[name].get('steps_per_s', float('nan')):.3f} steps/s", flush=True)
+        ours, trl = results["ours"], results["TRL"]
     report(ours, trl, trl_config=trl_settings(bf16=bf16))
     print(f"bench wall time: {time.perf_counter() - started:.0f} s; machine load average now: "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
