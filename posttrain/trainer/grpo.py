@@ -16,12 +16,18 @@ completions of each validation prompt is reported (``valid_reward_mean``).
 
 Per-step metrics (``extra`` of the ``metric`` event): ``reward_mean``, ``reward_std``,
 ``reward/<grader>`` for each named (sub-)grader, ``kl`` (beta > 0), ``clip_ratio_low/high/region``,
-``entropy``, ``completion_length`` (mean tokens a completion), ``frac_reward_zero_std``.
+``entropy``, ``completion_length`` (mean tokens a completion), ``frac_reward_zero_std``; and where
+the step's time went, in seconds: ``sample_seconds`` (generation), ``score_seconds`` (the grader),
+``reference_seconds`` (the reference log-probs, beta > 0), ``forward_backward_seconds`` and
+``optim_seconds`` (bench/grpo.py reads them).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from posttrain.domain.protocol import Started
@@ -119,6 +125,23 @@ class _StepMetrics:
         return out
 
 
+class _PhaseTimer:
+    """Wall-clock seconds per phase of one step (``<phase>_seconds``), summed over its micro-batches."""
+
+    PHASES = ("sample", "score", "reference", "forward_backward", "optim")
+
+    def __init__(self) -> None:
+        self.seconds = {f"{phase}_seconds": 0.0 for phase in self.PHASES}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"{phase}_seconds"] += time.perf_counter() - started
+
+
 def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     """Train as the spec says, reporting events; returns "completed", "cancelled" or "paused"."""
     recipe, plan = spec.recipe, spec.plan
@@ -196,20 +219,24 @@ def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
         import torch
 
         totals = _StepMetrics()
+        timer = _PhaseTimer()
         sampled = []
         for indices in group:  # one generation batch for the whole optimizer step, as TRL's
             if stop.is_set():
                 return None
-            samples = prims.sample([train_prompts[i] for i in indices], num_generations=grpo.num_generations,
-                                   top_p=grpo.top_p, max_new_tokens=grpo.max_completion_length)
+            with timer("sample"):
+                samples = prims.sample([train_prompts[i] for i in indices], num_generations=grpo.num_generations,
+                                       top_p=grpo.top_p, max_new_tokens=grpo.max_completion_length)
             items = [train_rows[i] for i in indices for _ in range(grpo.num_generations)]
-            scores = scorer(samples.texts, items)
+            with timer("score"):
+                scores = scorer(samples.texts, items)
             rewards = torch.tensor(scores.rewards, dtype=torch.float32)
             advantages, zero_std = group_advantages(rewards, num_generations=grpo.num_generations,
                                                     scale_rewards=grpo.scale_rewards)
             totals.add_scores(scores.rewards, scores.per_grader, samples.completion_mask.sum(dim=1).tolist())
             totals.zero_std += zero_std.float().tolist()
-            ref = prims.reference_logps(samples) if grpo.beta > 0 else None
+            with timer("reference"):
+                ref = prims.reference_logps(samples) if grpo.beta > 0 else None
             sampled.append((samples, advantages, ref))
         step_tokens = sum(s.completion_tokens for s, _, _ in sampled)
         loss_total = 0.0
@@ -217,14 +244,16 @@ def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
             if index and stop.is_set():
                 prims.zero_grad()
                 return None
-            value, metrics = prims.forward_backward("grpo", samples, advantages=advantages, config=config,
-                                                    ref_logps=ref, num_items_in_batch=step_tokens,
-                                                    accumulation_steps=len(sampled))
+            with timer("forward_backward"):
+                value, metrics = prims.forward_backward("grpo", samples, advantages=advantages, config=config,
+                                                        ref_logps=ref, num_items_in_batch=step_tokens,
+                                                        accumulation_steps=len(sampled))
             loss_total += value
             totals.add_loss(metrics, samples.completion_tokens)
-        prims.optim_step()
+        with timer("optim"):
+            prims.optim_step()
         steps_done[0] += 1
-        metrics = totals.means()
+        metrics = totals.means() | timer.seconds
         epoch_rewards.append(metrics["reward_mean"])
         if steps_done[0] % grpo.eval_interval == 0:
             metrics["valid_reward_mean"] = validation_reward()
