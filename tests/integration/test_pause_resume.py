@@ -241,7 +241,7 @@ def test_the_job_page_pauses_and_resumes_with_its_csrf_token(client, tiny_model_
 
 #: Epochs long enough that the pause, asked for after step PAUSE_AFTER_STEP, lands inside one (a
 #: step of the tiny model takes well under a second; the launcher sees the pause within 0.2 s).
-STEPS_PER_EPOCH = 40
+STEPS_PER_EPOCH = 100  # 200 rows in batches of 2 (see the test below)
 PAUSE_AFTER_STEP = 3
 
 
@@ -280,7 +280,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_a_job_paused_mid_epoch_and_resumed_ends_with_the_weights_of_a_straight_run(client, services, settings,
                                                                                   tiny_model_path):
-    register(client, "colours", rows=colour_rows(repeat=10))  # 80 rows: 40 batches of 2
+    # 200 rows: 100 batches of 2 an epoch, so a pause that a loaded machine delivers a few seconds late
+    # still lands mid-epoch (on CI one landed 37 steps after it was asked for).
+    register(client, "colours", rows=colour_rows(repeat=25))
     straight, paused = _training_job(client, tiny_model_path), _training_job(client, tiny_model_path)
     # Resume points only when a pause asks for one, so the pause's is what the job continues from.
     config = dataclasses.replace(launch_config_from(settings), nice=0, threads=1, heartbeat_seconds=0.2,
