@@ -28,10 +28,10 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from posttrain.domain.protocol import Started
 from posttrain.domain.recipes import GRPO, TrainerSpec
+from posttrain.domain.rows import normalize_prompt_row
 from posttrain.trainer import checkpoints
 from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import read_rows
@@ -39,7 +39,6 @@ from posttrain.trainer.compiling import Compiler
 from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
-from posttrain.trainer.formats import RowFormatError
 from posttrain.trainer.grpo_loss import GrpoLossConfig, group_advantages
 from posttrain.trainer.loading import load_model
 from posttrain.trainer.optimization import prepare_optimization
@@ -48,24 +47,6 @@ from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.rewards import Scorer, scorer_for
 from posttrain.trainer.run_setup import base_resources, set_up_run
-
-
-def prompt_messages(row: dict[str, Any], *, row_index: int) -> list[dict[str, str]]:
-    """The chat a training line asks the model to continue: its ``messages``, the last not the
-    assistant's (the model writes that turn)."""
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RowFormatError("a reinforcement line needs a non-empty 'messages' list", row_index=row_index)
-    chat = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise RowFormatError("each message needs a string 'role' and 'content'", row_index=row_index)
-        chat.append({"role": message["role"], "content": message["content"]})
-    if chat[-1]["role"] == "assistant":
-        raise RowFormatError("the last message must not be the assistant's: the model writes that answer",
-                             row_index=row_index)
-    return chat
 
 
 def render_prompt(tokenizer, chat: list[dict[str, str]]) -> str:
@@ -150,8 +131,8 @@ def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     grpo = recipe.grpo
     train_rows = read_rows(plan.train_rows_path)
     validation_rows = read_rows(plan.validation_rows_path) if plan.validation_rows_path else []
-    train_chats = [prompt_messages(row, row_index=i) for i, row in enumerate(train_rows)]
-    validation_chats = [prompt_messages(row, row_index=i) for i, row in enumerate(validation_rows)]
+    train_chats = [normalize_prompt_row(row, row_index=i) for i, row in enumerate(train_rows)]
+    validation_chats = [normalize_prompt_row(row, row_index=i) for i, row in enumerate(validation_rows)]
     if not train_rows:
         raise TrainerConfigError("the training dataset has no rows")
     scorer: Scorer = scorer_for(grpo.grader, hidden_paths=spec.grader_hidden_paths)
