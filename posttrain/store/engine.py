@@ -7,7 +7,8 @@ timeout is short on purpose: a request that cannot get the store within it answe
 the same bound as ``lock_timeout`` and ``connect_timeout``. Every operational failure of the
 database (locked, refused, timed out, disconnected) leaves the store as one exception,
 ``errors.StoreUnavailable``, raised from a single ``handle_error`` hook on the engine, so no
-store method needs its own ``try``.
+store method needs its own ``try``; a pool with every connection checked out for longer than the
+busy timeout (a burst of concurrent requests) says the same from ``BoundedPool``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import ConnectionPoolEntry, QueuePool
 
 from posttrain.errors import StoreUnavailable
 
@@ -33,10 +35,25 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_BUSY_TIMEOUT_SECONDS = 3.0
 
 
+class BoundedPool(QueuePool):
+    """SQLAlchemy's queue pool, whose checkout timeout is the store being busy, not a bug: the
+    pool error is raised outside any statement, so the ``handle_error`` hook never sees it."""
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        try:
+            return super()._do_get()
+        except PoolTimeout as error:
+            raise StoreUnavailable(f"the store is busy: all {self.size() + self._max_overflow} connections "
+                                   "are in use; try again shortly") from error
+
+
 def make_engine(url: str, *, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS) -> Engine:
     wait_ms = max(1, int(busy_timeout_seconds * 1000))
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout_seconds})
+        pool: dict[str, object] = {} if ":memory:" in url else {  # in memory: one connection, no queue
+            "poolclass": BoundedPool, "pool_size": 10, "max_overflow": 20, "pool_timeout": busy_timeout_seconds}
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout_seconds},
+                               **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -51,7 +68,7 @@ def make_engine(url: str, *, busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_
         if url.startswith("postgresql"):
             connect_args = {"connect_timeout": max(1, math.ceil(busy_timeout_seconds)),
                             "options": f"-c lock_timeout={wait_ms}"}
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+        engine = create_engine(url, poolclass=BoundedPool, pool_pre_ping=True, pool_size=10, max_overflow=20,
                                pool_timeout=busy_timeout_seconds, connect_args=connect_args)
     event.listen(engine, "handle_error", _store_unavailable)
     return engine

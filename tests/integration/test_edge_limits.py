@@ -164,7 +164,7 @@ def test_a_46_mb_registration_does_not_stall_the_event_loop(keyed_server):
     assert len(body) > 46e6
     with HealthProbe(keyed_server) as probe, client_from("127.0.0.8", keyed_server) as client:
         started = time.monotonic()
-        registered = client.post("/v1/datasets", content=body,
+        registered = client.post("/v1/datasets", content=body, timeout=180,  # slow on a loaded machine: fine
                                  headers={**as_(ALICE), "Content-Type": "application/json"})
         took = time.monotonic() - started
     assert registered.status_code == 200, registered.text[:500]

@@ -1,6 +1,8 @@
 """The per-tenant queued-jobs quota holds under concurrent submits: the count and the insert are
 one atomic step in the store, so 40 submits at once against a quota of 2 queue exactly 2 jobs
-(the others get 429 and leave no job folder behind), on SQLite and on PostgreSQL."""
+(the others get 429 and leave no job folder behind), on SQLite and on PostgreSQL. On a loaded
+machine some may instead get 503 (the store busy past its timeout): they too leave nothing, and
+the quota is never overshot."""
 
 from __future__ import annotations
 
@@ -28,16 +30,21 @@ def test_concurrent_submits_never_overshoot_the_quota(client, services, settings
         responses = list(pool.map(submit, bodies))
 
     accepted = [r for r in responses if r.status_code == 200]
-    refused = [r for r in responses if r.status_code != 200]
-    assert len(accepted) == QUOTA, [r.status_code for r in responses]
-    for response in refused:
+    over_quota = [r for r in responses if r.status_code == 429]
+    busy = [r for r in responses if r.status_code == 503]  # a loaded machine: the store said "try again"
+    assert len(accepted) + len(over_quota) + len(busy) == SUBMITS, [r.status_code for r in responses]
+    assert len(accepted) == QUOTA or (busy and len(accepted) < QUOTA), [r.status_code for r in responses]
+    for response in over_quota:
         assert_problem(response, 429, f"{QUOTA} scheduled or running")
         assert int(response.headers["retry-after"]) >= 1
+    for response in busy:
+        assert_problem(response, 503, "store is busy")
+        assert int(response.headers["retry-after"]) >= 1
     listed = client.get("/v1/post-training/jobs").json()["data"]
-    assert len(listed) == QUOTA
+    assert len(listed) == len(accepted)
     # Only the accepted jobs keep a folder: a refused submit removes the rows it copied.
     folders = list(settings.jobs_dir.iterdir()) if settings.jobs_dir.exists() else []
-    assert len(folders) == QUOTA, folders
+    assert len(folders) == len(accepted), folders
     assert {f.name for f in folders} == {job.id for job in services.jobs.list_jobs(tenant=DEFAULT_TENANT)}
 
 

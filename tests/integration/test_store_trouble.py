@@ -202,3 +202,26 @@ def test_a_locked_postgresql_store_answers_503_quickly_and_writes_nothing(settin
         assert client.get("/v1/datasets").json()["data"] == []
         assert client.get("/readyz").status_code == 200
         assert _register(client).status_code == 200
+
+
+def test_a_pool_with_every_connection_in_use_is_unavailable_not_a_bug(database_url):
+    """A burst of concurrent requests can hold every pooled connection: the next one waits the busy
+    timeout and then gets StoreUnavailable (a 503 with Retry-After), not the pool's TimeoutError
+    (a 500), on SQLite and on PostgreSQL."""
+    engine = make_engine(database_url, busy_timeout_seconds=0.5)
+    held = []
+    try:
+        for _ in range(engine.pool.size() + engine.pool._max_overflow):
+            held.append(engine.connect())
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="connections are in use") as refused:
+            engine.connect()
+        assert 0.4 < time.monotonic() - started < 5
+        assert refused.value.status_code == 503 and refused.value.retry_after >= 1
+        held.pop().close()
+        with engine.connect() as connection:  # one freed: the store answers again
+            assert connection.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        for connection in held:
+            connection.close()
+        engine.dispose()
