@@ -135,7 +135,7 @@ def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     validation_chats = [normalize_prompt_row(row, row_index=i) for i, row in enumerate(validation_rows)]
     if not train_rows:
         raise TrainerConfigError("the training dataset has no rows")
-    scorer: Scorer = scorer_for(grpo.grader, hidden_paths=spec.grader_hidden_paths)
+    scorer: Scorer = scorer_for(grpo.grader, hidden_paths=spec.grader_hidden_paths, judges=plan.judges)
 
     adapter = recipe.adapter
     run_setup = set_up_run(spec)
