@@ -184,3 +184,30 @@ def test_a_grpo_job_with_a_score_model_grader_completes_with_its_rewards(tiny_mo
     for m in metrics:
         # Random completions: the judge rates them 5 (or 9 / 3 for red / blue).
         assert m["reward/judge"] == m["reward_mean"] and 0.3 <= m["reward_mean"] <= 0.9
+
+
+def test_a_judge_folder_swapped_after_submit_fails_the_job_unread(tiny_model_path, number_judge, tmp_path):
+    import shutil
+
+    from posttrain.domain.pins import pin_folder
+    from tests.integration.test_grpo_trainer import _finish, _start
+
+    copy = Path(shutil.copytree(number_judge, tmp_path / "judge")).resolve()
+    pin = pin_folder(copy, role="judge_model", within=(str(copy),))
+    copy.rename(tmp_path / "moved")
+    copy.symlink_to(number_judge)  # the same name now leads elsewhere
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "Pick a colour."}]}) + "\n")
+    recipe = {"method": "grpo", "adapter": {"architecture_defaults": True, "rank": 4, "alpha": 8},
+              "data": {"batch_size": 1}, "schedule": {"n_epochs": 1, "max_steps_per_epoch": 1}, "dtype": "fp32",
+              "grpo": {"grader": rating_grader(), "num_generations": 2, "max_completion_length": 2, "beta": 0.0}}
+    output = tmp_path / "out"
+    output.mkdir()
+    plan = JobPlan(recipe=build_recipe(recipe), model=str(tiny_model_path), output_dir=str(output),
+                   train_rows_path=str(rows), pins=(pin,), judges=(judge_of(copy),))
+    spec = tmp_path / "spec.json"
+    spec.write_text(TrainerSpec(job_uuid="swapped", plan=plan, device="cpu", threads=1, compile="off").model_dump_json())
+    events, _ = _finish(_start(spec, tmp_path))
+    failed = events[-1]
+    assert failed["event"] == "failed" and failed["code"] == "path_changed", events[-3:]
+    assert "the judge model's folder" in failed["message"] and not any(e["event"] == "metric" for e in events)
