@@ -211,3 +211,24 @@ def test_a_judge_folder_swapped_after_submit_fails_the_job_unread(tiny_model_pat
     failed = events[-1]
     assert failed["event"] == "failed" and failed["code"] == "path_changed", events[-3:]
     assert "the judge model's folder" in failed["message"] and not any(e["event"] == "metric" for e in events)
+
+
+def test_a_sampled_judge_is_reproducible_by_its_seed_and_leaves_the_policys_random_stream_alone(tiny_model_path):
+    import torch
+
+    # The untrained tiny model as the judge: its answers are words, quoted in each sample's error,
+    # and spread enough that sampling at temperature 2 differs from the greedy answer.
+    pool = JudgePool([judge_of(tiny_model_path)])
+    hot = parse_grader(rating_grader(sampling_params={"temperature": 2.0, "top_p": 1.0, "seed": 7}))
+    samples = [make_sample(t) for t in TEXTS]
+
+    def answers(grader) -> list[tuple[float, str | None]]:
+        return [(r.score, r.error) for r in score_batch(grader, samples, [{}] * len(samples), judges=pool)]
+
+    torch.manual_seed(123)
+    first = answers(hot)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert answers(hot) == first  # the same seed, the same answers
+    assert torch.equal(torch.rand(3), after)  # the judge drew from its own generator
+    assert first != answers(parse_grader(rating_grader()))  # temperature 2 is honoured: not the greedy answers
