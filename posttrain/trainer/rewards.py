@@ -43,3 +43,12 @@ def scorer_for(grader: dict[str, Any], *, hidden_paths: tuple[str, ...] = (), ju
         return Scores(rewards=[float(r.score) for r in results], per_grader=per, errors=[r.error for r in results])
 
     return score
+
+
+def failure_note(errors: list[str | None]) -> str | None:
+    """One line for a batch's events saying why samples scored 0 (how many, and the first reason),
+    or None when none failed: a grader's failures are the job's to see, not only its reward's."""
+    failed = [error for error in errors if error]
+    if not failed:
+        return None
+    return f"{len(failed)} of {len(errors)} completions scored 0 by the grader: {failed[0][:300]}"

@@ -169,7 +169,9 @@ def test_a_grpo_job_with_a_score_model_grader_completes_with_its_rewards(tiny_mo
     recipe = {"method": "grpo", "adapter": {"architecture_defaults": True, "rank": 4, "alpha": 8},
               "data": {"batch_size": 2}, "schedule": {"n_epochs": 1, "max_steps_per_epoch": 2},
               "optimizer": {"lr": 1e-2}, "dtype": "fp32", "seed": 0,
-              "grpo": {"grader": rating_grader(sampling_params={"max_completions_tokens": 4}),
+              "grpo": {"grader": {"type": "multi", "name": "both", "calculate_output": "judge", "graders": {
+                  "judge": rating_grader(sampling_params={"max_completions_tokens": 4}),
+                  "words": rating_grader(name="words", input=[{"role": "user", "content": "Describe: red"}])}},
                        "num_generations": 2, "max_completion_length": 3, "beta": 0.0, "eval_interval": 100}}
     output = tmp_path / "out"
     output.mkdir()
@@ -183,7 +185,10 @@ def test_a_grpo_job_with_a_score_model_grader_completes_with_its_rewards(tiny_mo
     assert len(metrics) == 2
     for m in metrics:
         # Random completions: the judge rates them 5 (or 9 / 3 for red / blue).
-        assert m["reward/judge"] == m["reward_mean"] and 0.3 <= m["reward_mean"] <= 0.9
+        assert m["reward/judge"] == m["reward_mean"] and 0.3 <= m["reward_mean"] <= 0.9 and m["reward/words"] == 0
+    # Why "words" scored 0 is in the job's events.
+    notes = [e["message"] for e in events if e["event"] == "log" and "scored 0 by the grader" in e["message"]]
+    assert len(notes) == 2 and "4 of 4 completions" in notes[0] and "which holds no number" in notes[0], notes
 
 
 def test_a_judge_folder_swapped_after_submit_fails_the_job_unread(tiny_model_path, number_judge, tmp_path):
