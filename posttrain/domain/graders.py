@@ -250,21 +250,95 @@ def _parse_python(obj: dict[str, Any], param: str) -> Grader:
                         pass_threshold=_threshold(obj, param))
 
 
+#: The roles a judge's messages may have (``developer`` is rendered as ``system``, as the chat doors do).
+JUDGE_ROLES = ("system", "developer", "user", "assistant")
+#: The content blocks a judge message may hold: text only (this server's judges read no images or audio).
+JUDGE_TEXT_BLOCKS = ("input_text", "output_text", "text")
+#: ``sampling_params`` this server honours for a judge, and the most tokens a judge may answer with.
+JUDGE_SAMPLING_KEYS = ("temperature", "top_p", "seed", "max_completions_tokens")
+MAX_JUDGE_TOKENS = 256
+DEFAULT_JUDGE_TOKENS = 16
+
+
+def _judge_message(message: object, param: str) -> None:
+    if not isinstance(message, dict):
+        raise GraderInvalid("each input message must be an object", param)
+    for key in message:
+        if key not in ("role", "content", "type"):
+            raise GraderInvalid(f"unknown field {str(key)[:60]!r} for a judge message", f"{param}.{str(key)[:60]}")
+    if message.get("type", "message") != "message":
+        raise GraderInvalid("type must be 'message'", f"{param}.type")
+    if message.get("role") not in JUDGE_ROLES:
+        raise GraderInvalid(f"role must be one of {', '.join(JUDGE_ROLES)}", f"{param}.role")
+    content = message.get("content")
+    texts = [content] if isinstance(content, (str, dict)) else content
+    if not isinstance(texts, list) or not texts:
+        raise GraderInvalid("content must be a string or a list of text blocks", f"{param}.content")
+    for index, block in enumerate(texts):
+        where = f"{param}.content" if isinstance(content, str) else f"{param}.content[{index}]"
+        if isinstance(block, dict):
+            if block.get("type") not in JUDGE_TEXT_BLOCKS or set(block) != {"type", "text"}:
+                raise GraderInvalid("a content block must be {\"type\": \"input_text\", \"text\": ...} "
+                                    "(this server's judges read text only)", where)
+            block = block["text"]
+        if not isinstance(block, str):
+            raise GraderInvalid("content must be a string or a list of text blocks", where)
+        if len(block) > MAX_TEMPLATE_CHARS:
+            raise GraderInvalid(f"content is over {MAX_TEMPLATE_CHARS} characters", where)
+        try:
+            check_template(block)
+        except TemplateError as error:
+            raise GraderInvalid(str(error), where) from None
+
+
+def _judge_sampling(sampling: object, param: str) -> None:
+    """What a judge's ``sampling_params`` may ask: honoured as the trainer generates, or refused here."""
+    if not isinstance(sampling, dict):
+        raise GraderInvalid("sampling_params must be an object", param)
+    for key, value in sampling.items():
+        where = f"{param}.{str(key)[:60]}"
+        if key == "reasoning_effort":
+            if value is not None:
+                raise GraderInvalid("reasoning_effort is not supported: this server's judges answer directly, "
+                                    "with no separate reasoning budget", where)
+            continue
+        if key not in JUDGE_SAMPLING_KEYS:
+            raise GraderInvalid(f"unknown sampling parameter {str(key)[:60]!r}; this server honours "
+                                f"{', '.join(JUDGE_SAMPLING_KEYS)}", where)
+        if value is None:
+            continue
+        if key in ("seed", "max_completions_tokens"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise GraderInvalid(f"{key} must be an integer", where)
+            if key == "max_completions_tokens" and not 1 <= value <= MAX_JUDGE_TOKENS:
+                raise GraderInvalid(f"max_completions_tokens must be 1 to {MAX_JUDGE_TOKENS}", where)
+            if key == "seed" and not 0 <= value < 2**63:
+                raise GraderInvalid("seed must be a non-negative 64-bit integer", where)
+            continue
+        number = _finite(value)
+        if key == "temperature" and (number is None or not 0 <= number <= 2):
+            raise GraderInvalid("temperature must be a number from 0 to 2", where)
+        if key == "top_p" and (number is None or not 0 < number <= 1):
+            raise GraderInvalid("top_p must be a number above 0, at most 1", where)
+
+
 def _parse_score_model(obj: dict[str, Any], param: str) -> Grader:
     _check_keys(obj, param, {"name", "model", "input", "range", "sampling_params", "pass_threshold"})
     model = _text(obj, "model", param)
-    if not model.strip():
+    if not model.strip() or len(model) > 1000:
         raise GraderInvalid("model must name the judge model", f"{param}.model")
     messages = obj.get("input")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise GraderInvalid("input must be a non-empty list of message objects", f"{param}.input")
+    for index, message in enumerate(messages):
+        _judge_message(message, f"{param}.input[{index}]")
     bounds = obj.get("range", [0, 1])
     low, high = [_finite(b) for b in bounds] if isinstance(bounds, list) and len(bounds) == 2 else [None, None]
     if low is None or high is None or not low < high:
         raise GraderInvalid("range must be [low, high], two finite numbers with low < high", f"{param}.range")
     sampling = obj.get("sampling_params")
-    if sampling is not None and not isinstance(sampling, dict):
-        raise GraderInvalid("sampling_params must be an object", f"{param}.sampling_params")
+    if sampling is not None:
+        _judge_sampling(sampling, f"{param}.sampling_params")
     return ScoreModelGrader(name=_name(obj, param), model=model, input=tuple(messages),
                             range=(low, high), sampling_params=sampling,
                             pass_threshold=_threshold(obj, param))
@@ -391,6 +465,41 @@ def render_template(template: str, sample: Mapping[str, Any], item: Mapping[str,
         return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
     return _TEMPLATE.sub(fill, template)
+
+
+def _message_text(content: str | dict[str, Any] | list[Any]) -> str:
+    blocks = [content] if isinstance(content, (str, dict)) else content
+    return "".join(b if isinstance(b, str) else str(b["text"]) for b in blocks)
+
+
+def judge_messages(grader: ScoreModelGrader, sample: Mapping[str, Any],
+                   item: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The chat a ``score_model`` judge reads for one sample: each input message's text (its blocks
+    joined) with ``{{sample.*}}``/``{{item.*}}`` filled; ``developer`` becomes ``system``, as the chat
+    doors render it. :class:`TemplateError` for a field the item lacks."""
+    chat = []
+    for message in grader.input:
+        role = "system" if message["role"] == "developer" else str(message["role"])
+        chat.append({"role": role, "content": render_template(_message_text(message["content"]), sample, item)})
+    return chat
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def judge_score(answer: str, bounds: tuple[float, float]) -> float | None:
+    """The judge's score read from its answer: the first number in it, clamped to ``bounds`` (the
+    grader's ``range``) and mapped linearly onto [0, 1], the scale every grader's reward has (OpenAI's
+    guide: a grade from 0 to 1). None when the answer holds no (finite) number."""
+    low, high = bounds
+    for match in _NUMBER.finditer(answer):
+        try:
+            value = float(match.group(0))
+        except (ValueError, OverflowError):
+            continue
+        if math.isfinite(value):
+            return (min(max(value, low), high) - low) / (high - low)
+    return None
 
 
 # ---------------------------------------------------------------- calculate_output

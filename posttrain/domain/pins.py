@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PinRole = Literal["model", "adapter", "output_dir"]
+PinRole = Literal["model", "adapter", "output_dir", "judge_model", "judge_adapter"]
 
 
 class PathPin(BaseModel):
@@ -53,7 +53,8 @@ def pin_folder(path: Path, *, role: PinRole, within: tuple[str, ...], not_within
 def pin_problem(pin: PathPin) -> str | None:
     """Why ``pin`` no longer holds (the words for the job's error), or None when it does. Tells
     the tenant what changed, never where a link now leads."""
-    what = {"model": "the model folder", "adapter": "the adapter folder", "output_dir": "the checkpoint folder"}[pin.role]
+    what = {"model": "the model folder", "adapter": "the adapter folder", "output_dir": "the checkpoint folder",
+            "judge_model": "the judge model's folder", "judge_adapter": "the judge's adapter folder"}[pin.role]
     changed = (f"{what} checked when the job was submitted ({pin.path}) was replaced, moved or made a link "
                "since; the job did not use it. Put it back, or submit the job again")
     try:

@@ -395,6 +395,17 @@ def build_submission(data: Mapping[str, Any]) -> Submission:
         raise recipe_error(exc) from None
 
 
+class Judge(RecipePart):
+    """The judge of a ``score_model`` grader, resolved for the submitting tenant at submit time: a
+    base model of this server or one of the tenant's own fine-tuned models (its folders pinned in
+    the plan's ``pins`` with roles ``judge_model``/``judge_adapter``)."""
+
+    model: str = Field(description="the model id the grader names")
+    base_path: str = Field(description="absolute folder of the judge's (base) model")
+    adapter_path: str | None = Field(None, description="a LoRA adapter folder applied on base_path, or null")
+    tokenizer_path: str = Field(description="the folder the judge's tokenizer loads from")
+
+
 class JobPlan(RecipePart):
     """What the service resolved at submit time: all a launcher needs to run the job."""
 
@@ -406,6 +417,8 @@ class JobPlan(RecipePart):
     validation_rows_path: str | None = None
     pins: tuple[PathPin, ...] = Field((), description="the model, adapter and output folders as checked at submit, "
                                       "re-checked before use (none for plans stored before pins existed)")
+    judges: tuple[Judge, ...] = Field((), description="the judges of the job's score_model graders, one per "
+                                      "model id they name (none for other graders)")
 
 
 class TrainerSpec(RecipePart):

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from posttrain.domain.graders import GraderInvalid, parse_grader
 from posttrain.domain.jobs import Job, JobKind, JobStatus
-from posttrain.domain.recipes import JobPlan, Submission
+from posttrain.domain.pins import PathPin
+from posttrain.domain.recipes import JobPlan, Judge, Submission
 from posttrain.domain.rows import RowFormatError, normalize_prompt_row
 from posttrain.errors import (
     DuplicateJob,
@@ -24,10 +26,12 @@ from posttrain.errors import (
     InvalidTransition,
     JobNotFound,
     RateLimited,
+    RecipeInvalid,
     TransitionRefused,
 )
+from posttrain.services.graders import judges_for
 from posttrain.services.models import check_adapter_size, check_default_lora_targets, resolve_model
-from posttrain.services.paths import areas_of, create_output_folder, pin_checked, resolve_writable
+from posttrain.services.paths import FileAreas, areas_of, create_output_folder, pin_checked, resolve_writable
 from posttrain.settings import Settings
 from posttrain.store.datasets import DatasetStore
 from posttrain.store.jobs import JobStore, QuotaFull, new_job_id
@@ -49,6 +53,14 @@ class JobService:
         self.store = store
         self.datasets = datasets
         self.settings = settings
+
+    @property
+    def models(self):  # noqa: ANN201 - a ModelCatalog (imported here: it imports this module's importers)
+        """What a score_model grader's judge is looked up in (the tenant's models, as /v1/models lists them)."""
+        from posttrain.services.model_catalog import ModelCatalog
+        from posttrain.store.model_catalog import ModelCatalogStore
+
+        return ModelCatalog(ModelCatalogStore(self.store.engine), self.settings)
 
     # -- submit --------------------------------------------------------------------------------
 
@@ -92,6 +104,8 @@ class JobService:
             pins.append(pin_checked(adapter, role="adapter", within=readable, areas=areas, field=names.model))
         check_default_lora_targets(model, recipe.adapter, field=names.model)
         check_adapter_size(model, recipe.adapter, field=names.model)
+        judges, judge_pins = self._judges(tenant, submission, areas)
+        pins.extend(judge_pins)
         sources = [("train.jsonl", submission.dataset_id, names.dataset_id)]
         if submission.validation_dataset_id:
             sources.append(("validation.jsonl", submission.validation_dataset_id, names.validation_dataset_id))
@@ -125,7 +139,8 @@ class JobService:
                                     field=names.checkpoint_dir))
             plan = JobPlan(recipe=recipe, model=str(model), adapter=str(adapter) if adapter else None,
                            output_dir=str(output_dir), train_rows_path=str(train_rows),
-                           validation_rows_path=str(validation_rows) if validation_rows else None, pins=tuple(pins))
+                           validation_rows_path=str(validation_rows) if validation_rows else None, pins=tuple(pins),
+                           judges=judges)
             try:
                 return self.store.create(job_id=job_id, job_uuid=job_uuid, tenant=tenant, kind=recipe.method,
                                          request=request, plan=plan, max_attempts=self.settings.max_attempts,
@@ -138,6 +153,18 @@ class JobService:
                 with contextlib.suppress(OSError):
                     output_dir.rmdir()  # empty: nothing has written there yet
             raise
+
+    def _judges(self, tenant: str, submission: Submission, areas: FileAreas) -> tuple[tuple[Judge, ...], list[PathPin]]:
+        """A GRPO job's score_model judges, resolved for this tenant and pinned (the doors checked
+        them already, naming the field their way; this is the check that holds)."""
+        grpo = submission.recipe.grpo
+        if submission.recipe.method is not JobKind.GRPO or grpo is None:
+            return (), []
+        try:
+            return judges_for(parse_grader(grpo.grader, param="grpo.grader"), tenant=tenant, models=self.models,
+                              settings=self.settings, areas=areas, param="grpo.grader")
+        except GraderInvalid as exc:
+            raise RecipeInvalid(field=exc.param, reason=exc.message) from None
 
     def _dataset(self, tenant: str, dataset_id: str, field: str) -> None:
         dataset = self.datasets.get(tenant=tenant, identifier=dataset_id)

@@ -45,7 +45,7 @@ from posttrain.trainer.optimization import prepare_optimization
 from posttrain.trainer.primitives import Primitives
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
-from posttrain.trainer.rewards import Scorer, scorer_for
+from posttrain.trainer.rewards import Scorer, failure_note, scorer_for
 from posttrain.trainer.run_setup import base_resources, set_up_run
 
 
@@ -135,7 +135,7 @@ def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     validation_chats = [normalize_prompt_row(row, row_index=i) for i, row in enumerate(validation_rows)]
     if not train_rows:
         raise TrainerConfigError("the training dataset has no rows")
-    scorer: Scorer = scorer_for(grpo.grader, hidden_paths=spec.grader_hidden_paths)
+    scorer: Scorer = scorer_for(grpo.grader, hidden_paths=spec.grader_hidden_paths, judges=plan.judges)
 
     adapter = recipe.adapter
     run_setup = set_up_run(spec)
@@ -211,6 +211,8 @@ def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
             items = [train_rows[i] for i in indices for _ in range(grpo.num_generations)]
             with timer("score"):
                 scores = scorer(samples.texts, items)
+            if (note := failure_note(scores.errors)) is not None:
+                reporter.log(note, level="warning")
             rewards = torch.tensor(scores.rewards, dtype=torch.float32)
             advantages, zero_std = group_advantages(rewards, num_generations=grpo.num_generations,
                                                     scale_rewards=grpo.scale_rewards)

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.domain.graders import make_sample, parse_grader
-from posttrain.trainer.grading import SandboxLimits, score_batch
+from posttrain.domain.recipes import Judge
+from posttrain.trainer.grading import JudgePool, SandboxLimits, score_batch
 
 
 @dataclass
@@ -25,14 +26,16 @@ class Scores:
 Scorer = Callable[[list[str], list[dict[str, Any]]], Scores]
 
 
-def scorer_for(grader: dict[str, Any], *, hidden_paths: tuple[str, ...] = ()) -> Scorer:
+def scorer_for(grader: dict[str, Any], *, hidden_paths: tuple[str, ...] = (), judges: tuple[Judge, ...] = ()) -> Scorer:
     """The function that scores completions (texts) against their training lines (items).
-    ``hidden_paths``: what a python grader's sandbox hides (the spec's ``grader_hidden_paths``)."""
+    ``hidden_paths``: what a python grader's sandbox hides (the spec's ``grader_hidden_paths``);
+    ``judges``: the score_model graders' judges (the plan's), each loaded once, at its first use."""
     parsed = parse_grader(grader)
     limits = SandboxLimits(hidden_paths=tuple(hidden_paths))
+    pool = JudgePool(judges)
 
     def score(texts: list[str], items: list[dict[str, Any]]) -> Scores:
-        results = score_batch(parsed, [make_sample(t) for t in texts], items, limits=limits)
+        results = score_batch(parsed, [make_sample(t) for t in texts], items, limits=limits, judges=pool)
         per: dict[str, list[float]] = {}
         for result in results:
             for name, value in result.per_grader.items():
@@ -40,3 +43,12 @@ def scorer_for(grader: dict[str, Any], *, hidden_paths: tuple[str, ...] = ()) ->
         return Scores(rewards=[float(r.score) for r in results], per_grader=per, errors=[r.error for r in results])
 
     return score
+
+
+def failure_note(errors: list[str | None]) -> str | None:
+    """One line for a batch's events saying why samples scored 0 (how many, and the first reason),
+    or None when none failed: a grader's failures are the job's to see, not only its reward's."""
+    failed = [error for error in errors if error]
+    if not failed:
+        return None
+    return f"{len(failed)} of {len(errors)} completions scored 0 by the grader: {failed[0][:300]}"

@@ -72,7 +72,7 @@ def test_auto_everything_and_reasoning_effort_noted(client, services, tiny_model
     (_method(reasoning_effort="extreme"), "method.reinforcement.hyperparameters.reasoning_effort", []),
     (_method(beta=0.1), "method.reinforcement.hyperparameters.beta", []),
     (_method({"type": "score_model", "name": "j", "model": "x", "input": [{"role": "user", "content": "Rate it"}]}),
-     "method.reinforcement.grader.type", ["judge"]),
+     "method.reinforcement.grader.model", ["The model 'x' does not exist", "judge"]),
     (_method({"type": "telepathy"}), "method.reinforcement.grader.type", []),
     ({"type": "reinforcement", "reinforcement": {"grader": GRADER}, "dpo": {}}, "method.dpo", ["method.reinforcement"]),
 ])

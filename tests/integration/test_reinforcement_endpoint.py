@@ -68,7 +68,7 @@ def test_without_algorithm_config_every_weight_trains(client, services, tiny_mod
     ({"grader": {**GRADER, "operation": "sounds_like"}}, ["grader.operation"]),
     ({"grader": {"type": "telepathy"}}, ["grader.type"]),
     ({"grader": {"type": "score_model", "name": "j", "model": "x", "input": [{"role": "user", "content": "Rate"}],
-                 "range": [0, 1]}}, ["grader.type", "judge"]),
+                 "range": [0, 1]}}, ["grader.model", "The model 'x' does not exist", "judge"]),
     ({"grpo": {"num_generations": 1}}, ["grpo.num_generations"]),
     ({"grpo": {"epsilon": 1.5}}, ["grpo.epsilon"]),
     ({"grpo": {"loss_type": "ppo"}}, ["loss_type"]),

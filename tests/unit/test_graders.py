@@ -260,9 +260,13 @@ def test_a_formula_failing_at_run_time_scores_zero_with_the_reason():
     assert result.per_grader == {"answer": 1.0, "close": 1.0}
 
 
-def test_score_model_scores_zero_saying_no_judge_is_served():
+def test_score_model_without_a_judge_scores_zero_saying_so():
     result = score(parse_grader(SCORE_MODEL), {"output_text": "x"}, {"label": "x"})
-    assert result.score == 0.0 and "judge model" in (result.error or "")
+    assert result.score == 0.0 and "no judge model" in (result.error or "")
+    from posttrain.trainer.grading import JudgePool
+
+    result = score(parse_grader(SCORE_MODEL), {"output_text": "x"}, {"label": "x"}, judges=JudgePool())
+    assert result.score == 0.0 and "no judge was resolved for model 'some-model'" in (result.error or "")
 
 
 # ---------------------------------------------------------------- submit-time policy
@@ -281,11 +285,11 @@ def test_python_graders_are_off_on_a_keyed_server_unless_allowed(tmp_path):
         check_grader_allowed(python, Settings(home=tmp_path, allow_python_graders=False), keys_on=False)
 
 
-def test_score_model_is_refused_at_submit_and_the_others_pass(tmp_path):
+def test_score_model_needs_a_door_that_looks_its_judge_up_and_the_others_pass(tmp_path):
     settings = Settings(home=tmp_path)
     with pytest.raises(GraderInvalid) as caught:
         check_grader_allowed(parse_grader(SCORE_MODEL), settings, keys_on=False)
-    assert caught.value.param == "grader.type" and "does not serve" in caught.value.message
+    assert caught.value.param == "grader.type" and "judge model" in caught.value.message
     for obj in (_check("eq"), _similarity("bleu"), MULTI):
         check_grader_allowed(parse_grader(obj), settings, keys_on=True)
 

@@ -232,10 +232,10 @@ def create_job(body: CreateFineTuningJob, service: FineTuningDep, tenant: Tenant
     """Create a fine-tuning job on an uploaded training file (supervised: chat rows; dpo: preference rows)."""
     method = openai_recipes.method_of(body)
     grader = openai_recipes.grader_of(body)
-    if grader is not None:  # what this server runs: python graders by the operator's leave, no score_model
+    if grader is not None:  # what this server runs: python graders by the operator's leave, judges it serves
         try:
             check_grader_allowed(grader, service.settings, keys_on=service.settings.api_keys_file is not None,
-                                 param="method.reinforcement.grader")
+                                 param="method.reinforcement.grader", tenant=tenant, models=service.jobs.models)
         except GraderInvalid as exc:
             raise openai_recipes.Refusal(exc.param, exc.message) from None
     wandb = openai_recipes.wandb_run(body, mode=service.settings.wandb_mode)

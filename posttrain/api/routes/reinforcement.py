@@ -28,8 +28,9 @@ def reinforcement_fine_tune(body: ReinforcementFineTuneRequest, jobs: JobService
     settings = request.app.state.settings
     try:
         grader = posttrain_recipes.grader_of(body)
-        # What this server runs: python graders by the operator's leave, no score_model yet.
-        check_grader_allowed(grader, settings, keys_on=settings.api_keys_file is not None, param="grader")
+        # What this server runs: python graders by the operator's leave, judges it serves to this tenant.
+        check_grader_allowed(grader, settings, keys_on=settings.api_keys_file is not None, param="grader",
+                             tenant=tenant, models=jobs.models)
     except GraderInvalid as exc:
         raise RecipeInvalid(field=exc.param, reason=exc.message) from None
     keep = llama_stack_recipes.keep_checkpoints(request.headers.get(llama_stack_recipes.KEEP_CHECKPOINTS_HEADER))

@@ -25,10 +25,11 @@ from posttrain.domain.graders import (
     evaluate_formula,
     render_template,
 )
+from posttrain.trainer.grading.judge import JudgePool
 from posttrain.trainer.grading.metrics import similarity
 from posttrain.trainer.grading.sandbox import SampleOutcome, SandboxLimits, run_python_grader
 
-SCORE_MODEL_REFUSED = "score_model graders need a judge model served by this server, which it does not serve yet"
+NO_JUDGES = "no judge model was handed to this scorer (score_batch's judges)"
 
 
 @dataclass
@@ -68,23 +69,26 @@ def _inline(grader: StringCheckGrader | TextSimilarityGrader, sample: Mapping[st
 
 
 def _single(grader: SingleGrader, samples: Sequence[Mapping[str, Any]], items: Sequence[Mapping[str, Any]],
-            limits: SandboxLimits | None) -> list[SampleOutcome]:
+            limits: SandboxLimits | None, judges: JudgePool | None) -> list[SampleOutcome]:
     if isinstance(grader, PythonGrader):
         pairs = [{"sample": dict(s), "item": dict(i)} for s, i in zip(samples, items, strict=True)]
         return run_python_grader(grader.source, pairs, limits)
     if isinstance(grader, ScoreModelGrader):
-        return [SampleOutcome(0.0, SCORE_MODEL_REFUSED)] * len(samples)
+        if judges is None:
+            return [SampleOutcome(0.0, NO_JUDGES)] * len(samples)
+        return judges.score(grader, samples, items)
     return [_inline(grader, s, i) for s, i in zip(samples, items, strict=True)]
 
 
 def score_batch(grader: Grader, samples: Sequence[Mapping[str, Any]], items: Sequence[Mapping[str, Any]],
-                limits: SandboxLimits | None = None) -> list[GradeResult]:
-    """Grade ``samples[k]`` against ``items[k]`` for each k; python graders run as one sandbox per batch."""
+                limits: SandboxLimits | None = None, judges: JudgePool | None = None) -> list[GradeResult]:
+    """Grade ``samples[k]`` against ``items[k]`` for each k; python graders run as one sandbox per batch,
+    score_model graders ask their judge in ``judges`` (the job's, loaded once per run)."""
     if len(samples) != len(items):
         raise ValueError(f"{len(samples)} samples but {len(items)} items")
     if not isinstance(grader, MultiGrader):
-        return [GradeResult(o.score, {grader.name: o.score}, o.error) for o in _single(grader, samples, items, limits)]
-    columns = {key: _single(sub, samples, items, limits) for key, sub in grader.graders.items()}
+        return [GradeResult(o.score, {grader.name: o.score}, o.error) for o in _single(grader, samples, items, limits, judges)]
+    columns = {key: _single(sub, samples, items, limits, judges) for key, sub in grader.graders.items()}
     results = []
     for index in range(len(samples)):
         per_grader = {key: column[index].score for key, column in columns.items()}
@@ -99,6 +103,6 @@ def score_batch(grader: Grader, samples: Sequence[Mapping[str, Any]], items: Seq
 
 
 def score(grader: Grader, sample: Mapping[str, Any], item: Mapping[str, Any],
-          limits: SandboxLimits | None = None) -> GradeResult:
+          limits: SandboxLimits | None = None, judges: JudgePool | None = None) -> GradeResult:
     """The reward of one sample (see :func:`score_batch`)."""
-    return score_batch(grader, [sample], [item], limits)[0]
+    return score_batch(grader, [sample], [item], limits, judges)[0]
