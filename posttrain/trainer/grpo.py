@@ -186,15 +186,24 @@ def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     steps_done = [run.global_step]
     epoch_rewards: list[float] = []
 
-    def validation_reward() -> float:
+    def validate(*, with_nll: bool = False) -> tuple[float, float]:
+        """The mean reward of ``eval_samples`` completions of each validation prompt, and (with
+        ``with_nll``) the policy's mean negative log-likelihood per token of those completions."""
         rewards: list[float] = []
+        nll, tokens = 0.0, 0
         size = recipe.data.batch_size
         for start in range(0, len(validation_prompts), size):
             samples = prims.sample(validation_prompts[start : start + size], num_generations=grpo.eval_samples,
                                    top_p=grpo.top_p, max_new_tokens=grpo.max_completion_length)
             items = [item for item in validation_items[start : start + size] for _ in range(grpo.eval_samples)]
             rewards += scorer(samples.texts, items).rewards
-        return _mean(rewards)
+            if with_nll:
+                batch_nll, batch_tokens = prims.policy_nll(samples)
+                nll, tokens = nll + batch_nll, tokens + batch_tokens
+        return _mean(rewards), nll / tokens if tokens else math.nan
+
+    def validation_reward() -> float:
+        return validate()[0]
 
     def step(group: list[list[int]]) -> StepResult | None:
         import torch
@@ -245,14 +254,15 @@ def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
         return StepResult(loss=loss_total, real_tokens=real, total_tokens=total, metrics=metrics)
 
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
-        reward = validation_reward()
+        reward, nll = validate(with_nll=True)
         state = {"lora": lora, "method": "grpo", "loss_type": grpo.loss_type, "beta": grpo.beta,
-                 "validation": {"validation_reward_mean": reward},
+                 "validation": {"validation_reward_mean": reward, "validation_completion_nll": nll},
                  "train_reward_mean": _mean(epoch_rewards)}
         epoch_rewards.clear()
         write_epoch_checkpoint(reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer,
                                run=run, epoch=epoch, global_step=global_step, losses=losses,
-                               validation_loss=math.nan, state=state, merge_base=None, keep=spec.keep_checkpoints)
+                               validation_loss=-reward, nll_for_perplexity=nll, state=state, merge_base=None,
+                               keep=spec.keep_checkpoints)
         reporter.log(f"epoch {epoch}: mean validation reward {reward:.4f}")
 
     loop = EpochLoop(model=model, run=run, recipe=recipe, unit_lengths=[len(p) for p in train_prompts], seed=seed,

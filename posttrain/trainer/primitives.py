@@ -44,6 +44,18 @@ class Primitives:
                                                     with_entropy=False)
         return logps
 
+    def policy_nll(self, samples: sampling.Samples) -> tuple[float, int]:
+        """The current policy's summed negative log-likelihood of the sampled completions' tokens
+        (at the sampling temperature, no gradient) and how many tokens that is: a GRPO checkpoint's
+        perplexity is exp of their ratio on its validation completions."""
+        import torch
+
+        with torch.no_grad(), self.precision.autocast_context():
+            logps, _ = completion_logps_and_entropy(self.model, samples.input_ids(), samples.attention_mask(),
+                                                    samples.completion_mask, temperature=self.temperature,
+                                                    with_entropy=False)
+        return float(-logps.sum()), samples.completion_tokens
+
     def forward_backward(self, loss: str, samples: sampling.Samples, *, advantages, config: GrpoLossConfig,
                          ref_logps=None, num_items_in_batch: int, accumulation_steps: int) -> tuple[float,
                                                                                                      dict[str, float]]:

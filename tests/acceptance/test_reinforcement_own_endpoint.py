@@ -5,7 +5,9 @@ Stack status shows its checkpoint like any other job's."""
 from __future__ import annotations
 
 import json
+import math
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -50,8 +52,18 @@ def test_a_reinforcement_job_streams_its_rewards_and_has_checkpoints(live_server
     final = _wait_for(live_server, body["job_uuid"], {"completed", "failed", "cancelled"})
     assert final["status"] == "completed" and [c["epoch"] for c in final["checkpoints"]] == [1]
     (checkpoint,) = final["checkpoints"]
-    # The spec's training_metrics need a validation loss, which a GRPO job does not have: left out.
-    assert checkpoint["path"].endswith("epoch_1") and "training_metrics" not in checkpoint
+    # training_metrics in the spec's shape (_wait_for validated the body against the spec): the epoch's
+    # mean GRPO loss, the negated end-of-epoch validation reward, and the policy's perplexity of its
+    # own validation completions (docs/trainer-protocol.md), read back from the checkpoint's own state.
+    assert checkpoint["path"].endswith("epoch_1")
+    training = checkpoint["training_metrics"]
+    assert sorted(training) == ["epoch", "perplexity", "train_loss", "validation_loss"] and training["epoch"] == 1
+    assert training["train_loss"] == pytest.approx(sum(m["loss"] for m in metrics) / 2)
+    state = json.loads((Path(checkpoint["path"]) / "trainer_state.json").read_text())["validation"]
+    assert training["validation_loss"] == pytest.approx(-state["validation_reward_mean"])
+    assert -1 <= training["validation_loss"] <= 0
+    assert training["perplexity"] == pytest.approx(math.exp(state["validation_completion_nll"])) and \
+        training["perplexity"] >= 1
 
     # OpenAI's views of the same job carry the rewards too.
     (opened,) = live_server.get(f"/v1/fine_tuning/jobs/{body['job_uuid']}/checkpoints").json()["data"]
