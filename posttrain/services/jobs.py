@@ -18,6 +18,7 @@ from typing import Any
 from posttrain.domain.jobs import Job, JobKind, JobStatus
 from posttrain.domain.recipes import JobPlan, Submission
 from posttrain.domain.rows import RowFormatError, normalize_prompt_row
+from posttrain.domain.search import SearchConfig
 from posttrain.errors import (
     DuplicateJob,
     InvalidRequest,
@@ -52,10 +53,18 @@ class JobService:
 
     # -- submit --------------------------------------------------------------------------------
 
-    def submit(self, *, tenant: str, submission: Submission, request: dict[str, Any]) -> Job:
+    def submit(self, *, tenant: str, submission: Submission, request: dict[str, Any],
+               search: SearchConfig | None = None) -> Job:
         """Resolve what ``submission`` names and queue the job; ``request`` is the body as the
-        client sent it, kept with the job for the record. Refused requests leave nothing behind."""
+        client sent it, kept with the job for the record. Refused requests leave nothing behind.
+
+        With ``search`` the job is a hyperparameter search: its plan is the one every trial starts
+        from, and a worker's search driver queues the trials as child jobs
+        (docs/hyperparameter-search.md)."""
         names, recipe = submission.names, submission.recipe
+        if search is not None and search.num_trials > self.settings.max_search_trials:
+            raise InvalidRequest(f"hyperparam_search_config.num_trials: at most {self.settings.max_search_trials} on "
+                                 f"this server (POSTTRAIN_MAX_SEARCH_TRIALS), got {search.num_trials}")
         job_uuid = submission.job_uuid
         if self.store.find(tenant=tenant, job_uuid=job_uuid, with_payload=False) is not None:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists")
@@ -129,7 +138,8 @@ class JobService:
             try:
                 return self.store.create(job_id=job_id, job_uuid=job_uuid, tenant=tenant, kind=recipe.method,
                                          request=request, plan=plan, max_attempts=self.settings.max_attempts,
-                                         max_active=quota)
+                                         max_active=quota,
+                                         search=search.model_dump(mode="json") if search is not None else None)
             except QuotaFull as exc:
                 raise _quota_full(exc.quota) from None
         except BaseException:
