@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.domain.jobs import Job, JobKind, JobStatus
-from posttrain.domain.recipes import JobPlan, Submission
+from posttrain.domain.recipes import MAX_ID_LENGTH, JobPlan, Submission
 from posttrain.domain.rows import RowFormatError, normalize_prompt_row
 from posttrain.domain.search import SearchConfig
 from posttrain.errors import (
@@ -65,6 +65,9 @@ class JobService:
         if search is not None and search.num_trials > self.settings.max_search_trials:
             raise InvalidRequest(f"hyperparam_search_config.num_trials: at most {self.settings.max_search_trials} on "
                                  f"this server (POSTTRAIN_MAX_SEARCH_TRIALS), got {search.num_trials}")
+        if search is not None and len(f"{submission.job_uuid}.trial-{search.num_trials - 1}") > MAX_ID_LENGTH:
+            raise InvalidRequest(f"job_uuid: a search names its trials <job_uuid>.trial-<n>, which must fit "
+                                 f"{MAX_ID_LENGTH} characters; use a shorter job_uuid")
         job_uuid = submission.job_uuid
         if self.store.find(tenant=tenant, job_uuid=job_uuid, with_payload=False) is not None:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists")
