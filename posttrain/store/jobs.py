@@ -414,18 +414,22 @@ class JobStore:
 
     # -- the scheduler and launcher side -------------------------------------------------------
 
-    def claim_next(self, *, owner: str, lease_seconds: float) -> Job | None:
+    def claim_next(self, *, owner: str, lease_seconds: float, searches_only: bool = False) -> Job | None:
         """Atomically move the oldest scheduled job to in_progress under ``owner``'s lease; None
-        when there is none to claim.
+        when there is none to claim. ``searches_only``: only a hyperparameter search (a parent job,
+        whose driver takes no slot), for a scheduler whose slots are all busy.
 
         PostgreSQL locks the candidate row with ``FOR UPDATE SKIP LOCKED`` so concurrent
         schedulers pick different jobs; SQLite serialises writers, and the status guard in the
         UPDATE makes a lost race change nothing (and claim nothing: not an error here).
         """
         now = utcnow()
+        wanted = [_in(Move.CLAIM.sources)]
+        if searches_only:
+            wanted += [jobs.c.search.is_not(None), jobs.c.parent_job_id.is_(None)]
         candidate = (
             select(jobs.c.id)
-            .where(_in(Move.CLAIM.sources))
+            .where(*wanted)
             .order_by(jobs.c.scheduled_at, jobs.c.id)
             .limit(1)
             .with_for_update(skip_locked=True)

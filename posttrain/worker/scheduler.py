@@ -116,6 +116,11 @@ class Scheduler:
             log.info("claimed job %s (attempt %d)", job.job_uuid, job.attempt,
                      extra={"action": "job_claimed", "job_id": job.id})
             free -= 1
+        while not self._stop.is_set():  # a search's driver takes no slot: claim one even when they are all busy
+            search = self.store.claim_next(owner=self.owner, lease_seconds=self.config.lease_seconds, searches_only=True)
+            if search is None:
+                break
+            self._drive(search)
         if self.warm is not None and free > 0 and not self._stop.is_set():
             self.warm.refill()  # an idle slot keeps a trainer warm for the next job
 

@@ -168,3 +168,27 @@ def test_a_search_whose_trials_all_fail_fails(store, tmp_path, losses):
     assert driver.tick() is True
     parent, _ = _trials(store)
     assert parent.status is JobStatus.FAILED and "none of the 1 trial" in parent.error_message
+
+
+def test_a_scheduler_with_every_slot_busy_still_drives_a_search(store, tmp_path, monkeypatch):
+    """The driver takes no slot: a worker whose one slot trains a job still claims the search, and
+    the trials it queues wait for a slot like any job."""
+    from posttrain.worker.scheduler import Scheduler
+    from tests.worker_helpers import launch_config, stand_in_importable, submit, wait_for
+
+    stand_in_importable(monkeypatch)
+    busy = submit(store, tmp_path / "busy", "runs-busy")
+    _parent(store, tmp_path)
+    scheduler = Scheduler(store=store, slots=1, poll_seconds=0.05, config=launch_config(), owner="sched")
+    scheduler.start()
+    try:
+        wait_for(lambda: len(_trials(store)[1]) == 2, timeout=20, what="the search's first two trials")
+        parent, trials = _trials(store)
+        assert store.get(job_id=busy.id).status is JobStatus.IN_PROGRESS
+        assert parent.status is JobStatus.IN_PROGRESS and parent.lease_owner == "sched"
+        assert [t.status for t in trials] == [JobStatus.SCHEDULED, JobStatus.SCHEDULED]
+        store.cancel(job_id=parent.id)
+        wait_for(lambda: all(t.status is JobStatus.CANCELLED for t in _trials(store)[1]), what="the trials cancelled")
+    finally:
+        store.cancel(job_id=busy.id)
+        scheduler.stop(timeout=10)
