@@ -171,6 +171,12 @@ class SearchDriver:
             log.info("search %s moved on", self.job.job_uuid, extra={"action": "search_stopped", "job_id": self.job.id})
         except SearchFailed as exc:
             self._end(JobStatus.FAILED, exc.code.value, str(exc))
+            for trial in self.store.trials(parent_job_id=self.job.id):  # none trains on for a failed search
+                if not trial.is_terminal:
+                    try:
+                        self.store.cancel(job_id=trial.id, reason=f"its search failed: {exc}")
+                    except TransitionRefused:
+                        pass
         except Exception as exc:
             log.exception("search driver failed for %s", self.job.job_uuid, extra={"action": "search_failed"})
             try:
@@ -262,6 +268,9 @@ class SearchDriver:
                                       request=request, plan=trial_plan, max_attempts=parent.max_attempts,
                                       parent_job_id=parent.id, search={"trial": number, "params": params})
         except DuplicateJob:
+            existing = self.store.find(tenant=parent.tenant, job_uuid=name)
+            if existing is not None and existing.parent_job_id == parent.id:
+                return existing  # a driver before this one queued it just now
             raise SearchFailed(FailureCode.ERROR, f"trial {number} cannot be queued: this tenant already has a job "
                                                   f"named '{name}'") from None
         log.info("queued trial %s with %s", name, params, extra={"action": "trial_queued", "job_id": trial.id})

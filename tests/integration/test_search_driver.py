@@ -192,3 +192,18 @@ def test_a_scheduler_with_every_slot_busy_still_drives_a_search(store, tmp_path,
     finally:
         store.cancel(job_id=busy.id)
         scheduler.stop(timeout=10)
+
+
+def test_a_trial_name_the_tenant_already_uses_fails_the_search_and_leaves_that_job_alone(store, tmp_path):
+    _parent(store, tmp_path)
+    from tests.plans import a_plan
+
+    store.create(job_id=new_job_id(), job_uuid="hp.trial-1", tenant="t", kind=JobKind.SFT, request={},
+                 plan=a_plan(), max_attempts=1)
+    driver = _driver(store, "driver-1")
+    driver.run()
+    parent = store.find(tenant="t", job_uuid="hp")
+    assert parent.status is JobStatus.FAILED and "hp.trial-1" in parent.error_message
+    assert store.find(tenant="t", job_uuid="hp.trial-1").status is JobStatus.SCHEDULED
+    assert store.find(tenant="t", job_uuid="hp.trial-1").parent_job_id is None
+    assert store.find(tenant="t", job_uuid="hp.trial-0").status is JobStatus.CANCELLED  # the search's own trial
