@@ -89,6 +89,11 @@ def test_a_search_is_one_parent_job_and_its_cancel_cancels_its_trials(client, ti
     trials = status["resources_allocated"]["search"]["trials"]
     assert [t["job_uuid"] for t in trials] == [f"{body['job_uuid']}.trial-0", f"{body['job_uuid']}.trial-1"]
     assert all(set(t["params"]) == {LR, "algorithm_config.rank"} for t in trials)
+    # The dashboard's jobs table and job page show trials as the jobs they are.
+    summaries = client.get("/v1/posttrain/jobs").json()
+    shown = {j["job_uuid"] for j in summaries.get("data", summaries.get("jobs", []))}
+    assert f"{body['job_uuid']}.trial-0" in shown, summaries
+    assert client.get(f"/ui/jobs/{body['job_uuid']}.trial-0").status_code == 200
     assert client.post("/v1/post-training/job/cancel", json={"job_uuid": body["job_uuid"]}).status_code == 200
     for name in (body["job_uuid"], f"{body['job_uuid']}.trial-0", f"{body['job_uuid']}.trial-1"):
         assert store.find(tenant=parent.tenant, job_uuid=name).status is JobStatus.CANCELLED
