@@ -134,6 +134,10 @@ def parse_search(raw: Mapping[str, Any], recipe: Recipe) -> SearchConfig | None:
     ``RecipeInvalid`` naming ``hyperparam_search_config.<path>`` for anything wrong."""
     if not raw:
         return None
+    unknown = sorted(str(key) for key in raw if key not in SearchConfig.model_fields)
+    if unknown:
+        known = ", ".join(SearchConfig.model_fields)
+        raise RecipeInvalid(field=f"{FIELD}.{unknown[0]}", reason=f"not a key of a search; the keys are {known}")
     space = raw.get("search_space")
     if isinstance(space, dict):
         renamed: dict[str, Any] = {}
