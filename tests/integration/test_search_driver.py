@@ -207,3 +207,20 @@ def test_a_trial_name_the_tenant_already_uses_fails_the_search_and_leaves_that_j
     assert store.find(tenant="t", job_uuid="hp.trial-1").status is JobStatus.SCHEDULED
     assert store.find(tenant="t", job_uuid="hp.trial-1").parent_job_id is None
     assert store.find(tenant="t", job_uuid="hp.trial-0").status is JobStatus.CANCELLED  # the search's own trial
+
+
+def test_pausing_the_search_parks_its_driver_and_a_resume_carries_on(store, tmp_path):
+    _parent(store, tmp_path)
+    driver = _driver(store, "driver-1")
+    driver.tick()
+    parent, _ = _trials(store)
+    assert store.pause(job_id=parent.id) is JobStatus.PAUSING
+    driver.run()  # sees the pause at its next lease renewal
+    parent, trials = _trials(store)
+    assert parent.status is JobStatus.PAUSED and len(trials) == 2
+    assert all(t.status is JobStatus.SCHEDULED for t in trials)  # the queued trials still run
+    store.resume(job_id=parent.id)
+    driver = _driver(store, "driver-2")
+    _train(store, "hp.trial-0", [1.0], finish=True)
+    driver.tick()
+    assert [t.job_uuid for t in _trials(store)[1]] == ["hp.trial-0", "hp.trial-1", "hp.trial-2"]
