@@ -9,6 +9,7 @@ import pytest
 
 from posttrain.domain.jobs import JobStatus
 from tests.integration.test_api import assert_problem, lora_request, register
+from tests.spec import validate_response
 
 SFT = "/v1/post-training/supervised-fine-tune"
 GOOD = {"search_space": {"optimizer_config.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
@@ -85,7 +86,9 @@ def test_a_search_is_one_parent_job_and_its_cancel_cancels_its_trials(client, ti
     listed = client.get("/v1/post-training/jobs").json()["data"]
     assert {j["job_uuid"] for j in listed} == {body["job_uuid"], f"{body['job_uuid']}.trial-0",
                                                 f"{body['job_uuid']}.trial-1"}
-    status = client.get("/v1/post-training/job/status", params={"job_uuid": body["job_uuid"]}).json()
+    answered = client.get("/v1/post-training/job/status", params={"job_uuid": body["job_uuid"]})
+    validate_response(answered, "/v1/post-training/job/status")  # the search summary fits the spec's status
+    status = answered.json()
     trials = status["resources_allocated"]["search"]["trials"]
     assert [t["job_uuid"] for t in trials] == [f"{body['job_uuid']}.trial-0", f"{body['job_uuid']}.trial-1"]
     assert all(set(t["params"]) == {LR, "algorithm_config.rank"} for t in trials)
