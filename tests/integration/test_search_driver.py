@@ -122,6 +122,12 @@ def test_a_search_queues_prunes_survives_a_restart_and_ends_with_the_best_trial(
     assert best["job_uuid"] == "hp.trial-2" and best["metric"] == 0.5
     assert best["params"] == next(t for t in trials if t.job_uuid == "hp.trial-2").search["params"]
     assert [c.identifier for c in parent.checkpoints] == ["hp.trial-2-epoch-1", "hp.trial-2-epoch-2"]
+    # The models catalogue lists those checkpoints once, under the trial that wrote them.
+    from posttrain.store.model_catalog import ModelCatalogStore
+
+    catalogue = ModelCatalogStore(store.engine)
+    assert "hp" not in [job.job_uuid for job in catalogue.jobs_with_checkpoints(tenant="t")]
+    assert catalogue.job_of_checkpoint(tenant="t", identifier="hp.trial-2-epoch-2") == "hp.trial-2"
 
 
 def test_trial_values_are_the_same_when_a_restarted_driver_asks_again(store, tmp_path):
