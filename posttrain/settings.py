@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = Field(default=10.0, ge=0,
                                         description="Time a cancelled trainer gets to stop before it is killed.")
     max_attempts: int = Field(default=3, ge=1, description="Tries a job gets before a lost worker fails it for good.")
+    max_search_trials: int = Field(default=32, ge=1, le=1000, description="The most trials one hyperparameter search "
+                                   "(hyperparam_search_config.num_trials) may ask for; more is a 400.")
     trainer_threads: int | None = Field(default=None, ge=1, description="CPU threads per trainer; default: all cores.")
     warm_trainers: int = Field(default=1, ge=0, description="Trainer processes kept started, with torch imported, "
                                "while a slot is idle: the next job skips seconds of start-up. 0 turns this off.")

@@ -2,8 +2,9 @@
 
 The request schemas (``api/schemas.py``) have already checked types and closed shapes; this module
 only renames and regroups. What the Llama Stack request can ask for and this server would
-otherwise accept and ignore (FSDP switches, a hyperparameter search, a logger other than
-TensorBoard) is refused here, since the recipe has no field to hold it. Every other check lives
+otherwise accept and ignore (FSDP switches, a logger other than TensorBoard) is refused here,
+since the recipe has no field to hold it. A ``hyperparam_search_config`` is typed and checked
+against the request's recipe by ``search_config`` (``domain/search.py``). Every other check lives
 with the recipe (``domain/recipes.py``); its refusals come back with the field renamed to the
 request's own spelling (``optimizer.lr`` -> ``training_config.optimizer_config.lr``).
 """
@@ -21,6 +22,7 @@ from posttrain.api.schemas import (
     TrainingConfig,
 )
 from posttrain.domain.recipes import DPO_ADAPTER, JobKind, Submission, SubmissionNames, build_submission
+from posttrain.domain.search import SearchConfig, parse_search
 from posttrain.errors import RecipeInvalid
 from posttrain.services.paths import MAX_PATH_BYTES, OUTPUT_HEADROOM_BYTES, check_path_lengths
 
@@ -77,7 +79,7 @@ def keep_checkpoints(header: str | None) -> int | None:
 def sft_submission(body: SupervisedFineTuneRequest, keep: int | None = None) -> Submission:
     """A supervised fine-tune: LoRA, QAT, or (no algorithm_config) every weight. ``keep``: the
     ``X-Posttrain-Keep-Checkpoints`` header's number."""
-    recipe = _common_recipe(body.training_config, body.hyperparam_search_config, body.logger_config, keep)
+    recipe = _common_recipe(body.training_config, {}, body.logger_config, keep)  # the search: search_config
     recipe["method"] = JobKind.SFT.value
     algorithm = body.algorithm_config
     if isinstance(algorithm, LoraFinetuningConfig):
@@ -91,7 +93,7 @@ def dpo_submission(body: PreferenceOptimizeRequest, keep: int | None = None) -> 
     """Preference optimization. The spec's DPO config holds only beta and loss_type, so the adapter
     is the recipe's default one. Clients 0.2.x send {reward_scale, reward_clip, epsilon, gamma}
     (an older shape with no DPO meaning): beta 0.1, sigmoid, and a note in the job's log."""
-    recipe = _common_recipe(body.training_config, body.hyperparam_search_config, body.logger_config, keep)
+    recipe = _common_recipe(body.training_config, {}, body.logger_config, keep)  # the search: search_config
     recipe["method"] = JobKind.DPO.value
     recipe["adapter"] = DPO_ADAPTER.model_dump()
     algorithm = body.algorithm_config
@@ -130,12 +132,20 @@ def renamed(refusal: RecipeInvalid) -> RecipeInvalid:
     return RecipeInvalid(field=field or None, reason=refusal.reason).renamed(FIELD_NAMES)
 
 
+def search_config(raw: dict[str, Any], submission: Submission) -> SearchConfig | None:
+    """The request's ``hyperparam_search_config``, typed and checked against the recipe every
+    trial starts from; None for ``{}`` (an ordinary job). Refusals are 400s naming the field."""
+    return parse_search(raw, submission.recipe)
+
+
 def _common_recipe(training: TrainingConfig, search: dict[str, Any], logger: dict[str, Any],
                    keep: int | None = None) -> dict[str, Any]:
-    """The recipe fields SFT and DPO requests share, with the refusals of what has no home."""
+    """The recipe fields SFT and DPO requests share, with the refusals of what has no home (a
+    search, for the doors that do not run one: the Llama Stack door takes it with ``search_config``)."""
     if search:
         keys = ", ".join(sorted(search))
-        raise RecipeInvalid(f"hyperparam_search_config: not supported by this server yet (got keys: {keys}); send {{}}")
+        raise RecipeInvalid(f"hyperparam_search_config: not supported on this endpoint (got keys: {keys}); send {{}}, "
+                            "or send the search to /v1/post-training/supervised-fine-tune")
     if training.data_config is None:
         raise RecipeInvalid("training_config.data_config: required by this server, it names the dataset to train on")
     efficiency = training.efficiency_config

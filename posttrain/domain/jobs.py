@@ -169,6 +169,10 @@ class Job:
     error_message: str | None = None
     resources: dict[str, Any] = field(default_factory=dict)
     checkpoints: tuple[Checkpoint, ...] = ()
+    #: A hyperparameter search's trial: the search's ``id`` (docs/hyperparameter-search.md).
+    parent_job_id: str | None = None
+    #: On a search: its ``SearchConfig`` as JSON; on a trial: ``{"trial": n, "params": {...}}``.
+    search: dict[str, Any] | None = None
 
     @property
     def is_terminal(self) -> bool:

@@ -18,8 +18,9 @@ from typing import Any
 from posttrain.domain.graders import GraderInvalid, parse_grader
 from posttrain.domain.jobs import Job, JobKind, JobStatus
 from posttrain.domain.pins import PathPin
-from posttrain.domain.recipes import JobPlan, Judge, Submission
+from posttrain.domain.recipes import MAX_ID_LENGTH, JobPlan, Judge, Submission
 from posttrain.domain.rows import RowFormatError, normalize_prompt_row
+from posttrain.domain.search import SearchConfig
 from posttrain.errors import (
     DuplicateJob,
     InvalidRequest,
@@ -64,10 +65,21 @@ class JobService:
 
     # -- submit --------------------------------------------------------------------------------
 
-    def submit(self, *, tenant: str, submission: Submission, request: dict[str, Any]) -> Job:
+    def submit(self, *, tenant: str, submission: Submission, request: dict[str, Any],
+               search: SearchConfig | None = None) -> Job:
         """Resolve what ``submission`` names and queue the job; ``request`` is the body as the
-        client sent it, kept with the job for the record. Refused requests leave nothing behind."""
+        client sent it, kept with the job for the record. Refused requests leave nothing behind.
+
+        With ``search`` the job is a hyperparameter search: its plan is the one every trial starts
+        from, and a worker's search driver queues the trials as child jobs
+        (docs/hyperparameter-search.md)."""
         names, recipe = submission.names, submission.recipe
+        if search is not None and search.num_trials > self.settings.max_search_trials:
+            raise InvalidRequest(f"hyperparam_search_config.num_trials: at most {self.settings.max_search_trials} on "
+                                 f"this server (POSTTRAIN_MAX_SEARCH_TRIALS), got {search.num_trials}")
+        if search is not None and len(f"{submission.job_uuid}.trial-{search.num_trials - 1}") > MAX_ID_LENGTH:
+            raise InvalidRequest(f"job_uuid: a search names its trials <job_uuid>.trial-<n>, which must fit "
+                                 f"{MAX_ID_LENGTH} characters; use a shorter job_uuid")
         job_uuid = submission.job_uuid
         if self.store.find(tenant=tenant, job_uuid=job_uuid, with_payload=False) is not None:
             raise DuplicateJob(f"a job with job_uuid '{job_uuid}' already exists")
@@ -144,7 +156,8 @@ class JobService:
             try:
                 return self.store.create(job_id=job_id, job_uuid=job_uuid, tenant=tenant, kind=recipe.method,
                                          request=request, plan=plan, max_attempts=self.settings.max_attempts,
-                                         max_active=quota)
+                                         max_active=quota,
+                                         search=search.model_dump(mode="json") if search is not None else None)
             except QuotaFull as exc:
                 raise _quota_full(exc.quota) from None
         except BaseException:

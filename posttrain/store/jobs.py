@@ -131,6 +131,8 @@ def _job(row: RowMapping, ckpts: tuple[Checkpoint, ...] = ()) -> Job:
         error_message=row["error_message"],
         resources=row["resources"] or {},
         checkpoints=ckpts,
+        parent_job_id=row.get("parent_job_id"),
+        search=row.get("search"),
     )
 
 
@@ -244,6 +246,27 @@ class JobStore:
             row = conn.execute(query).mappings().first()
         return _event(row) if row is not None else None
 
+    def trials(self, *, parent_job_id: str) -> builtins.list[Job]:
+        """A search's trials (its child jobs), oldest first, without their checkpoints."""
+        query = select(jobs).where(jobs.c.parent_job_id == parent_job_id).order_by(jobs.c.scheduled_at, jobs.c.id)
+        with self.engine.connect() as conn:
+            return [_job(r) for r in conn.execute(query).mappings()]
+
+    def epoch_metrics(self, *, job_ids: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
+        """Each job's per-epoch measurements (epoch -> its checkpoint event's data), from the event
+        log, which keeps every epoch even after ``keep`` deleted the older checkpoint rows."""
+        found: dict[str, dict[int, dict[str, Any]]] = {job_id: {} for job_id in job_ids}
+        if not job_ids:
+            return found
+        query = (select(job_events.c.job_id, job_events.c.data)
+                 .where(job_events.c.job_id.in_(list(job_ids)), job_events.c.type == "checkpoint")
+                 .order_by(job_events.c.seq))
+        with self.engine.connect() as conn:
+            for job_id, data in conn.execute(query):
+                if isinstance(data, dict) and isinstance(data.get("epoch"), int):
+                    found[job_id][data["epoch"]] = data
+        return found
+
     def count_active(self, *, tenant: str) -> int:
         """Scheduled and running jobs of one tenant (for the queued-jobs quota)."""
         with self.engine.connect() as conn:
@@ -271,7 +294,8 @@ class JobStore:
 
     def create(
         self, *, job_id: str, job_uuid: str, tenant: str, kind: JobKind, request: dict[str, Any], plan: JobPlan,
-        max_attempts: int, max_active: int | None = None,
+        max_attempts: int, max_active: int | None = None, parent_job_id: str | None = None,
+        search: dict[str, Any] | None = None,
     ) -> Job:
         """A new scheduled job; ``DuplicateJob`` when the tenant already has one named ``job_uuid``,
         ``QuotaFull`` when ``max_active`` is set and the tenant already has that many scheduled or
@@ -297,6 +321,8 @@ class JobStore:
             max_attempts=max_attempts,
             cancel_requested=False,
             resources={},
+            parent_job_id=parent_job_id,
+            search=search,
         )
         try:
             with self.engine.begin() as conn:
@@ -368,21 +394,42 @@ class JobStore:
         with self.engine.begin() as conn:
             self._transition(conn, Move.CANCEL, job_id=job_id, event={"reason": reason},
                              values=dict(cancel_requested=True, completed_at=utcnow(), error_message=None))
+            # A search's trials go with it, in the same transaction: none is left to train alone.
+            open_trials = conn.execute(select(jobs.c.id).where(jobs.c.parent_job_id == job_id,
+                                                               _in(Move.CANCEL.sources))).scalars().all()
+            for trial_id in open_trials:
+                try:
+                    self._transition(conn, Move.CANCEL, job_id=trial_id, event={"reason": "its search was cancelled"},
+                                     values=dict(cancel_requested=True, completed_at=utcnow(), error_message=None))
+                except TransitionRefused:
+                    continue  # it ended meanwhile
+
+    def prune(self, *, job_id: str, reason: str) -> None:
+        """Stop a search's trial that the pruner judged not worth finishing: cancelled, with the
+        error code ``pruned`` and the pruner's ``reason`` (``TransitionRefused`` when it already ended)."""
+        with self.engine.begin() as conn:
+            self._transition(conn, Move.CANCEL, job_id=job_id, event={"reason": "pruned", "message": reason},
+                             values=dict(cancel_requested=True, completed_at=utcnow(), error_code="pruned",
+                                         error_message=reason))
 
     # -- the scheduler and launcher side -------------------------------------------------------
 
-    def claim_next(self, *, owner: str, lease_seconds: float) -> Job | None:
+    def claim_next(self, *, owner: str, lease_seconds: float, searches_only: bool = False) -> Job | None:
         """Atomically move the oldest scheduled job to in_progress under ``owner``'s lease; None
-        when there is none to claim.
+        when there is none to claim. ``searches_only``: only a hyperparameter search (a parent job,
+        whose driver takes no slot), for a scheduler whose slots are all busy.
 
         PostgreSQL locks the candidate row with ``FOR UPDATE SKIP LOCKED`` so concurrent
         schedulers pick different jobs; SQLite serialises writers, and the status guard in the
         UPDATE makes a lost race change nothing (and claim nothing: not an error here).
         """
         now = utcnow()
+        wanted = [_in(Move.CLAIM.sources)]
+        if searches_only:
+            wanted += [jobs.c.search.is_not(None), jobs.c.parent_job_id.is_(None)]
         candidate = (
             select(jobs.c.id)
-            .where(_in(Move.CLAIM.sources))
+            .where(*wanted)
             .order_by(jobs.c.scheduled_at, jobs.c.id)
             .limit(1)
             .with_for_update(skip_locked=True)

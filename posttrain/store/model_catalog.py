@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, exists, select, update
+from sqlalchemy import ColumnElement, Engine, and_, exists, or_, select, update
 
 from posttrain.domain.jobs import TERMINAL, JobStatus
 from posttrain.store.tables import checkpoints, jobs
@@ -72,7 +72,7 @@ class ModelCatalogStore:
         has_checkpoint = exists(select(checkpoints.c.id).where(checkpoints.c.job_id == jobs.c.id))
         job_query = (select(jobs.c.id, jobs.c.job_uuid, jobs.c.tenant, jobs.c.status, jobs.c.request, jobs.c.plan,
                             jobs.c.completed_at)
-                     .where(jobs.c.tenant == tenant, has_checkpoint)
+                     .where(jobs.c.tenant == tenant, has_checkpoint, _not_a_search())
                      .order_by(jobs.c.scheduled_at, jobs.c.id))
         if job_uuid is not None:
             job_query = job_query.where(jobs.c.job_uuid == job_uuid)
@@ -104,7 +104,7 @@ class ModelCatalogStore:
         """The job_uuid of the tenant's job holding a (not deleted) checkpoint of this identifier."""
         query = (select(jobs.c.job_uuid).join(checkpoints, checkpoints.c.job_id == jobs.c.id)
                  .where(jobs.c.tenant == tenant, checkpoints.c.identifier == identifier,
-                        checkpoints.c.deleted_at.is_(None)).limit(1))
+                        checkpoints.c.deleted_at.is_(None), _not_a_search()).limit(1))
         with self.engine.connect() as conn:
             found = conn.execute(query).scalar()
         return str(found) if found is not None else None
@@ -121,3 +121,9 @@ class ModelCatalogStore:
                      .values(deleted_at=datetime.now(UTC)))
         with self.engine.begin() as conn:
             return conn.execute(statement).rowcount
+
+
+def _not_a_search() -> ColumnElement[bool]:
+    """Not a hyperparameter search's parent: its checkpoints are its best trial's own rows
+    (docs/hyperparameter-search.md), which the catalogue lists, and deletes, under the trial."""
+    return or_(jobs.c.search.is_(None), jobs.c.parent_job_id.is_not(None))

@@ -57,6 +57,10 @@ jobs = Table(
     Column("error_code", String(64)),
     Column("error_message", Text),
     Column("resources", JSON, nullable=False, default=dict),
+    # A hyperparameter search's trial names its search (migration 0008); ``search`` is the parent's
+    # typed config, or a trial's number and values (docs/hyperparameter-search.md).
+    Column("parent_job_id", String(255), index=True),
+    Column("search", JSON(none_as_null=True)),  # SQL NULL, not JSON null, on every other job
     Index("ix_jobs_status_scheduled_at", "status", "scheduled_at"),
     # A tenant's jobs newest first, paged by (scheduled_at, id): GET /v1/fine_tuning/jobs (migration 0006).
     Index("ix_jobs_tenant_scheduled_at_id", "tenant", "scheduled_at", "id"),

@@ -12,10 +12,12 @@ import socket
 import threading
 import uuid
 
+from posttrain.domain.jobs import Job
 from posttrain.errors import StoreUnavailable
 from posttrain.store.jobs import JobStore
 from posttrain.worker.devices import GpuPool
 from posttrain.worker.launcher import LaunchConfig, Launcher
+from posttrain.worker.search import SearchDriver
 from posttrain.worker.warm import WarmPool
 
 log = logging.getLogger("posttrain.worker")
@@ -38,6 +40,8 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._active: dict[str, tuple[Launcher, threading.Thread]] = {}
+        #: Hyperparameter searches this worker drives (worker/search.py): they take no slot.
+        self._drivers: dict[str, tuple[SearchDriver, threading.Thread]] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -54,9 +58,12 @@ class Scheduler:
             self._thread.join(timeout=timeout)
         with self._lock:
             active = list(self._active.values())
+            drivers = list(self._drivers.values())
         for launcher, _ in active:
             launcher.request_shutdown()
-        for _, thread in active:
+        for driver, _ in drivers:
+            driver.request_shutdown()
+        for _, thread in [*active, *drivers]:
             thread.join(timeout=timeout)
         if self.warm is not None:
             self.warm.close()
@@ -88,6 +95,8 @@ class Scheduler:
         with self._lock:
             for job_id in [j for j, (_, t) in self._active.items() if not t.is_alive()]:
                 self.gpus.give_back(self._active.pop(job_id)[0].gpu)
+            for job_id in [j for j, (_, t) in self._drivers.items() if not t.is_alive()]:
+                del self._drivers[job_id]
             free = self.slots - len(self._active)
             if self.gpus.enabled:  # one job per GPU
                 free = min(free, self.gpus.free())
@@ -95,6 +104,9 @@ class Scheduler:
             job = self.store.claim_next(owner=self.owner, lease_seconds=self.config.lease_seconds)
             if job is None:
                 break
+            if job.search is not None and job.parent_job_id is None:
+                self._drive(job)
+                continue
             launcher = Launcher(job=job, owner=self.owner, store=self.store, config=self.config,
                                 warm=self.warm.take() if self.warm else None, gpu=self.gpus.take())
             thread = threading.Thread(target=launcher.run, name=f"launcher-{job.id[:8]}", daemon=True)
@@ -104,8 +116,25 @@ class Scheduler:
             log.info("claimed job %s (attempt %d)", job.job_uuid, job.attempt,
                      extra={"action": "job_claimed", "job_id": job.id})
             free -= 1
+        while not self._stop.is_set():  # a search's driver takes no slot: claim one even when they are all busy
+            search = self.store.claim_next(owner=self.owner, lease_seconds=self.config.lease_seconds, searches_only=True)
+            if search is None:
+                break
+            self._drive(search)
         if self.warm is not None and free > 0 and not self._stop.is_set():
             self.warm.refill()  # an idle slot keeps a trainer warm for the next job
+
+
+    def _drive(self, job: Job) -> None:
+        """Run a claimed hyperparameter search's driver in a thread; it holds the search's lease."""
+        driver = SearchDriver(job=job, owner=self.owner, store=self.store, lease_seconds=self.config.lease_seconds,
+                              tick_seconds=min(self.config.heartbeat_seconds, 1.0))
+        thread = threading.Thread(target=driver.run, name=f"search-{job.id[:8]}", daemon=True)
+        with self._lock:
+            self._drivers[job.id] = (driver, thread)
+        thread.start()
+        log.info("claimed search %s (attempt %d)", job.job_uuid, job.attempt,
+                 extra={"action": "search_claimed", "job_id": job.id})
 
 
 def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.settings.Settings

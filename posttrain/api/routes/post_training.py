@@ -33,16 +33,18 @@ def _keep(request: Request) -> int | None:
 def supervised_fine_tune(body: SupervisedFineTuneRequest, jobs: JobServiceDep, tenant: TenantDep,
                          request: Request) -> PostTrainingJob:
     """Run supervised fine-tuning (LoRA, or a full fine-tune without algorithm_config)."""
-    job = jobs.submit(tenant=tenant, submission=llama_stack_recipes.sft_submission(body, _keep(request)),
-                      request=body.model_dump(mode="json", exclude_unset=True))
+    submission = llama_stack_recipes.sft_submission(body, _keep(request))
+    job = jobs.submit(tenant=tenant, submission=submission, request=body.model_dump(mode="json", exclude_unset=True),
+                      search=llama_stack_recipes.search_config(body.hyperparam_search_config, submission))
     return PostTrainingJob(job_uuid=job.job_uuid)
 
 
 def preference_optimize(body: PreferenceOptimizeRequest, jobs: JobServiceDep, tenant: TenantDep,
                         request: Request) -> PostTrainingJob:
     """Run preference optimization (DPO)."""
-    job = jobs.submit(tenant=tenant, submission=llama_stack_recipes.dpo_submission(body, _keep(request)),
-                      request=body.model_dump(mode="json", exclude_unset=True))
+    submission = llama_stack_recipes.dpo_submission(body, _keep(request))
+    job = jobs.submit(tenant=tenant, submission=submission, request=body.model_dump(mode="json", exclude_unset=True),
+                      search=llama_stack_recipes.search_config(body.hyperparam_search_config, submission))
     return PostTrainingJob(job_uuid=job.job_uuid)
 
 
