@@ -202,12 +202,8 @@ class Launcher:
         return max(1, min(plan.recipe.devices or self.config.devices_per_job, self.config.devices_per_job))
 
     def _command(self, spec: Path) -> list[str]:
-        module, ranks = self.config.trainer_module, self.world_size()
-        if ranks == 1:
-            return trainer_command(self.config.python, self.config.nice, str(spec), module=module)
-        # torch's launcher; no restarts of its own: a lost rank ends the attempt and the store requeues it.
-        return trainer_command(self.config.python, self.config.nice, "--standalone", "--nproc-per-node", str(ranks),
-                               "--max-restarts", "0", "-m", module, str(spec), module="torch.distributed.run")
+        return ranks_command(self.config.python, self.config.nice, str(spec), module=self.config.trainer_module,
+                             ranks=self.world_size())
 
     def _run(self) -> None:
         if self._refused_a_swapped_folder():
@@ -304,7 +300,7 @@ class Launcher:
         log.info("pausing %s", self.job.job_uuid, extra={"action": "trainer_pausing", "job_id": self.job.id})
         if self._started.is_set():
             # The trainer only (its own children keep the default); with several ranks, the ranks.
-            pids = _children(self._process.pid) if self.world_size() > 1 else [self._process.pid]
+            pids = rank_pids(self._process.pid) if self.world_size() > 1 else [self._process.pid]
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGUSR1)
@@ -477,8 +473,18 @@ class Launcher:
             self.store.release(**common, reason=reason)
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (torch's launcher's ranks), from /proc."""
+def ranks_command(python: str, nice: int, spec: str, *, module: str, ranks: int) -> list[str]:
+    """The command that runs the trainer ``module`` on ``spec``: itself for one rank, else under
+    torch's launcher with ``ranks`` processes on this machine. No restarts of the launcher's own: a
+    lost rank ends the attempt, and the store requeues the job (from its newest checkpoint)."""
+    if ranks == 1:
+        return trainer_command(python, nice, spec, module=module)
+    return trainer_command(python, nice, "--standalone", "--nproc-per-node", str(ranks), "--max-restarts", "0",
+                           "-m", module, spec, module="torch.distributed.run")
+
+
+def rank_pids(pid: int) -> list[int]:
+    """The ranks torch's launcher at ``pid`` started: the processes whose parent it is, from /proc."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

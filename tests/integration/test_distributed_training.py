@@ -1,0 +1,157 @@
+"""One SFT job on two processes (gloo, CPU) under torch's launcher, started with the command the
+worker's launcher runs: the same loss curve as one process with the same global batch, a
+checkpoint of the same shape that loads with peft, every rank stopped by a cancel, and a rank
+killed ending the attempt at once instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from posttrain.worker.launcher import rank_pids, ranks_command
+from tests.fixtures_tiny import build_tiny_model
+from tests.integration.test_trainer_process import make_spec, with_spec_keys
+from tests.trainer_specs import typed_spec_file
+
+pytestmark = [pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory)
+
+
+def start(spec: Path, folder: Path, *, ranks: int) -> subprocess.Popen:
+    """Start the trainer as the worker does: its command, its own process group, stdin a pipe held open."""
+    command = ranks_command(sys.executable, 0, str(typed_spec_file(spec)), module="posttrain.trainer", ranks=ranks)
+    with open(folder / "stderr.txt", "w") as stderr:
+        return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, process_group=0)
+
+
+def finish(proc: subprocess.Popen, *, timeout: float = 120) -> tuple[list[dict], int]:
+    killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    killer.start()
+    try:
+        out = proc.stdout.read()
+        code = proc.wait()
+    finally:
+        killer.cancel()
+        proc.stdin.close()
+        proc.stdout.close()
+    return [json.loads(line) for line in out.splitlines()], code
+
+
+def trained(tmp_path: Path, model: Path, *, ranks: int, accumulate: int, **training) -> list[dict]:
+    folder = tmp_path / f"ranks-{ranks}"
+    folder.mkdir()
+    spec = make_spec(folder, model, gradient_accumulation_steps=accumulate, dtype="fp32", **training)
+    events, code = finish(start(spec, folder, ranks=ranks))
+    assert code == 0, (folder / "stderr.txt").read_text()[-3000:]
+    return events
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_model_path, tmp_path):
+    one = trained(tmp_path, tiny_model_path, ranks=1, accumulate=2, n_epochs=2, max_steps_per_epoch=3)
+    two = trained(tmp_path, tiny_model_path, ranks=2, accumulate=1, n_epochs=2, max_steps_per_epoch=3)
+    kinds = [e["event"] for e in two if e["event"] != "log"]
+    assert kinds == ["started", *["metric"] * 3, "checkpoint", *["metric"] * 3, "checkpoint", "completed"]
+
+    resources = {e["event"]: e for e in two}["started"]["resources"]
+    assert {key: resources[key] for key in ("world_size", "backend", "per_device_batch_size",
+                                            "gradient_accumulation_steps", "global_batch_size")} == {
+        "world_size": 2, "backend": "gloo", "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
+        "global_batch_size": 8}
+    assert {e["event"]: e for e in one}["started"]["resources"]["global_batch_size"] == 8
+
+    def curve(events):
+        return [(m["step"], m["loss"], m["tokens"]) for m in events if m["event"] == "metric"]
+
+    assert [(s, t) for s, _, t in curve(two)] == [(s, t) for s, _, t in curve(one)]  # the same rows each step
+    assert [loss for _, loss, _ in curve(two)] == pytest.approx([loss for _, loss, _ in curve(one)], rel=1e-4)
+    assert curve(two)[-1][1] < curve(two)[0][1]
+
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    checkpoints = {e["path"] for e in one if e["event"] == "checkpoint"}, {
+        e["path"] for e in two if e["event"] == "checkpoint"}
+    for path_one, path_two in zip(*map(sorted, checkpoints), strict=True):
+        assert sorted(p.name for p in Path(path_one).iterdir()) == sorted(p.name for p in Path(path_two).iterdir())
+        weights_one, weights_two = (load_file(Path(p) / "adapter_model.safetensors") for p in (path_one, path_two))
+        assert {k: v.shape for k, v in weights_one.items()} == {k: v.shape for k, v in weights_two.items()}
+        assert all((weights_one[k] - weights_two[k]).abs().max() < 1e-3 for k in weights_one)
+    model = AutoPeftModelForCausalLM.from_pretrained(sorted(checkpoints[1])[-1])
+    assert model.generate(input_ids=__import__("torch").tensor([[1, 20, 30]]), max_new_tokens=3).shape[1] > 3
+    # Only rank 0 wrote: one checkpoint folder per epoch, nothing else.
+    assert sorted(p.name for p in (tmp_path / "ranks-2" / "out").iterdir()) == ["epoch_1", "epoch_2"]
+
+
+def long_run(tmp_path: Path, model: Path, **keys) -> tuple[subprocess.Popen, list[int]]:
+    """Two ranks on an epoch too long to finish, under way (a metric reported); their pids."""
+    spec = with_spec_keys(make_spec(tmp_path, model, n_epochs=100, max_steps_per_epoch=1000, data_config={
+        "dataset_id": "toy", "batch_size": 1, "shuffle": False, "data_format": "dialog"}), **keys)
+    proc = start(spec, tmp_path, ranks=2)
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "metric":
+            ranks = rank_pids(proc.pid)
+            assert len(ranks) == 2
+            return proc, ranks
+    pytest.fail(f"no metric before exit: {(tmp_path / 'stderr.txt').read_text()[-3000:]}")
+
+
+def gone(pids: list[int], *, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_sigterm_stops_every_rank(tiny_model_path, tmp_path):
+    proc, ranks = long_run(tmp_path, tiny_model_path)
+    os.killpg(proc.pid, signal.SIGTERM)  # what the launcher sends on cancel
+    events, _code = finish(proc, timeout=60)
+    assert events[-1] == {"event": "cancelled"}, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert gone(ranks, within=10)
+
+
+def test_a_killed_rank_ends_the_attempt_promptly(tiny_model_path, tmp_path):
+    proc, ranks = long_run(tmp_path, tiny_model_path)
+    killed_at = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    events, code = finish(proc, timeout=60)
+    assert code != 0 and time.monotonic() - killed_at < 30
+    # No failed (the job is not at fault) and no completed: the launcher requeues the attempt.
+    assert not {"failed", "completed"} & {e["event"] for e in events}
+    assert gone(ranks, within=10)
+
+
+def test_pause_stops_both_ranks_at_one_step_with_a_resume_point(tiny_model_path, tmp_path):
+    proc, ranks = long_run(tmp_path, tiny_model_path, resume_dir=str(tmp_path / "resume"))
+    for pid in ranks:  # what the launcher sends to pause a job on several ranks
+        os.kill(pid, signal.SIGUSR1)
+    events, code = finish(proc, timeout=60)
+    assert code == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    paused = events[-1]
+    assert paused["event"] == "paused" and paused["resume_point"] == f"epoch-1-step-{paused['step']}"
+    assert [p.name for p in (tmp_path / "resume").iterdir()] == [f"step_{paused['step']}"]
+    assert gone(ranks, within=10)
