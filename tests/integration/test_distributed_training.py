@@ -155,3 +155,53 @@ def test_pause_stops_both_ranks_at_one_step_with_a_resume_point(tiny_model_path,
     assert paused["event"] == "paused" and paused["resume_point"] == f"epoch-1-step-{paused['step']}"
     assert [p.name for p in (tmp_path / "resume").iterdir()] == [f"step_{paused['step']}"]
     assert gone(ranks, within=10)
+
+
+def test_a_job_whose_rank_is_killed_is_requeued_and_resumes_from_its_checkpoint(tiny_model_path, tmp_path):
+    """The worker's path end to end on a real store: the launcher starts 2 ranks, one is killed
+    after the first epoch's checkpoint, the attempt is requeued (charged), and the next attempt
+    resumes from that checkpoint on 2 ranks and completes."""
+    from posttrain.domain.jobs import JobKind, JobStatus
+    from posttrain.domain.recipes import JobPlan
+    from posttrain.store.engine import make_engine, migrate
+    from posttrain.store.jobs import JobStore, new_job_id
+    from posttrain.worker.launcher import Launcher
+    from tests.trainer_specs import typed_spec
+    from tests.worker_helpers import launch_config, wait_for
+
+    draft = json.loads(make_spec(tmp_path, tiny_model_path, n_epochs=2, max_steps_per_epoch=16, data_config={
+        "dataset_id": "toy", "batch_size": 1, "shuffle": False, "data_format": "instruct"}).read_text())
+    recipe = typed_spec(draft).recipe.model_copy(update={"devices": 2})
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text((tmp_path / "train.jsonl").read_text())
+    plan = JobPlan(recipe=recipe, model=str(tiny_model_path), output_dir=str(folder / "out"),
+                   train_rows_path=str(folder / "train.jsonl"))
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    migrate(engine)
+    store = JobStore(engine)
+    job_id = new_job_id()
+    store.create(job_id=job_id, job_uuid="ddp-1", tenant="t", kind=JobKind.SFT, request={}, plan=plan, max_attempts=2)
+    config = launch_config(trainer_module="posttrain.trainer", devices_per_job=2, device="cpu", threads=2,
+                           lease_seconds=30.0, cancel_grace_seconds=20.0)
+    try:
+        launcher = Launcher(job=store.claim_next(owner="w1", lease_seconds=30), owner="w1", store=store, config=config)
+        assert launcher.world_size() == 2
+        thread = threading.Thread(target=launcher.run)
+        thread.start()
+        wait_for(lambda: store.get(job_id=job_id).checkpoints, timeout=120, what="the first checkpoint")
+        os.kill(rank_pids(launcher._process.pid)[1], signal.SIGKILL)
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        requeued = store.get(job_id=job_id)
+        assert (requeued.status, requeued.attempt) == (JobStatus.SCHEDULED, 1)
+        assert requeued.resources["world_size"] == 2 and requeued.resources["backend"] == "gloo"
+
+        Launcher(job=store.claim_next(owner="w2", lease_seconds=30), owner="w2", store=store, config=config).run()
+        done = store.get(job_id=job_id)
+        assert done.status is JobStatus.COMPLETED, done.error_message
+        assert [c.identifier for c in done.checkpoints] == ["ddp-1-epoch-1", "ddp-1-epoch-2"]
+        started = [e.data for e in store.events(job_id=job_id) if e.type == "started"]
+        assert [s["resumed_from"] for s in started] == [None, "ddp-1-epoch-1"]
+    finally:
+        engine.dispose()
