@@ -30,6 +30,7 @@ from dataclasses import dataclass
 COLLECTIVE_TIMEOUT_SECONDS = 900.0
 
 _PR_SET_PDEATHSIG = 1
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ def init_from_env(*, device: str) -> World:
     backend = "nccl" if on_gpu else "gloo"
     if on_gpu:
         torch.cuda.set_device(local_rank)
+    if os.environ.get("MASTER_ADDR") in _LOOPBACK:
+        # Ranks of one machine: gloo's sockets listen on loopback only, not on every interface.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS),
                             **({"device_id": torch.device("cuda", local_rank)} if on_gpu else {}))
     _world = World(rank=rank, size=size, local_rank=local_rank, backend=backend)
