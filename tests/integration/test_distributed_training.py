@@ -17,18 +17,10 @@ from pathlib import Path
 import pytest
 
 from posttrain.worker.launcher import rank_pids, ranks_command
-from tests.fixtures_tiny import build_tiny_model
 from tests.integration.test_trainer_process import make_spec, with_spec_keys
 from tests.trainer_specs import typed_spec_file
 
-pytestmark = [pytest.mark.slow]
-
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_path(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory)
 
 
 def start(spec: Path, folder: Path, *, ranks: int) -> subprocess.Popen:
@@ -61,6 +53,7 @@ def trained(tmp_path: Path, model: Path, *, ranks: int, accumulate: int, **train
     return events
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_model_path, tmp_path):
     one = trained(tmp_path, tiny_model_path, ranks=1, accumulate=2, n_epochs=2, max_steps_per_epoch=3)
     two = trained(tmp_path, tiny_model_path, ranks=2, accumulate=1, n_epochs=2, max_steps_per_epoch=3)
@@ -126,6 +119,7 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank(tiny_model_path, tmp_path):
     proc, ranks = long_run(tmp_path, tiny_model_path)
     os.killpg(proc.pid, signal.SIGTERM)  # what the launcher sends on cancel
@@ -134,6 +128,7 @@ def test_sigterm_stops_every_rank(tiny_model_path, tmp_path):
     assert gone(ranks, within=10)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_attempt_promptly(tiny_model_path, tmp_path):
     proc, ranks = long_run(tmp_path, tiny_model_path)
     killed_at = time.monotonic()
@@ -145,6 +140,7 @@ def test_a_killed_rank_ends_the_attempt_promptly(tiny_model_path, tmp_path):
     assert gone(ranks, within=10)
 
 
+@pytest.mark.slow
 def test_pause_stops_both_ranks_at_one_step_with_a_resume_point(tiny_model_path, tmp_path):
     proc, ranks = long_run(tmp_path, tiny_model_path, resume_dir=str(tmp_path / "resume"))
     for pid in ranks:  # what the launcher sends to pause a job on several ranks
@@ -157,6 +153,7 @@ def test_pause_stops_both_ranks_at_one_step_with_a_resume_point(tiny_model_path,
     assert gone(ranks, within=10)
 
 
+@pytest.mark.slow
 def test_a_job_whose_rank_is_killed_is_requeued_and_resumes_from_its_checkpoint(tiny_model_path, tmp_path):
     """The worker's path end to end on a real store: the launcher starts 2 ranks, one is killed
     after the first epoch's checkpoint, the attempt is requeued (charged), and the next attempt
@@ -205,3 +202,52 @@ def test_a_job_whose_rank_is_killed_is_requeued_and_resumes_from_its_checkpoint(
         assert [s["resumed_from"] for s in started] == [None, "ddp-1-epoch-1"]
     finally:
         engine.dispose()
+
+
+SFT = "/v1/post-training/supervised-fine-tune"
+HEADER = "X-Posttrain-Devices"
+
+
+def test_the_devices_header_goes_into_the_recipe_capped_by_the_operator(client, services, settings, tiny_model_path,
+                                                                        tmp_path):
+    """The Llama Stack body stays the spec's; the devices ride in our header, a bad one is a 400
+    naming it and creates nothing; the launcher starts at most POSTTRAIN_DEVICES_PER_JOB ranks."""
+    from posttrain.worker.launcher import Launcher
+    from tests.integration.test_api import assert_problem, lora_request, register
+    from tests.worker_helpers import launch_config
+
+    register(client)
+    for bad, words in (("two", ["whole number"]), ("0", ["greater than or equal"]), ("5000", ["less than or equal"])):
+        assert_problem(client.post(SFT, json=lora_request(str(tiny_model_path), "toy"), headers={HEADER: bad}), 400,
+                       HEADER, *words)
+    assert client.get("/v1/post-training/jobs").json() == {"data": []}
+
+    asked, plain = lora_request(str(tiny_model_path), "toy"), lora_request(str(tiny_model_path), "toy")
+    assert client.post(SFT, json=asked, headers={HEADER: "3"}).status_code == 200
+    assert client.post(SFT, json=plain).status_code == 200
+    jobs = [services.jobs.store.find(tenant="default", job_uuid=body["job_uuid"]) for body in (asked, plain)]
+    assert [job.plan.recipe.devices for job in jobs] == [3, None]
+    for cap, ranks in ((1, [1, 1]), (2, [2, 2]), (4, [3, 4])):
+        config = launch_config(devices_per_job=cap)
+        assert [Launcher(job=job, owner="w", store=services.jobs.store, config=config).world_size()
+                for job in jobs] == ranks
+
+
+def test_only_supervised_fine_tuning_asks_for_several_devices():
+    from posttrain.domain.recipes import build_recipe
+    from posttrain.errors import RecipeInvalid
+
+    assert build_recipe({"method": "sft", "devices": 4}).devices == 4
+    with pytest.raises(RecipeInvalid, match="one device"):
+        build_recipe({"method": "dpo", "dpo": {}, "adapter": {"architecture_defaults": True}, "devices": 2})
+
+
+def test_a_job_on_several_gpus_holds_that_many():
+    from posttrain.worker.devices import GpuPool
+
+    pool = GpuPool(["0", "1", "2", "3", "4"], per_job=2)
+    assert pool.free() == 2
+    first, second = pool.take(), pool.take()
+    assert (first, second, pool.take(), pool.free()) == ("0,1", "2,3", None, 0)
+    pool.give_back(first)
+    assert pool.free() == 1 and pool.take() == "0,1"
