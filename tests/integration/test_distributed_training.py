@@ -153,18 +153,16 @@ def test_pause_stops_both_ranks_at_one_step_with_a_resume_point(tiny_model_path,
     assert gone(ranks, within=10)
 
 
-@pytest.mark.slow
-def test_a_job_whose_rank_is_killed_is_requeued_and_resumes_from_its_checkpoint(tiny_model_path, tmp_path):
-    """The worker's path end to end on a real store: the launcher starts 2 ranks, one is killed
-    after the first epoch's checkpoint, the attempt is requeued (charged), and the next attempt
-    resumes from that checkpoint on 2 ranks and completes."""
-    from posttrain.domain.jobs import JobKind, JobStatus
+@pytest.fixture
+def two_rank_job(tiny_model_path, tmp_path):
+    """A real SQLite store holding one scheduled SFT job that asks for 2 devices (2 epochs of 16
+    steps of 1 row a rank), and a launch config that runs the real trainer on up to 2 ranks."""
+    from posttrain.domain.jobs import JobKind
     from posttrain.domain.recipes import JobPlan
     from posttrain.store.engine import make_engine, migrate
     from posttrain.store.jobs import JobStore, new_job_id
-    from posttrain.worker.launcher import Launcher
     from tests.trainer_specs import typed_spec
-    from tests.worker_helpers import launch_config, wait_for
+    from tests.worker_helpers import launch_config
 
     draft = json.loads(make_spec(tmp_path, tiny_model_path, n_epochs=2, max_steps_per_epoch=16, data_config={
         "dataset_id": "toy", "batch_size": 1, "shuffle": False, "data_format": "instruct"}).read_text())
@@ -181,27 +179,84 @@ def test_a_job_whose_rank_is_killed_is_requeued_and_resumes_from_its_checkpoint(
     store.create(job_id=job_id, job_uuid="ddp-1", tenant="t", kind=JobKind.SFT, request={}, plan=plan, max_attempts=2)
     config = launch_config(trainer_module="posttrain.trainer", devices_per_job=2, device="cpu", threads=2,
                            lease_seconds=30.0, cancel_grace_seconds=20.0)
-    try:
-        launcher = Launcher(job=store.claim_next(owner="w1", lease_seconds=30), owner="w1", store=store, config=config)
-        assert launcher.world_size() == 2
-        thread = threading.Thread(target=launcher.run)
-        thread.start()
-        wait_for(lambda: store.get(job_id=job_id).checkpoints, timeout=120, what="the first checkpoint")
-        os.kill(rank_pids(launcher._process.pid)[1], signal.SIGKILL)
-        thread.join(timeout=60)
-        assert not thread.is_alive()
-        requeued = store.get(job_id=job_id)
-        assert (requeued.status, requeued.attempt) == (JobStatus.SCHEDULED, 1)
-        assert requeued.resources["world_size"] == 2 and requeued.resources["backend"] == "gloo"
+    yield store, job_id, config
+    engine.dispose()
 
-        Launcher(job=store.claim_next(owner="w2", lease_seconds=30), owner="w2", store=store, config=config).run()
-        done = store.get(job_id=job_id)
-        assert done.status is JobStatus.COMPLETED, done.error_message
-        assert [c.identifier for c in done.checkpoints] == ["ddp-1-epoch-1", "ddp-1-epoch-2"]
-        started = [e.data for e in store.events(job_id=job_id) if e.type == "started"]
-        assert [s["resumed_from"] for s in started] == [None, "ddp-1-epoch-1"]
-    finally:
-        engine.dispose()
+
+def _launch(store, config, owner: str):
+    from posttrain.worker.launcher import Launcher
+
+    launcher = Launcher(job=store.claim_next(owner=owner, lease_seconds=30), owner=owner, store=store, config=config)
+    assert launcher.world_size() == 2
+    thread = threading.Thread(target=launcher.run)
+    thread.start()
+    return launcher, thread
+
+
+def _ranks_under_way(store, job_id: str, launcher) -> list[int]:
+    from tests.worker_helpers import wait_for
+
+    def metrics() -> int:
+        return sum(e.type == "metric" for e in store.events(job_id=job_id))
+
+    before = metrics()  # an earlier attempt's steps
+    wait_for(lambda: launcher._started.is_set() and metrics() > before, timeout=120, what="a step of this attempt")
+    ranks = rank_pids(launcher._process.pid)
+    assert len(ranks) == 2
+    return ranks
+
+
+@pytest.mark.slow
+def test_a_job_whose_rank_is_killed_is_requeued_and_resumes_from_its_checkpoint(two_rank_job):
+    """The worker's path end to end: one of the launcher's 2 ranks is killed after the first epoch's
+    checkpoint, the attempt is requeued (charged), and the next attempt resumes from that
+    checkpoint on 2 ranks and completes."""
+    from posttrain.domain.jobs import JobStatus
+    from tests.worker_helpers import wait_for
+
+    store, job_id, config = two_rank_job
+    launcher, thread = _launch(store, config, "w1")
+    wait_for(lambda: store.get(job_id=job_id).checkpoints, timeout=120, what="the first checkpoint")
+    os.kill(rank_pids(launcher._process.pid)[1], signal.SIGKILL)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    requeued = store.get(job_id=job_id)
+    assert (requeued.status, requeued.attempt) == (JobStatus.SCHEDULED, 1)
+    assert requeued.resources["world_size"] == 2 and requeued.resources["backend"] == "gloo"
+
+    _launcher, thread = _launch(store, config, "w2")
+    thread.join(timeout=180)
+    done = store.get(job_id=job_id)
+    assert done.status is JobStatus.COMPLETED, done.error_message
+    assert [c.identifier for c in done.checkpoints] == ["ddp-1-epoch-1", "ddp-1-epoch-2"]
+    started = [e.data for e in store.events(job_id=job_id) if e.type == "started"]
+    assert [s["resumed_from"] for s in started] == [None, "ddp-1-epoch-1"]
+
+
+@pytest.mark.slow
+def test_the_launcher_pauses_and_cancels_a_job_on_two_ranks(two_rank_job):
+    """A pause from the store reaches both ranks (SIGUSR1 to each), which stop at one step and park
+    the job; resumed, it continues from that step on 2 ranks, and a cancel stops both."""
+    from posttrain.domain.jobs import JobStatus
+
+    store, job_id, config = two_rank_job
+    launcher, thread = _launch(store, config, "w1")
+    ranks = _ranks_under_way(store, job_id, launcher)
+    assert store.pause(job_id=job_id) is JobStatus.PAUSING
+    thread.join(timeout=60)
+    parked = store.get(job_id=job_id)
+    assert parked.status is JobStatus.PAUSED
+    assert gone(ranks, within=10)
+
+    store.resume(job_id=job_id)
+    launcher, thread = _launch(store, config, "w2")
+    ranks = _ranks_under_way(store, job_id, launcher)
+    started = [e.data for e in store.events(job_id=job_id) if e.type == "started"]
+    assert started[-1]["resumed_from"] is not None  # the pause's resume point (or epoch 1's checkpoint)
+    store.cancel(job_id=job_id)
+    thread.join(timeout=60)
+    assert store.get(job_id=job_id).status is JobStatus.CANCELLED
+    assert gone(ranks, within=10)
 
 
 SFT = "/v1/post-training/supervised-fine-tune"
