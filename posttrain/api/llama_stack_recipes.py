@@ -54,12 +54,14 @@ DEVICES_HEADER = "X-Posttrain-Devices"
 ATTENTION_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "output_proj",
                      "o_proj": "output_proj"}
 
+NO_FSDP = "a job runs without FSDP: on one device, or data parallel (DDP) on POSTTRAIN_DEVICES_PER_JOB devices"
+
 #: efficiency_config switches this server refuses when true, and why.
 UNSUPPORTED_EFFICIENCY = {
     "enable_activation_offloading": "activations stay on the job's device; enable_activation_checkpointing "
                                     "is how to train with less activation memory",
-    "memory_efficient_fsdp_wrap": "a job runs on one device, without FSDP",
-    "fsdp_cpu_offload": "a job runs on one device, without FSDP",
+    "memory_efficient_fsdp_wrap": NO_FSDP,
+    "fsdp_cpu_offload": NO_FSDP,
 }
 
 SFT_NAMES = SubmissionNames(model="model", dataset_id="training_config.data_config.dataset_id",
