@@ -42,23 +42,28 @@ FIELD_NAMES = {
     "dpo": "algorithm_config",
     "tensorboard": "logger_config",
     "keep_checkpoints": "X-Posttrain-Keep-Checkpoints",
+    "devices": "X-Posttrain-Devices",
 }
 
 #: Our extension beside the Llama Stack body, which is closed (additionalProperties: false): a
 #: request header asking the job to keep only its newest N epoch checkpoints (at most the operator's
 #: POSTTRAIN_MAX_CHECKPOINTS_PER_JOB; without it, POSTTRAIN_KEEP_CHECKPOINTS).
 KEEP_CHECKPOINTS_HEADER = "X-Posttrain-Keep-Checkpoints"
+#: Likewise: the devices a supervised fine-tune asks for (at most the operator's POSTTRAIN_DEVICES_PER_JOB).
+DEVICES_HEADER = "X-Posttrain-Devices"
 
 #: Llama Stack's attention module names, and the Hugging Face spelling of the output projection.
 ATTENTION_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "output_proj",
                      "o_proj": "output_proj"}
 
+NO_FSDP = "a job runs without FSDP: on one device, or data parallel (DDP) on POSTTRAIN_DEVICES_PER_JOB devices"
+
 #: efficiency_config switches this server refuses when true, and why.
 UNSUPPORTED_EFFICIENCY = {
     "enable_activation_offloading": "activations stay on the job's device; enable_activation_checkpointing "
                                     "is how to train with less activation memory",
-    "memory_efficient_fsdp_wrap": "a job runs on one device, without FSDP",
-    "fsdp_cpu_offload": "a job runs on one device, without FSDP",
+    "memory_efficient_fsdp_wrap": NO_FSDP,
+    "fsdp_cpu_offload": NO_FSDP,
 }
 
 SFT_NAMES = SubmissionNames(model="model", dataset_id="training_config.data_config.dataset_id",
@@ -69,18 +74,30 @@ DPO_NAMES = SFT_NAMES.model_copy(update={"model": "finetuned_model"})
 def keep_checkpoints(header: str | None) -> int | None:
     """The ``X-Posttrain-Keep-Checkpoints`` header's number, None when absent; a 400 naming the
     header when it is no decimal integer (the recipe bounds the number itself)."""
+    return _whole_number(header, name=KEEP_CHECKPOINTS_HEADER, what="checkpoints")
+
+
+def devices_wanted(header: str | None) -> int | None:
+    """The ``X-Posttrain-Devices`` header's number, None when absent (then the operator's
+    POSTTRAIN_DEVICES_PER_JOB); a 400 naming the header when it is no decimal integer."""
+    return _whole_number(header, name=DEVICES_HEADER, what="devices")
+
+
+def _whole_number(header: str | None, *, name: str, what: str) -> int | None:
     if header is None:
         return None
     if not header.strip().isascii() or not header.strip().isdigit() or len(header.strip()) > 9:
-        raise RecipeInvalid(field=KEEP_CHECKPOINTS_HEADER, reason=f"must be a whole number of checkpoints, got {header!r}")
+        raise RecipeInvalid(field=name, reason=f"must be a whole number of {what}, got {header!r}")
     return int(header.strip())
 
 
-def sft_submission(body: SupervisedFineTuneRequest, keep: int | None = None) -> Submission:
+def sft_submission(body: SupervisedFineTuneRequest, keep: int | None = None, devices: int | None = None) -> Submission:
     """A supervised fine-tune: LoRA, QAT, or (no algorithm_config) every weight. ``keep``: the
-    ``X-Posttrain-Keep-Checkpoints`` header's number."""
-    recipe = _common_recipe(body.training_config, {}, body.logger_config, keep)  # the search: search_config
+    ``X-Posttrain-Keep-Checkpoints`` header's number; ``devices``: the ``X-Posttrain-Devices`` header's."""
+    recipe = _common_recipe(body.training_config, {}, body.logger_config, keep)
     recipe["method"] = JobKind.SFT.value
+    if devices is not None:
+        recipe["devices"] = devices
     algorithm = body.algorithm_config
     if isinstance(algorithm, LoraFinetuningConfig):
         recipe["adapter"] = _lora(algorithm)

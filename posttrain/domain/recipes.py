@@ -53,6 +53,8 @@ MAX_BATCH_SIZE = 65536
 #: The most epoch checkpoints a recipe may ask a job to keep (the operator's
 #: ``POSTTRAIN_MAX_CHECKPOINTS_PER_JOB`` bounds it further).
 MAX_KEEP_CHECKPOINTS = 1000
+#: The most devices a recipe may ask for (the operator's ``POSTTRAIN_DEVICES_PER_JOB`` bounds it further).
+MAX_DEVICES = 1024
 
 
 class JobKind(str, enum.Enum):
@@ -252,6 +254,10 @@ class Recipe(RecipePart):
     keep_checkpoints: int | None = Field(None, ge=1, le=MAX_KEEP_CHECKPOINTS, description=(
         "keep only the newest this many epoch checkpoints (older folders are deleted as new ones are written); "
         "None: the operator's POSTTRAIN_KEEP_CHECKPOINTS; always at most POSTTRAIN_MAX_CHECKPOINTS_PER_JOB"))
+    devices: int | None = Field(None, ge=1, le=MAX_DEVICES, description=(
+        "devices (GPUs, or CPU processes) the job trains on, data parallel; None: the operator's "
+        "POSTTRAIN_DEVICES_PER_JOB; always at most that. Each optimizer step then takes data.batch_size x "
+        "gradient_accumulation_steps rows on each device"))
     #: What the door accepted but could not honour as asked, for the job's log (e.g. the DPO
     #: options of an older client, which have no DPO meaning).
     notes: tuple[str, ...] = ()
@@ -264,6 +270,9 @@ class Recipe(RecipePart):
             raise _at("dpo", "only a DPO job takes DPO options")
         if self.method is not JobKind.GRPO and self.grpo is not None:
             raise _at("grpo", "only a GRPO job takes GRPO options")
+        if self.method is not JobKind.SFT and (self.devices or 1) > 1:
+            raise _at("devices", f"a {self.method.value} job trains on one device; only supervised fine-tuning "
+                      "runs on several")
         if self.method is JobKind.GRPO:
             self._grpo_fits()
         if self.method is JobKind.DPO:

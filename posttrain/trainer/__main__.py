@@ -83,6 +83,12 @@ def _wait_warm() -> str | None:
 def _run(spec: TrainerSpec, *, reporter, stop) -> str:
     """The method's trainer, imported only now (the imports are the slow part of a start)."""
     from posttrain.domain.recipes import JobKind
+    from posttrain.trainer import distributed
+    from posttrain.trainer.errors import TrainerConfigError
+
+    if distributed.world().distributed and spec.recipe.method is not JobKind.SFT:
+        raise TrainerConfigError(f"a {spec.recipe.method.value} job trains on one device; only SFT jobs run on "
+                                 f"several (this one was started on {distributed.world().size})")
 
     for note in spec.recipe.notes:
         reporter.log(note, level="warning")
@@ -120,10 +126,14 @@ def _run_logged(spec: TrainerSpec, *, reporter, stop) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from posttrain.trainer import distributed
     from posttrain.trainer.reporting import Reporter, StopFlag, StopRequested
 
     argv = sys.argv[1:] if argv is None else argv
-    reporter = Reporter(_take_stdout())
+    protocol = _take_stdout()
+    # One job on several ranks: rank 0 alone speaks the protocol (trainer/distributed.py).
+    reporting = distributed.is_reporting_rank()
+    reporter = Reporter(protocol if reporting else open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
     if argv == ["--warm"]:
         job = _wait_warm()
         if job is None:
@@ -139,13 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         if spec.cuda_visible_devices is not None:  # before torch initialises CUDA
             os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         _quiet_libraries()
-        outcome = _run_logged(spec, reporter=reporter, stop=stop)
+        world = distributed.init_from_env(device=spec.device)
+        # The other ranks write no TensorBoard or W&B log of their own: rank 0's is the job's.
+        outcome = (_run_logged if world.reporting else _run)(spec, reporter=reporter, stop=stop)
     except StopRequested:
         outcome = "cancelled"
     except Exception as exc:  # noqa: BLE001 - every failure becomes one protocol event
         traceback.print_exc(file=sys.stderr)
+        if distributed.lost_peer(exc):
+            # Not the job's failure: the attempt ends (no terminal event), the launcher requeues it.
+            reporter.log(f"rank {distributed.world().rank} lost a peer rank: {exc}", level="warning")
+            return 1
         reporter.emit(Failed(code=_failure_code(exc), message=str(exc) or type(exc).__name__))
         return 1
+    distributed.close()
     if outcome == "cancelled":
         reporter.emit(Cancelled())
     elif outcome == "paused":

@@ -2,6 +2,11 @@
 picks up, the per-step ``metric`` event, compiling, resume points, cancellation, pausing, and the
 end of each epoch.
 
+With several ranks (``trainer/distributed.py``) each optimizer step's group holds the batches of
+every rank (``gradient_accumulation_steps`` x world size, in the order one process would take
+them) and the ranks agree at each step boundary whether to stop or pause, so all of them stop at
+the same step.
+
 The two trainers differ only in what one step computes (``step``) and what an epoch's checkpoint
 holds (``end_epoch``); everything that decides *when* something happens lives here once, so a
 resume, a cancel or a resume point behaves the same for both.
@@ -17,6 +22,7 @@ from typing import Any
 
 from posttrain.domain.protocol import Paused, StepMetric
 from posttrain.domain.recipes import Recipe
+from posttrain.trainer import distributed
 from posttrain.trainer.batching import length_grouped_batches
 from posttrain.trainer.compiling import Compiler
 from posttrain.trainer.optimization import Optimization
@@ -57,11 +63,12 @@ class EpochLoop:
     stop: StopFlag
 
     def step_groups(self, epoch: int) -> list[list[list[int]]]:
-        """The epoch's optimizer steps, each a group of ``gradient_accumulation_steps`` batches.
-        Seeded by (seed, epoch), so a resumed run sees the same order as the lost one."""
+        """The epoch's optimizer steps, each a group of ``gradient_accumulation_steps`` batches
+        per rank (each rank trains on its ``distributed.shard`` of the group). Seeded by (seed,
+        epoch), so a resumed run, and every rank, sees the same order as the lost one."""
         batches = length_grouped_batches(self.unit_lengths, batch_size=self.recipe.data.batch_size,
                                          shuffle=self.recipe.data.shuffle, rng=random.Random(f"{self.seed}:{epoch}"))
-        accumulate = self.recipe.schedule.gradient_accumulation_steps
+        accumulate = self.recipe.schedule.gradient_accumulation_steps * distributed.world().size
         groups = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)]
         return groups[: self.run.steps_per_epoch]
 
@@ -79,9 +86,10 @@ class EpochLoop:
             done = run.steps_done_in_epoch if resumed else 0  # resumed mid-epoch: skip those steps
             losses = list(run.epoch_losses) if resumed else []
             for index, group in enumerate(groups[done:], start=done + 1):
-                if self.stop.is_set():
+                stop, pause = distributed.any_rank(self.stop.is_set(), self.stop.pause_requested())
+                if stop:
                     return "cancelled"
-                if self.stop.pause_requested():
+                if pause:
                     self._pause(epoch=epoch, steps_done_in_epoch=index - 1, global_step=global_step, losses=losses)
                     return "paused"
                 started = time.perf_counter()
@@ -103,7 +111,7 @@ class EpochLoop:
                     self.points.save(model=self.model, optimizer=run.optimizer, scheduler=run.scheduler, epoch=epoch,
                                      steps_done_in_epoch=index, global_step=global_step, losses=losses,
                                      reporter=reporter)
-            if self.stop.is_set():
+            if distributed.any_rank(self.stop.is_set())[0]:
                 return "cancelled"
             end_epoch(epoch, global_step, losses)
             self.points.clear()

@@ -72,8 +72,9 @@ class Optimization:
 
 
 def prepare_optimization(model, *, recipe: Recipe, micro_batches: int, precision: Precision,
-                         resume_folder: Path | None = None) -> Optimization:
-    """Plan the steps (``max_steps_per_epoch`` optimizer steps an epoch at most), build the optimizer,
+                         resume_folder: Path | None = None, world_size: int = 1) -> Optimization:
+    """Plan the steps (``max_steps_per_epoch`` optimizer steps an epoch at most; a step takes
+    ``gradient_accumulation_steps`` micro-batches on each of ``world_size`` ranks), build the optimizer,
     the warmup+decay schedule and, for fp16 on CUDA, a grad scaler; restore them from a checkpoint."""
     import math
 
@@ -81,7 +82,7 @@ def prepare_optimization(model, *, recipe: Recipe, micro_batches: int, precision
 
     schedule = recipe.schedule
     steps_per_epoch = max(1, min(schedule.max_steps_per_epoch,
-                                 math.ceil(micro_batches / schedule.gradient_accumulation_steps)))
+                                 math.ceil(micro_batches / (schedule.gradient_accumulation_steps * world_size))))
     total_steps = schedule.n_epochs * steps_per_epoch
     optimizer = build_optimizer(model, recipe.optimizer)
     scheduler = build_scheduler(optimizer, warmup_steps=recipe.optimizer.num_warmup_steps, total_steps=total_steps)

@@ -9,15 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.domain.recipes import TrainerSpec
+from posttrain.domain.recipes import Recipe, TrainerSpec
+from posttrain.trainer import distributed
 from posttrain.trainer.loading import load_tokenizer, model_max_length, pin_paths
 from posttrain.trainer.precision import Precision, resolve_precision
 
 
 def set_threads(threads: int | None) -> int:
+    """The trainer's CPU threads (default: every core), shared out among the ranks of a job on
+    several processes of this machine."""
     import torch
 
-    count = int(threads or os.cpu_count() or 1)
+    count = max(1, int(threads or os.cpu_count() or 1) // distributed.world().size)
     torch.set_num_threads(count)
     return count
 
@@ -48,8 +51,16 @@ def base_resources(model, *, precision: Precision, threads: int) -> dict[str, An
     parameters, trainable = count_parameters(model)
     return {"device": precision.device, "dtype": precision.dtype, "requested_dtype": precision.requested,
             "threads": threads, "parameters": parameters, "trainable_parameters": trainable,
-            "torch": torch.__version__,
+            "torch": torch.__version__, **distributed.resources(),
             **({"cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]} if "CUDA_VISIBLE_DEVICES" in os.environ else {})}
+
+
+def batch_resources(recipe: Recipe) -> dict[str, int]:
+    """What one optimizer step takes: the batch on each device, the micro-batches it sums, and
+    their product over the ranks, the global batch (in rows, or packs when packed)."""
+    per_device, accumulate = recipe.data.batch_size, recipe.schedule.gradient_accumulation_steps
+    return {"per_device_batch_size": per_device, "gradient_accumulation_steps": accumulate,
+            "global_batch_size": per_device * accumulate * distributed.world().size}
 
 
 @dataclass

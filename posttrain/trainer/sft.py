@@ -13,13 +13,14 @@ padding, applying the output head only at label positions, and the fused Adam(W)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
 
 from posttrain.domain.protocol import Started
 from posttrain.domain.recipes import Recipe, TrainerSpec
-from posttrain.trainer import checkpoints, forward, qat
+from posttrain.trainer import checkpoints, distributed, forward, qat
 from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import (
     collate,
@@ -30,6 +31,7 @@ from posttrain.trainer.batching import (
     read_rows,
 )
 from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.data_parallel import DataParallel
 from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
@@ -39,7 +41,7 @@ from posttrain.trainer.optimization import apply_gradients, prepare_optimization
 from posttrain.trainer.precision import Precision
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
-from posttrain.trainer.run_setup import base_resources, set_up_run
+from posttrain.trainer.run_setup import base_resources, batch_resources, set_up_run
 
 #: About how many steps of a job with a validation dataset also report the loss and token accuracy
 #: of one validation batch (OpenAI's per-step ``valid_loss``): every ``total_steps // 20`` steps.
@@ -62,23 +64,36 @@ def _loss_sum_and_hits(model, batch, *, precision: Precision):
     return F.cross_entropy(logits, targets, reduction="sum"), correct
 
 
-def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision, stop: StopFlag):
-    """One optimizer step over the micro-batches: ``(loss, token accuracy)`` over its label tokens;
-    None when stopped between micro-batches."""
+def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision, stop: StopFlag,
+                parallel: DataParallel, weights: list[float] | None = None):
+    """One optimizer step over this rank's micro-batches: ``(loss, token accuracy, token counts)``
+    over the label tokens of the whole global batch (every rank's); None when stopped between
+    micro-batches (one process only: ranks stop together at step boundaries). ``weights`` 0 marks a
+    stand-in batch of a rank with no share of a short last step: it runs only so the rank joins
+    DDP's gradient sync, and counts for nothing."""
+    import torch.nn.functional as F
+
     model.train()
-    label_tokens = max(1, sum(b["label_tokens"] for b in micro_batches))
-    total, correct = 0.0, 0
-    for index, batch in enumerate(micro_batches):
-        if index and stop.is_set():
+    weights = weights or [1.0] * len(micro_batches)
+    counts = distributed.all_reduce_sum([sum(w * b[key] for w, b in zip(weights, micro_batches, strict=True))
+                                         for key in ("label_tokens", "real_tokens", "total_tokens")])
+    label_tokens = max(1.0, counts[0])
+    total, correct = 0.0, 0.0
+    for index, (batch, weight) in enumerate(zip(micro_batches, weights, strict=True)):
+        if index and not parallel.world.distributed and stop.is_set():
             optimizer.zero_grad(set_to_none=True)
             return None
-        loss_sum, hits = _loss_sum_and_hits(model, batch, precision=precision)
-        loss = loss_sum / label_tokens
-        (scaler.scale(loss) if scaler else loss).backward()
-        total += float(loss_sum.detach())
-        correct += hits
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else parallel.no_sync():
+            logits, targets, _ = parallel.label_logits(batch)
+            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+            loss = loss_sum * (weight * parallel.loss_scale) / label_tokens
+            (scaler.scale(loss) if scaler else loss).backward()
+        total += weight * float(loss_sum.detach())
+        correct += weight * int((logits.detach().argmax(dim=-1) == targets).sum())
     apply_gradients(model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    return total / label_tokens, correct / label_tokens
+    total, correct = distributed.all_reduce_sum([total, correct])
+    return total / label_tokens, correct / label_tokens, counts
 
 
 def _validation_batches(examples, *, recipe: Recipe, seed: int) -> list[list[int]]:
@@ -147,16 +162,18 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     fake_quantized = qat.prepare(model, quantization) if quantization is not None else 0
     if recipe.activation_checkpointing:
         enable_activation_checkpointing(model)
+    world = distributed.world()
+    parallel = DataParallel(model, precision=precision)
 
     lengths = [len(e["input_ids"]) for e in train]
     # Packed: rows are packed once (deterministic), and the packs are batched and shuffled like rows.
     packs = pack_rows(lengths, max_length=max_length, keep_order=not data.shuffle) if data.packed else None
     micro_batches = math.ceil((len(packs) if packs is not None else len(train)) / data.batch_size)
     run = prepare_optimization(model, recipe=recipe, micro_batches=micro_batches, precision=precision,
-                               resume_folder=resume)
+                               resume_folder=resume, world_size=world.size)
 
     reporter.emit(Started(
-        resources={**base_resources(model, precision=precision, threads=threads),
+        resources={**base_resources(model, precision=precision, threads=threads), **batch_resources(recipe),
                    **({"qat": {"type": "QAT", **quantization.model_dump(), "fake_quantized_layers": fake_quantized}}
                       if quantization is not None else {}),
                    **({"base_quantization": {"scheme": BASE_QUANTIZATION,
@@ -198,24 +215,27 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     epoch_accuracies: list[float] = []  # this epoch's steps run by this process
 
     def step(group: list[list[int]]) -> StepResult | None:
-        micro = [make_batch(indices) for indices in group]
+        share = distributed.shard(group)  # every rank's share of the global batch, in one process's order
+        micro = [make_batch(indices) for indices in share or group[:1]]
         result = _train_step(model, micro, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
-                             precision=precision, stop=stop)
+                             precision=precision, stop=stop, parallel=parallel, weights=None if share else [0.0])
         if result is None:
             return None
-        loss, accuracy = result
+        loss, accuracy, counts = result
         steps_done[0] += 1
         epoch_accuracies.append(accuracy)
         metrics = {"train_mean_token_accuracy": accuracy}
-        if validation_rows and steps_done[0] % valid_every == 0:
+        if world.reporting and validation_rows and steps_done[0] % valid_every == 0:
             probe = validation_batches[(steps_done[0] // valid_every - 1) % len(validation_batches)]
             valid_loss, valid_accuracy = _evaluate(model, validation, [probe], pad_id=tokenizer.pad_token_id,
                                                    precision=precision)
             metrics |= {"valid_loss": valid_loss, "valid_mean_token_accuracy": valid_accuracy}
-        return StepResult(loss=loss, real_tokens=sum(b["real_tokens"] for b in micro),
-                          total_tokens=sum(b["total_tokens"] for b in micro), metrics=metrics)
+        return StepResult(loss=loss, real_tokens=int(counts[1]), total_tokens=int(counts[2]), metrics=metrics)
 
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
+        if not world.reporting:  # rank 0 evaluates and writes the checkpoint; the others wait at the next step
+            epoch_accuracies.clear()
+            return
         evaluate = functools.partial(_evaluate, model, validation, pad_id=tokenizer.pad_token_id, precision=precision)
         validation_loss, valid_accuracy = evaluate(sampled)
         token_metrics = {"valid_mean_token_accuracy": valid_accuracy}
@@ -235,6 +255,7 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     # Not compiled over bitsandbytes' 4-bit layers: never tried here, and a failed compile would cost
     # minutes of a job for nothing.
     loop = EpochLoop(model=model, run=run, recipe=recipe, unit_lengths=unit_lengths, seed=seed, precision=precision,
-                     compiler=Compiler("off" if quantize_base else spec.compile), points=points,
+                     compiler=Compiler("off" if quantize_base else spec.compile),
+                     points=points if world.reporting else ResumePoints(None, every_seconds=None),
                      reporter=reporter, stop=stop)
     return loop.train(step=step, end_epoch=end_epoch)

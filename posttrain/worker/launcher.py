@@ -10,6 +10,15 @@ point at the next step boundary, reports ``paused`` and exits; before that, noth
 trained, so it is simply stopped. Either way the job is then parked (``paused``, no lease, the
 attempt not charged) and the slot is free.
 
+A job on several devices (``POSTTRAIN_DEVICES_PER_JOB``, docs/scale-out.md) is started with torch's
+own launcher, ``python -m torch.distributed.run --standalone --nproc-per-node N -m posttrain.trainer
+SPEC``, which starts the N ranks (each in a session of its own) and watches them: rank 0 speaks the
+protocol on the stdout they share, the others write nothing there. SIGTERM to it reaches every rank
+(it forwards the signal); a rank that dies makes it stop the others and exit non-zero, so the
+attempt ends like any lost trainer and the job is requeued from its newest checkpoint. A pause's
+SIGUSR1 goes to the ranks themselves (torch's launcher would take it as a signal to die); the
+ranks agree at the next step boundary and pause together.
+
 A store hiccup (``StoreUnavailable``: locked by another process, a dropped connection) does not
 end the attempt: a missed lease renewal is tried again at the next beat, and every other write
 (events, checkpoints, the job's end) is retried with backoff until it lands or the lease is
@@ -47,7 +56,7 @@ from posttrain.domain.protocol import (
     StepMetric,
     parse_line,
 )
-from posttrain.domain.recipes import TrainerSpec
+from posttrain.domain.recipes import JobKind, TrainerSpec
 from posttrain.errors import LeaseLost, StoreUnavailable
 from posttrain.store.jobs import JobStore
 from posttrain.worker.warm import spawn_trainer, trainer_command
@@ -87,6 +96,9 @@ class LaunchConfig:
     #: ``Settings.grader_hidden_paths``: what a GRPO job's python grader may not see.
     grader_hidden_paths: tuple[str, ...] = ()
     python: str = sys.executable
+    #: ``POSTTRAIN_DEVICES_PER_JOB``: the most devices (GPUs, or CPU processes) one SFT job trains on,
+    #: and the number a job that names none gets.
+    devices_per_job: int = 1
     #: What ``python -m`` runs: the trainer, or in tests a stand-in speaking its protocol
     #: (docs/trainer-protocol.md) without the training stack.
     trainer_module: str = "posttrain.trainer"
@@ -181,6 +193,18 @@ class Launcher:
         path.write_text(spec.model_dump_json(indent=2))
         return path
 
+    def world_size(self) -> int:
+        """How many ranks this job trains on: what its recipe asks for, else the operator's number,
+        never over it; one for the methods that train on one device."""
+        plan = self.job.plan
+        if plan is None or plan.recipe.method is not JobKind.SFT:
+            return 1
+        return max(1, min(plan.recipe.devices or self.config.devices_per_job, self.config.devices_per_job))
+
+    def _command(self, spec: Path) -> list[str]:
+        return ranks_command(self.config.python, self.config.nice, str(spec), module=self.config.trainer_module,
+                             ranks=self.world_size())
+
     def _run(self) -> None:
         if self._refused_a_swapped_folder():
             return
@@ -188,6 +212,10 @@ class Launcher:
         folder = spec.parent
         stderr_path = folder / f"trainer-attempt-{self.attempt}.log"
         warm = self._warm
+        if warm is not None and self.world_size() > 1:  # a warm trainer is one process; let it go
+            self._process = warm
+            self._kill()
+            self._process = warm = None
         if warm is not None and warm.poll() is None and warm.stdin is not None:
             # A warm trainer has the training stack imported; it takes the spec (and where to
             # write its log) as one line on stdin, then keeps stdin open as its lifeline.
@@ -195,8 +223,7 @@ class Launcher:
             warm.stdin.write(json.dumps({"spec": str(spec), "stderr": str(stderr_path)}).encode() + b"\n")
             warm.stdin.flush()
         else:
-            command = trainer_command(self.config.python, self.config.nice, str(spec), module=self.config.trainer_module)
-            self._process = spawn_trainer(command, stderr_path)
+            self._process = spawn_trainer(self._command(spec), stderr_path)
         log.info("trainer started for %s (pid %s, %s)", self.job.job_uuid, self._process.pid,
                  "warm" if self._process is warm else "cold",
                  extra={"action": "trainer_started", "job_id": self.job.id})
@@ -272,10 +299,13 @@ class Launcher:
         assert self._process is not None
         log.info("pausing %s", self.job.job_uuid, extra={"action": "trainer_pausing", "job_id": self.job.id})
         if self._started.is_set():
-            try:
-                os.kill(self._process.pid, signal.SIGUSR1)  # the trainer only: its children keep the default
-            except ProcessLookupError:
-                pass
+            # The trainer only (its own children keep the default); with several ranks, the ranks.
+            pids = rank_pids(self._process.pid) if self.world_size() > 1 else [self._process.pid]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
         else:
             self._outcome.stop_reason = "pause"
 
@@ -441,6 +471,32 @@ class Launcher:
             tail = _tail(stderr_path)
             reason = f"trainer exited with code {code} before finishing" + (f": {tail}" if tail else "")
             self.store.release(**common, reason=reason)
+
+
+def ranks_command(python: str, nice: int, spec: str, *, module: str, ranks: int) -> list[str]:
+    """The command that runs the trainer ``module`` on ``spec``: itself for one rank, else under
+    torch's launcher with ``ranks`` processes on this machine. No restarts of the launcher's own: a
+    lost rank ends the attempt, and the store requeues the job (from its newest checkpoint)."""
+    if ranks == 1:
+        return trainer_command(python, nice, spec, module=module)
+    return trainer_command(python, nice, "--standalone", "--nproc-per-node", str(ranks), "--max-restarts", "0",
+                           "-m", module, spec, module="torch.distributed.run")
+
+
+def rank_pids(pid: int) -> list[int]:
+    """The ranks torch's launcher at ``pid`` started: the processes whose parent it is, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": the command may hold spaces and parentheses; split after the last ")".
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
 
 
 def _tail(path: Path, lines: int = 3) -> str:

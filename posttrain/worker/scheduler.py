@@ -31,7 +31,7 @@ class Scheduler:
     def __init__(self, *, store: JobStore, slots: int, poll_seconds: float, config: LaunchConfig,
                  owner: str | None = None, warm: WarmPool | None = None, gpus: list[str] | None = None) -> None:
         self.store = store
-        self.gpus = GpuPool(gpus or [])
+        self.gpus = GpuPool(gpus or [], per_job=config.devices_per_job)
         self.warm = warm
         self.slots = slots
         self.poll_seconds = poll_seconds
@@ -155,4 +155,5 @@ def launch_config_from(settings) -> LaunchConfig:  # noqa: ANN001 - posttrain.se
         wandb_mode=settings.wandb_mode,
         wandb_dir=str(settings.resolved_wandb_dir),
         grader_hidden_paths=tuple(settings.grader_hidden_paths),
+        devices_per_job=settings.devices_per_job,
     )
