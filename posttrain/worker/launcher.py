@@ -90,6 +90,13 @@ class LaunchConfig:
     #: What ``python -m`` runs: the trainer, or in tests a stand-in speaking its protocol
     #: (docs/trainer-protocol.md) without the training stack.
     trainer_module: str = "posttrain.trainer"
+    #: Where a job's trainer runs (``POSTTRAIN_EXECUTOR``): ``local``, a child process of this
+    #: worker; ``ray``, the ranks of a Ray Train run on the cluster at ``ray_address``
+    #: (``executor_command``).
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    ray_workers: int = 1
+    ray_max_failures: int = 3
 
 
 class _Lease(TypedDict):
@@ -195,7 +202,7 @@ class Launcher:
             warm.stdin.write(json.dumps({"spec": str(spec), "stderr": str(stderr_path)}).encode() + b"\n")
             warm.stdin.flush()
         else:
-            command = trainer_command(self.config.python, self.config.nice, str(spec), module=self.config.trainer_module)
+            command = executor_command(self.config, spec)
             self._process = spawn_trainer(command, stderr_path)
         log.info("trainer started for %s (pid %s, %s)", self.job.job_uuid, self._process.pid,
                  "warm" if self._process is warm else "cold",
@@ -441,6 +448,21 @@ class Launcher:
             tail = _tail(stderr_path)
             reason = f"trainer exited with code {code} before finishing" + (f": {tail}" if tail else "")
             self.store.release(**common, reason=reason)
+
+
+def executor_command(config: LaunchConfig, spec: Path) -> list[str]:
+    """The process that runs a job's spec and speaks the trainer protocol on its stdout: the
+    trainer itself, or for the ray executor the driver (``posttrain.worker.ray_driver``) that
+    runs the trainer on Ray Train workers and relays rank 0's reports. The launcher treats both
+    alike: same lease, same signals, same reports."""
+    if config.executor != "ray":
+        return trainer_command(config.python, config.nice, str(spec), module=config.trainer_module)
+    options = ["--workers", str(config.ray_workers), "--max-failures", str(config.ray_max_failures),
+               "--stop-grace", str(max(config.cancel_grace_seconds - 2.0, 1.0)), "--nice", str(config.nice),
+               "--trainer-module", config.trainer_module]
+    if config.ray_address:
+        options += ["--address", config.ray_address]
+    return trainer_command(config.python, 0, *options, str(spec), module="posttrain.worker.ray_driver")
 
 
 def _tail(path: Path, lines: int = 3) -> str:
