@@ -9,6 +9,7 @@ attempt. No Ray process outlives the module (its teardown stops the head and che
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -109,11 +110,11 @@ def _stop_cluster(head: subprocess.Popen, temp: str) -> None:
         ours |= _descendants(pid)
     head.send_signal(signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 5
     while any(_alive(pid) for pid in ours) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in ours:
@@ -130,10 +131,12 @@ def _stop_cluster(head: subprocess.Popen, temp: str) -> None:
 
 
 @pytest.fixture
-def ray_server(ray_cluster, tmp_path, tiny_model_path):
-    """An API server without a worker, and one ``posttrain worker --executor ray`` on its store."""
+def ray_server(request, ray_cluster, tmp_path, tiny_model_path):
+    """An API server without a worker, and one ``posttrain worker --executor ray`` on its store
+    (the test's parameters: more settings, such as POSTTRAIN_RAY_WORKERS)."""
     server = start_server(tmp_path, tiny_model_path, extra_env={"POSTTRAIN_RUN_WORKER": "false",
-                                                                "POSTTRAIN_LEASE_SECONDS": "15"})
+                                                                "POSTTRAIN_LEASE_SECONDS": "15",
+                                                                **getattr(request, "param", {})})
     log = open(tmp_path / "worker.log", "ab")  # noqa: SIM115 - lives as long as the worker
     worker = subprocess.Popen([sys.executable, "-m", "posttrain", "worker", "--log-level", "warning",
                                "--executor", "ray", "--address", ray_cluster],
@@ -181,6 +184,20 @@ def test_job_on_ray_completes_with_checkpoints_in_its_folder(ray_server):
         path = Path(checkpoint["path"])
         assert path.resolve().is_relative_to(jobs_dir) and (path / "adapter_config.json").is_file()
         assert checkpoint["training_metrics"]["validation_loss"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("posttrain.trainer.distributed") is None,
+                    reason="the trainer has no data parallel training (posttrain/trainer/distributed.py) yet")
+@pytest.mark.parametrize("ray_server", [{"POSTTRAIN_RAY_WORKERS": "2"}], indirect=True)
+def test_job_on_two_ray_workers_completes_as_one_data_parallel_job(ray_server):
+    job_uuid = _submit(ray_server, epochs=2)
+    final = _wait(ray_server, job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=170)
+    assert final["status"] == "completed", final
+    assert [c["epoch"] for c in final["checkpoints"]] == [1, 2]
+    resources = final["resources_allocated"]
+    assert [w["rank"] for w in resources["ray"]["workers"]] == [0, 1]
+    assert resources["world_size"] == 2 and resources["backend"] == "gloo"
+    assert all((Path(c["path"]) / "adapter_config.json").is_file() for c in final["checkpoints"])
 
 
 def test_cancel_stops_the_ray_job(ray_server):
