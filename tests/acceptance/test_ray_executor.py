@@ -240,3 +240,26 @@ def test_killed_ray_worker_resumes_the_job_from_its_newest_checkpoint(ray_server
 
 def _seq_of_second(events: list[dict]) -> int:
     return [e["seq"] for e in events if e["type"] == "started"][1]
+
+
+def test_pause_reaches_the_trainer_on_ray_and_parks_the_job(ray_server):
+    job_uuid = _submit(ray_server, epochs=50)
+    _wait(ray_server, job_uuid, lambda s: s["status"] == "in_progress" and _ray_workers(s), timeout=150)
+    _wait(ray_server, job_uuid, lambda _: any(e["type"] == "metric" for e in _events(ray_server, job_uuid)), timeout=60)
+    assert ray_server.post(f"/v1/posttrain/jobs/{job_uuid}/pause").status_code == 200
+    deadline = time.monotonic() + 60
+    while _own_status(ray_server, job_uuid) != "paused":  # the Llama Stack status shows no ``paused``
+        assert time.monotonic() < deadline, "the job never became paused"
+        time.sleep(0.3)
+    states = [e["data"] for e in _events(ray_server, job_uuid) if e["type"] == "state"]
+    assert "paused after step" in states[-1].get("reason", ""), states[-1]  # the trainer's own ``paused`` line
+    deadline = time.monotonic() + 30
+    while _trainers_running(ray_server) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _trainers_running(ray_server), "the paused trainer has left"
+    assert ray_server.post("/v1/post-training/job/cancel", json={"job_uuid": job_uuid}).status_code == 200
+
+
+def _own_status(server, job_uuid: str) -> str:
+    page = server.get("/v1/post-training/job/events", params={"job_uuid": job_uuid, "after": 10**9})
+    return page.json()["status"]
