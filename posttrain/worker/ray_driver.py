@@ -39,6 +39,9 @@ from posttrain.worker.ray_rank import Relay, rank_loop
 #: What the trainer processes of the ranks run (a test may name a stand-in speaking the protocol).
 TRAINER_MODULE = "posttrain.trainer"
 
+#: How long connecting to the cluster may take before the attempt ends (Ray itself waits minutes).
+CONNECT_TIMEOUT_SECONDS = 60.0
+
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m posttrain.worker.ray_driver")
@@ -94,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     spec_path = Path(args.spec).resolve()
     spec = TrainerSpec.model_validate_json(spec_path.read_text(encoding="utf-8"))
-    try:
-        ray.init(address=args.address or "auto", logging_level=logging.WARNING, configure_logging=True)
-    except (ConnectionError, RuntimeError) as exc:  # not the job's fault: the launcher requeues it
-        emit(LogLine(level="error", message=f"cannot reach the Ray cluster at {args.address or 'auto'}: {exc}").to_line())
-        return 1
+    _connect(ray, args.address or "auto", orders, emit)
     relay = ray.remote(num_cpus=0)(Relay).remote()
     use_gpu = spec.device == "cuda" or (spec.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     trainer = TorchTrainer(
@@ -111,6 +110,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     placed = {"address": args.address or "auto", "use_gpu": use_gpu, "max_failures": args.max_failures}
     return _drive(trainer, relay, orders, emit, placed, stop_grace=args.stop_grace)
+
+
+def _connect(ray: Any, address: str, orders: queue.Queue[str], emit: Any) -> None:
+    """``ray.init`` on ``address``, in a thread: an unreachable cluster makes it wait (and retry) for
+    minutes, so past ``CONNECT_TIMEOUT_SECONDS`` the driver leaves with exit code 1 and no final
+    event (not the job's fault: the launcher requeues it), and a stop meanwhile is a ``cancelled``."""
+    failure: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, configure_logging=True)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+
+    thread = threading.Thread(target=connect, name="ray-init", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + CONNECT_TIMEOUT_SECONDS
+    while thread.is_alive() and time.monotonic() < deadline:
+        if not orders.empty() and orders.get() == "stop":
+            emit(Cancelled().to_line())
+            out_now(0)
+        thread.join(timeout=0.2)
+    if thread.is_alive() or failure:
+        why = f"{type(failure[0]).__name__}: {failure[0]}" if failure else f"no answer in {CONNECT_TIMEOUT_SECONDS:.0f} s"
+        emit(LogLine(level="error", message=f"cannot reach the Ray cluster at {address}: {why}"[:2000]).to_line())
+        out_now(1)
 
 
 def _drive(trainer: Any, relay: Any, orders: queue.Queue[str], emit: Any, placed: dict[str, Any], *,
@@ -140,7 +165,7 @@ def _drive(trainer: Any, relay: Any, orders: queue.Queue[str], emit: Any, placed
             emit(LogLine(level="warning", message="the Ray workers did not stop in time; "
                                                   "leaving them to Ray (this driver's job ends)").to_line())
             emit(Cancelled().to_line())
-            out_now()
+            out_now(0)
         run.join(timeout=0.2)
     _print_lines(ray.get(relay.take.remote()), relay, emit, placed)
     final = ray.get(relay.final.remote())
@@ -173,10 +198,10 @@ def _print_lines(lines: list[str], relay: Any, emit: Any, placed: dict[str, Any]
         emit(line)
 
 
-def out_now() -> None:
+def out_now(code: int) -> None:
     """Leave at once: what matters is printed; the cluster ends this driver's job and its actors."""
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":
