@@ -125,8 +125,12 @@ def rank_loop(config: dict[str, Any]) -> None:
     code = process.returncode
     last = final[-1] if final else None
     kind = json.loads(last)["event"] if last else None
+    if asked == "stop" and kind in (None, "cancelled"):  # stopped as asked, maybe before its handler was in place
+        if rank == 0:
+            ray.get(relay.finish.remote(json.dumps({"event": "cancelled"})))
+        return
     if rank == 0:
-        if kind in ("completed", "paused", "failed") or (kind == "cancelled" and asked == "stop"):
+        if kind in ("completed", "paused", "failed"):
             ray.get(relay.finish.remote(last))
             return
     elif code == 0 or _rank_zero_decided(relay):
