@@ -4,8 +4,10 @@ and the app, and starts them. Nothing imports this module."""
 from __future__ import annotations
 
 import gc
+import importlib.util
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +45,13 @@ def _scheduler(settings: Settings):  # noqa: ANN202
     engine = make_engine(settings.resolved_database_url, busy_timeout_seconds=settings.store_busy_timeout_seconds)
     migrate(engine)
     config = launch_config_from(settings)
+    if settings.executor == "ray":
+        # The cluster places each job's ranks and gives them their devices: no warm local trainers,
+        # no GPUs of this machine handed out.
+        config = replace(config, executor="ray", ray_address=settings.ray_address, ray_workers=settings.ray_workers,
+                         ray_max_failures=settings.ray_max_failures)
+        return Scheduler(store=JobStore(engine), slots=settings.worker_slots, poll_seconds=settings.poll_seconds,
+                         config=config)
     warm = None
     if settings.warm_trainers:
         warm = WarmPool(size=settings.warm_trainers, python=config.python, nice=config.nice,
@@ -109,10 +118,21 @@ def serve(
 
 
 @app.command()
-def worker(log_level: Annotated[str, typer.Option(help="Logging level.")] = "info") -> None:
+def worker(
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+    executor: Annotated[str | None, typer.Option(help="Where jobs train: local (a trainer process here) or ray "
+                                                      "(a Ray Train run on a Ray cluster); default POSTTRAIN_EXECUTOR.")] = None,
+    address: Annotated[str | None, typer.Option(help="The Ray cluster's head, host:port (the ray executor); "
+                                                     "default POSTTRAIN_RAY_ADDRESS.")] = None,
+) -> None:
     """Run a standalone worker (scheduler + trainers) against the configured store."""
     _logging(log_level)
-    settings = Settings()
+    if executor not in (None, "local", "ray"):
+        raise typer.BadParameter(f"--executor is local or ray, not {executor!r}")
+    chosen = {name: value for name, value in (("executor", executor), ("ray_address", address)) if value is not None}
+    settings = Settings(**chosen)  # type: ignore[arg-type]  # the options override the environment
+    if settings.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise typer.BadParameter("the ray executor needs Ray Train: pip install 'posttrain[ray]'")
     settings.ensure_dirs()
     scheduler = _scheduler(settings)
 
@@ -122,7 +142,8 @@ def worker(log_level: Annotated[str, typer.Option(help="Logging level.")] = "inf
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    console.print(f"posttrain worker {scheduler.owner} with {settings.worker_slots} slot(s)")
+    where = f", jobs on the Ray cluster at {settings.ray_address or 'auto'}" if settings.executor == "ray" else ""
+    console.print(f"posttrain worker {scheduler.owner} with {settings.worker_slots} slot(s){where}")
     scheduler.run_forever()
 
 

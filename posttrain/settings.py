@@ -68,6 +68,18 @@ class Settings(BaseSettings):
         "with `wandb sync`); online sends it with the worker's W&B login (WANDB_API_KEY). Needs `pip install wandb`.")
     wandb_dir: Path | None = Field(default=None, description="Where the trainer writes W&B run files (an offline "
                                    "run's whole log); default <home>/wandb.")
+    executor: Literal["local", "ray"] = Field(
+        default="local", description="Where jobs train: local, a trainer process on this machine; ray, one Ray Train "
+        "run per job on the Ray cluster at POSTTRAIN_RAY_ADDRESS (`posttrain worker --executor ray`; needs "
+        "`pip install 'posttrain[ray]'` and folders every node sees at the same paths, docs/scale-out-ray.md).")
+    ray_address: str | None = Field(default=None, description="The Ray cluster the ray executor connects to "
+                                    "(host:port of its head, e.g. 10.0.0.1:6379); default: Ray's own choice "
+                                    "(RAY_ADDRESS, else the cluster `ray start` began on this machine).")
+    ray_workers: int = Field(default=1, ge=1, description="Ray Train workers (ranks, each one trainer process on a "
+                             "device of its own) that one job of the ray executor runs on.")
+    ray_max_failures: int = Field(default=3, ge=0, description="Times Ray Train restarts a job's worker group after "
+                                  "a lost rank (each restart resumes from the newest checkpoint) before the attempt "
+                                  "ends and the job is requeued.")
     trainer_nice: int = Field(default=10, ge=0, le=19, description="Niceness of trainer processes so the API stays responsive.")
     device: str = Field(default="auto", description="auto | cpu | cuda")
     gpus: list[str] | None = Field(default=None, description="GPU ids to run jobs on, one job per GPU (each trainer "

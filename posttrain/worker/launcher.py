@@ -102,6 +102,13 @@ class LaunchConfig:
     #: What ``python -m`` runs: the trainer, or in tests a stand-in speaking its protocol
     #: (docs/trainer-protocol.md) without the training stack.
     trainer_module: str = "posttrain.trainer"
+    #: Where a job's trainer runs (``POSTTRAIN_EXECUTOR``): ``local``, a child process of this
+    #: worker; ``ray``, the ranks of a Ray Train run on the cluster at ``ray_address``
+    #: (``executor_command``).
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    ray_workers: int = 1
+    ray_max_failures: int = 3
 
 
 class _Lease(TypedDict):
@@ -202,6 +209,8 @@ class Launcher:
         return max(1, min(plan.recipe.devices or self.config.devices_per_job, self.config.devices_per_job))
 
     def _command(self, spec: Path) -> list[str]:
+        if self.config.executor == "ray":
+            return executor_command(self.config, spec)
         return ranks_command(self.config.python, self.config.nice, str(spec), module=self.config.trainer_module,
                              ranks=self.world_size())
 
@@ -497,6 +506,19 @@ def rank_pids(pid: int) -> list[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
             found.append(int(entry.name))
     return found
+
+
+def executor_command(config: LaunchConfig, spec: Path) -> list[str]:
+    """The process that runs a job's spec and speaks the trainer protocol on its stdout: the
+    trainer itself, or for the ray executor the driver (``posttrain.worker.ray_driver``) that
+    runs the trainer on Ray Train workers and relays rank 0's reports. The launcher treats both
+    alike: same lease, same signals, same reports. (The local executor's command is ``ranks_command``.)"""
+    options = ["--workers", str(config.ray_workers), "--max-failures", str(config.ray_max_failures),
+               "--stop-grace", str(max(config.cancel_grace_seconds - 2.0, 1.0)), "--nice", str(config.nice),
+               "--trainer-module", config.trainer_module]
+    if config.ray_address:
+        options += ["--address", config.ray_address]
+    return trainer_command(config.python, 0, *options, str(spec), module="posttrain.worker.ray_driver")
 
 
 def _tail(path: Path, lines: int = 3) -> str:
