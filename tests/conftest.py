@@ -87,6 +87,14 @@ def settings(tmp_path, database_url, tiny_model_path):
 
 
 @pytest.fixture
+def keyed_client(settings, tmp_path):
+    """The real app with API keys for alice and bob (``tests.serving_helpers.ALICE``/``BOB``)."""
+    from tests.serving_helpers import keyed_app
+
+    yield from keyed_app(settings, tmp_path)
+
+
+@pytest.fixture
 def services(settings):
     from posttrain.services.container import build_services
 

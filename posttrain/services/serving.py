@@ -39,7 +39,8 @@ log = logging.getLogger("posttrain.services")
 SOCKET_PATH_LIMIT = 100
 WORKER_NOT_RUNNING: dict[str, Any] = {"running": False, "bases": [], "adapters": [], "base_loads_total": 0,
                                       "memory_bytes": 0, "active_requests": 0, "active_rows": 0,
-                                      "waiting_requests": 0, "cancelled_rows_total": 0}
+                                      "waiting_requests": 0, "cancelled_rows_total": 0,
+                                      "mixed_adapter_steps_total": 0, "last_mixed_step": None}
 
 
 class ServingUnavailable(Exception):

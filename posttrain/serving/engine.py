@@ -91,6 +91,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.cancelled_rows_total = 0  #: rows that left a batch early because their reader went away
+        #: Forward passes (prefills and decode steps) whose rows used two or more adapters (the base
+        #: alone counting as one), and the last such pass: the worker's own proof that it mixed them.
+        self.mixed_adapter_steps_total = 0
+        self.last_mixed_step: dict[str, Any] | None = None
         self._admitted: dict[int, Ticket] = {}  #: tickets that got "started" and have not ended
         self._publish()
 
@@ -198,7 +202,9 @@ class Engine:
         snapshot = self.models.stats()
         snapshot.update(active_requests=len(tickets), active_rows=len(self._batch.rows) if self._batch else 0,
                         waiting_requests=len(self._waiting), max_batch=self.max_batch,
-                        cancelled_rows_total=self.cancelled_rows_total)
+                        cancelled_rows_total=self.cancelled_rows_total,
+                        mixed_adapter_steps_total=self.mixed_adapter_steps_total,
+                        last_mixed_step=self.last_mixed_step)
         with self._lock:
             self._snapshot = snapshot
 
@@ -315,6 +321,7 @@ class Engine:
     def _start_rows(self, base: Any, rows: list[Row]) -> None:
         tokenizer = self._tokenizer(rows[0].ticket.request.model.tokenizer_path)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self._count_mix(base.path, rows)
         new, logits = prefill(base, rows, pad)
         keep = self._sampled(new, logits)
         keep_rows(new, keep)
@@ -335,11 +342,22 @@ class Engine:
         if not batch.rows:
             self._batch = None
             return
+        self._count_mix(batch.base.path, batch.rows)
         logits = decode_step(batch)
         keep = self._sampled(batch, logits)
         keep_rows(batch, keep)
         if not batch.rows:
             self._batch = None
+
+    def _count_mix(self, base_path: str, rows: list[Row]) -> None:
+        """Count a forward pass over ``rows`` that mixes adapters (the base alone is one of them)."""
+        adapters = {row.ticket.request.model.adapter_path for row in rows}
+        if len(adapters) < 2:
+            return
+        self.mixed_adapter_steps_total += 1
+        self.last_mixed_step = {"base_path": base_path, "adapter_paths": sorted(a for a in adapters if a is not None),
+                                "base_rows": sum(row.ticket.request.model.adapter_path is None for row in rows),
+                                "rows": len(rows)}
 
     def _drop_cancelled(self, batch: Batch) -> None:
         for row in batch.rows:

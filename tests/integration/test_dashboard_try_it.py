@@ -22,27 +22,10 @@ from fastapi.testclient import TestClient
 
 from tests.integration.test_api import ROWS, lora_request
 from tests.integration.test_models_api import trained_adapter  # noqa: F401 - the session fixture
+from tests.serving_helpers import ALICE, BOB
 
-ALICE, BOB = "pt-alice-key", "pt-bob-key"
 WORKER = "test-worker"
 ORIGIN = "http://testserver"
-
-
-@pytest.fixture
-def keyed(settings, tmp_path):
-    """The real app with API keys for alice and bob; ``client.services`` is its services."""
-    from posttrain.api.app import create_app
-    from posttrain.services.access import digest
-    from posttrain.services.container import build_services
-
-    keys = tmp_path / "keys"
-    keys.write_text(f"alice:{digest(ALICE)}\nbob:{digest(BOB)}\n")
-    settings.api_keys_file = keys
-    services = build_services(settings)
-    with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
-        client.services = services
-        yield client
-    services.close()
 
 
 def _job(client, tiny_model_path: Path, key: str, adapter: Path | None, *, epochs: int = 2, **fields) -> str:
@@ -119,8 +102,8 @@ def _stream(client: TestClient, body: dict, token: str) -> tuple[str, list[str],
     return "".join(text), lines, finish
 
 
-def test_the_panel_offers_the_jobs_checkpoints_and_base_and_streams_both(keyed, tiny_model_path, trained_adapter):  # noqa: F811
-    client = keyed
+def test_the_panel_offers_the_jobs_checkpoints_and_base_and_streams_both(keyed_client, tiny_model_path, trained_adapter):  # noqa: F811
+    client = keyed_client
     mine = _job(client, tiny_model_path, ALICE, trained_adapter)
     theirs = _job(client, tiny_model_path, BOB, trained_adapter)
     _sign_in(client, ALICE)
@@ -164,8 +147,8 @@ def test_the_panel_offers_the_jobs_checkpoints_and_base_and_streams_both(keyed, 
     assert missing.json()["error"]["message"] == f"The model '{theirs}-epoch-1' does not exist"
 
 
-def test_a_job_without_a_checkpoint_shows_no_panel_but_says_why(keyed, tiny_model_path):
-    client = keyed
+def test_a_job_without_a_checkpoint_shows_no_panel_but_says_why(keyed_client, tiny_model_path):
+    client = keyed_client
     job = _job(client, tiny_model_path, ALICE, None)
     _sign_in(client, ALICE)
     html = client.get(f"/ui/jobs/{job}").text
@@ -173,11 +156,11 @@ def test_a_job_without_a_checkpoint_shows_no_panel_but_says_why(keyed, tiny_mode
     assert 'id="try-form"' not in html and 'id="try-model"' not in html
 
 
-def test_an_openai_jobs_panel_offers_its_fine_tuned_model_then_its_checkpoints(keyed, tiny_model_path,
+def test_an_openai_jobs_panel_offers_its_fine_tuned_model_then_its_checkpoints(keyed_client, tiny_model_path,
                                                                               trained_adapter):  # noqa: F811
     from tests.integration.test_models_api import finished_job
 
-    client = keyed
+    client = keyed_client
     job, _ = finished_job(client, client.services, tiny_model_path, trained_adapter,
                           headers={"Authorization": f"Bearer {ALICE}"}, suffix="colours")
     _sign_in(client, ALICE)
@@ -187,9 +170,9 @@ def test_an_openai_jobs_panel_offers_its_fine_tuned_model_then_its_checkpoints(k
     assert f'data-base-model="{tiny_model_path.name}"' in html
 
 
-def test_the_panel_shows_ids_as_text(keyed, tiny_model_path, trained_adapter):  # noqa: F811
+def test_the_panel_shows_ids_as_text(keyed_client, tiny_model_path, trained_adapter):  # noqa: F811
     """A job id is the client's text, and the checkpoint ids hold it: escaped, never markup."""
-    client = keyed
+    client = keyed_client
     job = _job(client, tiny_model_path, ALICE, trained_adapter, epochs=1, job_uuid='<img src=x onerror="alert(1)">')
     _sign_in(client, ALICE)
     html = client.get("/ui/jobs/" + job.replace('"', "%22")).text
@@ -199,7 +182,7 @@ def test_the_panel_shows_ids_as_text(keyed, tiny_model_path, trained_adapter):  
     assert f'<option value="{escaped}" selected>{escaped}</option>' in panel
 
 
-def test_a_base_the_server_does_not_name_leaves_the_checkpoint_alone_in_the_panel(keyed, tiny_model_path,
+def test_a_base_the_server_does_not_name_leaves_the_checkpoint_alone_in_the_panel(keyed_client, tiny_model_path,
                                                                                   trained_adapter):  # noqa: F811
     """A job trained from a model folder deeper in a model root (allowed, but no base model id names
     it): the panel offers the checkpoints and says why there is no base column."""
@@ -208,9 +191,9 @@ def test_a_base_the_server_does_not_name_leaves_the_checkpoint_alone_in_the_pane
     nested = tiny_model_path.parent / f"nested-{uuid.uuid4().hex[:8]}" / "model"
     shutil.copytree(tiny_model_path, nested)
     try:
-        job = _job(keyed, nested, ALICE, trained_adapter, epochs=1)
-        _sign_in(keyed, ALICE)
-        html = keyed.get(f"/ui/jobs/{job}").text
+        job = _job(keyed_client, nested, ALICE, trained_adapter, epochs=1)
+        _sign_in(keyed_client, ALICE)
+        html = keyed_client.get(f"/ui/jobs/{job}").text
         assert _options(html) == [(f"{job}-epoch-1", True)]
         assert 'data-base-model=""' in html and 'id="try-no-base"' in html and 'id="try-base-answer"' not in html
     finally:

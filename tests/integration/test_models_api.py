@@ -24,33 +24,13 @@ import pytest
 
 from posttrain.domain.jobs import JobStatus
 from tests.integration.test_openai_api import (
-    ALICE,
-    BOB,
     WORKER,
     as_,
     assert_openai_error,
     create_job,
     upload,
 )
-
-
-@pytest.fixture
-def keyed_client(settings, tmp_path):
-    """The real app with API keys for alice and bob."""
-    from fastapi.testclient import TestClient
-
-    from posttrain.api.app import create_app
-    from posttrain.services.access import digest
-    from posttrain.services.container import build_services
-
-    keys = tmp_path / "keys"
-    keys.write_text(f"alice:{digest(ALICE)}\nbob:{digest(BOB)}\n")
-    settings.api_keys_file = keys
-    services = build_services(settings)
-    with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
-        client.services = services
-        yield client
-    services.close()
+from tests.serving_helpers import ALICE, BOB
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.serving_helpers import PAIRS
+from tests.serving_helpers import PAIRS, worker_stats
 
 
 @pytest.fixture(scope="module")
@@ -280,12 +280,6 @@ def test_a_template_less_tokenizer_refuses_messages_but_completes_prompts(served
     assert completed.status_code == 200 and completed.json()["choices"][0]["finish_reason"] in ("stop", "length")
     too_long = chat(http, "tiny-llama", "hello", max_tokens=4000)
     assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
-
-
-def worker_stats(home) -> dict:
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(home / "serving" / "worker.sock")),
-                      base_url="http://serving", timeout=10) as worker:
-        return worker.get("/stats").json()
 
 
 @pytest.mark.slow

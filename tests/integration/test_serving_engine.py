@@ -160,20 +160,35 @@ def test_logprobs_are_the_models_with_the_chosen_token_on_top_when_greedy(client
     assert all(e.logprob is None and e.top_logprobs is None for e in plain if isinstance(e, TokenEvent))
 
 
-def test_two_adapters_of_one_base_share_a_batch_each_giving_its_own_text(client, models):
+def test_two_adapters_of_one_base_share_a_batch_each_giving_its_own_text(client, models, long_model):
     base, a, b = served(models["base"]), served(models["base"], models["a"]), served(models["base"], models["b"])
     alone = {name: text_of(run(collect(client, request(m, max_tokens=8)))) for name, m in
              (("base", base), ("a", a), ("b", b))}
     assert len(set(alone.values())) == 3, alone  # the adapters change the text, each its own way
+    before = run(client.stats())["mixed_adapter_steps_total"]
 
     async def together():
-        return await asyncio.gather(*(collect(client, request(m, max_tokens=8)) for m in (a, b, base)))
+        # Another base's long generation holds the worker, so all three wait and start in one prefill.
+        async with aclosing(client.generate(request(served(long_model), max_tokens=4000, temperature=1.0,
+                                                    seed=4))) as holder:
+            assert isinstance(await anext(holder), StartedEvent)
+            three = asyncio.gather(*(collect(client, request(m, max_tokens=8)) for m in (a, b, base)))
+            for _ in range(500):
+                if (await client.stats())["waiting_requests"] == 3:
+                    break
+                await asyncio.sleep(0.02)
+        return await three
 
     got = run(together())
     assert [text_of(events) for events in got] == [alone["a"], alone["b"], alone["base"]]
+    # All three run their 8 tokens: in the same passes from the prefill to the last.
+    assert [finish_of(events).finish_reason for events in got] == ["length"] * 3
     stats = run(client.stats())
-    assert [b_["path"] for b_ in stats["bases"]] == [models["base"]]
-    assert stats["bases"][0]["loads"] == 1
+    assert stats["mixed_adapter_steps_total"] > before  # the worker's own count: one batch mixed them
+    assert stats["last_mixed_step"]["adapter_paths"] == sorted([models["a"], models["b"]])
+    assert stats["last_mixed_step"]["base_rows"] == 1 and stats["last_mixed_step"]["base_path"] == models["base"]
+    bases = {b_["path"]: b_ for b_ in stats["bases"]}
+    assert bases[models["base"]]["loads"] == 1
     assert sorted(ad["path"] for ad in stats["adapters"]) == sorted([models["a"], models["b"]])
 
 
