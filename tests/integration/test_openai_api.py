@@ -11,14 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from posttrain.api.app import create_app
 from posttrain.domain.jobs import JobStatus
-from posttrain.services.access import digest
-from posttrain.services.container import build_services
+from tests.serving_helpers import ALICE, BOB  # the conftest keyed_client's keys
 
-ALICE, BOB = "pt-alice-key", "pt-bob-key"
 CHAT_LINES = "".join(json.dumps({"messages": [{"role": "user", "content": f"colour {i}?"},
                                               {"role": "assistant", "content": f"blue {i}"}]}) + "\n"
                      for i in range(8)).encode()
@@ -26,17 +22,6 @@ CHAT_LINES = "".join(json.dumps({"messages": [{"role": "user", "content": f"colo
 
 def as_(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-def keyed_client(settings, tmp_path):
-    keys = tmp_path / "keys"
-    keys.write_text(f"alice:{digest(ALICE)}\nbob:{digest(BOB)}\n")
-    settings.api_keys_file = keys
-    services = build_services(settings)
-    with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
-        yield client
-    services.close()
 
 
 def assert_openai_error(response, status: int, *words: str, param: str | None = None, code: str | None = None) -> dict:
