@@ -16,11 +16,16 @@ from posttrain.trainer.precision import Precision, resolve_precision
 
 
 def set_threads(threads: int | None) -> int:
-    """The trainer's CPU threads (default: every core), shared out among the ranks of a job on
-    several processes of this machine."""
+    """The trainer's CPU threads: the spec's (``POSTTRAIN_TRAINER_THREADS``), else OpenMP's own
+    ``OMP_NUM_THREADS`` when the environment sets it, else every core; shared out among the ranks
+    of a job on several processes of this machine (torch's launcher sets ``OMP_NUM_THREADS=1`` for
+    each rank, so there the default is every core, divided)."""
     import torch
 
-    count = max(1, int(threads or os.cpu_count() or 1) // distributed.world().size)
+    world = distributed.world().size
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2": nested levels, the first counts
+    from_env = int(omp) if world == 1 and omp.isdigit() else 0
+    count = max(1, int(threads or from_env or os.cpu_count() or 1) // world)
     torch.set_num_threads(count)
     return count
 
