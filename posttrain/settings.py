@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     executor: Literal["local", "ray"] = Field(
         default="local", description="Where jobs train: local, a trainer process on this machine; ray, one Ray Train "
         "run per job on the Ray cluster at POSTTRAIN_RAY_ADDRESS (`posttrain worker --executor ray`; needs "
-        "`pip install 'posttrain[ray]'` and folders every node sees at the same paths, docs/scale-out-ray.md).")
+        "`pip install 'posttrain[ray]'` and folders every node sees at the same paths, docs/scale-out.md).")
     ray_address: str | None = Field(default=None, description="The Ray cluster the ray executor connects to "
                                     "(host:port of its head, e.g. 10.0.0.1:6379); default: Ray's own choice "
                                     "(RAY_ADDRESS, else the cluster `ray start` began on this machine).")
