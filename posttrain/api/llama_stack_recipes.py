@@ -56,7 +56,8 @@ DEVICES_HEADER = "X-Posttrain-Devices"
 ATTENTION_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "output_proj",
                      "o_proj": "output_proj"}
 
-NO_FSDP = "a job runs without FSDP: on one device, or data parallel (DDP) on POSTTRAIN_DEVICES_PER_JOB devices"
+NO_FSDP = ("the service picks the sharding itself: a full fine-tune on POSTTRAIN_DEVICES_PER_JOB > 1 devices is "
+           "sharded with FSDP2 (no CPU offload), a LoRA job runs data parallel (DDP); leave this switch false")
 
 #: efficiency_config switches this server refuses when true, and why.
 UNSUPPORTED_EFFICIENCY = {

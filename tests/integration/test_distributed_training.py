@@ -66,6 +66,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_model_path,
         "world_size": 2, "backend": "gloo", "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
         "global_batch_size": 8}
     assert {e["event"]: e for e in one}["started"]["resources"]["global_batch_size"] == 8
+    assert resources["parallelism"] == "ddp"  # LoRA on several ranks: data parallel, not sharded
 
     def curve(events):
         return [(m["step"], m["loss"], m["tokens"]) for m in events if m["event"] == "metric"]
