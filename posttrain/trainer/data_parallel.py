@@ -29,24 +29,26 @@ from posttrain.trainer.precision import Precision
 class DataParallel:
     """The loop's forward for this rank, and the context that defers DDP's gradient sync."""
 
-    def __init__(self, model, *, precision: Precision, sharded: bool = False) -> None:
+    def __init__(self, model, *, precision: Precision, sharded: bool = False, compute=None) -> None:
         self.model = model
         self.precision = precision
+        #: What the wrapped forward computes: ``forward.label_logits`` (SFT) unless told (DPO's log-probs).
+        self.compute = compute or forward.label_logits
         self.world = distributed.world()
         #: FSDP2: weights, gradients and optimizer state sharded over the ranks (a full fine-tune).
         self.sharded = sharded and self.world.distributed
         self.kind = "fsdp2" if self.sharded else "ddp" if self.world.distributed else "none"
         self._ddp = None
         if self.sharded:
-            self._ddp = _label_logits_module(model, precision=precision)
+            self._ddp = _label_logits_module(model, precision=precision, compute=self.compute)
             fully_sharded.shard(self._ddp, model)
         elif self.world.distributed:
-            self._ddp = _wrap(model, precision=precision, world=self.world)
+            self._ddp = _wrap(model, precision=precision, world=self.world, compute=self.compute)
 
     def label_logits(self, batch):
         """``forward.label_logits`` for this batch, through DDP when there are several ranks."""
         if self._ddp is None:
-            return forward.label_logits(self.model, batch, precision=self.precision)
+            return self.compute(self.model, batch, precision=self.precision)
         return self._ddp(batch)
 
     def eval_logits(self, batch):
@@ -54,7 +56,7 @@ class DataParallel:
         run it), the model itself otherwise (rank 0 alone may evaluate)."""
         if self.sharded:
             return self._ddp(batch)
-        return forward.label_logits(self.model, batch, precision=self.precision)
+        return self.compute(self.model, batch, precision=self.precision)
 
     def no_sync(self):
         """Accumulate this micro-batch's gradients locally (all but a step's last micro-batch)."""
@@ -78,8 +80,8 @@ def _deferred_reduction(root):
         root.set_requires_gradient_sync(True)
 
 
-def _label_logits_module(model, *, precision: Precision):
-    """A module whose ``forward`` is the loop's ``forward.label_logits`` of ``model``."""
+def _label_logits_module(model, *, precision: Precision, compute):
+    """A module whose ``forward`` is the loop's ``compute`` (``forward.label_logits``) of ``model``."""
     import torch
 
     class LabelLogits(torch.nn.Module):
@@ -88,12 +90,12 @@ def _label_logits_module(model, *, precision: Precision):
             self.model = model
 
         def forward(self, batch):
-            return forward.label_logits(self.model, batch, precision=precision)
+            return compute(self.model, batch, precision=precision)
 
     return LabelLogits()
 
 
-def _wrap(model, *, precision: Precision, world: distributed.World):
+def _wrap(model, *, precision: Precision, world: distributed.World, compute):
     from torch.nn.parallel import DistributedDataParallel
 
     # DDP broadcasts rank 0's weights at construction, so every rank starts from the same ones;
@@ -102,5 +104,5 @@ def _wrap(model, *, precision: Precision, world: distributed.World):
     parameters = inspect.signature(DistributedDataParallel.__init__).parameters
     no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {
         "broadcast_buffers": False}
-    return DistributedDataParallel(_label_logits_module(model, precision=precision),
+    return DistributedDataParallel(_label_logits_module(model, precision=precision, compute=compute),
                                    device_ids=[world.local_rank] if on_gpu else None, **no_buffer_sync)
