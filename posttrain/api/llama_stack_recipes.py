@@ -56,7 +56,8 @@ DEVICES_HEADER = "X-Posttrain-Devices"
 ATTENTION_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "output_proj",
                      "o_proj": "output_proj"}
 
-NO_FSDP = "a job runs without FSDP: on one device, or data parallel (DDP) on POSTTRAIN_DEVICES_PER_JOB devices"
+NO_FSDP = ("the service picks the sharding itself: a full fine-tune on POSTTRAIN_DEVICES_PER_JOB > 1 devices is "
+           "sharded with FSDP2 (no CPU offload), a LoRA job runs data parallel (DDP); leave this switch false")
 
 #: efficiency_config switches this server refuses when true, and why.
 UNSUPPORTED_EFFICIENCY = {
@@ -106,12 +107,15 @@ def sft_submission(body: SupervisedFineTuneRequest, keep: int | None = None, dev
     return _submission(body.job_uuid, body.model, body.training_config, body.checkpoint_dir, recipe, SFT_NAMES)
 
 
-def dpo_submission(body: PreferenceOptimizeRequest, keep: int | None = None) -> Submission:
+def dpo_submission(body: PreferenceOptimizeRequest, keep: int | None = None, devices: int | None = None) -> Submission:
     """Preference optimization. The spec's DPO config holds only beta and loss_type, so the adapter
     is the recipe's default one. Clients 0.2.x send {reward_scale, reward_clip, epsilon, gamma}
-    (an older shape with no DPO meaning): beta 0.1, sigmoid, and a note in the job's log."""
+    (an older shape with no DPO meaning): beta 0.1, sigmoid, and a note in the job's log.
+    ``devices``: the ``X-Posttrain-Devices`` header's number (DPO trains data parallel too)."""
     recipe = _common_recipe(body.training_config, {}, body.logger_config, keep)  # the search: search_config
     recipe["method"] = JobKind.DPO.value
+    if devices is not None:
+        recipe["devices"] = devices
     recipe["adapter"] = DPO_ADAPTER.model_dump()
     algorithm = body.algorithm_config
     if isinstance(algorithm, DPOAlignmentConfig):

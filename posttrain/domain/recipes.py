@@ -255,7 +255,8 @@ class Recipe(RecipePart):
         "keep only the newest this many epoch checkpoints (older folders are deleted as new ones are written); "
         "None: the operator's POSTTRAIN_KEEP_CHECKPOINTS; always at most POSTTRAIN_MAX_CHECKPOINTS_PER_JOB"))
     devices: int | None = Field(None, ge=1, le=MAX_DEVICES, description=(
-        "devices (GPUs, or CPU processes) the job trains on, data parallel; None: the operator's "
+        "devices (GPUs, or CPU processes) an SFT or DPO job trains on, data parallel (FSDP2 for a full "
+        "fine-tune); None: the operator's "
         "POSTTRAIN_DEVICES_PER_JOB; always at most that. Each optimizer step then takes data.batch_size x "
         "gradient_accumulation_steps rows on each device"))
     #: What the door accepted but could not honour as asked, for the job's log (e.g. the DPO
@@ -270,9 +271,9 @@ class Recipe(RecipePart):
             raise _at("dpo", "only a DPO job takes DPO options")
         if self.method is not JobKind.GRPO and self.grpo is not None:
             raise _at("grpo", "only a GRPO job takes GRPO options")
-        if self.method is not JobKind.SFT and (self.devices or 1) > 1:
+        if self.method not in (JobKind.SFT, JobKind.DPO) and (self.devices or 1) > 1:
             raise _at("devices", f"a {self.method.value} job trains on one device; only supervised fine-tuning "
-                      "runs on several")
+                      "and DPO run on several")
         if self.method is JobKind.GRPO:
             self._grpo_fits()
         if self.method is JobKind.DPO:

@@ -86,9 +86,9 @@ def _run(spec: TrainerSpec, *, reporter, stop) -> str:
     from posttrain.trainer import distributed
     from posttrain.trainer.errors import TrainerConfigError
 
-    if distributed.world().distributed and spec.recipe.method is not JobKind.SFT:
-        raise TrainerConfigError(f"a {spec.recipe.method.value} job trains on one device; only SFT jobs run on "
-                                 f"several (this one was started on {distributed.world().size})")
+    if distributed.world().distributed and spec.recipe.method not in (JobKind.SFT, JobKind.DPO):
+        raise TrainerConfigError(f"a {spec.recipe.method.value} job trains on one device; only SFT and DPO jobs "
+                                 f"run on several (this one was started on {distributed.world().size})")
 
     for note in spec.recipe.notes:
         reporter.log(note, level="warning")

@@ -28,6 +28,14 @@ Rewards are TRL's implicit ones: ``beta * (policy - reference)`` log-probs of ea
 of an optimizer step is the mean over its pairs, so gradient accumulation matches one large batch.
 The reference log-probs of a pair are computed the first time it is met and cached
 (``ReferenceLogps``): later epochs run the policy only.
+
+On several ranks (``trainer/distributed.py``) DPO is data parallel like SFT's LoRA jobs: each
+optimizer step's micro-batches are shared out over the ranks (``distributed.shard``), the policy's
+forward runs through torch's ``DistributedDataParallel`` (``data_parallel``), so the adapter's
+gradients are averaged over the ranks, and each rank scales its loss by the world size over the
+pairs of the whole global batch: the update one process makes from the same batches. The reference
+forward (adapter off, no grad) needs no sync: each rank computes and caches the reference log-probs
+of its own pairs. The step's metrics are summed over the ranks; rank 0 evaluates, reports and writes.
 """
 
 from __future__ import annotations
@@ -38,10 +46,11 @@ from typing import Any
 
 from posttrain.domain.protocol import Started
 from posttrain.domain.recipes import DPOLoss, JobPlan, Recipe, TrainerSpec
-from posttrain.trainer import checkpoints, forward
+from posttrain.trainer import checkpoints, distributed, forward
 from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import length_grouped_batches, read_rows
 from posttrain.trainer.compiling import Compiler
+from posttrain.trainer.data_parallel import DataParallel
 from posttrain.trainer.dpo_checkpoint_layout import adapter_layout, resume_adapter
 from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
@@ -53,7 +62,7 @@ from posttrain.trainer.precision import Precision
 from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
-from posttrain.trainer.run_setup import base_resources, set_up_run
+from posttrain.trainer.run_setup import base_resources, batch_resources, set_up_run
 from posttrain.trainer.stacked_adapters import LoraWeights, capture
 
 
@@ -146,13 +155,17 @@ def _pair_batch(examples: list[dict], indices: list[int], *, pad_id: int) -> dic
 
 
 def _pair_losses(model, batch, *, config: DPOLoss, precision, reference_logps: ReferenceLogps,
-                 chosen_nll: ChosenNLL | None = None):
+                 chosen_nll: ChosenNLL | None = None, policy=None):
     """Reference log-probs (adapter off, no grad; cached per pair), then the policy's, then TRL's loss.
-    With ``chosen_nll``, the policy's log-probs of the chosen answers are added to it too."""
+    With ``chosen_nll``, the policy's log-probs of the chosen answers are added to it too.
+    ``policy(batch)``: the policy's ``_answer_logp_sums_and_hits`` (through DDP on several ranks)."""
     average = config.loss_type == "ipo"
     pairs = batch["pairs"]
     reference = reference_logps.of(model, batch, precision=precision, average=average)
-    summed, tokens, hits = _answer_logp_sums_and_hits(model, batch, precision=precision)
+    if policy is None:
+        summed, tokens, hits = _answer_logp_sums_and_hits(model, batch, precision=precision)
+    else:
+        summed, tokens, hits = policy(batch)
     policy = summed / tokens.clamp(min=1) if average else summed
     if chosen_nll is not None:
         chosen_nll.add(summed[:pairs], tokens[:pairs], hits[:pairs])
@@ -176,6 +189,11 @@ class ChosenNLL:
         self.tokens += int(tokens.sum())
         self.hits += int(hits.sum())
 
+    def summed_over_ranks(self) -> None:
+        """Every rank's sums added together (a no-op in one process)."""
+        nll, tokens, hits = distributed.all_reduce_sum([self.nll, self.tokens, self.hits])
+        self.nll, self.tokens, self.hits = nll, int(tokens), int(hits)
+
     def mean(self) -> float:
         return self.nll / self.tokens if self.tokens else math.nan
 
@@ -198,6 +216,12 @@ class _Totals:
         self.rejected += float(rejected.sum())
         self.correct += float((chosen > rejected).float().sum())
 
+    def summed_over_ranks(self) -> None:
+        """Every rank's sums added together (a no-op in one process)."""
+        summed = distributed.all_reduce_sum([self.pairs, self.loss, self.chosen, self.rejected, self.correct])
+        self.pairs = int(summed[0])
+        self.loss, self.chosen, self.rejected, self.correct = summed[1:]
+
     def means(self) -> dict[str, float]:
         n = max(self.pairs, 1)
         return {"loss": self.loss / n, "reward_margin": (self.chosen - self.rejected) / n,
@@ -206,21 +230,34 @@ class _Totals:
 
 
 def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, precision, stop: StopFlag,
-                reference_logps: ReferenceLogps):
-    """One optimizer step; returns the step's mean metrics, or None when stopped between micro-batches."""
+                reference_logps: ReferenceLogps, parallel: DataParallel, weights: list[float] | None = None):
+    """One optimizer step over this rank's micro-batches; returns the step's mean metrics over the
+    whole global batch (every rank's), or None when stopped between micro-batches (one process only:
+    ranks stop together at step boundaries). ``weights`` 0 marks a stand-in batch of a rank with no
+    share of a short last step: it runs only so the rank joins DDP's gradient sync."""
+    import contextlib
+
     model.train()
-    total_pairs = sum(b["pairs"] for b in micro_batches)
+    weights = weights or [1.0] * len(micro_batches)
+    total_pairs = max(1.0, distributed.all_reduce_sum(
+        [sum(w * b["pairs"] for w, b in zip(weights, micro_batches, strict=True))])[0])
     totals, chosen_tokens = _Totals(), ChosenNLL()
-    for index, batch in enumerate(micro_batches):
-        if index and stop.is_set():
+    for index, (batch, weight) in enumerate(zip(micro_batches, weights, strict=True)):
+        if index and not parallel.world.distributed and stop.is_set():
             optimizer.zero_grad(set_to_none=True)
             return None
-        losses, chosen, rejected = _pair_losses(model, batch, config=config, precision=precision,
-                                                reference_logps=reference_logps, chosen_nll=chosen_tokens)
-        loss = losses.mean() * (batch["pairs"] / total_pairs)
-        (scaler.scale(loss) if scaler else loss).backward()
-        totals.add(losses, chosen, rejected)
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else parallel.no_sync():
+            losses, chosen, rejected = _pair_losses(
+                model, batch, config=config, precision=precision, reference_logps=reference_logps,
+                chosen_nll=chosen_tokens if weight else None, policy=parallel.label_logits)
+            loss = losses.mean() * (weight * batch["pairs"] * parallel.loss_scale / total_pairs)
+            (scaler.scale(loss) if scaler else loss).backward()
+        if weight:
+            totals.add(losses, chosen, rejected)
     apply_gradients(model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    totals.summed_over_ranks()
+    chosen_tokens.summed_over_ranks()
     return {**totals.means(), "train_mean_token_accuracy": chosen_tokens.accuracy()}
 
 
@@ -317,11 +354,14 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     if recipe.activation_checkpointing:
         enable_activation_checkpointing(model)
 
+    world = distributed.world()
+    parallel = DataParallel(model, precision=precision, compute=_answer_logp_sums_and_hits)
     run = prepare_optimization(model, recipe=recipe, micro_batches=math.ceil(len(train) / recipe.data.batch_size),
-                               precision=precision, resume_folder=resume)
+                               precision=precision, resume_folder=resume, world_size=world.size)
 
     reporter.emit(Started(
-        resources={**base_resources(model, precision=precision, threads=threads), "method": "dpo",
+        resources={**base_resources(model, precision=precision, threads=threads), **batch_resources(recipe),
+                   "parallelism": parallel.kind, "method": "dpo",
                    "loss_type": dpo.loss_type, "beta": dpo.beta, "merged_adapter": plan.adapter},
         total_steps=run.total_steps,
         resumed_from=f"{job_uuid}-{source[0]}" if source else None,
@@ -348,17 +388,24 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     epoch_accuracies: list[float] = []  # this epoch's steps run by this process
 
     def step(group: list[list[int]]) -> StepResult | None:
-        micro = [_pair_batch(train, indices, pad_id=pad_id) for indices in group]
+        share = distributed.shard(group)  # every rank's share of the global batch, in one process's order
+        micro = [_pair_batch(train, indices, pad_id=pad_id) for indices in share or group[:1]]
+        weights = None if share else [0.0]
         means = _train_step(model, micro, config=dpo, optimizer=run.optimizer, scheduler=run.scheduler,
-                            scaler=run.scaler, precision=precision, stop=stop, reference_logps=train_reference)
+                            scaler=run.scaler, precision=precision, stop=stop, reference_logps=train_reference,
+                            parallel=parallel, weights=weights)
         if means is None:
             return None
         loss = means.pop("loss")
         epoch_accuracies.append(means["train_mean_token_accuracy"])
-        return StepResult(loss=loss, real_tokens=sum(b["real_tokens"] for b in micro),
-                          total_tokens=sum(b["total_tokens"] for b in micro), metrics=means)
+        real, total = distributed.all_reduce_sum([
+            sum(b["real_tokens"] for b in micro) if share else 0, sum(b["total_tokens"] for b in micro) if share else 0])
+        return StepResult(loss=loss, real_tokens=int(real), total_tokens=int(total), metrics=means)
 
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
+        if not world.reporting:  # rank 0 evaluates and writes the checkpoint; the others wait at the next step
+            epoch_accuracies.clear()
+            return
         evaluation = _evaluate(model, validation, config=dpo, recipe=recipe, pad_id=pad_id, seed=seed,
                                precision=precision, reference_logps=validation_reference)
         token_metrics = {"valid_mean_token_accuracy": evaluation["chosen_token_accuracy"]}
@@ -376,6 +423,7 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
             keep=spec.keep_checkpoints)
 
     loop = EpochLoop(model=model, run=run, recipe=recipe, unit_lengths=[pair_length(e) for e in train], seed=seed,
-                     precision=precision, compiler=Compiler(spec.compile), points=points, reporter=reporter,
+                     precision=precision, compiler=Compiler(spec.compile),
+                     points=points if world.reporting else ResumePoints(None, every_seconds=None), reporter=reporter,
                      stop=stop)
     return loop.train(step=step, end_epoch=end_epoch)

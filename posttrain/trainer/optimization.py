@@ -4,6 +4,7 @@ step that applies an accumulated gradient, and restoring all of it from a checkp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,12 @@ class Optimization:
 
 
 def prepare_optimization(model, *, recipe: Recipe, micro_batches: int, precision: Precision,
-                         resume_folder: Path | None = None, world_size: int = 1) -> Optimization:
+                         resume_folder: Path | None = None, world_size: int = 1,
+                         load_optimizer: Callable[[Any, dict[str, Any]], bool] | None = None) -> Optimization:
     """Plan the steps (``max_steps_per_epoch`` optimizer steps an epoch at most; a step takes
     ``gradient_accumulation_steps`` micro-batches on each of ``world_size`` ranks), build the optimizer,
-    the warmup+decay schedule and, for fp16 on CUDA, a grad scaler; restore them from a checkpoint."""
+    the warmup+decay schedule and, for fp16 on CUDA, a grad scaler; restore them from a checkpoint
+    (``load_optimizer(optimizer, saved state)`` in place of ``optimizer.load_state_dict``: FSDP2's)."""
     import math
 
     import torch
@@ -91,20 +94,26 @@ def prepare_optimization(model, *, recipe: Recipe, micro_batches: int, precision
                        steps_per_epoch=steps_per_epoch)
     if resume_folder is not None:
         run.global_step, run.start_epoch, run.steps_done_in_epoch, run.epoch_losses = resume_training(
-            folder=resume_folder, optimizer=optimizer, scheduler=scheduler)
+            folder=resume_folder, optimizer=optimizer, scheduler=scheduler, load_optimizer=load_optimizer)
     return run
 
 
-def resume_training(*, folder: Path, optimizer, scheduler) -> tuple[int, int, int, list[float]]:
+def resume_training(*, folder: Path, optimizer, scheduler,
+                    load_optimizer: Callable[[Any, dict[str, Any]], bool] | None = None,
+                    ) -> tuple[int, int, int, list[float]]:
     """Restore optimizer, scheduler and RNG from a checkpoint or a resume point; return the global
     step, the epoch to train next, the optimizer steps of that epoch already done (their batches are
     skipped) and those steps' losses (for the epoch's train loss).
 
     The learning rates are then set from *this* run's plan (it may have more epochs than the
-    interrupted one), not from the saved schedule.
+    interrupted one), not from the saved schedule. ``load_optimizer`` returns False when it could
+    not use the saved optimizer state (the moments then start afresh).
     """
     state = load_training_state(folder=folder)
-    optimizer.load_state_dict(state["optimizer"])
+    if load_optimizer is None:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        load_optimizer(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     replan_scheduler(optimizer, scheduler)
     restore_rng_state(state["rng"])

@@ -14,13 +14,14 @@ padding, applying the output head only at label positions, and the fused Adam(W)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import random
 
 from posttrain.domain.protocol import Started
 from posttrain.domain.recipes import Recipe, TrainerSpec
-from posttrain.trainer import checkpoints, distributed, forward, qat
+from posttrain.trainer import checkpoints, distributed, forward, fully_sharded, qat
 from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import (
     collate,
@@ -103,16 +104,24 @@ def _validation_batches(examples, *, recipe: Recipe, seed: int) -> list[list[int
                                   shuffle=True, rng=random.Random(f"{seed}:validation"))
 
 
-def _evaluate(model, examples, batches: list[list[int]], *, pad_id: int, precision) -> tuple[float, float]:
-    """Token-mean loss and token accuracy over these batches of ``examples``."""
+def _evaluate(model, examples, batches: list[list[int]], *, pad_id: int, precision,
+              label_logits=None) -> tuple[float, float]:
+    """Token-mean loss and token accuracy over these batches of ``examples`` (through
+    ``label_logits``, a ``DataParallel.eval_logits``, when given: a sharded model's forward)."""
     import torch
+    import torch.nn.functional as F
 
     model.eval()
     total, correct, tokens = 0.0, 0, 0
     with torch.no_grad():
         for indices in batches:
             batch = collate([examples[i] for i in indices], pad_id=pad_id)
-            loss_sum, hits = _loss_sum_and_hits(model, batch, precision=precision)
+            if label_logits is None:
+                loss_sum, hits = _loss_sum_and_hits(model, batch, precision=precision)
+            else:
+                logits, targets, _ = label_logits(batch)
+                loss_sum, hits = F.cross_entropy(logits, targets, reduction="sum"), int(
+                    (logits.argmax(dim=-1) == targets).sum())
             total += float(loss_sum)
             correct += hits
             tokens += batch["label_tokens"]
@@ -163,17 +172,21 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     if recipe.activation_checkpointing:
         enable_activation_checkpointing(model)
     world = distributed.world()
-    parallel = DataParallel(model, precision=precision)
+    parallel = DataParallel(model, precision=precision, sharded=not lora)
+    if parallel.sharded and quantization is not None:
+        raise TrainerConfigError("quantization-aware training runs on one device or with LoRA on several")
 
     lengths = [len(e["input_ids"]) for e in train]
     # Packed: rows are packed once (deterministic), and the packs are batched and shuffled like rows.
     packs = pack_rows(lengths, max_length=max_length, keep_order=not data.shuffle) if data.packed else None
     micro_batches = math.ceil((len(packs) if packs is not None else len(train)) / data.batch_size)
     run = prepare_optimization(model, recipe=recipe, micro_batches=micro_batches, precision=precision,
-                               resume_folder=resume, world_size=world.size)
+                               resume_folder=resume, world_size=world.size,
+                               load_optimizer=_sharded_optimizer_loader(model, reporter) if parallel.sharded else None)
 
     reporter.emit(Started(
         resources={**base_resources(model, precision=precision, threads=threads), **batch_resources(recipe),
+                   "parallelism": parallel.kind,
                    **({"qat": {"type": "QAT", **quantization.model_dump(), "fake_quantized_layers": fake_quantized}}
                       if quantization is not None else {}),
                    **({"base_quantization": {"scheme": BASE_QUANTIZATION,
@@ -225,18 +238,22 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
         steps_done[0] += 1
         epoch_accuracies.append(accuracy)
         metrics = {"train_mean_token_accuracy": accuracy}
-        if world.reporting and validation_rows and steps_done[0] % valid_every == 0:
+        if (world.reporting or parallel.sharded) and validation_rows and steps_done[0] % valid_every == 0:
             probe = validation_batches[(steps_done[0] // valid_every - 1) % len(validation_batches)]
             valid_loss, valid_accuracy = _evaluate(model, validation, [probe], pad_id=tokenizer.pad_token_id,
-                                                   precision=precision)
+                                                   precision=precision, label_logits=parallel.eval_logits)
             metrics |= {"valid_loss": valid_loss, "valid_mean_token_accuracy": valid_accuracy}
         return StepResult(loss=loss, real_tokens=int(counts[1]), total_tokens=int(counts[2]), metrics=metrics)
 
     def end_epoch(epoch: int, global_step: int, losses: list[float]) -> None:
-        if not world.reporting:  # rank 0 evaluates and writes the checkpoint; the others wait at the next step
+        # Rank 0 evaluates and writes the checkpoint; the others wait at the next step. Sharded
+        # (FSDP2), every forward and the gathering of the weights are collectives: all ranks
+        # evaluate and gather, rank 0 alone writes.
+        if not world.reporting and not parallel.sharded:
             epoch_accuracies.clear()
             return
-        evaluate = functools.partial(_evaluate, model, validation, pad_id=tokenizer.pad_token_id, precision=precision)
+        evaluate = functools.partial(_evaluate, model, validation, pad_id=tokenizer.pad_token_id, precision=precision,
+                                     label_logits=parallel.eval_logits)
         validation_loss, valid_accuracy = evaluate(sampled)
         token_metrics = {"valid_mean_token_accuracy": valid_accuracy}
         if epoch_accuracies:
@@ -246,16 +263,42 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
                 validation_batches)
             token_metrics |= {"full_valid_loss": full[0], "full_valid_mean_token_accuracy": full[1]}
         epoch_accuracies.clear()
+        written, save_model = run, None
+        if parallel.sharded:
+            weights = fully_sharded.full_model_state(model)
+            written = dataclasses.replace(run, optimizer=fully_sharded.GatheredOptimizer(
+                fully_sharded.full_optimizer_state(model, run.optimizer)))
+            if not world.reporting:
+                return
+
+            def save_model(staging, _final):
+                model.save_pretrained(staging, state_dict=weights)
         write_epoch_checkpoint(reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer,
-                               run=run, epoch=epoch, global_step=global_step, losses=losses,
+                               run=written, epoch=epoch, global_step=global_step, losses=losses,
                                validation_loss=validation_loss, state={"lora": lora},
                                merge_base=merge_base if spec.save_merged and lora else None,
-                               token_metrics=token_metrics, keep=spec.keep_checkpoints)
+                               token_metrics=token_metrics, keep=spec.keep_checkpoints, save_model=save_model)
 
     # Not compiled over bitsandbytes' 4-bit layers: never tried here, and a failed compile would cost
     # minutes of a job for nothing.
     loop = EpochLoop(model=model, run=run, recipe=recipe, unit_lengths=unit_lengths, seed=seed, precision=precision,
-                     compiler=Compiler("off" if quantize_base else spec.compile),
-                     points=points if world.reporting else ResumePoints(None, every_seconds=None),
+                     compiler=Compiler("off" if quantize_base or parallel.sharded else spec.compile),
+                     # Sharded (FSDP2): no mid-epoch resume points (writing one would be a collective
+                     # at a moment only rank 0 knows); a lost or paused job resumes from its newest epoch.
+                     points=points if world.reporting and not parallel.sharded else ResumePoints(None, every_seconds=None),
                      reporter=reporter, stop=stop)
     return loop.train(step=step, end_epoch=end_epoch)
+
+
+def _sharded_optimizer_loader(model, reporter: Reporter):
+    """``prepare_optimization``'s ``load_optimizer`` for FSDP2: a saved full state into this rank's
+    shards; a one-process checkpoint's state (keyed by index) is skipped with a warning."""
+
+    def load(optimizer, state) -> bool:
+        loaded = fully_sharded.load_optimizer_state(model, optimizer, state)
+        if not loaded:
+            reporter.log("the checkpoint's optimizer state is a one-process job's: the optimizer's moments "
+                         "start afresh on the sharded job", level="warning")
+        return loaded
+
+    return load

@@ -202,9 +202,9 @@ class Launcher:
 
     def world_size(self) -> int:
         """How many ranks this job trains on: what its recipe asks for, else the operator's number,
-        never over it; one for the methods that train on one device."""
+        never over it; one for the methods that train on one device (GRPO)."""
         plan = self.job.plan
-        if plan is None or plan.recipe.method is not JobKind.SFT:
+        if plan is None or plan.recipe.method not in (JobKind.SFT, JobKind.DPO):
             return 1
         return max(1, min(plan.recipe.devices or self.config.devices_per_job, self.config.devices_per_job))
 

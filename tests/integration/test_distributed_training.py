@@ -1,7 +1,8 @@
 """One SFT job on two processes (gloo, CPU) under torch's launcher, started with the command the
 worker's launcher runs: the same loss curve as one process with the same global batch, a
 checkpoint of the same shape that loads with peft, every rank stopped by a cancel, and a rank
-killed ending the attempt at once instead of hanging."""
+killed ending the attempt at once instead of hanging. A DPO job on two ranks matches one process
+the same way (its loss, rewards and token accuracy)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_model_path,
         "world_size": 2, "backend": "gloo", "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
         "global_batch_size": 8}
     assert {e["event"]: e for e in one}["started"]["resources"]["global_batch_size"] == 8
+    assert resources["parallelism"] == "ddp"  # LoRA on several ranks: data parallel, not sharded
 
     def curve(events):
         return [(m["step"], m["loss"], m["tokens"]) for m in events if m["event"] == "metric"]
@@ -288,13 +290,30 @@ def test_the_devices_header_goes_into_the_recipe_capped_by_the_operator(client, 
                 for job in jobs] == ranks
 
 
-def test_only_supervised_fine_tuning_asks_for_several_devices():
+def test_a_dpo_job_takes_the_devices_header_too(client, services, tiny_model_path):
+    from posttrain.worker.launcher import Launcher
+    from tests.integration.test_api import dpo_request, register
+    from tests.worker_helpers import launch_config
+
+    register(client)
+    body = dpo_request(str(tiny_model_path), "toy")
+    assert client.post("/v1/post-training/preference-optimize", json=body, headers={HEADER: "2"}).status_code == 200
+    job = services.jobs.store.find(tenant="default", job_uuid=body["job_uuid"])
+    assert job.plan.recipe.devices == 2
+    assert Launcher(job=job, owner="w", store=services.jobs.store, config=launch_config(devices_per_job=4)
+                    ).world_size() == 2
+
+
+def test_only_supervised_fine_tuning_and_dpo_ask_for_several_devices():
     from posttrain.domain.recipes import build_recipe
     from posttrain.errors import RecipeInvalid
 
     assert build_recipe({"method": "sft", "devices": 4}).devices == 4
+    assert build_recipe({"method": "dpo", "dpo": {}, "adapter": {"architecture_defaults": True}, "devices": 2}).devices == 2
     with pytest.raises(RecipeInvalid, match="one device"):
-        build_recipe({"method": "dpo", "dpo": {}, "adapter": {"architecture_defaults": True}, "devices": 2})
+        build_recipe({"method": "grpo", "adapter": {"architecture_defaults": True}, "devices": 2, "grpo": {
+            "grader": {"type": "string_check", "name": "eq", "input": "{{sample.output_text}}",
+                       "reference": "{{item.answer}}", "operation": "eq"}}})
 
 
 def test_a_job_on_several_gpus_holds_that_many():
@@ -306,3 +325,39 @@ def test_a_job_on_several_gpus_holds_that_many():
     assert (first, second, pool.take(), pool.free()) == ("0,1", "2,3", None, 0)
     pool.give_back(first)
     assert pool.free() == 1 and pool.take() == "0,1"
+
+
+@pytest.mark.slow
+def test_dpo_on_two_ranks_matches_one_process_with_the_same_global_batch(tiny_model_path, tmp_path):
+    from tests.integration import test_dpo_trainer as dpo
+
+    def dpo_run(ranks: int, accumulate: int) -> list[dict]:
+        folder = tmp_path / f"dpo-{ranks}"
+        folder.mkdir()
+        spec = dpo.make_spec(folder, tiny_model_path, gradient_accumulation_steps=accumulate, dtype="fp32",
+                             n_epochs=2, max_steps_per_epoch=2)
+        events, code = finish(start(spec, folder, ranks=ranks))
+        assert code == 0, (folder / "stderr.txt").read_text()[-3000:]
+        return events
+
+    one, two = dpo_run(1, 2), dpo_run(2, 1)
+    assert [e["event"] for e in two if e["event"] != "log"] == [
+        "started", "metric", "metric", "checkpoint", "metric", "metric", "checkpoint", "completed"]
+    resources = {e["event"]: e for e in two}["started"]["resources"]
+    assert {key: resources[key] for key in ("world_size", "backend", "parallelism", "global_batch_size")} == {
+        "world_size": 2, "backend": "gloo", "parallelism": "ddp", "global_batch_size": 8}
+
+    def curve(events):
+        return [(m["step"], m["tokens"], m["loss"], m["reward_margin"], m["train_mean_token_accuracy"])
+                for m in events if m["event"] == "metric"]
+
+    assert [c[:2] for c in curve(two)] == [c[:2] for c in curve(one)]  # the same pairs each step
+    for key in (2, 3, 4):
+        assert [c[key] for c in curve(two)] == pytest.approx([c[key] for c in curve(one)], rel=1e-4, abs=1e-6)
+    # The second epoch's reference log-probs come from each rank's own cache, and still match. The
+    # first step starts at equal models (loss ln 2, no margin); the adapter then moves on both ranks.
+    assert curve(two)[0][2] == pytest.approx(0.693147, abs=1e-5) and abs(curve(two)[-1][3]) > 1e-4
+    checkpoints = [[e for e in run if e["event"] == "checkpoint"] for run in (one, two)]
+    for first, second in zip(*checkpoints, strict=True):
+        assert second["validation_loss"] == pytest.approx(first["validation_loss"], rel=1e-4)
+    assert sorted(p.name for p in (tmp_path / "dpo-2" / "out").iterdir()) == ["epoch_1", "epoch_2"]

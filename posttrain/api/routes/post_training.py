@@ -43,7 +43,8 @@ def supervised_fine_tune(body: SupervisedFineTuneRequest, jobs: JobServiceDep, t
 def preference_optimize(body: PreferenceOptimizeRequest, jobs: JobServiceDep, tenant: TenantDep,
                         request: Request) -> PostTrainingJob:
     """Run preference optimization (DPO)."""
-    submission = llama_stack_recipes.dpo_submission(body, _keep(request))
+    devices = llama_stack_recipes.devices_wanted(request.headers.get(llama_stack_recipes.DEVICES_HEADER))
+    submission = llama_stack_recipes.dpo_submission(body, _keep(request), devices)
     job = jobs.submit(tenant=tenant, submission=submission, request=body.model_dump(mode="json", exclude_unset=True),
                       search=llama_stack_recipes.search_config(body.hyperparam_search_config, submission))
     return PostTrainingJob(job_uuid=job.job_uuid)
