@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     gpus: list[str] | None = Field(default=None, description="GPU ids to run jobs on, one job per GPU (each trainer "
                                    "sees only its own through CUDA_VISIBLE_DEVICES); default: this process's "
                                    "CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists; none with device=cpu.")
-    devices_per_job: int = Field(default=1, ge=1, le=1024, description="Devices one SFT job trains on at most, data "
-                                 "parallel (DDP): that many GPUs of this machine (nccl), or on a CPU that many "
+    devices_per_job: int = Field(default=1, ge=1, le=1024, description="Devices one SFT or DPO job trains on at most "
+                                 "(LoRA and DPO data parallel, DDP; a full fine-tune sharded, FSDP2): that many GPUs of this machine (nccl), or on a CPU that many "
                                  "processes (gloo), started with torch.distributed.run; also each job's default. A "
                                  "job may ask for fewer (header X-Posttrain-Devices). With GPUs each job holds this "
                                  "many of them. 1: one process, as before.")
