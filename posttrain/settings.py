@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, description="Tries a job gets before a lost worker fails it for good.")
     max_search_trials: int = Field(default=32, ge=1, le=1000, description="The most trials one hyperparameter search "
                                    "(hyperparam_search_config.num_trials) may ask for; more is a 400.")
-    trainer_threads: int | None = Field(default=None, ge=1, description="CPU threads per trainer; default: OMP_NUM_THREADS when set, else all cores.")
+    trainer_threads: int | None = Field(default=None, ge=1, description="CPU threads per trainer; default: "
+                                                         "OMP_NUM_THREADS when set, else all cores.")
     warm_trainers: int = Field(default=1, ge=0, description="Trainer processes kept started, with torch imported, "
                                "while a slot is idle: the next job skips seconds of start-up. 0 turns this off.")
     save_merged_checkpoints: bool = Field(default=False, description="Also write each LoRA checkpoint merged into its "
@@ -86,7 +87,8 @@ class Settings(BaseSettings):
                                    "sees only its own through CUDA_VISIBLE_DEVICES); default: this process's "
                                    "CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists; none with device=cpu.")
     devices_per_job: int = Field(default=1, ge=1, le=1024, description="Devices one SFT or DPO job trains on at most "
-                                 "(LoRA and DPO data parallel, DDP; a full fine-tune sharded, FSDP2): that many GPUs of this machine (nccl), or on a CPU that many "
+                                 "(LoRA and DPO data parallel, DDP; a full fine-tune sharded, FSDP2): "
+                                 "that many GPUs of this machine (nccl), or on a CPU that many "
                                  "processes (gloo), started with torch.distributed.run; also each job's default. A "
                                  "job may ask for fewer (header X-Posttrain-Devices). With GPUs each job holds this "
                                  "many of them. 1: one process, as before.")
