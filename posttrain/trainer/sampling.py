@@ -10,6 +10,7 @@ loss scores), nothing after. Rows come out grouped: the ``num_generations`` comp
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,32 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+@contextlib.contextmanager
+def contiguous_head_input(model):
+    """The output head gets a contiguous input inside the context.
+
+    ``generate``'s first step applies the head to the last position only (``hidden[:, -1:]``, a
+    strided view of the prompt's hidden states). On a CPU, a bf16 linear over such a 3D view goes
+    through ``bmm`` with the head's weight expanded to every row and copied (rows x hidden x vocab
+    elements): that copy was most of a short generation's time with a bf16-weight base. The same
+    values made contiguous take the plain 2D matmul; the logits are unchanged."""
+    from posttrain.trainer.forward import base_model
+
+    head = base_model(model).get_output_embeddings()
+    if head is None:
+        yield
+        return
+
+    def make_contiguous(_module, args):
+        return (args[0].contiguous(), *args[1:]) if args else None
+
+    handle = head.register_forward_pre_hook(make_contiguous)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def sample(model, tokenizer, prompts: list[str], *, num_generations: int, temperature: float, top_p: float,
            max_new_tokens: int, device: str) -> Samples:
     """``num_generations`` sampled completions of each prompt (rendered text, special tokens
@@ -82,7 +109,7 @@ def sample(model, tokenizer, prompts: list[str], *, num_generations: int, temper
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contiguous_head_input(model):
             generated = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature,
                 top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
