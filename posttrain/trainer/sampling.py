@@ -10,9 +10,10 @@ loss scores), nothing after. Rows come out grouped: the ``num_generations`` comp
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
+
+from posttrain.trainer.forward import contiguous_head_input
 
 
 @dataclass
@@ -63,32 +64,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
-
-
-@contextlib.contextmanager
-def contiguous_head_input(model):
-    """The output head gets a contiguous input inside the context.
-
-    ``generate``'s first step applies the head to the last position only (``hidden[:, -1:]``, a
-    strided view of the prompt's hidden states). On a CPU, a bf16 linear over such a 3D view goes
-    through ``bmm`` with the head's weight expanded to every row and copied (rows x hidden x vocab
-    elements): that copy was most of a short generation's time with a bf16-weight base. The same
-    values made contiguous take the plain 2D matmul; the logits are unchanged."""
-    from posttrain.trainer.forward import base_model
-
-    head = base_model(model).get_output_embeddings()
-    if head is None:
-        yield
-        return
-
-    def make_contiguous(_module, args):
-        return (args[0].contiguous(), *args[1:]) if args else None
-
-    handle = head.register_forward_pre_hook(make_contiguous)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def sample(model, tokenizer, prompts: list[str], *, num_generations: int, temperature: float, top_p: float,
