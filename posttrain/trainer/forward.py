@@ -49,6 +49,31 @@ def plain_head_parts(model):
     return body, head
 
 
+@contextlib.contextmanager
+def contiguous_head_input(model):
+    """The output head gets a contiguous input inside the context (sampling, and the GRPO
+    log-probs that keep only the completion's logits).
+
+    ``generate``'s first step applies the head to the last position only (``hidden[:, -1:]``, a
+    strided view of the prompt's hidden states). On a CPU, a bf16 linear over such a 3D view goes
+    through ``bmm`` with the head's weight expanded to every row and copied (rows x hidden x vocab
+    elements): that copy was most of a short generation's time with a bf16-weight base. The same
+    values made contiguous take the plain 2D matmul; the logits are unchanged."""
+    head = base_model(model).get_output_embeddings()
+    if head is None:
+        yield
+        return
+
+    def make_contiguous(_module, args):
+        return (args[0].contiguous(), *args[1:]) if args else None
+
+    handle = head.register_forward_pre_hook(make_contiguous)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def model_inputs(model, batch, *, device: str) -> dict:
     """Forward kwargs: input ids plus, for padded batches, the 2D padding mask; for packed
     batches, per-row ``position_ids`` and the block-diagonal causal mask in the form the model's

@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from posttrain.trainer.forward import base_model, contiguous_head_input
+
 GrpoLossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 ScaleRewards = Literal["group", "batch", "none"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
@@ -57,7 +59,9 @@ def completion_logps_and_entropy(model, input_ids, attention_mask, completion_ma
     import torch
 
     keep = completion_mask.shape[1]
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    kwargs = {"logits_to_keep": keep + 1} if _keeps_logits(model) else {}
+    with contiguous_head_input(model):  # the kept positions are a strided view of the hidden states
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits = outputs.logits[:, -keep - 1 : -1, :].float() / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
     targets = input_ids[:, -keep:]
@@ -68,6 +72,14 @@ def completion_logps_and_entropy(model, input_ids, attention_mask, completion_ma
         return logps, None
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return logps, entropy.masked_fill(~mask, 0.0)
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (TRL's check): then the output head runs
+    on the completion's positions only, not on the prompt's, as TRL's log-probs do."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
 
 
 def _nanstd(values, dim=None):

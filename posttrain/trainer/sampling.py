@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from posttrain.trainer.forward import contiguous_head_input
+
 
 @dataclass
 class Samples:
@@ -82,7 +84,7 @@ def sample(model, tokenizer, prompts: list[str], *, num_generations: int, temper
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contiguous_head_input(model):
             generated = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature,
                 top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
