@@ -8,6 +8,7 @@ import pytest
 
 from posttrain.domain.recipes import DPOLoss, Optimizer
 from posttrain.trainer import adapters, dpo, loading, optimization
+from posttrain.trainer.data_parallel import DataParallel
 from posttrain.trainer.forward import base_model
 from posttrain.trainer.precision import Precision
 from posttrain.trainer.preference_data import encode_preference_rows
@@ -76,12 +77,14 @@ def _train(path, steps: list[list[int]], *, cached: bool) -> list[float]:
     optimizer = optimization.build_optimizer(model, Optimizer(optimizer_type="adamw", lr=1e-2))
     scheduler = optimization.build_scheduler(optimizer, warmup_steps=0, total_steps=3 * len(steps))
     cache = dpo.ReferenceLogps()
+    parallel = DataParallel(model, precision=PRECISION, compute=dpo._answer_logp_sums_and_hits)  # one process
     losses = []
     for _ in range(3):
         for indices in steps:
             means = dpo._train_step(model, [dpo._pair_batch(examples, indices, pad_id=pad_id)], config=CONFIG,
                                     optimizer=optimizer, scheduler=scheduler, scaler=None, precision=PRECISION,
-                                    stop=StopFlag(), reference_logps=cache if cached else dpo.ReferenceLogps())
+                                    stop=StopFlag(), reference_logps=cache if cached else dpo.ReferenceLogps(),
+                                    parallel=parallel)
             losses.append(means["loss"])
     return losses
 

@@ -9,7 +9,6 @@ import uuid
 import pytest
 
 from tests.integration.test_api import assert_problem, register
-from tests.integration.test_openai_api import keyed_client  # noqa: F401 - a fixture
 
 PATH = "/v1/posttrain/reinforcement-fine-tune"
 GRADER = {"type": "string_check", "name": "is_red", "input": "{{sample.output_text}}",
@@ -101,7 +100,7 @@ def test_unknown_dataset_and_missing_grader(client, services, tiny_model_path):
     assert services.jobs.list(tenant="default") == []
 
 
-def test_on_a_keyed_server_python_graders_are_refused_and_datasets_stay_the_tenants(keyed_client, tiny_model_path):  # noqa: F811
+def test_on_a_keyed_server_python_graders_are_refused_and_datasets_stay_the_tenants(keyed_client, tiny_model_path):
     from tests.integration.test_openai_api import ALICE, BOB, as_
 
     registered = keyed_client.post("/v1/datasets", headers=as_(ALICE), json={

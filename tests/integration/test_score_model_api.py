@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.integration.test_api import assert_problem
-from tests.integration.test_models_api import finished_job, keyed_client, trained_adapter  # noqa: F401
+from tests.integration.test_models_api import finished_job, trained_adapter  # noqa: F401
 from tests.integration.test_openai_api import ALICE, BOB, as_, assert_openai_error, create_job, upload
 from tests.integration.test_openai_reinforcement import RFT_LINES, _method
 from tests.integration.test_reinforcement_endpoint import PATH, ROWS, rft_request
