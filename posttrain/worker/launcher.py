@@ -59,7 +59,7 @@ from posttrain.domain.protocol import (
 from posttrain.domain.recipes import JobKind, TrainerSpec
 from posttrain.errors import LeaseLost, StoreUnavailable
 from posttrain.store.jobs import JobStore
-from posttrain.worker.warm import spawn_trainer, trainer_command
+from posttrain.worker.warm import log_tail, spawn_trainer, trainer_command
 
 log = logging.getLogger("posttrain.worker")
 
@@ -477,7 +477,7 @@ class Launcher:
             self.store.finish(**common, status=JobStatus.FAILED, error_code=terminal.code.value,
                               error_message=terminal.message or "training failed")
         else:
-            tail = _tail(stderr_path)
+            tail = log_tail(stderr_path)
             reason = f"trainer exited with code {code} before finishing" + (f": {tail}" if tail else "")
             self.store.release(**common, reason=reason)
 
@@ -519,11 +519,3 @@ def executor_command(config: LaunchConfig, spec: Path) -> list[str]:
     if config.ray_address:
         options += ["--address", config.ray_address]
     return trainer_command(config.python, 0, *options, str(spec), module="posttrain.worker.ray_driver")
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])[-500:]

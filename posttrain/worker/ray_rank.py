@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from posttrain.worker.warm import trainer_command
+from posttrain.worker.warm import log_tail, trainer_command
 
 #: How often a rank asks the relay whether the driver wants its trainer to stop or pause.
 POLL_SECONDS = 0.3
@@ -136,7 +136,7 @@ def rank_loop(config: dict[str, Any]) -> None:
     elif code == 0 or _rank_zero_decided(relay):
         return
     raise RuntimeError(f"trainer of rank {rank} ended with exit code {code} and {kind or 'no final event'}"
-                       f"{' (nobody asked it to stop)' if kind == 'cancelled' else ''}: {_tail(log_path)}")
+                       f"{' (nobody asked it to stop)' if kind == 'cancelled' else ''}: {log_tail(log_path)}")
 
 
 def _read(stream: IO[bytes], send: Callable[[list[str]], Any] | None, final: list[str]) -> None:
@@ -196,11 +196,3 @@ def _rank_zero_decided(relay: Any) -> bool:
             return True
         time.sleep(POLL_SECONDS)
     return False
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])[-500:]

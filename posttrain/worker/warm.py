@@ -87,3 +87,13 @@ class WarmPool:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def log_tail(path: Path, lines: int = 3) -> str:
+    """The last ``lines`` of a trainer's log on one line (at most 500 characters), for a failure's
+    message; empty when the log cannot be read."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])[-500:]
