@@ -124,7 +124,6 @@ class Scheduler:
         if self.warm is not None and free > 0 and not self._stop.is_set():
             self.warm.refill()  # an idle slot keeps a trainer warm for the next job
 
-
     def _drive(self, job: Job) -> None:
         """Run a claimed hyperparameter search's driver in a thread; it holds the search's lease."""
         driver = SearchDriver(job=job, owner=self.owner, store=self.store, lease_seconds=self.config.lease_seconds,
