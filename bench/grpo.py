@@ -364,7 +364,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         work = Path(tmp)
         model = colour_model(work, steps=args.sft_steps)
-        rows = write_rows(work / "grpo.jsonl", 64)
+        # One epoch holds every step of ours (TRL's sampler cycles its 64 rows).
+        rows = write_rows(work / "grpo.jsonl", max(64, (warmup + steps) * KNOBS["batch_prompts"]))
         print(f"{warmup} warm-up + {steps} measured steps a side; dtype {'bf16' if bf16 else 'fp32'}", flush=True)
         sides = {"ours": lambda: run_ours(work=work, model=model, rows=rows, warmup=warmup, steps=steps,
                                           threads=args.threads, dtype="bf16" if bf16 else "fp32"),

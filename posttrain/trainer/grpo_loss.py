@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from posttrain.trainer.forward import base_model, contiguous_head_input
+from posttrain.trainer.forward import attention_for_batch, base_model, contiguous_head_input
 
 GrpoLossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 ScaleRewards = Literal["group", "batch", "none"]
@@ -60,7 +60,10 @@ def completion_logps_and_entropy(model, input_ids, attention_mask, completion_ma
 
     keep = completion_mask.shape[1]
     kwargs = {"logits_to_keep": keep + 1} if _keeps_logits(model) else {}
-    with contiguous_head_input(model):  # the kept positions are a strided view of the hidden states
+    # The attention SFT and DPO train with (plain attention for short batches on a CPU, whose
+    # bf16 backward is several times faster than SDPA's there); the kept positions are a strided
+    # view of the hidden states, which the head gets contiguous.
+    with attention_for_batch(model, input_ids, device=input_ids.device.type), contiguous_head_input(model):
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits = outputs.logits[:, -keep - 1 : -1, :].float() / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
