@@ -69,7 +69,7 @@ def test_other_loggers_are_refused_and_leave_nothing(client, settings, tiny_mode
     assert list(settings.jobs_dir.iterdir()) == []
 
 
-def test_hyperparameter_search_is_still_refused(client, settings, tiny_model_path):
+def test_an_unknown_search_key_is_named_before_the_logger_is_looked_at(client, settings, tiny_model_path):
     register(client)
     body = lora_request(str(tiny_model_path), "toy", hyperparam_search_config={"trials": 4},
                         logger_config={"type": "tensorboard"})
