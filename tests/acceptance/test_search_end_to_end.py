@@ -24,7 +24,10 @@ pytestmark = pytest.mark.slow
 
 LR = "training_config.optimizer_config.lr"
 GOOD_LR, USELESS_LR = 1e-3, 1e-9
-EPOCHS, STEPS = 4, 4
+#: An epoch of 24 steps takes ~0.7 s on the tiny model, several of the driver's 0.2 s ticks, so the
+#: pruner sees a useless trial's first epoch before its last: at 4 steps (~0.12 s) a loaded machine
+#: let one run all four epochs between two ticks and be pruned only after its last.
+EPOCHS, STEPS = 4, 24
 #: The driver ticks and launchers renew this often, so a pruned trial stops within its next epoch.
 FAST = {"POSTTRAIN_HEARTBEAT_SECONDS": "0.2"}
 
