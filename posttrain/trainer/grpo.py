@@ -36,7 +36,7 @@ from posttrain.trainer import checkpoints
 from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import read_rows
 from posttrain.trainer.compiling import Compiler
-from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
+from posttrain.trainer.epoch_checkpoints import emit_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.grpo_loss import GrpoLossConfig, group_advantages
@@ -259,10 +259,9 @@ def run_grpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
                  "validation": {"validation_reward_mean": reward, "validation_completion_nll": nll},
                  "train_reward_mean": _mean(epoch_rewards)}
         epoch_rewards.clear()
-        write_epoch_checkpoint(reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer,
-                               run=run, epoch=epoch, global_step=global_step, losses=losses,
-                               validation_loss=-reward, nll_for_perplexity=nll, state=state, merge_base=None,
-                               keep=spec.keep_checkpoints)
+        prims.save(reporter, job_uuid=job_uuid, output_dir=output_dir, epoch=epoch, global_step=global_step,
+                   losses=losses, validation_loss=-reward, nll_for_perplexity=nll, state=state, merge_base=None,
+                   keep=spec.keep_checkpoints)
         reporter.log(f"epoch {epoch}: mean validation reward {reward:.4f}")
 
     loop = EpochLoop(model=model, run=run, recipe=recipe, unit_lengths=[len(p) for p in train_prompts], seed=seed,

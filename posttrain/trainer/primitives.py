@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.trainer import sampling
+from posttrain.trainer.epoch_checkpoints import write_epoch_checkpoint
 from posttrain.trainer.grpo_loss import GrpoLossConfig, completion_logps_and_entropy, grpo_loss
 from posttrain.trainer.optimization import Optimization, apply_gradients
 from posttrain.trainer.precision import Precision
+from posttrain.trainer.reporting import Reporter
 
 
 @dataclass
@@ -78,3 +80,9 @@ class Primitives:
 
     def zero_grad(self) -> None:
         self.run.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, reporter: Reporter, **checkpoint: Any) -> None:
+        """The epoch checkpoint of the policy as it stands, with its optimizer and schedule:
+        ``epoch_checkpoints.write_epoch_checkpoint``, the writer SFT and DPO use (``checkpoint``
+        holds its job, folder, epoch, step, losses and metrics)."""
+        write_epoch_checkpoint(reporter, model=self.model, tokenizer=self.tokenizer, run=self.run, **checkpoint)
