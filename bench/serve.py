@@ -4,7 +4,8 @@ For 1, 8 and 32 concurrent streams (each sending ``--requests`` requests one aft
 measures time to first token (p50/p99, from when the stream sent the request) and aggregate output
 tokens a second, for the worker (through ServingClient, a real worker process) and for the
 baseline (the same requests queued and run one by one with ``model.generate`` in this process).
-Then mixed-adapter batches (half the streams on adapter A, half on B) against one adapter.
+Then mixed-adapter batches (half the streams on adapter A, half on B) against one adapter, in
+alternating warm passes (the medians of ``ROUNDS`` of each).
 Ratios are against the baseline measured in the same run.
 
 Run: ``.venv/bin/python bench/serve.py --quick`` (a tiny model, a smoke run) or
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +31,10 @@ from posttrain.settings import Settings
 
 PROMPTS = ["The cat sees", "Tell me about the blue sea.", "Who has a red apple?", "One, two, three,",
            "The teacher writes a short story about", "Where is the brown box?", "A bird finds", "Hello!"]
+
+
+#: Alternating single- and mixed-adapter passes for their comparison.
+ROUNDS = 3
 
 
 def percentile(values, q):
@@ -170,11 +176,18 @@ def main() -> int:
                 rate = row(f"worker, {n} streams", result)
                 rates[n] = (rate, base_rate, percentile(result["ttft"], 0.99))
                 print(f"{'':<28} ratio worker/baseline: {rate / base_rate:.2f}x")
+            # Mixed against single adapter at one width: alternating warm passes, ROUNDS of each, so
+            # neither side is the first (or only) batch of its kind; the medians are compared.
             mixed_n = 8 if 8 in streams else streams[-1]
-            single = rates[mixed_n][0]
-            mixed = row(f"worker, {mixed_n} streams, A+B", asyncio.run(ours(client, [served_a, served_b], mixed_n,
-                                                                             requests, max_tokens)))
-            print(f"{'':<28} mixed/single adapter: {mixed / single:.2f}x")
+            asyncio.run(ours(client, [served_a, served_b], mixed_n, 1, 8))
+            singles, mixes = [], []
+            for _ in range(ROUNDS):
+                singles.append(row(f"worker, {mixed_n} streams, A", asyncio.run(
+                    ours(client, [served_a], mixed_n, requests, max_tokens))))
+                mixes.append(row(f"worker, {mixed_n} streams, A+B", asyncio.run(
+                    ours(client, [served_a, served_b], mixed_n, requests, max_tokens))))
+            single, mixed = statistics.median(singles), statistics.median(mixes)
+            print(f"{'':<28} mixed/single adapter (medians of {ROUNDS}): {mixed / single:.2f}x")
         finally:
             client.close()
     targets = []

@@ -7,27 +7,10 @@ second copy of the model in memory. With the plan's ``adapter`` (an SFT LoRA che
 is merged into the base first: the merged model is both the starting policy and the reference,
 and the checkpoints hold the two adapters stacked into one for the base (``dpo_checkpoint_layout``).
 
-Each micro-batch puts its B chosen and B rejected sequences through the model as ONE batch of 2B
-rows, padded to the longest; the summed log-probability of each answer's tokens gives
-
-    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
-
-and the loss types follow TRL's ``DPOTrainer.dpo_loss`` (trl/trainer/dpo_trainer.py, TRL <= 0.12;
-``kto_pair`` is the form TRL had before it was removed in favour of ``KTOTrainer``):
-
-- ``sigmoid`` (DPO, Rafailov et al. 2023): ``-logsigmoid(beta * logits)``
-- ``hinge`` (SLiC, Zhao et al. 2023): ``relu(1 - beta * logits)``
-- ``ipo`` (Azar et al. 2023, eq. 17): ``(logits - 1 / (2 * beta)) ** 2``, on length-averaged
-  log-probs, as TRL computes them for ipo
-- ``kto_pair`` (HALOs report, eq. 7): with ``chosen_KL``/``rejected_KL`` the batch means of the
-  policy/reference log-ratios clamped at 0, ``1 - sigmoid(beta * (chosen_logratios - rejected_KL))``
-  for the chosen half and ``1 - sigmoid(beta * (chosen_KL - rejected_logratios))`` for the rejected
-  half (2B losses).
-
-Rewards are TRL's implicit ones: ``beta * (policy - reference)`` log-probs of each answer. The loss
-of an optimizer step is the mean over its pairs, so gradient accumulation matches one large batch.
-The reference log-probs of a pair are computed the first time it is met and cached
-(``ReferenceLogps``): later epochs run the policy only.
+Each micro-batch puts its B chosen and B rejected sequences through the model as one batch of 2B
+rows; the loss and its rewards (TRL's formulas) are ``dpo_loss.py``'s, computed through the trainer
+primitives' ``forward_backward("dpo", ...)`` like SFT's cross-entropy and GRPO's loss. The loss of
+an optimizer step is the mean over its pairs, so gradient accumulation matches one large batch.
 
 On several ranks (``trainer/distributed.py``) DPO is data parallel like SFT's LoRA jobs: each
 optimizer step's micro-batches are shared out over the ranks (``distributed.shard``), the policy's
@@ -46,159 +29,25 @@ from typing import Any
 
 from posttrain.domain.protocol import Started
 from posttrain.domain.recipes import DPOLoss, JobPlan, Recipe, TrainerSpec
-from posttrain.trainer import checkpoints, distributed, forward
+from posttrain.trainer import checkpoints, distributed
 from posttrain.trainer.adapters import enable_activation_checkpointing, lora_model
 from posttrain.trainer.batching import length_grouped_batches, read_rows
 from posttrain.trainer.compiling import Compiler
 from posttrain.trainer.data_parallel import DataParallel
 from posttrain.trainer.dpo_checkpoint_layout import adapter_layout, resume_adapter
-from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
+from posttrain.trainer.dpo_loss import ChosenNLL, ReferenceLogps, answer_logp_sums_and_hits, pair_batch, pair_losses
+from posttrain.trainer.epoch_checkpoints import emit_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_preference_row
 from posttrain.trainer.loading import load_model
-from posttrain.trainer.optimization import apply_gradients, prepare_optimization
-from posttrain.trainer.precision import Precision
-from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows, pair_length
+from posttrain.trainer.optimization import prepare_optimization
+from posttrain.trainer.preference_data import encode_preference_rows, pair_length
+from posttrain.trainer.primitives import Primitives
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.run_setup import base_resources, batch_resources, set_up_run
 from posttrain.trainer.stacked_adapters import LoraWeights, capture
-
-
-def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, beta: float, loss_type: str):
-    """Per-example losses and the chosen/rejected rewards, as TRL's ``DPOTrainer.dpo_loss``.
-
-    Returns ``(losses, chosen_rewards, rejected_rewards)``; losses has B entries, or 2B for kto_pair.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    chosen_logratios = policy_chosen - reference_chosen
-    rejected_logratios = policy_rejected - reference_rejected
-    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * logits)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * logits)
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
-    elif loss_type == "kto_pair":
-        chosen_kl = chosen_logratios.mean().clamp(min=0)
-        rejected_kl = rejected_logratios.mean().clamp(min=0)
-        losses = torch.cat((1 - torch.sigmoid(beta * (chosen_logratios - rejected_kl)),
-                            1 - torch.sigmoid(beta * (chosen_kl - rejected_logratios))), 0)
-    else:
-        raise ValueError(f"unknown DPO loss type {loss_type!r}")
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-
-
-def _answer_logps(model, batch, *, precision: Precision, average: bool):
-    """Summed (or, with ``average``, mean) log-prob of each row's label tokens: shape [2B]."""
-    summed, tokens = _answer_logp_sums(model, batch, precision=precision)
-    return summed / tokens.clamp(min=1) if average else summed
-
-
-def _answer_logp_sums(model, batch, *, precision: Precision):
-    """Summed log-prob of each row's label tokens and how many there are: two tensors of shape [2B]."""
-    summed, tokens, _ = _answer_logp_sums_and_hits(model, batch, precision=precision)
-    return summed, tokens
-
-
-def _answer_logp_sums_and_hits(model, batch, *, precision: Precision):
-    """``_answer_logp_sums``, and how many of each row's label tokens the model predicts (argmax)."""
-    import torch
-
-    log_probs, rows, hits = forward.token_log_probs_and_hits(model, batch, precision=precision)
-    count = batch["input_ids"].shape[0]
-    summed = torch.zeros(count, device=log_probs.device).index_add(0, rows, log_probs)
-    return summed, torch.bincount(rows, minlength=count), torch.bincount(rows, weights=hits.float(), minlength=count)
-
-
-class ReferenceLogps:
-    """The reference model's answer log-probs for each preference pair, computed the first time the
-    pair is met and reused after.
-
-    The reference (the base with the adapter off) does not change while a job trains, so a pair's
-    reference log-probs are the same in every epoch: from the second epoch on, a step needs only
-    the policy's forward and backward (the reference forward is a third of a DPO step's FLOPs).
-    TRL offers the same as ``precompute_ref_log_probs``, as a pass over the whole dataset before
-    the first step; filling the cache as batches come keeps the first step immediate and costs
-    nothing for pairs a short job never meets. Two floats a pair; a resumed job starts empty.
-    """
-
-    def __init__(self) -> None:
-        self._pairs: dict[int, tuple[float, float]] = {}  # pair index -> (chosen, rejected)
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    def of(self, model, batch, *, precision, average: bool):
-        """``[2B]`` reference log-probs of ``batch`` (chosen then rejected), whose pairs are
-        ``batch["pair_ids"]`` (their indices in the dataset)."""
-        import torch
-
-        ids = batch["pair_ids"]
-        if all(i in self._pairs for i in ids):
-            chosen, rejected = zip(*(self._pairs[i] for i in ids), strict=True)
-            return torch.tensor(chosen + rejected, dtype=torch.float32, device=precision.device)
-        with torch.no_grad(), model.disable_adapter():
-            reference = _answer_logps(model, batch, precision=precision, average=average)
-        self._pairs.update(zip(ids, zip(reference[: len(ids)].tolist(), reference[len(ids):].tolist(), strict=True),
-                               strict=True))
-        return reference
-
-
-def _pair_batch(examples: list[dict], indices: list[int], *, pad_id: int) -> dict:
-    """The batch of the pairs ``indices``, which it records for the reference cache."""
-    return {**collate_pairs([examples[i] for i in indices], pad_id=pad_id), "pair_ids": list(indices)}
-
-
-def _pair_losses(model, batch, *, config: DPOLoss, precision, reference_logps: ReferenceLogps,
-                 chosen_nll: ChosenNLL | None = None, policy=None):
-    """Reference log-probs (adapter off, no grad; cached per pair), then the policy's, then TRL's loss.
-    With ``chosen_nll``, the policy's log-probs of the chosen answers are added to it too.
-    ``policy(batch)``: the policy's ``_answer_logp_sums_and_hits`` (through DDP on several ranks)."""
-    average = config.loss_type == "ipo"
-    pairs = batch["pairs"]
-    reference = reference_logps.of(model, batch, precision=precision, average=average)
-    if policy is None:
-        summed, tokens, hits = _answer_logp_sums_and_hits(model, batch, precision=precision)
-    else:
-        summed, tokens, hits = policy(batch)
-    policy = summed / tokens.clamp(min=1) if average else summed
-    if chosen_nll is not None:
-        chosen_nll.add(summed[:pairs], tokens[:pairs], hits[:pairs])
-    return dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta=config.beta,
-                    loss_type=config.loss_type)
-
-
-class ChosenNLL:
-    """The policy's negative log-likelihood of the chosen answers' tokens, summed over a validation
-    pass: ``mean`` per token is what a DPO checkpoint's ``perplexity`` is exp of (the language-model
-    perplexity of the answers the job teaches the model to prefer). ``accuracy``: the fraction of
-    those tokens that are the policy's most likely next token, DPO's ``*_mean_token_accuracy``."""
-
-    def __init__(self) -> None:
-        self.nll = 0.0
-        self.tokens = 0
-        self.hits = 0
-
-    def add(self, summed_logps, tokens, hits) -> None:
-        self.nll -= float(summed_logps.detach().sum())
-        self.tokens += int(tokens.sum())
-        self.hits += int(hits.sum())
-
-    def summed_over_ranks(self) -> None:
-        """Every rank's sums added together (a no-op in one process)."""
-        nll, tokens, hits = distributed.all_reduce_sum([self.nll, self.tokens, self.hits])
-        self.nll, self.tokens, self.hits = nll, int(tokens), int(hits)
-
-    def mean(self) -> float:
-        return self.nll / self.tokens if self.tokens else math.nan
-
-    def accuracy(self) -> float:
-        return self.hits / self.tokens if self.tokens else math.nan
 
 
 class _Totals:
@@ -229,33 +78,27 @@ class _Totals:
                 "rejected_reward": self.rejected / n}
 
 
-def _train_step(model, micro_batches, *, config, optimizer, scheduler, scaler, precision, stop: StopFlag,
-                reference_logps: ReferenceLogps, parallel: DataParallel, weights: list[float] | None = None):
+def _train_step(prims: Primitives, micro_batches, *, config: DPOLoss, stop: StopFlag,
+                reference_logps: ReferenceLogps, weights: list[float] | None = None):
     """One optimizer step over this rank's micro-batches; returns the step's mean metrics over the
     whole global batch (every rank's), or None when stopped between micro-batches (one process only:
     ranks stop together at step boundaries). ``weights`` 0 marks a stand-in batch of a rank with no
     share of a short last step: it runs only so the rank joins DDP's gradient sync."""
-    import contextlib
-
-    model.train()
     weights = weights or [1.0] * len(micro_batches)
     total_pairs = max(1.0, distributed.all_reduce_sum(
         [sum(w * b["pairs"] for w, b in zip(weights, micro_batches, strict=True))])[0])
     totals, chosen_tokens = _Totals(), ChosenNLL()
+    one_process = prims.parallel is None or not prims.parallel.world.distributed
     for index, (batch, weight) in enumerate(zip(micro_batches, weights, strict=True)):
-        if index and not parallel.world.distributed and stop.is_set():
-            optimizer.zero_grad(set_to_none=True)
+        if index and one_process and stop.is_set():
+            prims.zero_grad()
             return None
-        last = index == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else parallel.no_sync():
-            losses, chosen, rejected = _pair_losses(
-                model, batch, config=config, precision=precision, reference_logps=reference_logps,
-                chosen_nll=chosen_tokens if weight else None, policy=parallel.label_logits)
-            loss = losses.mean() * (weight * batch["pairs"] * parallel.loss_scale / total_pairs)
-            (scaler.scale(loss) if scaler else loss).backward()
+        losses, chosen, rejected = prims.forward_backward(
+            "dpo", batch, sync=index == len(micro_batches) - 1, weight=weight, total_pairs=total_pairs, config=config,
+            reference_logps=reference_logps, chosen_nll=chosen_tokens if weight else None)
         if weight:
             totals.add(losses, chosen, rejected)
-    apply_gradients(model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    prims.optim_step()
     totals.summed_over_ranks()
     chosen_tokens.summed_over_ranks()
     return {**totals.means(), "train_mean_token_accuracy": chosen_tokens.accuracy()}
@@ -275,8 +118,8 @@ def _evaluate(model, examples, *, config: DPOLoss, recipe: Recipe, pad_id: int, 
     totals, chosen_nll = _Totals(), ChosenNLL()
     with torch.no_grad():
         for indices in batches:
-            batch = _pair_batch(examples, indices, pad_id=pad_id)
-            totals.add(*_pair_losses(model, batch, config=config, precision=precision,
+            batch = pair_batch(examples, indices, pad_id=pad_id)
+            totals.add(*pair_losses(model, batch, config=config, precision=precision,
                                      reference_logps=reference_logps, chosen_nll=chosen_nll))
     if not totals.pairs:
         return {"loss": math.nan, "chosen_nll": math.nan, "chosen_token_accuracy": math.nan}
@@ -355,7 +198,7 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
         enable_activation_checkpointing(model)
 
     world = distributed.world()
-    parallel = DataParallel(model, precision=precision, compute=_answer_logp_sums_and_hits)
+    parallel = DataParallel(model, precision=precision, compute=answer_logp_sums_and_hits)
     run = prepare_optimization(model, recipe=recipe, micro_batches=math.ceil(len(train) / recipe.data.batch_size),
                                precision=precision, resume_folder=resume, world_size=world.size)
 
@@ -386,14 +229,13 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     validation_reference = train_reference if validation is train else ReferenceLogps()
 
     epoch_accuracies: list[float] = []  # this epoch's steps run by this process
+    prims = Primitives(model=model, tokenizer=tokenizer, run=run, precision=precision, parallel=parallel)
 
     def step(group: list[list[int]]) -> StepResult | None:
         share = distributed.shard(group)  # every rank's share of the global batch, in one process's order
-        micro = [_pair_batch(train, indices, pad_id=pad_id) for indices in share or group[:1]]
+        micro = [pair_batch(train, indices, pad_id=pad_id) for indices in share or group[:1]]
         weights = None if share else [0.0]
-        means = _train_step(model, micro, config=dpo, optimizer=run.optimizer, scheduler=run.scheduler,
-                            scaler=run.scaler, precision=precision, stop=stop, reference_logps=train_reference,
-                            parallel=parallel, weights=weights)
+        means = _train_step(prims, micro, config=dpo, stop=stop, reference_logps=train_reference, weights=weights)
         if means is None:
             return None
         loss = means.pop("loss")
@@ -412,10 +254,9 @@ def run_dpo(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
         if epoch_accuracies:
             token_metrics["train_mean_token_accuracy"] = sum(epoch_accuracies) / len(epoch_accuracies)
         epoch_accuracies.clear()
-        write_epoch_checkpoint(
-            reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer, run=run,
-            epoch=epoch, global_step=global_step, losses=losses, validation_loss=evaluation["loss"],
-            nll_for_perplexity=evaluation["chosen_nll"],
+        prims.save(
+            reporter, job_uuid=job_uuid, output_dir=output_dir, epoch=epoch, global_step=global_step, losses=losses,
+            validation_loss=evaluation["loss"], nll_for_perplexity=evaluation["chosen_nll"],
             state={"lora": True, "method": "dpo", "loss_type": dpo.loss_type, "beta": dpo.beta,
                    "merged_adapter": plan.adapter, **layout.state,
                    "validation": {f"validation_{k}": v for k, v in evaluation.items() if k != "loss"}},

@@ -13,7 +13,6 @@ padding, applying the output head only at label positions, and the fused Adam(W)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -33,13 +32,14 @@ from posttrain.trainer.batching import (
 )
 from posttrain.trainer.compiling import Compiler
 from posttrain.trainer.data_parallel import DataParallel
-from posttrain.trainer.epoch_checkpoints import emit_checkpoint, write_epoch_checkpoint
+from posttrain.trainer.epoch_checkpoints import emit_checkpoint
 from posttrain.trainer.epochs import EpochLoop, StepResult
 from posttrain.trainer.errors import TrainerConfigError
 from posttrain.trainer.formats import normalize_sft_row
 from posttrain.trainer.loading import BASE_QUANTIZATION, load_merge_base, load_model, quantized_layers
-from posttrain.trainer.optimization import apply_gradients, prepare_optimization
+from posttrain.trainer.optimization import prepare_optimization
 from posttrain.trainer.precision import Precision
+from posttrain.trainer.primitives import Primitives
 from posttrain.trainer.reporting import Reporter, StopFlag
 from posttrain.trainer.resume_points import ResumePoints, resume_source
 from posttrain.trainer.run_setup import base_resources, batch_resources, set_up_run
@@ -65,34 +65,27 @@ def _loss_sum_and_hits(model, batch, *, precision: Precision):
     return F.cross_entropy(logits, targets, reduction="sum"), correct
 
 
-def _train_step(model, micro_batches, *, optimizer, scheduler, scaler, precision, stop: StopFlag,
-                parallel: DataParallel, weights: list[float] | None = None):
+def _train_step(prims: Primitives, micro_batches, *, stop: StopFlag, weights: list[float] | None = None):
     """One optimizer step over this rank's micro-batches: ``(loss, token accuracy, token counts)``
     over the label tokens of the whole global batch (every rank's); None when stopped between
     micro-batches (one process only: ranks stop together at step boundaries). ``weights`` 0 marks a
     stand-in batch of a rank with no share of a short last step: it runs only so the rank joins
     DDP's gradient sync, and counts for nothing."""
-    import torch.nn.functional as F
-
-    model.train()
     weights = weights or [1.0] * len(micro_batches)
     counts = distributed.all_reduce_sum([sum(w * b[key] for w, b in zip(weights, micro_batches, strict=True))
                                          for key in ("label_tokens", "real_tokens", "total_tokens")])
     label_tokens = max(1.0, counts[0])
     total, correct = 0.0, 0.0
+    one_process = prims.parallel is None or not prims.parallel.world.distributed
     for index, (batch, weight) in enumerate(zip(micro_batches, weights, strict=True)):
-        if index and not parallel.world.distributed and stop.is_set():
-            optimizer.zero_grad(set_to_none=True)
+        if index and one_process and stop.is_set():
+            prims.zero_grad()
             return None
-        last = index == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else parallel.no_sync():
-            logits, targets, _ = parallel.label_logits(batch)
-            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-            loss = loss_sum * (weight * parallel.loss_scale) / label_tokens
-            (scaler.scale(loss) if scaler else loss).backward()
-        total += weight * float(loss_sum.detach())
-        correct += weight * int((logits.detach().argmax(dim=-1) == targets).sum())
-    apply_gradients(model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        loss_sum, hits = prims.forward_backward("cross_entropy", batch, sync=index == len(micro_batches) - 1,
+                                                weight=weight, label_tokens=label_tokens)
+        total += weight * loss_sum
+        correct += weight * hits
+    prims.optim_step()
     total, correct = distributed.all_reduce_sum([total, correct])
     return total / label_tokens, correct / label_tokens, counts
 
@@ -224,14 +217,14 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
     # batch's loss and accuracy every ``valid_every`` steps (cycling through them) and, at each
     # checkpoint, those of the whole validation set (``full_valid_*``).
     valid_every = max(1, run.total_steps // VALIDATION_POINTS)
+    prims = Primitives(model=model, tokenizer=tokenizer, run=run, precision=precision, parallel=parallel)
     steps_done = [run.global_step]
     epoch_accuracies: list[float] = []  # this epoch's steps run by this process
 
     def step(group: list[list[int]]) -> StepResult | None:
         share = distributed.shard(group)  # every rank's share of the global batch, in one process's order
         micro = [make_batch(indices) for indices in share or group[:1]]
-        result = _train_step(model, micro, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
-                             precision=precision, stop=stop, parallel=parallel, weights=None if share else [0.0])
+        result = _train_step(prims, micro, stop=stop, weights=None if share else [0.0])
         if result is None:
             return None
         loss, accuracy, counts = result
@@ -273,11 +266,10 @@ def run_sft(*, spec: TrainerSpec, reporter: Reporter, stop: StopFlag) -> str:
 
             def save_model(staging, _final):
                 model.save_pretrained(staging, state_dict=weights)
-        write_epoch_checkpoint(reporter, job_uuid=job_uuid, output_dir=output_dir, model=model, tokenizer=tokenizer,
-                               run=written, epoch=epoch, global_step=global_step, losses=losses,
-                               validation_loss=validation_loss, state={"lora": lora},
-                               merge_base=merge_base if spec.save_merged and lora else None,
-                               token_metrics=token_metrics, keep=spec.keep_checkpoints, save_model=save_model)
+        prims.save(reporter, run=written, job_uuid=job_uuid, output_dir=output_dir, epoch=epoch, global_step=global_step,
+                   losses=losses, validation_loss=validation_loss, state={"lora": lora},
+                   merge_base=merge_base if spec.save_merged and lora else None, token_metrics=token_metrics,
+                   keep=spec.keep_checkpoints, save_model=save_model)
 
     # Not compiled over bitsandbytes' 4-bit layers: never tried here, and a failed compile would cost
     # minutes of a job for nothing.

@@ -118,14 +118,14 @@ def _margins(model, tokenizer) -> list[float]:
     """Summed log p(chosen) - log p(rejected) per toy row, under ``model``."""
     import torch
 
-    from posttrain.trainer.dpo import _answer_logps
+    from posttrain.trainer.dpo_loss import answer_logps
     from posttrain.trainer.precision import Precision
     from posttrain.trainer.preference_data import collate_pairs, encode_preference_rows
 
     examples = encode_preference_rows(preference_rows(), tokenizer=tokenizer, max_length=512)
     batch = collate_pairs(examples, pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
-        logps = _answer_logps(model.eval(), batch, precision=Precision("cpu", "fp32", "fp32"), average=False)
+        logps = answer_logps(model.eval(), batch, precision=Precision("cpu", "fp32", "fp32"), average=False)
     return (logps[: len(examples)] - logps[len(examples):]).tolist()
 
 
@@ -134,7 +134,7 @@ def test_loss_formulas_match_trl():
     """Hand-computed values of TRL's formulas (policy/reference summed log-probs of two pairs)."""
     import torch
 
-    from posttrain.trainer.dpo import dpo_loss
+    from posttrain.trainer.dpo_loss import dpo_loss
 
     def sigmoid(x: float) -> float:
         return 1 / (1 + math.exp(-x))
