@@ -76,8 +76,14 @@ class Batch:
                 model.set_adapter(name)
                 self.base.active_adapter = name
             out = model(**kwargs)
-        else:
-            out = model(**kwargs, adapter_names=[row.adapter for row in self.rows])
+        else:  # several adapters: stacked (mixed_lora), or through peft's per-adapter split
+            adapters = [row.adapter for row in self.rows]
+            stacks = self.base.mixed_lora()
+            if stacks is None:
+                out = model(**kwargs, adapter_names=adapters)
+            else:
+                with stacks.applied(model, adapters):
+                    out = model(**kwargs)
         return out.logits[:, -1, :].float()
 
 

@@ -2,9 +2,11 @@
 
 A base is loaded once, however many adapters of it are served: peft's ``load_adapter`` adds each
 adapter's LoRA layers to the same base under its own name, and a batch picks per row which one to
-apply (``adapter_names``). A full fine-tune is a folder of complete weights, so it is a base of its
-own. What is used least recently goes first when something new would exceed the budget (bytes of
-parameters); what a running batch uses is pinned and never evicted.
+apply (one adapter: peft's own path; several: ``mixed_lora``'s stacks, or peft's ``adapter_names``).
+The stacks copy the adapters' LoRA weights and count in the budget. A full fine-tune is a folder of
+complete weights, so it is a base of its own. What is used least recently goes first when something
+new would exceed the budget (bytes of parameters); what a running batch uses is pinned and never
+evicted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from posttrain.serving.mixed_lora import MixedLora
 
 log = logging.getLogger("posttrain.serving")
 
@@ -41,10 +45,27 @@ class Base:
     eos_ids: frozenset[int] = frozenset()
     active_adapter: str | None = None  #: the peft adapter set active (used when a batch has one adapter only)
     cache_argument: str = "cache"  #: what the model's forward calls its KV cache (older models: past_key_values)
+    #: The stacked LoRA weights of the adapters named in ``_stacked_for`` (``mixed_lora``), or None.
+    _stacks: MixedLora | None = None
+    _stacked_for: tuple[str, ...] | None = None
 
     @property
     def is_peft(self) -> bool:
         return hasattr(self.model, "peft_config")
+
+    def mixed_lora(self) -> MixedLora | None:
+        """Every loaded adapter's LoRA weights stacked for mixed-adapter batches (built on the
+        first mixed batch after an adapter came or went), or None where peft's own path serves."""
+        names = tuple(self.adapters.values())
+        if self._stacked_for != names:
+            self._stacks = None  # the old stacks go before the new ones are built
+            self._stacks = MixedLora.of(self.model, list(names)) if self.is_peft else None
+            self._stacked_for = names
+        return self._stacks
+
+    @property
+    def stack_bytes(self) -> int:
+        return self._stacks.bytes if self._stacks is not None else 0
 
 
 def _parameter_bytes(tensors: Any) -> int:
@@ -81,7 +102,7 @@ class ModelStore:
     # -- accounting -------------------------------------------------------------------------------
     @property
     def used_bytes(self) -> int:
-        return sum(b.bytes + sum(b.adapter_bytes.values()) for b in self._bases.values())
+        return sum(b.bytes + sum(b.adapter_bytes.values()) + b.stack_bytes for b in self._bases.values())
 
     def stats(self) -> dict[str, Any]:
         return {
