@@ -142,6 +142,21 @@ class LiveServer:
     def post(self, path: str, **kwargs) -> httpx.Response:
         return httpx.post(self.base_url + path, timeout=30, **kwargs)
 
+    def job_status(self, job_uuid: str) -> dict:
+        """The job's Llama Stack status body (``GET /v1/post-training/job/status``)."""
+        return self.get("/v1/post-training/job/status", params={"job_uuid": job_uuid}).json()
+
+    def wait_for_job(self, job_uuid: str, predicate, *, timeout: float = 120, poll: float = 0.2) -> dict:
+        """The job's status once ``predicate(status)`` holds; AssertionError with the last one after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        status: dict = {}
+        while time.monotonic() < deadline:
+            status = self.job_status(job_uuid)
+            if predicate(status):
+                return status
+            time.sleep(poll)
+        raise AssertionError(f"timed out after {timeout} s; last status {status}")
+
 
 def start_server(home: Path, tiny_model_path: Path, *, extra_env: dict[str, str] | None = None) -> LiveServer:
     port = free_port()

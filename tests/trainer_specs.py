@@ -3,11 +3,15 @@ request's terms (``training_config``, ``algorithm_config``, ``logger_config``) b
 paths and the worker's switches, a "draft". ``typed_spec_file`` turns a draft into the real
 ``TrainerSpec`` file through the real Llama Stack door (``api/llama_stack_recipes.py``), so a
 trainer test also checks that what a client sends becomes the recipe the trainer reads.
+``finish`` reads a started trainer's events to its end.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +83,23 @@ def typed_spec_file(draft_path: Path) -> Path:
     typed = draft_path.with_name(draft_path.stem + ".typed.json")
     typed.write_text(typed_spec(draft).model_dump_json(indent=2))
     return typed
+
+
+def finish(proc: subprocess.Popen, *, timeout: float = 90, kill: Callable[[], None] | None = None,
+           ) -> tuple[list[dict], int]:
+    """Read every event (each stdout line must be JSON) with stdin still open, then reap; past
+    ``timeout`` the trainer is killed (``kill``: how, e.g. its whole process group; default
+    ``proc.kill``).
+
+    Not ``communicate()``: it closes stdin first, which the trainer rightly takes as "stop".
+    """
+    killer = threading.Timer(timeout, kill or proc.kill)
+    killer.start()
+    try:
+        out = proc.stdout.read()
+        code = proc.wait()
+    finally:
+        killer.cancel()
+        proc.stdin.close()
+        proc.stdout.close()
+    return [json.loads(line) for line in out.splitlines()], code

@@ -16,20 +16,6 @@ from tests.integration.test_api import lora_request
 pytestmark = pytest.mark.slow
 
 
-def _status(server, job_uuid: str) -> dict:
-    return server.get("/v1/post-training/job/status", params={"job_uuid": job_uuid}).json()
-
-
-def _wait(server, job_uuid: str, predicate, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = _status(server, job_uuid)
-        if predicate(status):
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"timed out; last status {status}")
-
-
 #: Long enough that a kill right after the first checkpoint lands mid-job even on a fast, idle machine
 #: (the job takes several seconds after its first epoch), short enough for the suite.
 LONG_EPOCHS = 10
@@ -51,7 +37,7 @@ def _events(server, job_uuid: str) -> list[dict]:
 
 
 def _assert_resumed_and_complete(server, job_uuid: str) -> None:
-    final = _wait(server, job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=180)
+    final = server.wait_for_job(job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=180)
     assert final["status"] == "completed", final
     assert [c["epoch"] for c in final["checkpoints"]] == list(range(1, LONG_EPOCHS + 1))
     assert len({c["identifier"] for c in final["checkpoints"]}) == LONG_EPOCHS
@@ -75,7 +61,7 @@ def test_killed_trainer_is_requeued_and_resumes(tmp_path, tiny_model_path):
     server = start_server(tmp_path, tiny_model_path, extra_env={"POSTTRAIN_WARM_TRAINERS": "0"})
     try:
         job_uuid = _submit_long_job(server)
-        running = _wait(server, job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"])
+        running = server.wait_for_job(job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"])
         os.kill(running["resources_allocated"]["pid"], signal.SIGKILL)
         _assert_resumed_and_complete(server, job_uuid)
         states = [e["data"] for e in _events(server, job_uuid) if e["type"] == "state"]
@@ -89,7 +75,7 @@ def test_killed_server_restarts_and_the_job_resumes(tmp_path, tiny_model_path):
     job_uuid = _submit_long_job(server)
     waiting = lora_request(str(tiny_model_path), "colours")
     assert server.post("/v1/post-training/supervised-fine-tune", json=waiting).status_code == 200
-    running = _wait(server, job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"])
+    running = server.wait_for_job(job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"])
     trainer_pid = running["resources_allocated"]["pid"]
     server.process.send_signal(signal.SIGKILL)
     server.process.wait()
@@ -111,7 +97,7 @@ def test_killed_server_restarts_and_the_job_resumes(tmp_path, tiny_model_path):
         assert restarted.get("/v1/datasets/colours").status_code == 200
         _assert_resumed_and_complete(restarted, job_uuid)
         # The job that was waiting still runs.
-        assert _wait(restarted, waiting["job_uuid"], lambda s: s["status"] == "completed", timeout=120)
+        assert restarted.wait_for_job(waiting["job_uuid"], lambda s: s["status"] == "completed", timeout=120)
     finally:
         stop_server(restarted)
 
@@ -137,9 +123,9 @@ def test_trainer_killed_mid_epoch_resumes_from_its_resume_point(tmp_path, tiny_m
             metrics = [e for e in _events(server, job_uuid) if e["type"] == "metric"]
             return bool(metrics) and metrics[-1]["data"]["step"] >= 3
 
-        running = _wait(server, job_uuid, step_three_or_later)
+        running = server.wait_for_job(job_uuid, step_three_or_later)
         os.kill(running["resources_allocated"]["pid"], signal.SIGKILL)
-        final = _wait(server, job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=180)
+        final = server.wait_for_job(job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=180)
         assert final["status"] == "completed", final
         assert [c["epoch"] for c in final["checkpoints"]] == [1]
 

@@ -99,10 +99,6 @@ def _submit(server, dataset_id: str, *, n_epochs: int, max_steps_per_epoch: int)
     return body["job_uuid"]
 
 
-def _status(server, job_uuid: str) -> str:
-    return server.get("/v1/post-training/job/status", params={"job_uuid": job_uuid}).json()["status"]
-
-
 def _points(page) -> int:
     return int(page.get_attribute("#train-curve", "data-points") or 0)
 
@@ -185,11 +181,11 @@ def test_watch_a_long_job_live_then_cancel_it_from_its_page(server, colours, pag
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#cancel")
     page.wait_for_function("() => document.getElementById('status').textContent === 'cancelled'", timeout=15_000)
-    assert _status(server, job_uuid) == "cancelled"
+    assert server.job_status(job_uuid)["status"] == "cancelled"
     assert page.is_disabled("#cancel")
     page.wait_for_function("() => document.getElementById('log').textContent.includes('status cancelled')")
     time.sleep(2)
-    assert _status(server, job_uuid) == "cancelled" and page.inner_text("#status") == "cancelled"
+    assert server.job_status(job_uuid)["status"] == "cancelled" and page.inner_text("#status") == "cancelled"
     total = server.get("/v1/posttrain/jobs").json()["data"][0]
     assert total["job_uuid"] == job_uuid and total["status"] == "cancelled" and total["step"] < 1600
 
@@ -296,7 +292,7 @@ def test_pause_and_resume_a_running_job_from_its_page(server, colours, page):
 
     page.click("#pause")
     page.wait_for_function("() => document.getElementById('status').textContent === 'paused'", timeout=30_000)
-    assert _own_status(server, job_uuid) == "paused" and _status(server, job_uuid) == "scheduled"  # spec's view
+    assert _own_status(server, job_uuid) == "paused" and server.job_status(job_uuid)["status"] == "scheduled"  # spec's view
     assert page.is_visible("#resume") and not page.is_visible("#pause") and not page.is_disabled("#cancel")
     paused_at = _points(page)
 
@@ -319,8 +315,8 @@ def test_a_reinforcement_jobs_page_draws_its_reward_curve_next_to_the_loss(serve
                        grpo={"num_generations": 2, "max_completion_length": 4, "eval_interval": 1, "eval_samples": 1})
     body["training_config"]["data_config"]["validation_dataset_id"] = "rft-ui"
     assert server.post(PATH, json=body).status_code == 200
-    _wait(lambda: _status(server, body["job_uuid"]) in TERMINAL, 300, "the reinforcement job to end")
-    assert _status(server, body["job_uuid"]) == "completed"
+    _wait(lambda: server.job_status(body["job_uuid"])["status"] in TERMINAL, 300, "the reinforcement job to end")
+    assert server.job_status(body["job_uuid"])["status"] == "completed"
     page.goto(server.base_url + f"/ui/jobs/{body['job_uuid']}")
     _wait(lambda: page.get_attribute("#reward-curve", "data-points") == "2", 20, "both steps on the reward curve")
     assert page.is_visible("#reward-section") and page.get_attribute("#valid-reward-curve", "data-points") == "2"

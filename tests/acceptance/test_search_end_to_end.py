@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -30,21 +29,6 @@ GOOD_LR, USELESS_LR = 1e-3, 1e-9
 EPOCHS, STEPS = 4, 24
 #: The driver ticks and launchers renew this often, so a pruned trial stops within its next epoch.
 FAST = {"POSTTRAIN_HEARTBEAT_SECONDS": "0.2"}
-
-
-def _status(server, job_uuid: str) -> dict:
-    return server.get("/v1/post-training/job/status", params={"job_uuid": job_uuid}).json()
-
-
-def _wait(server, job_uuid: str, predicate, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    status: dict = {}
-    while time.monotonic() < deadline:
-        status = _status(server, job_uuid)
-        if predicate(status):
-            return status
-        time.sleep(0.3)
-    raise AssertionError(f"timed out; last status {status}")
 
 
 def _search(seed: int) -> dict:
@@ -88,12 +72,12 @@ def test_a_search_prunes_survives_a_server_kill_and_beats_the_default(tmp_path, 
         trial_names = [f"{parent}.trial-{n}" for n in range(4)]
 
         # Kill the server once the search has queued trials and trial 0 is part-trained.
-        _wait(server, trial_names[0], lambda s: s["status"] == "in_progress" and s["checkpoints"])
-        assert _status(server, parent)["status"] == "in_progress"
+        server.wait_for_job(trial_names[0], lambda s: s["status"] == "in_progress" and s["checkpoints"], timeout=600)
+        assert server.job_status(parent)["status"] == "in_progress"
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
         restarted = start_server(tmp_path, tiny_model_path, extra_env=FAST)
-        final = _wait(restarted, parent, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=900)
+        final = restarted.wait_for_job(parent, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=900)
         assert final["status"] == "completed", final
 
         listed = [j["job_uuid"] for j in restarted.get("/v1/post-training/jobs").json()["data"]]
@@ -105,16 +89,16 @@ def test_a_search_prunes_survives_a_server_kill_and_beats_the_default(tmp_path, 
         assert useless and all(t["status"] == "pruned" for t in useless), summary
         assert all(len(t["epochs"]) < EPOCHS for t in useless), "pruned early, before its last epoch"
         for trial in useless:
-            status = _status(restarted, trial["job_uuid"])
+            status = restarted.job_status(trial["job_uuid"])
             assert status["status"] == "cancelled"
         best = summary["best"]
         assert best["params"][LR] == GOOD_LR and by_name[best["job_uuid"]]["status"] == "completed"
         # The search's checkpoints are its best trial's.
-        best_status = _status(restarted, best["job_uuid"])
+        best_status = restarted.job_status(best["job_uuid"])
         assert [c["identifier"] for c in final["checkpoints"]] == [c["identifier"] for c in best_status["checkpoints"]]
         assert final["checkpoints"][-1]["path"].startswith(os.path.dirname(best_status["checkpoints"][-1]["path"]))
 
-        default_final = _wait(restarted, default["job_uuid"], lambda s: s["status"] == "completed")
+        default_final = restarted.wait_for_job(default["job_uuid"], lambda s: s["status"] == "completed", timeout=600)
         default_loss = default_final["checkpoints"][-1]["training_metrics"]["validation_loss"]
         assert best["metric"] <= default_loss * (1 + 1e-4) + 1e-6, (best, default_loss)
     finally:

@@ -19,6 +19,7 @@ import pytest
 
 from posttrain.worker.launcher import rank_pids, ranks_command
 from tests.integration.test_trainer_process import make_spec, with_spec_keys
+from tests.trainer_specs import finish as finish_trainer
 from tests.trainer_specs import typed_spec_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,16 +34,8 @@ def start(spec: Path, folder: Path, *, ranks: int) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, *, timeout: float = 120) -> tuple[list[dict], int]:
-    killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    killer.start()
-    try:
-        out = proc.stdout.read()
-        code = proc.wait()
-    finally:
-        killer.cancel()
-        proc.stdin.close()
-        proc.stdout.close()
-    return [json.loads(line) for line in out.splitlines()], code
+    """``trainer_specs.finish`` for a launcher of ranks: past ``timeout`` its whole process group is killed."""
+    return finish_trainer(proc, timeout=timeout, kill=lambda: os.killpg(proc.pid, signal.SIGKILL))
 
 
 def trained(tmp_path: Path, model: Path, *, ranks: int, accumulate: int, **training) -> list[dict]:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from tests.conftest import cpu_dtype_for_bf16
 from tests.fixtures_tiny import build_tiny_model
-from tests.trainer_specs import typed_spec_file
+from tests.trainer_specs import finish, typed_spec_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -82,20 +81,6 @@ def start(spec: Path, tmp_path: Path) -> subprocess.Popen:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
     stderr.close()
     return proc
-
-
-def finish(proc: subprocess.Popen, *, timeout: float = 90) -> tuple[list[dict], int]:
-    """Read every event with stdin still open (closing it means "stop"), then reap."""
-    killer = threading.Timer(timeout, proc.kill)
-    killer.start()
-    try:
-        out = proc.stdout.read()
-        code = proc.wait()
-    finally:
-        killer.cancel()
-        proc.stdin.close()
-        proc.stdout.close()
-    return [json.loads(line) for line in out.splitlines()], code
 
 
 def run(spec: Path, tmp_path: Path) -> tuple[list[dict], int]:

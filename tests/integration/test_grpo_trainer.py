@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 from posttrain.domain.recipes import JobPlan, TrainerSpec, build_recipe
 from tests.fixtures_tiny import build_tiny_model
+from tests.trainer_specs import finish
 
 pytestmark = [
     pytest.mark.slow,
@@ -73,21 +73,8 @@ def _start(spec: Path, tmp_path: Path) -> subprocess.Popen:
     return proc
 
 
-def _finish(proc: subprocess.Popen, *, timeout: float = 400) -> tuple[list[dict], int]:
-    killer = threading.Timer(timeout, proc.kill)
-    killer.start()
-    try:
-        out = proc.stdout.read()
-        code = proc.wait()
-    finally:
-        killer.cancel()
-        proc.stdin.close()
-        proc.stdout.close()
-    return [json.loads(line) for line in out.splitlines()], code
-
-
 def _run(spec: Path, tmp_path: Path) -> list[dict]:
-    events, code = _finish(_start(spec, tmp_path))
+    events, code = finish(_start(spec, tmp_path), timeout=400)
     assert code == 0, (tmp_path / f"{spec.stem}-stderr.txt").read_text()[-3000:]
     return events
 
@@ -215,7 +202,7 @@ def test_pause_writes_a_resume_point_and_the_job_continues_from_it(colour_model,
         seen.append(json.loads(line))
         if seen[-1]["event"] == "metric" and seen[-1]["step"] == 1:
             os.kill(proc.pid, signal.SIGUSR1)
-    events, code = _finish(proc)
+    events, code = finish(proc, timeout=400)
     events = seen + events
     assert code == 0 and events[-1]["event"] == "paused", events[-3:]
     paused = events[-1]

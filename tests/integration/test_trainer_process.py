@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from tests.conftest import cpu_dtype_for_bf16
 from tests.fixtures_tiny import build_tiny_model
-from tests.trainer_specs import typed_spec_file
+from tests.trainer_specs import finish, typed_spec_file
 
 pytestmark = [
     pytest.mark.slow,
@@ -84,23 +83,6 @@ def start(spec: Path, tmp_path: Path) -> subprocess.Popen:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
     stderr.close()
     return proc
-
-
-def finish(proc: subprocess.Popen, *, timeout: float = 90) -> tuple[list[dict], int]:
-    """Read every event (each stdout line must be JSON) with stdin still open, then reap.
-
-    Not ``communicate()``: it closes stdin first, which the trainer rightly takes as "stop".
-    """
-    killer = threading.Timer(timeout, proc.kill)
-    killer.start()
-    try:
-        out = proc.stdout.read()
-        code = proc.wait()
-    finally:
-        killer.cancel()
-        proc.stdin.close()
-        proc.stdout.close()
-    return [json.loads(line) for line in out.splitlines()], code
 
 
 def run(spec: Path, tmp_path: Path) -> tuple[list[dict], int]:
