@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.serving.models import BASE_ROWS, Base
+from posttrain.serving.models import BASE_ROWS, MIXED_ROWS, Base
 from posttrain.serving.text import TextStream
 
 
@@ -82,7 +82,10 @@ class Batch:
             if stacks is None:
                 out = model(**kwargs, adapter_names=adapters)
             else:
-                with stacks.applied(model, adapters):
+                if self.base.active_adapter != MIXED_ROWS:
+                    stacks.silence_peft()
+                    self.base.active_adapter = MIXED_ROWS  # the one-adapter path sets its adapter again
+                with stacks.applied(adapters):
                     out = model(**kwargs)
         return out.logits[:, -1, :].float()
 

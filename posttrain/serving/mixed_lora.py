@@ -32,12 +32,21 @@ class _Layer:
 
 
 class MixedLora:
-    """The stacks of every adapter loaded on one base, and the hooks that apply them per row."""
+    """The stacks of every adapter loaded on one base, and the hooks that apply them per row.
+
+    The hooks stay on the LoRA layers while the stacks live (``close`` takes them off) and add
+    nothing outside ``applied``: entering and leaving peft's own switches every step cost a decode
+    step of the bench model ~15 ms (they walk every module), so a mixed batch instead turns peft's
+    adapters off once (``silence_peft``) and the engine's single-adapter path turns its adapter back
+    on when it next runs (``Base.active_adapter``).
+    """
 
     def __init__(self, layers: list[_Layer], slots: dict[str, int]) -> None:
         self.layers = layers
         #: peft adapter name -> its slot; any other name (the base's rows) gets slot 0, all zeros.
         self.slots = slots
+        self._index: Any = None  #: the rows' slots while ``applied``
+        self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in layers]
 
     @classmethod
     def of(cls, model: Any, names: list[str]) -> MixedLora | None:
@@ -77,28 +86,40 @@ class MixedLora:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.a, layer.b))
 
+    def silence_peft(self) -> None:
+        """peft's LoRA layers compute their base alone (no active adapter), until its ``set_adapter``."""
+        for layer in self.layers:
+            layer.module.set_adapter([])
+
     @contextlib.contextmanager
-    def applied(self, model: Any, adapters: list[str]) -> Iterator[None]:
-        """Inside: ``model``'s forward computes row ``i`` with adapter ``adapters[i]`` (a peft
-        name, or any other name for the base alone)."""
+    def applied(self, adapters: list[str]) -> Iterator[None]:
+        """Inside: row ``i`` gets adapter ``adapters[i]`` (a peft name, or any other name for the
+        base alone) added by the hooks; peft's adapters must be silenced (``silence_peft``)."""
         import torch
 
         device = self.layers[0].a.device if self.layers else None
-        index = torch.tensor([self.slots.get(name, 0) for name in adapters], dtype=torch.long, device=device)
-
-        def hook(layer: _Layer) -> Callable[[Any, tuple[Any, ...], Any], Any]:
-            def add_delta(_module: Any, args: tuple[Any, ...], output: Any) -> Any:
-                x = args[0]
-                rows = x.reshape(len(adapters), -1, x.shape[-1]).to(layer.a.dtype)
-                low = torch.bmm(rows, layer.a.index_select(0, index).transpose(1, 2))
-                delta = torch.bmm(low, layer.b.index_select(0, index).transpose(1, 2))
-                return output + delta.reshape(output.shape).to(output.dtype)
-            return add_delta
-
-        handles = [layer.module.register_forward_hook(hook(layer)) for layer in self.layers]
+        self._index = torch.tensor([self.slots.get(name, 0) for name in adapters], dtype=torch.long, device=device)
         try:
-            with model.disable_adapter():
-                yield
+            yield
         finally:
-            for handle in handles:
-                handle.remove()
+            self._index = None
+
+    def close(self) -> None:
+        """Take the hooks off the layers (the stacks are then garbage)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, layer: _Layer) -> Callable[[Any, tuple[Any, ...], Any], Any]:
+        def add_delta(_module: Any, args: tuple[Any, ...], output: Any) -> Any:
+            index = self._index
+            if index is None:
+                return None  # outside ``applied``: the layer's own output stands
+            import torch
+
+            x = args[0]
+            rows = x.reshape(index.shape[0], -1, x.shape[-1]).to(layer.a.dtype)
+            low = torch.bmm(rows, layer.a.index_select(0, index).transpose(1, 2))
+            delta = torch.bmm(low, layer.b.index_select(0, index).transpose(1, 2))
+            return output + delta.reshape(output.shape).to(output.dtype)
+        return add_delta

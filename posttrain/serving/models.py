@@ -23,6 +23,8 @@ from posttrain.serving.mixed_lora import MixedLora
 log = logging.getLogger("posttrain.serving")
 
 BASE_ROWS = "__base__"  #: peft's adapter name for rows that use the base alone
+#: ``Base.active_adapter`` while peft's adapters are silenced for stacked mixed batches (``mixed_lora``).
+MIXED_ROWS = "__mixed__"
 
 
 class ModelUnloadable(Exception):
@@ -58,10 +60,15 @@ class Base:
         first mixed batch after an adapter came or went), or None where peft's own path serves."""
         names = tuple(self.adapters.values())
         if self._stacked_for != names:
-            self._stacks = None  # the old stacks go before the new ones are built
+            self.drop_stacks()  # the old stacks go before the new ones are built
             self._stacks = MixedLora.of(self.model, list(names)) if self.is_peft else None
             self._stacked_for = names
         return self._stacks
+
+    def drop_stacks(self) -> None:
+        if self._stacks is not None:
+            self._stacks.close()
+        self._stacks, self._stacked_for = None, None
 
     @property
     def stack_bytes(self) -> int:
@@ -201,6 +208,7 @@ class ModelStore:
         except Exception as exc:  # a broken adapter is the client's error, not the worker's
             raise ModelUnloadable(f"cannot load the adapter at {path} onto {base.path}: {exc}") from exc
         base.model.eval()
+        base.drop_stacks()
         base.active_adapter = None  # loading may change which adapter is active
         size = _parameter_bytes(p for n, p in base.model.named_parameters() if f".{name}." in n)
         base.adapters[path] = name
@@ -235,6 +243,7 @@ class ModelStore:
         base = self._bases[base_path]
         name = base.adapters.pop(path)
         base.adapter_bytes.pop(path, None)
+        base.drop_stacks()
         base.active_adapter = None
         if base.adapters:
             base.model.delete_adapter(name)

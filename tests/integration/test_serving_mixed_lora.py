@@ -1,6 +1,7 @@
 """Mixed-adapter batches through stacked LoRA weights (``posttrain.serving.mixed_lora``) give the
 logits peft's own mixed batches (``adapter_names``) give: rows of two adapters of different ranks
-and targets, a base row, left padding, a prefill and a cached decode step. A base with a LoRA
+and targets, a base row, left padding, a prefill and a cached decode step; outside a mixed batch,
+once peft's ``set_adapter`` has run, the model is peft's again. A base with a LoRA
 variant peft alone computes (DoRA) gets no stacks."""
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def _prefill_and_one_step(model, adapters: list[str], *, stacks: MixedLora | Non
     ids, mask, positions = _left_padded([[5, 9, 14, 3, 8], [7, 2], [11, 4, 6], [3, 3, 12, 9]])
     cache = DynamicCache(config=model.config)
     extra = {} if stacks is not None else {"adapter_names": adapters}
-    mixing = stacks.applied(model, adapters) if stacks is not None else contextlib.nullcontext()
+    if stacks is not None:
+        stacks.silence_peft()
+    mixing = stacks.applied(adapters) if stacks is not None else contextlib.nullcontext()
     with torch.no_grad(), mixing:
         first = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                       use_cache=True, **extra).logits[:, -1]
@@ -93,13 +96,15 @@ def test_stacked_mixed_batches_give_peft_s_logits(tmp_path_factory):
     # The adapters matter, so the equality is of three different computations.
     assert not torch.allclose(peft_first[0], peft_first[2], atol=1e-3)
     assert not torch.allclose(peft_first[1], peft_first[2], atol=1e-3)
-    # Outside ``applied`` the model is peft's again: its active adapter, no hooks left.
+    # Outside ``applied``, once peft's set_adapter has run, the model is peft's again (the hooks add nothing).
     model.set_adapter("b")
     with torch.no_grad():
         ids, mask, _ = _left_padded([[5, 9, 14]])
         again = model(input_ids=ids, attention_mask=mask).logits[:, -1]
         expected = model(input_ids=ids, attention_mask=mask, adapter_names=["b"]).logits[:, -1]
     torch.testing.assert_close(again, expected)
+    stacks.close()
+    assert all(not layer.module._forward_hooks for layer in stacks.layers)
 
 
 def test_a_dora_adapter_gets_no_stacks(tmp_path_factory):
