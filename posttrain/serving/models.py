@@ -113,7 +113,8 @@ class ModelStore:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "bases": [{"path": b.path, "bytes": b.bytes, "loads": b.loads} for b in self._bases.values()],
+            "bases": [{"path": b.path, "bytes": b.bytes, "loads": b.loads, "stack_bytes": b.stack_bytes}
+                      for b in self._bases.values()],
             "adapters": [{"path": a, "base_path": b.path, "bytes": b.adapter_bytes[a]}
                          for b in self._bases.values() for a in b.adapters],
             "base_loads_total": self.base_loads_total,

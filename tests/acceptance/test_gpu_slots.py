@@ -9,7 +9,6 @@ import json
 import pytest
 
 from posttrain.demo import colour_rows
-from tests.acceptance.test_crash_recovery import _status, _wait
 from tests.conftest import start_server, stop_server
 from tests.integration.test_api import lora_request
 
@@ -30,19 +29,19 @@ def test_each_running_job_holds_one_gpu(tmp_path, tiny_model_path):
             jobs.append(body["job_uuid"])
 
         def running() -> dict[str, str]:
-            statuses = {j: _status(server, j) for j in jobs}
+            statuses = {j: server.job_status(j) for j in jobs}
             return {j: s["resources_allocated"].get("cuda_visible_devices") for j, s in statuses.items()
                     if s["status"] == "in_progress" and s.get("resources_allocated")}
 
-        _wait(server, jobs[0], lambda _: len(running()) == 2, timeout=120)
+        server.wait_for_job(jobs[0], lambda _: len(running()) == 2, timeout=120)
         holders = running()
         assert sorted(holders.values()) == ["7", "8"]
         (waiting,) = set(jobs) - set(holders)
-        assert _status(server, waiting)["status"] == "scheduled", "a third job ran with no GPU free"
+        assert server.job_status(waiting)["status"] == "scheduled", "a third job ran with no GPU free"
 
         released, gpu = next(iter(holders.items()))
         assert server.post("/v1/post-training/job/cancel", json={"job_uuid": released}).status_code == 200
-        _wait(server, waiting, lambda s: s["status"] == "in_progress" and s.get("resources_allocated"), timeout=120)
+        server.wait_for_job(waiting, lambda s: s["status"] == "in_progress" and s.get("resources_allocated"), timeout=120)
         assert running()[waiting] == gpu
     finally:
         for job in jobs:

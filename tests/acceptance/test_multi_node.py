@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.acceptance.test_crash_recovery import _assert_resumed_and_complete, _submit_long_job, _wait
+from tests.acceptance.test_crash_recovery import _assert_resumed_and_complete, _submit_long_job
 from tests.conftest import POSTGRES_URL, REPO, fresh_postgres_database, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -48,7 +48,7 @@ def _cluster_on(url, request, tmp_path, tiny_model_path):
 
 
 def _kill_worker_mid_job(server, worker, job_uuid: str) -> None:
-    running = _wait(server, job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"])
+    running = server.wait_for_job(job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"])
     trainer = running["resources_allocated"]["pid"]
     worker.send_signal(signal.SIGKILL)
     worker.wait()
@@ -65,7 +65,7 @@ def _kill_worker_mid_job(server, worker, job_uuid: str) -> None:
 def test_killed_worker_job_resumes_on_another_worker(cluster):
     server, start_worker = cluster
     job_uuid = _submit_long_job(server)
-    assert _wait(server, job_uuid, lambda s: True)["status"] == "scheduled"  # the API alone never trains
+    assert server.wait_for_job(job_uuid, lambda s: True)["status"] == "scheduled"  # the API alone never trains
     first = start_worker()
     _kill_worker_mid_job(server, first, job_uuid)
     start_worker()
@@ -78,7 +78,7 @@ def test_job_out_of_attempts_fails_with_the_reason(cluster):
     job_uuid = _submit_long_job(server)
     _kill_worker_mid_job(server, start_worker(), job_uuid)
     start_worker()  # its reaper finds the expired lease
-    failed = _wait(server, job_uuid, lambda s: s["status"] == "failed", timeout=60)
+    failed = server.wait_for_job(job_uuid, lambda s: s["status"] == "failed", timeout=60)
     assert failed["checkpoints"], "the checkpoints written before the loss are kept"
     events = server.get("/v1/post-training/job/events", params={"job_uuid": job_uuid}).json()["data"]
     (reason,) = [e["data"] for e in events if e["type"] == "state" and e["data"]["status"] == "failed"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.demo import colour_rows
-from tests.acceptance.test_crash_recovery import _events, _status, _wait
+from tests.acceptance.test_crash_recovery import _events
 from tests.conftest import REPO, free_port, start_server, stop_server
 from tests.integration.test_api import lora_request
 
@@ -173,7 +173,7 @@ def _spec_of(pid: int, home: Path) -> bool:
 
 def test_job_on_ray_completes_with_checkpoints_in_its_folder(ray_server):
     job_uuid = _submit(ray_server, epochs=2)
-    final = _wait(ray_server, job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=400)
+    final = ray_server.wait_for_job(job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=400)
     assert final["status"] == "completed", final
     assert [c["epoch"] for c in final["checkpoints"]] == [1, 2]
     resources = final["resources_allocated"]
@@ -191,7 +191,7 @@ def test_job_on_ray_completes_with_checkpoints_in_its_folder(ray_server):
 @pytest.mark.parametrize("ray_server", [{"POSTTRAIN_RAY_WORKERS": "2"}], indirect=True)
 def test_job_on_two_ray_workers_completes_as_one_data_parallel_job(ray_server):
     job_uuid = _submit(ray_server, epochs=2)
-    final = _wait(ray_server, job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=400)
+    final = ray_server.wait_for_job(job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=400)
     assert final["status"] == "completed", final
     assert [c["epoch"] for c in final["checkpoints"]] == [1, 2]
     resources = final["resources_allocated"]
@@ -202,15 +202,15 @@ def test_job_on_two_ray_workers_completes_as_one_data_parallel_job(ray_server):
 
 def test_cancel_stops_the_ray_job(ray_server):
     job_uuid = _submit(ray_server, epochs=50)
-    _wait(ray_server, job_uuid, lambda s: s["status"] == "in_progress" and _ray_workers(s), timeout=300)
+    ray_server.wait_for_job(job_uuid, lambda s: s["status"] == "in_progress" and _ray_workers(s), timeout=300)
     assert _trainers_running(ray_server), "the rank's trainer runs on the cluster"
     assert ray_server.post("/v1/post-training/job/cancel", json={"job_uuid": job_uuid}).status_code == 200
-    assert _wait(ray_server, job_uuid, lambda s: s["status"] == "cancelled", timeout=30)["status"] == "cancelled"
+    assert ray_server.wait_for_job(job_uuid, lambda s: s["status"] == "cancelled", timeout=30)["status"] == "cancelled"
     deadline = time.monotonic() + 30
     while _trainers_running(ray_server) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _trainers_running(ray_server), "every rank's trainer stops on cancel"
-    assert len(_status(ray_server, job_uuid)["checkpoints"]) < 50
+    assert len(ray_server.job_status(job_uuid)["checkpoints"]) < 50
 
 
 def _trainers_running(server) -> list[int]:
@@ -219,11 +219,11 @@ def _trainers_running(server) -> list[int]:
 
 def test_killed_ray_worker_resumes_the_job_from_its_newest_checkpoint(ray_server):
     job_uuid = _submit(ray_server, epochs=EPOCHS)
-    running = _wait(ray_server, job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"]
+    running = ray_server.wait_for_job(job_uuid, lambda s: s["status"] == "in_progress" and s["checkpoints"]
                     and _ray_workers(s), timeout=300)
     (rank0,) = _ray_workers(running)
     os.kill(rank0["pid"], signal.SIGKILL)  # the Ray Train worker process of rank 0, and with it its trainer
-    final = _wait(ray_server, job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=400)
+    final = ray_server.wait_for_job(job_uuid, lambda s: s["status"] in ("completed", "failed", "cancelled"), timeout=400)
     assert final["status"] == "completed", final
     assert [c["epoch"] for c in final["checkpoints"]] == list(range(1, EPOCHS + 1))
     assert final["resources_allocated"]["ray"]["group_starts"] == 2
@@ -244,8 +244,8 @@ def _seq_of_second(events: list[dict]) -> int:
 
 def test_pause_reaches_the_trainer_on_ray_and_parks_the_job(ray_server):
     job_uuid = _submit(ray_server, epochs=50)
-    _wait(ray_server, job_uuid, lambda s: s["status"] == "in_progress" and _ray_workers(s), timeout=300)
-    _wait(ray_server, job_uuid, lambda _: any(e["type"] == "metric" for e in _events(ray_server, job_uuid)), timeout=120)
+    ray_server.wait_for_job(job_uuid, lambda s: s["status"] == "in_progress" and _ray_workers(s), timeout=300)
+    ray_server.wait_for_job(job_uuid, lambda _: any(e["type"] == "metric" for e in _events(ray_server, job_uuid)), timeout=120)
     assert ray_server.post(f"/v1/posttrain/jobs/{job_uuid}/pause").status_code == 200
     deadline = time.monotonic() + 60
     while _own_status(ray_server, job_uuid) != "paused":  # the Llama Stack status shows no ``paused``

@@ -195,7 +195,8 @@ def test_a_judge_folder_swapped_after_submit_fails_the_job_unread(tiny_model_pat
     import shutil
 
     from posttrain.domain.pins import pin_folder
-    from tests.integration.test_grpo_trainer import _finish, _start
+    from tests.integration.test_grpo_trainer import _start
+    from tests.trainer_specs import finish
 
     copy = Path(shutil.copytree(number_judge, tmp_path / "judge")).resolve()
     pin = pin_folder(copy, role="judge_model", within=(str(copy),))
@@ -212,7 +213,7 @@ def test_a_judge_folder_swapped_after_submit_fails_the_job_unread(tiny_model_pat
                    train_rows_path=str(rows), pins=(pin,), judges=(judge_of(copy),))
     spec = tmp_path / "spec.json"
     spec.write_text(TrainerSpec(job_uuid="swapped", plan=plan, device="cpu", threads=1, compile="off").model_dump_json())
-    events, _ = _finish(_start(spec, tmp_path))
+    events, _ = finish(_start(spec, tmp_path), timeout=400)
     failed = events[-1]
     assert failed["event"] == "failed" and failed["code"] == "path_changed", events[-3:]
     assert "the judge model's folder" in failed["message"] and not any(e["event"] == "metric" for e in events)

@@ -142,5 +142,7 @@ def test_two_trained_adapters_answer_their_own_mappings_from_one_batch_on_one_ba
     assert all(a["base_path"] == tiny["path"] for a in stats["adapters"]), stats
     weights = (tiny_model_path / "model.safetensors").stat().st_size
     assert weights * 0.9 < tiny["bytes"] < weights * 1.1, (tiny, weights)  # one copy of the weights
-    resident = sum(b["bytes"] for b in stats["bases"]) + sum(a["bytes"] for a in stats["adapters"])
+    resident = (sum(b["bytes"] + b["stack_bytes"] for b in stats["bases"])  # stacks: the mixed batch's LoRA weights
+                + sum(a["bytes"] for a in stats["adapters"]))
+    assert tiny["stack_bytes"] > 0, stats
     assert stats["memory_bytes"] == resident, stats
