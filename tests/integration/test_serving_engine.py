@@ -29,14 +29,15 @@ from tests.fixtures_tiny import build_tiny_gpt2, build_tiny_model
 pytestmark = pytest.mark.slow
 
 
-def make_adapter(base_path, folder, seed):
+def make_adapter(base_path, folder, seed, *, rank=8, alpha=64, targets=("q_proj", "v_proj", "o_proj"), dora=False):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_path)
-    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+                        use_dora=dora)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

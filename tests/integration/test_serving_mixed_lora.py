@@ -10,26 +10,11 @@ import pytest
 
 from posttrain.serving.mixed_lora import MixedLora
 from tests.fixtures_tiny import build_tiny_model
+from tests.integration.test_serving_engine import make_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 BASE_ROW = "__base__"
-
-
-def _adapter(base_path, folder, *, seed: int, rank: int, targets: list[str], dora: bool = False):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path), LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False, use_dora=dora))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    return folder
 
 
 def _served(base_path, adapters: dict[str, object]):
@@ -82,8 +67,8 @@ def test_stacked_mixed_batches_give_peft_s_logits(tmp_path_factory):
     base = build_tiny_model(tmp_path_factory)
     folder = tmp_path_factory.mktemp("mixed-lora")
     model = _served(base, {
-        "a": _adapter(base, folder / "a", seed=1, rank=4, targets=["q_proj", "v_proj"]),
-        "b": _adapter(base, folder / "b", seed=2, rank=8, targets=["q_proj", "k_proj", "o_proj"]),
+        "a": make_adapter(base, folder / "a", 1, rank=4, alpha=8, targets=["q_proj", "v_proj"]),
+        "b": make_adapter(base, folder / "b", 2, rank=8, alpha=16, targets=["q_proj", "k_proj", "o_proj"]),
     })
     rows = ["a", "b", BASE_ROW, "a"]
     stacks = MixedLora.of(model, ["a", "b"])
@@ -111,8 +96,8 @@ def test_a_dora_adapter_gets_no_stacks(tmp_path_factory):
     base = build_tiny_model(tmp_path_factory)
     folder = tmp_path_factory.mktemp("mixed-dora")
     model = _served(base, {
-        "a": _adapter(base, folder / "a", seed=1, rank=4, targets=["q_proj", "v_proj"]),
-        "d": _adapter(base, folder / "d", seed=3, rank=4, targets=["q_proj", "v_proj"], dora=True),
+        "a": make_adapter(base, folder / "a", 1, rank=4, alpha=8, targets=["q_proj", "v_proj"]),
+        "d": make_adapter(base, folder / "d", 3, rank=4, alpha=8, targets=["q_proj", "v_proj"], dora=True),
     })
     assert MixedLora.of(model, ["a", "d"]) is None
     assert MixedLora.of(model, ["a"]) is not None  # a plain adapter of the same base is stacked
