@@ -9,7 +9,8 @@ alternating warm passes (the medians of ``ROUNDS`` of each).
 Ratios are against the baseline measured in the same run.
 
 Run: ``.venv/bin/python bench/serve.py --quick`` (a tiny model, a smoke run) or
-``.venv/bin/python bench/serve.py --model PATH [--adapter PATH]`` on a quiet machine.
+``.venv/bin/python bench/serve.py --model PATH [--adapter PATH]`` on a quiet machine; with
+``--engine vllm --serve-python .venv-vllm/bin/python`` the worker runs vLLM (``scripts/setup-vllm-venv``).
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=None, help="requests per stream")
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads, for both sides")
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                        help="the worker's engine (vllm: with --serve-python, e.g. .venv-vllm/bin/python)")
+    parser.add_argument("--serve-python", type=Path, default=None, help="the worker's interpreter")
     args = parser.parse_args()
     max_tokens = args.max_tokens or (16 if args.quick else 128)
     requests = args.requests or (1 if args.quick else 4)
@@ -162,7 +166,8 @@ def main() -> int:
                                owned_by="system", created=0)
         served_b = ServedModel(id="b", base_path=str(base), adapter_path=str(adapter_b), tokenizer_path=str(base),
                                owned_by="system", created=0)
-        client = ServingClient(Settings(home=folder / "home", serve_threads=args.threads))
+        client = ServingClient(Settings(home=folder / "home", serve_threads=args.threads, serve_engine=args.engine,
+                                        serve_python=args.serve_python, serve_start_timeout_seconds=600))
         try:
             asyncio.run(ours(client, [served_a, served_b], 2, 1, 4))  # start the worker, load base and adapters
             print(f"{'':<28} {'TTFT p50':>9} {'TTFT p99':>9} {'tokens/s':>10}   (ms, ms, output tokens a second)")

@@ -184,6 +184,15 @@ class Settings(BaseSettings):
                                    "which new ones are refused as overloaded.")
     serve_threads: int | None = Field(default=None, ge=1, description="torch CPU threads of the serving worker; "
                                       "default: torch's own (all cores).")
+    serve_engine: Literal["auto", "transformers", "vllm"] = Field(
+        default="auto", description="What generates text: transformers' models with our own batching, or vLLM with "
+        "runtime LoRA adapters; auto takes vLLM where the serving Python has it and a GPU is present.")
+    serve_python: Path | None = Field(
+        default=None, description="The Python interpreter of the serving worker (a venv with vLLM, say); default: "
+        "the server's own. The worker imports only posttrain.serving and posttrain.domain from this checkout.")
+    serve_kv_cache_bytes: int = Field(default=1024**3, ge=1, description="vLLM engine: bytes of its KV cache.")
+    serve_max_lora_rank: int = Field(default=64, ge=1, description="vLLM engine: the largest LoRA rank it serves "
+                                     "(vLLM sizes its adapter slots by it).")
     serve_start_timeout_seconds: float = Field(default=120.0, gt=0, description="How long the API waits for a "
                                                "newly started serving worker to answer.")
     ready_timeout_seconds: float = Field(default=1.0, gt=0, le=30, description="How long /readyz waits to read and "

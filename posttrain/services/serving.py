@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any
 
 import httpx
 
+import posttrain
 from posttrain.domain.serving import (
     GENERATION_FAILED,
     OVERLOADED,
@@ -80,13 +82,17 @@ class ServingClient:
         self.folder.chmod(0o700)  # the worker's socket and log are this user's alone
         self._socket = self._socket_path()
         settings = self._settings
-        command = [sys.executable, "-m", "posttrain.serving", "--socket", str(self._socket),
+        python = str(settings.serve_python) if settings.serve_python else sys.executable
+        command = [python, "-m", "posttrain.serving", "--socket", str(self._socket),
                    "--memory-bytes", str(settings.serve_memory_bytes), "--max-batch", str(settings.serve_max_batch),
-                   "--max-waiting", str(settings.serve_max_waiting), "--device", settings.device]
+                   "--max-waiting", str(settings.serve_max_waiting), "--device", settings.device,
+                   "--engine", settings.serve_engine, "--kv-cache-bytes", str(settings.serve_kv_cache_bytes),
+                   "--max-lora-rank", str(settings.serve_max_lora_rank)]
         if settings.serve_threads:
             command += ["--threads", str(settings.serve_threads)]
         with (self.folder / "worker.log").open("ab") as log_file:
-            self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                             env=_worker_environment(python))
         self.starts += 1
         log.info("serving worker started", extra={"action": "serving_worker_started", "pid": self._process.pid,
                                                   "socket": str(self._socket)})
@@ -213,6 +219,16 @@ class ServingClient:
     def close(self) -> None:
         """Stop the worker (app shutdown)."""
         self.stop_worker()
+
+
+def _worker_environment(python: str) -> dict[str, str]:
+    """This environment, plus this checkout on the path when the worker runs another interpreter (a vLLM
+    venv has no posttrain installed)."""
+    env = dict(os.environ)
+    if python != sys.executable:
+        checkout = str(Path(posttrain.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([checkout, *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def _refusal(body: bytes, status: int) -> ErrorEvent:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import socket
@@ -10,6 +11,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from posttrain.serving.loop import EngineLoop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-waiting", type=int, default=1024, help="requests waiting past this are refused")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--engine", default="auto", choices=["auto", "transformers", "vllm"],
+                        help="auto: vLLM where it is installed and a GPU is present, else transformers")
+    parser.add_argument("--kv-cache-bytes", type=int, default=1024**3, help="vLLM's KV cache (vllm engine only)")
+    parser.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank served (vllm engine only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
@@ -27,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from posttrain.serving.app import build_app
-    from posttrain.serving.engine import Engine
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -37,14 +45,33 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.socket)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    engine = Engine(memory_bytes=args.memory_bytes, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                    device=device)
+    engine = _engine(args, device)
+    logging.getLogger("posttrain.serving").info("serving engine %s on %s", engine.name, device)
     _exit_with_parent()
     listener = _private_socket(path)
     server = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="warning", lifespan="on",
                                            timeout_graceful_shutdown=5))
     server.run(sockets=[listener])
     return 0
+
+
+def _engine(args: argparse.Namespace, device: str) -> EngineLoop:
+    """The engine the operator asked for; ``auto`` takes vLLM only where it is installed and a GPU is present."""
+    name = args.engine
+    if name == "auto":
+        name = "vllm" if device == "cuda" and importlib.util.find_spec("vllm") is not None else "transformers"
+    if name == "vllm":
+        if args.threads > 0:  # vLLM pins its own threads to every core unless told not to
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        from posttrain.serving.vllm_engine import VllmEngine
+
+        return VllmEngine(memory_bytes=args.memory_bytes, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                          device=device, kv_cache_bytes=args.kv_cache_bytes, max_lora_rank=args.max_lora_rank)
+    from posttrain.serving.engine import Engine
+
+    return Engine(memory_bytes=args.memory_bytes, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                  device=device)
 
 
 def _private_socket(path: Path) -> socket.socket:

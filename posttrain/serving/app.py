@@ -14,10 +14,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from posttrain.domain.serving import BAD_REQUEST, GenerationRequest, ServingProtocolError, StreamEvent
-from posttrain.serving.engine import Engine
+from posttrain.serving.loop import EngineLoop
 
 
-def build_app(engine: Engine) -> Starlette:
+def build_app(engine: EngineLoop) -> Starlette:
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         engine.start()

@@ -79,13 +79,13 @@ def _parameter_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _folder_weight_bytes(path: str) -> int:
+def folder_weight_bytes(path: str) -> int:
     """What loading a folder will take, before loading it: the size of its weight files."""
     folder = Path(path)
     return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
 
 
-def _max_positions(config: Any) -> int | None:
+def max_positions(config: Any) -> int | None:
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -164,7 +164,7 @@ class ModelStore:
         from transformers import AutoModelForCausalLM
 
         try:
-            expected = _folder_weight_bytes(path)
+            expected = folder_weight_bytes(path)
         except OSError as exc:
             raise ModelUnloadable(f"cannot read the model folder {path}: {exc}") from exc
         self._make_room(expected, pinned)
@@ -184,7 +184,7 @@ class ModelStore:
         self.base_loads_total += 1
         accepted = inspect.signature(model.forward).parameters
         base = Base(path=path, model=model, bytes=size, loads=self._loads[path],
-                    max_positions=_max_positions(model.config), eos_ids=eos_ids,
+                    max_positions=max_positions(model.config), eos_ids=eos_ids,
                     cache_argument="cache" if "cache" in accepted else "past_key_values")
         self._bases[path] = base
         torch.set_grad_enabled(False)
@@ -195,7 +195,7 @@ class ModelStore:
         from peft import PeftModel
 
         try:
-            expected = _folder_weight_bytes(path)
+            expected = folder_weight_bytes(path)
         except OSError as exc:
             raise ModelUnloadable(f"cannot read the adapter folder {path}: {exc}") from exc
         self._make_room(expected, pinned)
