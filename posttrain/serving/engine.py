@@ -15,14 +15,13 @@ from typing import Any
 
 from posttrain.domain.serving import (
     GENERATION_FAILED,
-    MODEL_UNLOADABLE,
     ErrorEvent,
     StartedEvent,
 )
 from posttrain.serving.batch import Batch, Row, adapter_name, can_join, decode_step, join, keep_rows, prefill, row_seed
 from posttrain.serving.loop import EngineLoop, Ticket, send_token
 from posttrain.serving.models import ModelStore, ModelUnloadable, NoRoom
-from posttrain.serving.prompts import RequestRefused, Tokenizers, TokenizerUnloadable, check_fits, prompt_ids
+from posttrain.serving.prompts import Tokenizers, TokenizerUnloadable, check_fits, prompt_ids
 from posttrain.serving.sampling import log_probabilities, next_tokens
 from posttrain.serving.text import TextStream
 
@@ -101,18 +100,8 @@ class Engine(EngineLoop):
                 rows = self._rows_for(ticket, base, adapter)
             except NoRoom:
                 break
-            except ModelUnloadable as exc:
-                self._waiting.popleft()
-                ticket.end(ErrorEvent(code=MODEL_UNLOADABLE, message=str(exc)))
-                continue
-            except RequestRefused as exc:
-                self._waiting.popleft()
-                ticket.end(ErrorEvent(code=exc.code, message=str(exc)))
-                continue
-            except Exception as exc:  # anything else fails this request alone, never the running batch
-                log.exception("request could not start", extra={"action": "serve_generation_failed"})
-                self._waiting.popleft()
-                ticket.end(ErrorEvent(code=GENERATION_FAILED, message=str(exc)))
+            except Exception as exc:  # noqa: BLE001 - unloadable, refused or unforeseen: it alone fails
+                self._refuse_first(exc)
                 continue
             self._waiting.popleft()
             ticket.rows_left = len(rows)

@@ -209,6 +209,16 @@ class EngineLoop:
             ticket.end(ErrorEvent(code=GENERATION_FAILED, message=message))
         self._drop_running()
 
+    def _refuse_first(self, exc: Exception) -> None:
+        """The oldest waiting request cannot start: it alone ends, with the error's protocol code (``code``;
+        anything unforeseen is ``generation_failed``), never failing the running batch."""
+        ticket = self._waiting.popleft()
+        code = getattr(exc, "code", None)
+        if not isinstance(code, str):
+            log.error("request could not start", exc_info=exc, extra={"action": "serve_generation_failed"})
+            code = GENERATION_FAILED
+        ticket.end(ErrorEvent(code=code, message=str(exc)))
+
     def _mark_admitted(self, ticket: Ticket) -> None:
         """Count ``ticket`` as active before its reader can see "started"."""
         self._admitted[id(ticket)] = ticket

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.domain.serving import MODEL_UNLOADABLE
 from posttrain.serving.mixed_lora import MixedLora
 
 log = logging.getLogger("posttrain.serving")
@@ -29,6 +30,8 @@ MIXED_ROWS = "__mixed__"
 
 class ModelUnloadable(Exception):
     """The model cannot be loaded: a broken folder, or larger than the whole budget."""
+
+    code = MODEL_UNLOADABLE  #: the protocol's error code for the request that needed it
 
 
 class NoRoom(Exception):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.domain.serving import BAD_REQUEST, MODEL_UNLOADABLE, ErrorEvent, StartedEvent, TokenEvent
+from posttrain.domain.serving import BAD_REQUEST, StartedEvent, TokenEvent
 from posttrain.serving.batch import row_seed
 from posttrain.serving.loop import EngineLoop, Ticket, finish_choice, send_token
 from posttrain.serving.models import ModelUnloadable, folder_weight_bytes, max_positions
@@ -140,13 +140,8 @@ class VllmEngine(EngineLoop):
                 ids = prompt_ids(tokenizer, request)
                 check_fits(ids, request.sampling.max_tokens, self._positions)
                 self._add_choices(ticket, ids, lora, tokenizer)
-            except ModelUnloadable as exc:
-                self._waiting.popleft()
-                ticket.end(ErrorEvent(code=MODEL_UNLOADABLE, message=str(exc)))
-                continue
-            except RequestRefused as exc:
-                self._waiting.popleft()
-                ticket.end(ErrorEvent(code=exc.code, message=str(exc)))
+            except Exception as exc:  # noqa: BLE001 - unloadable, refused or unforeseen: it alone fails
+                self._refuse_first(exc)
                 continue
             self._waiting.popleft()
             ticket.rows_left = request.sampling.n
